@@ -1,0 +1,134 @@
+//! One `/users/track` request's worth of attributes objects, kept serialized, with the row
+//! number each came from.
+
+use serde::Serialize;
+
+/// Serialized attributes objects and their rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    rows: Vec<u64>,
+}
+
+impl Batch {
+    /// An empty batch with room for `n` objects.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(n * 128),
+            ends: Vec::with_capacity(n),
+            rows: Vec::with_capacity(n),
+        }
+    }
+
+    /// Appends an object that came from row `row`.
+    pub fn push<T: Serialize>(&mut self, row: u64, object: &T) -> serde_json::Result<()> {
+        serde_json::to_writer(&mut self.bytes, object)?;
+        self.ends.push(self.bytes.len());
+        self.rows.push(row);
+        Ok(())
+    }
+
+    /// Number of objects.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// True when the batch holds no object.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Row number of each object, in order.
+    pub fn rows(&self) -> &[u64] {
+        &self.rows
+    }
+
+    fn object(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.bytes[start..self.ends[i]]
+    }
+
+    /// The request body: `{"attributes":[…]}`.
+    pub fn body(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.bytes.len() + self.len() + 20);
+        body.extend_from_slice(b"{\"attributes\":[");
+        for i in 0..self.len() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(self.object(i));
+        }
+        body.extend_from_slice(b"]}");
+        body
+    }
+
+    /// The objects whose index passes `keep`, in order.
+    pub fn select(&self, keep: impl Fn(usize) -> bool) -> Batch {
+        let mut out = Batch::with_capacity(self.len());
+        for i in (0..self.len()).filter(|&i| keep(i)) {
+            out.bytes.extend_from_slice(self.object(i));
+            out.ends.push(out.bytes.len());
+            out.rows.push(self.rows[i]);
+        }
+        out
+    }
+
+    /// Splits into two halves (for a 413 answer); the first gets the extra object.
+    pub fn split(&self) -> (Batch, Batch) {
+        let mid = self.len().div_ceil(2);
+        (self.select(|i| i < mid), self.select(|i| i >= mid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn batch(n: u64) -> Batch {
+        let mut b = Batch::with_capacity(n as usize);
+        for i in 0..n {
+            b.push(i + 10, &json!({"external_id": format!("u{i}")}))
+                .unwrap();
+        }
+        b
+    }
+
+    fn ids(b: &Batch) -> Vec<String> {
+        let v: Value = serde_json::from_slice(&b.body()).unwrap();
+        v["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["external_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn body_is_the_track_shape() {
+        assert_eq!(
+            String::from_utf8(batch(2).body()).unwrap(),
+            r#"{"attributes":[{"external_id":"u0"},{"external_id":"u1"}]}"#
+        );
+        assert_eq!(
+            String::from_utf8(Batch::default().body()).unwrap(),
+            r#"{"attributes":[]}"#
+        );
+    }
+
+    #[test]
+    fn split_and_select_keep_rows_with_objects() {
+        let b = batch(5);
+        let (l, r) = b.split();
+        assert_eq!(ids(&l), ["u0", "u1", "u2"]);
+        assert_eq!(r.rows(), [13, 14]);
+        let odd = b.select(|i| i % 2 == 1);
+        assert_eq!(
+            (ids(&odd), odd.rows().to_vec()),
+            (vec!["u1".to_string(), "u3".into()], vec![11, 13])
+        );
+        let (one, none) = batch(1).split();
+        assert_eq!((one.len(), none.len()), (1, 0));
+    }
+}

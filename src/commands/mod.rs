@@ -1,0 +1,5 @@
+//! The subcommands' bodies; `main.rs` only parses arguments and calls these.
+
+pub mod demo;
+pub mod load;
+pub mod run;

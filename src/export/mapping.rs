@@ -1,0 +1,583 @@
+//! Pure mapping from Looker rows to Braze attributes objects: which columns matter (the
+//! `braze_id` tag or `idField`, `braze[NAME]` tags), identifier rules, and deduplication.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
+use serde_json::Value;
+
+use crate::looker::json_detail::{Cell, Fields};
+use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
+
+/// The tag that marks the identifier field.
+pub const ID_TAG: &str = "braze_id";
+/// Braze's limit for identifiers, in bytes.
+pub const MAX_IDENTIFIER_BYTES: usize = 987;
+
+/// The columns an export reads: the identifier first, then each attribute's field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Columns {
+    /// Field names to keep from each row; index 0 is the identifier field.
+    pub captures: Vec<String>,
+    /// Attribute name and the index of its field in `captures`, in field order.
+    pub attributes: Vec<(String, usize)>,
+}
+
+impl Columns {
+    /// The identifier field's name.
+    pub fn id_field(&self) -> &str {
+        &self.captures[0]
+    }
+}
+
+/// Why a Look's fields cannot be exported.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ColumnError {
+    /// No field is tagged `braze_id` and `idField` is not set.
+    #[error(
+        "no field of the Look is tagged braze_id: tag the user-id dimension braze_id in LookML, or set spec.looker.idField"
+    )]
+    NoIdField,
+    /// Several fields are tagged `braze_id`.
+    #[error("fields {} are all tagged braze_id: keep the tag on one, or set spec.looker.idField", .0.join(", "))]
+    AmbiguousIdField(Vec<String>),
+    /// `idField` names a field the Look does not have.
+    #[error("spec.looker.idField {field} is not a field of the Look (its fields: {})", .available.join(", "))]
+    IdFieldNotFound {
+        field: String,
+        available: Vec<String>,
+    },
+    /// A `braze[NAME]` tag would overwrite the identifier, the update-only flag or the flag.
+    #[error(
+        "field {field} is tagged braze[{name}], but {name} is reserved (identifier keys, _update_existing_only and the export attribute)"
+    )]
+    ReservedAttribute { field: String, name: String },
+    /// Two fields write the same attribute.
+    #[error("fields {first} and {second} are both tagged braze[{name}]")]
+    DuplicateAttribute {
+        name: String,
+        first: String,
+        second: String,
+    },
+}
+
+impl ColumnError {
+    /// Short CamelCase reason for conditions, metrics and report errors.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoIdField => "NoIdField",
+            Self::AmbiguousIdField(_) => "AmbiguousIdField",
+            Self::IdFieldNotFound { .. } => "IdFieldNotFound",
+            Self::ReservedAttribute { .. } => "ReservedAttribute",
+            Self::DuplicateAttribute { .. } => "DuplicateAttribute",
+        }
+    }
+}
+
+/// The attribute name of a `braze[NAME]` tag: exactly that form, NAME non-empty and without
+/// brackets. Anything else is not an attribute tag.
+pub fn attribute_tag(tag: &str) -> Option<&str> {
+    let name = tag.strip_prefix("braze[")?.strip_suffix(']')?;
+    (!name.is_empty() && !name.contains(['[', ']'])).then_some(name)
+}
+
+/// Tags that look like attribute tags but are not exactly `braze[NAME]` (worth a warning).
+pub fn near_miss_tag(tag: &str) -> bool {
+    attribute_tag(tag).is_none() && tag.to_ascii_lowercase().starts_with("braze[")
+}
+
+/// Picks the identifier and attribute columns from the Look's fields.
+pub fn resolve_columns(
+    fields: &Fields,
+    id_field: Option<&str>,
+    export_attribute: &str,
+) -> Result<Columns, ColumnError> {
+    let id = match id_field {
+        Some(name) => {
+            if !fields.all.iter().any(|f| f.name == name) {
+                return Err(ColumnError::IdFieldNotFound {
+                    field: name.to_owned(),
+                    available: fields.all.iter().map(|f| f.name.clone()).collect(),
+                });
+            }
+            name.to_owned()
+        }
+        None => {
+            let tagged: Vec<String> = fields
+                .all
+                .iter()
+                .filter(|f| f.tags.iter().any(|t| t == ID_TAG))
+                .map(|f| f.name.clone())
+                .collect();
+            match tagged.len() {
+                0 => return Err(ColumnError::NoIdField),
+                1 => tagged.into_iter().next().expect("one element"),
+                _ => return Err(ColumnError::AmbiguousIdField(tagged)),
+            }
+        }
+    };
+    let mut captures = vec![id];
+    let mut attributes: Vec<(String, usize)> = Vec::new();
+    for field in &fields.all {
+        for name in field.tags.iter().filter_map(|t| attribute_tag(t)) {
+            if RESERVED_ATTRIBUTES.contains(&name) || name == export_attribute {
+                return Err(ColumnError::ReservedAttribute {
+                    field: field.name.clone(),
+                    name: name.to_owned(),
+                });
+            }
+            if let Some((_, i)) = attributes.iter().find(|(n, _)| n == name) {
+                return Err(ColumnError::DuplicateAttribute {
+                    name: name.to_owned(),
+                    first: captures[*i].clone(),
+                    second: field.name.clone(),
+                });
+            }
+            let index = match captures.iter().position(|c| *c == field.name) {
+                Some(i) => i,
+                None => {
+                    captures.push(field.name.clone());
+                    captures.len() - 1
+                }
+            };
+            attributes.push((name.to_owned(), index));
+        }
+    }
+    Ok(Columns {
+        captures,
+        attributes,
+    })
+}
+
+/// What every object of an export shares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectShape {
+    /// Identifier kind.
+    pub identifier: IdentifierKind,
+    /// Alias label (for `user_alias`).
+    pub alias_label: String,
+    /// `_update_existing_only`.
+    pub update_existing_only: bool,
+    /// The array attribute.
+    pub attribute: String,
+    /// The value added to it.
+    pub export_name: String,
+}
+
+/// Why a row is not sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Invalid {
+    /// The identifier is null.
+    NullIdentifier,
+    /// The identifier is an empty (or blank) string.
+    EmptyIdentifier,
+    /// The identifier is neither a string nor a number.
+    InvalidIdentifier,
+    /// The identifier is longer than 987 bytes.
+    IdentifierTooLong,
+    /// The row has no cell for the captured field at this index.
+    MissingField(usize),
+    /// The cell for the captured field at this index is not `{"value": …}`.
+    MalformedCell(usize),
+}
+
+impl Invalid {
+    /// Reason for the report's `errors`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NullIdentifier => "NullIdentifier",
+            Self::EmptyIdentifier => "EmptyIdentifier",
+            Self::InvalidIdentifier => "InvalidIdentifier",
+            Self::IdentifierTooLong => "IdentifierTooLong",
+            Self::MissingField(_) => "MissingField",
+            Self::MalformedCell(_) => "MalformedCell",
+        }
+    }
+}
+
+/// The identifier as Braze gets it: strings as they are, numbers as decimal strings.
+pub fn identifier(cell: &Cell) -> Result<Cow<'_, str>, Invalid> {
+    let id = match cell {
+        Cell::Missing => return Err(Invalid::MissingField(0)),
+        Cell::Pivoted | Cell::Malformed => return Err(Invalid::MalformedCell(0)),
+        Cell::Value(Value::Null) => return Err(Invalid::NullIdentifier),
+        Cell::Value(Value::String(s)) if s.trim().is_empty() => {
+            return Err(Invalid::EmptyIdentifier);
+        }
+        Cell::Value(Value::String(s)) => Cow::Borrowed(s.as_str()),
+        Cell::Value(Value::Number(n)) => Cow::Owned(number_string(n)),
+        Cell::Value(_) => return Err(Invalid::InvalidIdentifier),
+    };
+    if id.len() > MAX_IDENTIFIER_BYTES {
+        return Err(Invalid::IdentifierTooLong);
+    }
+    Ok(id)
+}
+
+/// Integers as digits; whole floats (`42.0`) as integers; other floats as written by serde.
+fn number_string(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if !n.is_i64() && !n.is_u64() && f.fract() == 0.0 && f.abs() < 1e15 => {
+            format!("{}", f as i64)
+        }
+        _ => n.to_string(),
+    }
+}
+
+/// One Braze attributes object, borrowing the row it came from.
+#[derive(Debug)]
+pub struct BrazeObject<'a> {
+    shape: &'a ObjectShape,
+    columns: &'a Columns,
+    cells: &'a [Cell],
+    /// The identifier, as sent.
+    pub id: Cow<'a, str>,
+}
+
+/// Maps one row's kept cells (in `columns.captures` order) to an object, or says why not.
+pub fn map_row<'a>(
+    columns: &'a Columns,
+    shape: &'a ObjectShape,
+    cells: &'a [Cell],
+) -> Result<BrazeObject<'a>, Invalid> {
+    let id = identifier(&cells[0])?;
+    for &(_, index) in &columns.attributes {
+        match cells[index] {
+            Cell::Missing => return Err(Invalid::MissingField(index)),
+            Cell::Pivoted | Cell::Malformed => return Err(Invalid::MalformedCell(index)),
+            Cell::Value(_) => {}
+        }
+    }
+    Ok(BrazeObject {
+        shape,
+        columns,
+        cells,
+        id,
+    })
+}
+
+impl Serialize for BrazeObject<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        match self.shape.identifier {
+            IdentifierKind::UserAlias => map.serialize_entry(
+                "user_alias",
+                &Alias {
+                    name: &self.id,
+                    label: &self.shape.alias_label,
+                },
+            )?,
+            kind => map.serialize_entry(kind.key(), &self.id)?,
+        }
+        map.serialize_entry("_update_existing_only", &self.shape.update_existing_only)?;
+        for (name, index) in &self.columns.attributes {
+            if let Cell::Value(v) = &self.cells[*index]
+                && !v.is_null()
+            {
+                map.serialize_entry(name, v)?;
+            }
+        }
+        map.serialize_entry(
+            &self.shape.attribute,
+            &Add([self.shape.export_name.as_str()]),
+        )?;
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct Alias<'a> {
+    #[serde(rename = "alias_name")]
+    name: &'a str,
+    #[serde(rename = "alias_label")]
+    label: &'a str,
+}
+
+#[derive(Serialize)]
+struct Add<'a>(#[serde(serialize_with = "add")] [&'a str; 1]);
+
+fn add<S: Serializer>(values: &[&str; 1], s: S) -> Result<S::Ok, S::Error> {
+    let mut map = s.serialize_map(Some(1))?;
+    map.serialize_entry("add", values)?;
+    map.end()
+}
+
+/// Remembers the identifiers sent in a run, as 64-bit keyed hashes so a million users fit in
+/// about 16 MiB. Two different identifiers collide with probability n²/2⁶⁵ (3·10⁻⁸ for a
+/// million); the keys are random per run, so a collision never repeats.
+#[derive(Debug, Default)]
+pub struct Dedup {
+    keys: RandomState,
+    seen: HashSet<u64, BuildHasherDefault<Prehashed>>,
+}
+
+impl Dedup {
+    /// True the first time `id` is offered.
+    pub fn first(&mut self, id: &str) -> bool {
+        self.seen.insert(self.keys.hash_one(id))
+    }
+}
+
+/// Hasher for keys that are already hashes.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::looker::json_detail::Field;
+    use serde_json::json;
+
+    fn field(name: &str, tags: &[&str]) -> Field {
+        Field {
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    fn fields(list: Vec<Field>) -> Fields {
+        Fields {
+            all: list,
+            pivots: vec![],
+        }
+    }
+
+    fn shape(identifier: IdentifierKind) -> ObjectShape {
+        ObjectShape {
+            identifier,
+            alias_label: "looker".into(),
+            update_existing_only: true,
+            attribute: "looker_export".into(),
+            export_name: "CHURN".into(),
+        }
+    }
+
+    fn v(x: Value) -> Cell {
+        Cell::Value(x)
+    }
+
+    #[test]
+    fn attribute_tags_are_exact() {
+        assert_eq!(attribute_tag("braze[first_name]"), Some("first_name"));
+        assert_eq!(attribute_tag("braze[First Name]"), Some("First Name"));
+        for not in [
+            "braze[]",
+            "BRAZE[x]",
+            "braze[a][b]",
+            "xbraze[foo]bar",
+            "braze_id",
+            "braze[foo",
+            "braze[x] ",
+        ] {
+            assert_eq!(attribute_tag(not), None, "{not}");
+        }
+        assert!(
+            near_miss_tag("BRAZE[x]") && near_miss_tag("braze[]") && !near_miss_tag("braze_id")
+        );
+    }
+
+    #[test]
+    fn resolves_id_and_attributes_in_field_order() {
+        let f = fields(vec![
+            field("users.email", &["braze[email]"]),
+            field("users.id", &["braze_id", "braze[looker_id]"]),
+            field("users.ltv", &["braze[ltv]", "other"]),
+            field("users.count", &[]),
+        ]);
+        let c = resolve_columns(&f, None, "looker_export").unwrap();
+        assert_eq!(c.captures, ["users.id", "users.email", "users.ltv"]);
+        assert_eq!(
+            c.attributes,
+            [
+                ("email".into(), 1),
+                ("looker_id".into(), 0),
+                ("ltv".into(), 2)
+            ]
+        );
+        let by_field = resolve_columns(&f, Some("users.count"), "looker_export").unwrap();
+        assert_eq!(by_field.id_field(), "users.count");
+    }
+
+    #[test]
+    fn column_errors_name_the_fields() {
+        let none = fields(vec![field("a", &["braze_ID"])]);
+        assert_eq!(
+            resolve_columns(&none, None, "x"),
+            Err(ColumnError::NoIdField)
+        );
+        let two = fields(vec![field("a", &["braze_id"]), field("b", &["braze_id"])]);
+        assert_eq!(
+            resolve_columns(&two, None, "x").unwrap_err().to_string(),
+            "fields a, b are all tagged braze_id: keep the tag on one, or set spec.looker.idField"
+        );
+        let e = resolve_columns(&two, Some("c"), "x").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "spec.looker.idField c is not a field of the Look (its fields: a, b)"
+        );
+        for reserved in [
+            "external_id",
+            "braze_id",
+            "user_alias",
+            "_update_existing_only",
+            "flags",
+        ] {
+            let f = fields(vec![
+                field("a", &["braze_id"]),
+                field("b", &[&format!("braze[{reserved}]")]),
+            ]);
+            let e = resolve_columns(&f, None, "flags").unwrap_err();
+            assert_eq!(e.reason(), "ReservedAttribute");
+            assert!(e.to_string().contains(&format!("braze[{reserved}]")), "{e}");
+        }
+        let dup = fields(vec![
+            field("a", &["braze_id", "braze[x]"]),
+            field("b", &["braze[x]"]),
+        ]);
+        assert_eq!(
+            resolve_columns(&dup, None, "f").unwrap_err().to_string(),
+            "fields a and b are both tagged braze[x]"
+        );
+    }
+
+    #[test]
+    fn identifiers_follow_the_data_rules() {
+        assert_eq!(identifier(&v(json!("u1 "))).unwrap(), "u1 ");
+        assert_eq!(identifier(&v(json!(12345))).unwrap(), "12345");
+        assert_eq!(identifier(&v(json!(-7))).unwrap(), "-7");
+        assert_eq!(identifier(&v(json!(42.0))).unwrap(), "42");
+        assert_eq!(identifier(&v(json!(1.5))).unwrap(), "1.5");
+        assert_eq!(identifier(&v(json!(null))), Err(Invalid::NullIdentifier));
+        assert_eq!(identifier(&v(json!(""))), Err(Invalid::EmptyIdentifier));
+        assert_eq!(identifier(&v(json!("  "))), Err(Invalid::EmptyIdentifier));
+        assert_eq!(identifier(&v(json!(true))), Err(Invalid::InvalidIdentifier));
+        assert_eq!(
+            identifier(&v(json!({"a": 1}))),
+            Err(Invalid::InvalidIdentifier)
+        );
+        assert_eq!(identifier(&v(json!([1]))), Err(Invalid::InvalidIdentifier));
+        assert_eq!(identifier(&Cell::Missing), Err(Invalid::MissingField(0)));
+        assert_eq!(identifier(&Cell::Malformed), Err(Invalid::MalformedCell(0)));
+        assert!(identifier(&v(json!("é".repeat(493)))).is_ok(), "986 bytes");
+        assert_eq!(
+            identifier(&v(json!("x".repeat(988)))),
+            Err(Invalid::IdentifierTooLong)
+        );
+    }
+
+    fn columns() -> Columns {
+        resolve_columns(
+            &fields(vec![
+                field("u.id", &["braze_id"]),
+                field("u.name", &["braze[first_name]"]),
+                field("u.vip", &["braze[vip]"]),
+            ]),
+            None,
+            "looker_export",
+        )
+        .unwrap()
+    }
+
+    fn object(kind: IdentifierKind, cells: &[Cell]) -> Result<Value, Invalid> {
+        let c = columns();
+        let s = shape(kind);
+        map_row(&c, &s, cells).map(|o| serde_json::to_value(&o).unwrap())
+    }
+
+    #[test]
+    fn the_three_identifier_shapes_in_key_order() {
+        let cells = [v(json!("u1")), v(json!("Ada")), v(json!(true))];
+        let text =
+            serde_json::to_string(&object(IdentifierKind::ExternalId, &cells).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"external_id":"u1","_update_existing_only":true,"first_name":"Ada","vip":true,"looker_export":{"add":["CHURN"]}}"#
+        );
+        let c = columns();
+        let s = shape(IdentifierKind::UserAlias);
+        let o = map_row(&c, &s, &cells).unwrap();
+        assert_eq!(
+            serde_json::to_string(&o).unwrap(),
+            r#"{"user_alias":{"alias_name":"u1","alias_label":"looker"},"_update_existing_only":true,"first_name":"Ada","vip":true,"looker_export":{"add":["CHURN"]}}"#
+        );
+        assert_eq!(
+            object(IdentifierKind::BrazeId, &cells).unwrap()["braze_id"],
+            "u1"
+        );
+    }
+
+    #[test]
+    fn null_attributes_are_left_out_and_missing_ones_invalidate() {
+        let o = object(
+            IdentifierKind::ExternalId,
+            &[v(json!(7)), v(json!(null)), v(json!("yes"))],
+        )
+        .unwrap();
+        assert_eq!(
+            o,
+            json!({"external_id": "7", "_update_existing_only": true, "vip": "yes", "looker_export": {"add": ["CHURN"]}})
+        );
+        assert_eq!(
+            object(
+                IdentifierKind::ExternalId,
+                &[v(json!("u")), Cell::Missing, v(json!(1))]
+            ),
+            Err(Invalid::MissingField(1))
+        );
+        assert_eq!(
+            object(
+                IdentifierKind::ExternalId,
+                &[v(json!("u")), v(json!(1)), Cell::Malformed]
+            ),
+            Err(Invalid::MalformedCell(2))
+        );
+        assert_eq!(
+            object(
+                IdentifierKind::ExternalId,
+                &[v(json!(null)), v(json!(1)), v(json!(1))]
+            ),
+            Err(Invalid::NullIdentifier)
+        );
+    }
+
+    #[test]
+    fn update_existing_only_false_is_sent() {
+        let c = columns();
+        let s = ObjectShape {
+            update_existing_only: false,
+            ..shape(IdentifierKind::ExternalId)
+        };
+        let cells = [v(json!("u1")), v(json!(null)), v(json!(null))];
+        let o = serde_json::to_value(map_row(&c, &s, &cells).unwrap()).unwrap();
+        assert_eq!(o["_update_existing_only"], false);
+    }
+
+    #[test]
+    fn dedup_sees_each_identifier_once() {
+        let mut d = Dedup::default();
+        assert!(d.first("u1"));
+        assert!(d.first("u2"));
+        assert!(!d.first("u1"));
+        assert!(d.first("U1"));
+        let mut many = Dedup::default();
+        assert!((0..100_000).all(|i| many.first(&format!("user-{i}"))));
+        assert!((0..100_000).all(|i| !many.first(&format!("user-{i}"))));
+    }
+}

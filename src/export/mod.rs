@@ -1,0 +1,46 @@
+//! One export run: plan, row mapping, the pipeline and its report.
+
+pub mod mapping;
+pub mod plan;
+pub mod report;
+pub mod run;
+
+pub use plan::{Credentials, ExportPlan};
+pub use report::{Outcome, RunReport, Trigger};
+pub use run::{Progress, RunOptions, Services, run_export};
+
+use crate::braze::BrazeError;
+use crate::looker::LookerError;
+use mapping::ColumnError;
+
+/// Why a run failed as a whole. Each variant has a reason for conditions and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Looker refused, failed or sent something unreadable.
+    #[error(transparent)]
+    Looker(#[from] LookerError),
+    /// The Look's fields cannot be exported.
+    #[error("Look {look_id}: {source}")]
+    Columns {
+        look_id: String,
+        source: ColumnError,
+    },
+    /// Braze answered in a way that stops the run.
+    #[error(transparent)]
+    Braze(#[from] BrazeError),
+    /// A bug: a task of the pipeline died.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RunError {
+    /// Short CamelCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Looker(e) => e.reason(),
+            Self::Columns { source, .. } => source.reason(),
+            Self::Braze(e) => e.reason(),
+            Self::Internal(_) => "InternalError",
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! The RunReport: counts that always add up, errors grouped by reason, an outcome and one
+//! human sentence. Building it from a [`Tally`] is pure.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// What started a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trigger {
+    /// The cron schedule.
+    Schedule,
+    /// The run-now annotation.
+    Manual,
+    /// A retry after a failed run.
+    Retry,
+    /// A run missed while the operator was down.
+    CatchUp,
+    /// The `run` command.
+    Cli,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Every row was delivered, or counted as duplicate or invalid.
+    Succeeded,
+    /// Some users were flagged, but rows were rejected, not delivered, or skipped.
+    PartiallySucceeded,
+    /// The run failed as a whole, or nothing that should have been delivered was.
+    Failed,
+    /// The operator stopped mid-run.
+    Interrupted,
+}
+
+impl Outcome {
+    /// Process exit code of the `run` command.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Self::Succeeded => 0,
+            Self::PartiallySucceeded => 3,
+            Self::Failed | Self::Interrupted => 1,
+        }
+    }
+
+    /// The name as written in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "Succeeded",
+            Self::PartiallySucceeded => "PartiallySucceeded",
+            Self::Failed => "Failed",
+            Self::Interrupted => "Interrupted",
+        }
+    }
+}
+
+/// One group of errors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorSummary {
+    /// CamelCase reason, e.g. `NullIdentifier`.
+    pub reason: String,
+    /// What happened, pointing at rows by number; never data or secrets.
+    pub message: String,
+    /// Rows concerned (1 for an error of the whole run that concerns no row).
+    pub count: u64,
+}
+
+/// What one run did. Also what `run --output json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// What started the run.
+    pub trigger: Trigger,
+    /// When the run started.
+    pub start_time: Timestamp,
+    /// When the run ended.
+    pub completion_time: Timestamp,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Rows streamed from Looker.
+    pub rows_read: u64,
+    /// Objects Braze accepted (or, in a dry run, would have been sent).
+    pub sent: u64,
+    /// Rows whose identifier was already sent in this run.
+    pub duplicates: u64,
+    /// Rows not sent because of their identifier or a missing tagged field.
+    pub invalid: u64,
+    /// Objects Braze listed in a response's `errors`.
+    pub rejected: u64,
+    /// Objects read but not accepted.
+    pub failed: u64,
+    /// Rows beyond `maxRows`.
+    pub skipped: u64,
+    /// HTTP requests to Braze.
+    pub requests: u64,
+    /// Requests that were retries.
+    pub retries: u64,
+    /// 429 answers from Braze.
+    pub rate_limited: u64,
+    /// Up to 10 error groups, largest first.
+    pub errors: Vec<ErrorSummary>,
+    /// One human sentence.
+    pub message: String,
+    /// True when nothing was sent to Braze on purpose.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
+}
+
+impl RunReport {
+    /// True when every row read is accounted for exactly once.
+    pub fn balanced(&self) -> bool {
+        self.rows_read
+            == self.sent
+                + self.duplicates
+                + self.invalid
+                + self.rejected
+                + self.failed
+                + self.skipped
+    }
+}
+
+impl RunReport {
+    /// The report as a few human lines (what `run --output text` prints).
+    pub fn to_text(&self, title: &str) -> String {
+        let seconds = (self.completion_time.as_millisecond() - self.start_time.as_millisecond())
+            as f64
+            / 1000.0;
+        let mut out = format!("{title}: {}\n  {}\n", self.outcome.as_str(), self.message);
+        let rows: [(&str, u64); 7] = [
+            ("rows read", self.rows_read),
+            (if self.dry_run { "would send" } else { "sent" }, self.sent),
+            ("duplicates", self.duplicates),
+            ("invalid", self.invalid),
+            ("rejected", self.rejected),
+            ("failed", self.failed),
+            ("skipped", self.skipped),
+        ];
+        for (label, n) in rows {
+            out.push_str(&format!("  {label:<12}{n}\n"));
+        }
+        out.push_str(&format!(
+            "  {:<12}{} ({} retries, {} rate-limited)\n  {:<12}{seconds:.1} s\n",
+            "requests", self.requests, self.retries, self.rate_limited, "duration"
+        ));
+        if !self.errors.is_empty() {
+            out.push_str("errors:\n");
+            for e in &self.errors {
+                out.push_str(&format!("  {} ({}): {}\n", e.reason, e.count, e.message));
+            }
+        }
+        out
+    }
+}
+
+/// Most error groups a report lists.
+pub const MAX_REPORTED_ERRORS: usize = 10;
+const SAMPLE_ROWS: usize = 5;
+const MAX_GROUPS: usize = 64;
+
+/// Running counts of a run, kept by the reading and the sending side and merged at the end.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// See [`RunReport`].
+    pub rows_read: u64,
+    /// See [`RunReport`].
+    pub sent: u64,
+    /// See [`RunReport`].
+    pub duplicates: u64,
+    /// See [`RunReport`].
+    pub invalid: u64,
+    /// See [`RunReport`].
+    pub rejected: u64,
+    /// See [`RunReport`].
+    pub failed: u64,
+    /// See [`RunReport`].
+    pub skipped: u64,
+    /// See [`RunReport`].
+    pub requests: u64,
+    /// See [`RunReport`].
+    pub retries: u64,
+    /// See [`RunReport`].
+    pub rate_limited: u64,
+    groups: Vec<Group>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Group {
+    reason: &'static str,
+    detail: String,
+    count: u64,
+    rows: Vec<u64>,
+}
+
+impl Tally {
+    /// Records `rows.len()` rows under an error group (reason and detail, such as a field name
+    /// or Braze's error type). Does not touch the counts.
+    pub fn note(&mut self, reason: &'static str, detail: &str, rows: &[u64]) {
+        self.note_n(reason, detail, rows.len() as u64, rows);
+    }
+
+    /// Like [`Tally::note`] for `count` rows of which `rows` are examples.
+    pub fn note_n(&mut self, reason: &'static str, detail: &str, count: u64, rows: &[u64]) {
+        if count == 0 {
+            return;
+        }
+        let index = match self
+            .groups
+            .iter()
+            .position(|g| g.reason == reason && g.detail == detail)
+        {
+            Some(i) => i,
+            None if self.groups.len() < MAX_GROUPS => {
+                self.groups.push(Group {
+                    reason,
+                    detail: detail.to_owned(),
+                    count: 0,
+                    rows: Vec::new(),
+                });
+                self.groups.len() - 1
+            }
+            None => match self.groups.iter().position(|g| g.reason == reason) {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let g = &mut self.groups[index];
+        g.count += count;
+        let room = SAMPLE_ROWS.saturating_sub(g.rows.len());
+        g.rows.extend(rows.iter().take(room));
+    }
+
+    /// Adds another tally's counts and groups.
+    pub fn merge(&mut self, other: Tally) {
+        self.rows_read += other.rows_read;
+        self.sent += other.sent;
+        self.duplicates += other.duplicates;
+        self.invalid += other.invalid;
+        self.rejected += other.rejected;
+        self.failed += other.failed;
+        self.skipped += other.skipped;
+        self.requests += other.requests;
+        self.retries += other.retries;
+        self.rate_limited += other.rate_limited;
+        for g in other.groups {
+            self.note_n(g.reason, &g.detail, g.count, &g.rows);
+        }
+    }
+}
+
+/// An error that ended a run as a whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunFailure {
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// The error's message.
+    pub message: String,
+}
+
+/// Everything [`finish`] needs besides the tally.
+#[derive(Clone, Debug)]
+pub struct RunContext {
+    /// What started the run.
+    pub trigger: Trigger,
+    /// When it started.
+    pub start_time: Timestamp,
+    /// When it ended.
+    pub completion_time: Timestamp,
+    /// Nothing was sent on purpose.
+    pub dry_run: bool,
+}
+
+/// Builds the report: outcome, message and error groups from the counts and how the run ended.
+pub fn finish(
+    tally: Tally,
+    failure: Option<RunFailure>,
+    interrupted: bool,
+    ctx: RunContext,
+) -> RunReport {
+    let undelivered = tally.failed + tally.rejected;
+    let outcome = if interrupted {
+        Outcome::Interrupted
+    } else if failure.is_some() || (tally.sent == 0 && undelivered > 0) {
+        Outcome::Failed
+    } else if undelivered + tally.skipped > 0 {
+        Outcome::PartiallySucceeded
+    } else {
+        Outcome::Succeeded
+    };
+    let counts = counts_phrase(&tally, ctx.dry_run);
+    let message = match (&failure, outcome) {
+        (_, Outcome::Interrupted) => format!("interrupted by shutdown: {counts}"),
+        (Some(f), _) => format!("{}; {counts}", f.message),
+        _ => counts,
+    };
+    let mut errors: Vec<ErrorSummary> = Vec::new();
+    if let Some(f) = &failure {
+        let count = tally
+            .groups
+            .iter()
+            .filter(|g| g.reason == f.reason)
+            .map(|g| g.count)
+            .sum::<u64>()
+            .max(1);
+        errors.push(ErrorSummary {
+            reason: f.reason.to_owned(),
+            message: f.message.clone(),
+            count,
+        });
+    }
+    let mut groups: Vec<&Group> = tally
+        .groups
+        .iter()
+        .filter(|g| failure.as_ref().is_none_or(|f| f.reason != g.reason))
+        .collect();
+    groups.sort_by(|a, b| b.count.cmp(&a.count));
+    errors.extend(groups.into_iter().map(|g| ErrorSummary {
+        reason: g.reason.to_owned(),
+        message: describe(g),
+        count: g.count,
+    }));
+    errors.truncate(MAX_REPORTED_ERRORS);
+    RunReport {
+        trigger: ctx.trigger,
+        start_time: ctx.start_time,
+        completion_time: ctx.completion_time,
+        outcome,
+        rows_read: tally.rows_read,
+        sent: tally.sent,
+        duplicates: tally.duplicates,
+        invalid: tally.invalid,
+        rejected: tally.rejected,
+        failed: tally.failed,
+        skipped: tally.skipped,
+        requests: tally.requests,
+        retries: tally.retries,
+        rate_limited: tally.rate_limited,
+        errors,
+        message,
+        dry_run: ctx.dry_run,
+    }
+}
+
+/// "12480 users flagged, 31 duplicates, 2 invalid rows": the non-zero counts.
+pub fn counts_phrase(t: &Tally, dry_run: bool) -> String {
+    let mut parts = vec![if dry_run {
+        format!(
+            "{} would be flagged (dry run)",
+            plural(t.sent, "user", "users")
+        )
+    } else {
+        format!("{} flagged", plural(t.sent, "user", "users"))
+    }];
+    for (n, one, many) in [
+        (t.duplicates, "duplicate", "duplicates"),
+        (t.invalid, "invalid row", "invalid rows"),
+        (t.rejected, "rejected by Braze", "rejected by Braze"),
+        (t.failed, "not delivered", "not delivered"),
+        (
+            t.skipped,
+            "row skipped beyond maxRows",
+            "rows skipped beyond maxRows",
+        ),
+    ] {
+        if n > 0 {
+            parts.push(plural(n, one, many));
+        }
+    }
+    parts.join(", ")
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn describe(g: &Group) -> String {
+    let mut rows = g.rows.clone();
+    rows.sort_unstable();
+    let list: Vec<String> = rows.iter().map(u64::to_string).collect();
+    let more = g.count.saturating_sub(rows.len() as u64);
+    let mut subject = match (g.count, list.len()) {
+        (1, 1) => format!("row {}", list[0]),
+        (_, 0) => plural(g.count, "row", "rows"),
+        _ => format!("rows {}", list.join(", ")),
+    };
+    if more > 0 && !list.is_empty() {
+        subject.push_str(&format!(" and {more} more"));
+    }
+    let (have, lack) = if g.count == 1 {
+        ("has", "lacks")
+    } else {
+        ("have", "lack")
+    };
+    let d = &g.detail;
+    match g.reason {
+        "NullIdentifier" => format!("{subject} {have} no {d} value"),
+        "EmptyIdentifier" => format!("{subject} {have} an empty {d} value"),
+        "InvalidIdentifier" => {
+            format!("{subject} {have} a {d} value that is neither a string nor a number")
+        }
+        "IdentifierTooLong" => format!("{subject} {have} a {d} value longer than 987 bytes"),
+        "MissingField" => format!("{subject} {lack} the field {d}"),
+        "MalformedCell" => format!("{subject} {have} a malformed {d} cell"),
+        "BrazeRejected" => format!("Braze rejected {subject}: {d}"),
+        "MaxRowsExceeded" => format!(
+            "{subject} beyond maxRows {d} {}",
+            if g.count == 1 {
+                "was skipped"
+            } else {
+                "were skipped"
+            }
+        ),
+        _ => format!("{subject} not delivered: {d}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> RunContext {
+        let t: Timestamp = "2026-11-29T10:00:00Z".parse().unwrap();
+        RunContext {
+            trigger: Trigger::Cli,
+            start_time: t,
+            completion_time: t,
+            dry_run: false,
+        }
+    }
+
+    fn tally(sent: u64, dup: u64, invalid: u64, rejected: u64, failed: u64, skipped: u64) -> Tally {
+        Tally {
+            rows_read: sent + dup + invalid + rejected + failed + skipped,
+            sent,
+            duplicates: dup,
+            invalid,
+            rejected,
+            failed,
+            skipped,
+            ..Tally::default()
+        }
+    }
+
+    #[test]
+    fn outcomes() {
+        let f = || {
+            Some(RunFailure {
+                reason: "LookNotFound",
+                message: "Look 42 was not found".into(),
+            })
+        };
+        let cases = [
+            (tally(10, 1, 1, 0, 0, 0), None, false, Outcome::Succeeded),
+            (tally(0, 0, 0, 0, 0, 0), None, false, Outcome::Succeeded),
+            (tally(0, 0, 3, 0, 0, 0), None, false, Outcome::Succeeded),
+            (
+                tally(10, 0, 0, 1, 0, 0),
+                None,
+                false,
+                Outcome::PartiallySucceeded,
+            ),
+            (
+                tally(10, 0, 0, 0, 1, 0),
+                None,
+                false,
+                Outcome::PartiallySucceeded,
+            ),
+            (
+                tally(10, 0, 0, 0, 0, 1),
+                None,
+                false,
+                Outcome::PartiallySucceeded,
+            ),
+            (tally(0, 0, 0, 2, 0, 0), None, false, Outcome::Failed),
+            (tally(0, 0, 0, 0, 2, 0), None, false, Outcome::Failed),
+            (tally(10, 0, 0, 0, 0, 0), f(), false, Outcome::Failed),
+            (tally(10, 0, 0, 0, 5, 0), None, true, Outcome::Interrupted),
+        ];
+        for (t, failure, interrupted, want) in cases {
+            let r = finish(t.clone(), failure, interrupted, ctx());
+            assert_eq!(r.outcome, want, "{t:?}");
+            assert!(r.balanced());
+        }
+        assert_eq!(
+            [0, 3, 1, 1].to_vec(),
+            [
+                Outcome::Succeeded,
+                Outcome::PartiallySucceeded,
+                Outcome::Failed,
+                Outcome::Interrupted
+            ]
+            .map(Outcome::exit_code)
+        );
+    }
+
+    #[test]
+    fn messages_read_like_the_spec() {
+        let r = finish(tally(12480, 31, 2, 0, 0, 0), None, false, ctx());
+        assert_eq!(
+            r.message,
+            "12480 users flagged, 31 duplicates, 2 invalid rows"
+        );
+        let r = finish(tally(1, 0, 1, 1, 2, 3), None, false, ctx());
+        assert_eq!(
+            r.message,
+            "1 user flagged, 1 invalid row, 1 rejected by Braze, 2 not delivered, 3 rows skipped beyond maxRows"
+        );
+        let failure = RunFailure {
+            reason: "LookNotFound",
+            message: "Look 42 was not found".into(),
+        };
+        let r = finish(tally(0, 0, 0, 0, 0, 0), Some(failure), false, ctx());
+        assert_eq!(r.message, "Look 42 was not found; 0 users flagged");
+        assert_eq!(
+            r.errors,
+            [ErrorSummary {
+                reason: "LookNotFound".into(),
+                message: "Look 42 was not found".into(),
+                count: 1
+            }]
+        );
+        let dry = finish(
+            tally(5, 0, 0, 0, 0, 0),
+            None,
+            false,
+            RunContext {
+                dry_run: true,
+                ..ctx()
+            },
+        );
+        assert_eq!(dry.message, "5 users would be flagged (dry run)");
+        let json = serde_json::to_value(&dry).unwrap();
+        assert_eq!(json["dryRun"], true);
+        assert_eq!(json["rowsRead"], 5);
+        assert_eq!(json["startTime"], "2026-11-29T10:00:00Z");
+        assert!(serde_json::to_value(&r).unwrap().get("dryRun").is_none());
+    }
+
+    #[test]
+    fn errors_are_grouped_sampled_and_capped() {
+        let mut t = Tally::default();
+        t.note("NullIdentifier", "users.braze_id", &[17]);
+        t.note("NullIdentifier", "users.braze_id", &[230]);
+        t.note("MissingField", "users.email", &[3]);
+        t.note_n(
+            "BrazeServerError",
+            "Braze answered 503 after 6 attempts",
+            150,
+            &[9, 8, 7, 6, 5, 4, 3],
+        );
+        for i in 0..20u64 {
+            t.note("BrazeRejected", &format!("type {i}"), &[i]);
+        }
+        let r = finish(t, None, false, ctx());
+        assert_eq!(r.errors.len(), MAX_REPORTED_ERRORS);
+        assert_eq!(
+            r.errors[0].message,
+            "rows 5, 6, 7, 8, 9 and 145 more not delivered: Braze answered 503 after 6 attempts"
+        );
+        assert_eq!(
+            r.errors[1],
+            ErrorSummary {
+                reason: "NullIdentifier".into(),
+                message: "rows 17, 230 have no users.braze_id value".into(),
+                count: 2
+            }
+        );
+        assert_eq!(r.errors[2].message, "row 3 lacks the field users.email");
+        assert_eq!(r.errors[3].message, "Braze rejected row 0: type 0");
+    }
+
+    #[test]
+    fn run_failure_takes_the_count_of_its_rows() {
+        let mut t = tally(75, 0, 0, 0, 150, 0);
+        t.note_n(
+            "BrazeUnauthorized",
+            "the run stopped: Braze refused the API key",
+            150,
+            &[76, 77],
+        );
+        let failure = RunFailure {
+            reason: "BrazeUnauthorized",
+            message: "Braze answered 401".into(),
+        };
+        let r = finish(t, Some(failure), false, ctx());
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.errors.len(), 1);
+        assert_eq!(r.errors[0].count, 150);
+    }
+
+    #[test]
+    fn merge_adds_everything() {
+        let mut a = tally(1, 1, 1, 1, 1, 1);
+        a.note("X", "d", &[1]);
+        let mut b = tally(2, 0, 0, 0, 0, 0);
+        b.requests = 3;
+        b.note("X", "d", &[2, 3]);
+        a.merge(b);
+        assert_eq!((a.rows_read, a.sent, a.requests), (8, 3, 3));
+        assert_eq!(a.groups[0].count, 3);
+        assert_eq!(a.groups[0].rows, [1, 2, 3]);
+    }
+}

@@ -1,0 +1,145 @@
+//! The process's HTTP clients (one pool each for verified and unverified TLS) and the
+//! loopback rule that lets tests and sandboxes use plain `http`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use reqwest::Url;
+use url::Host;
+
+/// HTTP clients shared by every run in the process.
+#[derive(Clone, Debug)]
+pub struct HttpClients {
+    verified: reqwest::Client,
+    unverified: OnceLockClient,
+}
+
+#[derive(Clone, Debug, Default)]
+struct OnceLockClient(std::sync::Arc<OnceLock<reqwest::Client>>);
+
+impl HttpClients {
+    /// Builds the clients (TLS via rustls with the ring provider).
+    pub fn new() -> Self {
+        install_crypto_provider();
+        Self {
+            verified: builder().build().expect("HTTP client builds"),
+            unverified: OnceLockClient::default(),
+        }
+    }
+
+    /// The client to use: certificate checks on unless `verify_tls` is false.
+    pub fn get(&self, verify_tls: bool) -> &reqwest::Client {
+        if verify_tls {
+            &self.verified
+        } else {
+            self.unverified.0.get_or_init(|| {
+                builder()
+                    .tls_danger_accept_invalid_certs(true)
+                    .build()
+                    .expect("HTTP client builds")
+            })
+        }
+    }
+}
+
+impl Default for HttpClients {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(concat!("braze-export-operator/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+}
+
+/// Installs rustls' ring provider once per process (the one kube uses too).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// True when the URL's host is a loopback address (127.0.0.0/8, ::1) or `localhost`.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(Host::Domain(d)) => {
+            let d = d.to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+        Some(Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Parses a user-written URL after trimming spaces and trailing slashes, refusing user info,
+/// queries and fragments (they are how hosts get smuggled).
+pub fn parse_base(raw: &str) -> Result<Url, String> {
+    let trimmed = raw.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let url = Url::parse(trimmed).map_err(|e| format!("{trimmed:?} is not a URL ({e})"))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{trimmed:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain a user name or password".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not contain a query (?) or fragment (#)".into());
+    }
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if is_loopback(&url) => Ok(url),
+        "http" => Err("must use https (plain http is allowed only for loopback addresses), so credentials never travel in clear text".into()),
+        other => Err(format!("unsupported scheme {other:?}: use https")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for u in [
+            "http://127.0.0.1:8080",
+            "http://127.9.9.9",
+            "http://[::1]:1",
+            "http://localhost:3",
+            "http://a.localhost",
+        ] {
+            assert!(is_loopback(&Url::parse(u).unwrap()), "{u}");
+        }
+        for u in [
+            "http://10.0.0.1",
+            "http://example.com",
+            "http://localhost.example.com",
+            "http://[::2]",
+        ] {
+            assert!(!is_loopback(&Url::parse(u).unwrap()), "{u}");
+        }
+    }
+
+    #[test]
+    fn base_urls() {
+        assert_eq!(
+            parse_base(" https://a.example.com/ ").unwrap().as_str(),
+            "https://a.example.com/"
+        );
+        assert!(
+            parse_base("http://a.example.com")
+                .unwrap_err()
+                .contains("https")
+        );
+        assert!(parse_base("http://127.0.0.1:9").is_ok());
+        assert!(parse_base("https://u:p@a.example.com").is_err());
+        assert!(parse_base("https://a.example.com?x=1").is_err());
+        assert!(parse_base("ftp://a.example.com").is_err());
+        assert!(parse_base("not a url").is_err());
+        assert!(parse_base("").is_err());
+    }
+}

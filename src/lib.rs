@@ -1,0 +1,18 @@
+//! braze-export-operator: exports Looker Looks to Braze user flags, as declared
+//! `BrazeExport` resources or one run at a time from the command line.
+//!
+//! The data path of one run, left to right: [`spec`] → [`export::plan`] → [`looker`] (login,
+//! streamed `json_detail`) → [`export::mapping`] (pure) → [`braze`] (batches, shared limiter,
+//! retries) → [`export::report`]. The [`sandbox`] serves fake Looker and Braze APIs for
+//! tests and the `demo` command.
+
+pub mod braze;
+pub mod commands;
+pub mod export;
+pub mod http;
+pub mod looker;
+pub mod sandbox;
+pub mod schedule;
+pub mod secret;
+pub mod spec;
+pub mod telemetry;

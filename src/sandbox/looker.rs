@@ -1,0 +1,432 @@
+//! Sandbox Looker API 4.0: `POST /login` and `GET /looks/{id}/run/json_detail`, streamed in
+//! the shape of a real result, for any number of generated rows.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Rows of a sandbox Look.
+#[derive(Clone, Debug)]
+pub enum Rows {
+    /// These row objects, as they appear in `data`.
+    Fixed(Vec<Value>),
+    /// `count` rows made on the fly (never held in memory).
+    Generated { count: u64, generator: Generator },
+}
+
+/// Generated row kinds (see [`Look::users`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Generator {
+    /// Row i has id `user-<i>` (zero-padded to 7 digits), a first name and an order count.
+    Clean,
+    /// Like `Clean`, but every 50th row repeats the previous id and every 125th has no id.
+    Dirty,
+}
+
+/// A Look the sandbox can run.
+#[derive(Clone, Debug)]
+pub struct Look {
+    /// The `fields` object of the result.
+    pub fields: Value,
+    /// The rows.
+    pub rows: Rows,
+    /// The Look's own row limit, applied when the request has no `limit`.
+    pub table_limit: u64,
+    /// Top-level `pivots` to send (pivoted Looks).
+    pub pivots: Option<Value>,
+    /// Top-level `errors` to send with an empty `data` (SQL errors).
+    pub errors: Option<Value>,
+    /// Drop the connection after this many rows.
+    pub cut_after: Option<u64>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+}
+
+const NAMES: [&str; 8] = [
+    "Ada", "Grace", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances",
+];
+
+impl Look {
+    /// A Look with these fields and rows, no limit below 5,000 rows.
+    pub fn new(fields: Value, rows: Rows) -> Self {
+        Self {
+            fields,
+            rows,
+            table_limit: 5000,
+            pivots: None,
+            errors: None,
+            cut_after: None,
+            delay: None,
+        }
+    }
+
+    /// The users Look: `users.external_id` tagged `braze_id`, `users.first_name` tagged
+    /// `braze[first_name]`, and the untagged measure `orders.count`.
+    pub fn users(count: u64, generator: Generator) -> Self {
+        Self::new(users_fields(), Rows::Generated { count, generator })
+    }
+
+    fn total(&self) -> u64 {
+        match &self.rows {
+            Rows::Fixed(r) => r.len() as u64,
+            Rows::Generated { count, .. } => *count,
+        }
+    }
+}
+
+/// Fields of [`Look::users`], shaped like Looker's (with the usual extra keys).
+pub fn users_fields() -> Value {
+    let field = |name: &str, label: &str, tags: &[&str], measure: bool| {
+        json!({"name": name, "label": label, "label_short": label, "tags": tags, "view": name.split('.').next(),
+               "type": if measure {"count"} else {"string"}, "measure": measure, "hidden": false,
+               "is_numeric": measure, "sortable": true, "can_filter": true, "suggestable": !measure,
+               "lookml_link": format!("/projects/sandbox/files/{}.view.lkml", name.split('.').next().unwrap_or("")),
+               "enumerations": null, "value_format": null, "error": null})
+    };
+    json!({
+        "measures": [field("orders.count", "Orders Count", &[], true)],
+        "dimensions": [
+            field("users.external_id", "Users External ID", &["braze_id"], false),
+            field("users.first_name", "Users First Name", &["braze[first_name]"], false),
+        ],
+        "table_calculations": [],
+        "pivots": []
+    })
+}
+
+fn generated_row(i: u64, generator: Generator, out: &mut String) {
+    use std::fmt::Write;
+    let id = match generator {
+        Generator::Dirty if i % 125 == 0 => None,
+        Generator::Dirty if i % 50 == 0 => Some(i - 1),
+        _ => Some(i),
+    };
+    let name = NAMES[(i % NAMES.len() as u64) as usize];
+    let _ = match id {
+        Some(id) => write!(out, r#"{{"users.external_id":{{"value":"user-{id:07}"}},"#),
+        None => write!(out, r#"{{"users.external_id":{{"value":null}},"#),
+    };
+    let _ = write!(
+        out,
+        r#""users.first_name":{{"value":"{name}","rendered":"{name}"}},"orders.count":{{"value":{}}}}}"#,
+        i % 7
+    );
+}
+
+/// One request the sandbox Looker received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LookerRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path, e.g. `/api/4.0/looks/42/run/json_detail`.
+    pub path: String,
+    /// Query pairs in order.
+    pub query: Vec<(String, String)>,
+    /// `Authorization` header.
+    pub authorization: Option<String>,
+    /// `Content-Type` header.
+    pub content_type: Option<String>,
+    /// Form body pairs (login).
+    pub form: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+struct LookerState {
+    client_id: String,
+    client_secret: String,
+    looks: Mutex<HashMap<String, Look>>,
+    tokens: Mutex<HashMap<String, Instant>>,
+    next_ttls: Mutex<VecDeque<Duration>>,
+    requests: Mutex<Vec<LookerRequest>>,
+    issued: AtomicU64,
+}
+
+/// A running sandbox Looker.
+#[derive(Debug)]
+pub struct LookerSandbox {
+    /// Base URL, like `LOOKERSDK_BASE_URL` (`http://127.0.0.1:PORT`).
+    pub url: String,
+    state: Arc<LookerState>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for LookerSandbox {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LookerSandbox {
+    /// Starts a Looker that accepts these API credentials.
+    pub async fn start(client_id: &str, client_secret: &str) -> io::Result<Self> {
+        let state = Arc::new(LookerState {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            looks: Mutex::default(),
+            tokens: Mutex::default(),
+            next_ttls: Mutex::default(),
+            requests: Mutex::default(),
+            issued: AtomicU64::new(0),
+        });
+        let router = Router::new()
+            .route("/api/4.0/login", post(login))
+            .route("/api/4.0/looks/{look_id}/run/{format}", get(run_look))
+            .with_state(Arc::clone(&state));
+        let (addr, task) = super::serve(router).await?;
+        Ok(Self {
+            url: format!("http://{addr}"),
+            state,
+            task,
+        })
+    }
+
+    /// Adds or replaces a Look.
+    pub fn add_look(&self, id: &str, look: Look) {
+        lock(&self.state.looks).insert(id.into(), look);
+    }
+
+    /// The next tokens issued live only this long (then answer 401), one per entry.
+    pub fn expire_next_tokens_after(&self, ttl: Duration) {
+        lock(&self.state.next_ttls).push_back(ttl);
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<LookerRequest> {
+        lock(&self.state.requests).clone()
+    }
+
+    /// Requests whose path ends with `suffix`.
+    pub fn requests_to(&self, suffix: &str) -> Vec<LookerRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path.ends_with(suffix))
+            .collect()
+    }
+}
+
+fn record(
+    state: &LookerState,
+    method: &str,
+    path: String,
+    query: &str,
+    headers: &HeaderMap,
+    form: Vec<(String, String)>,
+) {
+    let h = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &header::HeaderValue| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    lock(&state.requests).push(LookerRequest {
+        method: method.into(),
+        path,
+        query: url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect(),
+        authorization: h(header::AUTHORIZATION),
+        content_type: h(header::CONTENT_TYPE),
+        form,
+    });
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    let body =
+        json!({"message": message, "documentation_url": "https://cloud.google.com/looker/docs/"});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn login(
+    State(state): State<Arc<LookerState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    record(
+        &state,
+        "POST",
+        "/api/4.0/login".into(),
+        query.as_deref().unwrap_or(""),
+        &headers,
+        form.clone(),
+    );
+    let get = |k: &str| {
+        form.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    if get("client_id") != Some(state.client_id.as_str())
+        || get("client_secret") != Some(state.client_secret.as_str())
+    {
+        return error(StatusCode::NOT_FOUND, "Not found");
+    }
+    let n = state.issued.fetch_add(1, Ordering::Relaxed);
+    let token = format!("sandbox-token-{n}-{}", fastrand::u64(..));
+    let ttl = lock(&state.next_ttls)
+        .pop_front()
+        .unwrap_or(Duration::from_secs(3600));
+    lock(&state.tokens).insert(token.clone(), Instant::now() + ttl);
+    let body = json!({"access_token": token, "token_type": "Bearer", "expires_in": ttl.as_secs(), "refresh_token": null});
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn run_look(
+    State(state): State<Arc<LookerState>>,
+    Path((look_id, format)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let query = query.unwrap_or_default();
+    record(
+        &state,
+        "GET",
+        format!("/api/4.0/looks/{look_id}/run/{format}"),
+        &query,
+        &headers,
+        vec![],
+    );
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("token ")
+                .or_else(|| v.strip_prefix("Bearer "))
+        })
+        .unwrap_or_default()
+        .to_owned();
+    let valid = lock(&state.tokens)
+        .get(&token)
+        .is_some_and(|exp| *exp > Instant::now());
+    if !valid {
+        return error(StatusCode::UNAUTHORIZED, "Requires authentication.");
+    }
+    let Some(look) = lock(&state.looks).get(&look_id).cloned() else {
+        return error(StatusCode::NOT_FOUND, "Not found");
+    };
+    if format != "json_detail" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the sandbox serves json_detail only",
+        );
+    }
+    if let Some(d) = look.delay {
+        tokio::time::sleep(d).await;
+    }
+    let limit = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "limit")
+        .map(|(_, v)| v.parse::<i64>().unwrap_or(0));
+    let rows = match limit {
+        None => look.total().min(look.table_limit),
+        Some(-1) => look.total(),
+        Some(n) => look.total().min(n.max(0) as u64),
+    };
+    let stream = futures_util::stream::unfold(BodyWriter::new(look, rows), |mut w| async move {
+        let item = w.next_chunk()?;
+        Some((item, w))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "sandbox failed to build a response",
+            )
+        })
+}
+
+/// Writes a result body in chunks of about 32 KiB.
+struct BodyWriter {
+    look: Look,
+    rows: u64,
+    next: u64,
+    stage: u8,
+}
+
+impl BodyWriter {
+    fn new(look: Look, rows: u64) -> Self {
+        Self {
+            look,
+            rows,
+            next: 0,
+            stage: 0,
+        }
+    }
+
+    fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
+        let mut out = String::with_capacity(40 * 1024);
+        match self.stage {
+            0 => {
+                out.push_str(r#"{"status":"complete","from_cache":false,"id":"sandbox","result_source":"query","null_sort_treatment":"low","expired":false,"ran_at":"2026-11-29T10:00:00+00:00","runtime":"0.042","sql":"SELECT 1","fields":"#);
+                out.push_str(&self.look.fields.to_string());
+                if let Some(p) = &self.look.pivots {
+                    out.push_str(r#","pivots":"#);
+                    out.push_str(&p.to_string());
+                }
+                out.push_str(r#","has_totals":false,"has_row_totals":false,"data":["#);
+                self.stage = 1;
+            }
+            1 => {
+                let rows = if self.look.errors.is_some() {
+                    0
+                } else {
+                    self.rows
+                };
+                while self.next < rows && out.len() < 32 * 1024 {
+                    if self.look.cut_after == Some(self.next) {
+                        return Some(Err(io::Error::other("sandbox dropped the connection")));
+                    }
+                    if self.next > 0 {
+                        out.push(',');
+                    }
+                    self.next += 1;
+                    match &self.look.rows {
+                        Rows::Fixed(r) => out.push_str(&r[(self.next - 1) as usize].to_string()),
+                        Rows::Generated { generator, .. } => {
+                            generated_row(self.next, *generator, &mut out)
+                        }
+                    }
+                }
+                if self.next >= rows {
+                    out.push(']');
+                    if let Some(e) = &self.look.errors {
+                        out.push_str(r#","errors":"#);
+                        out.push_str(&e.to_string());
+                    }
+                    out.push_str(r#","timezone":"UTC","supports_pivot_in_db":true,"drill_menu_build_time":0.1}"#);
+                    self.stage = 2;
+                }
+            }
+            _ => return None,
+        }
+        Some(Ok(Bytes::from(out)))
+    }
+}

@@ -1,0 +1,52 @@
+//! A string that never shows itself in logs, errors or debug output.
+
+use std::fmt;
+
+/// A credential (Looker client secret, Braze API key, access token).
+///
+/// `Debug` and `Display` print `<redacted>`; only [`Secret::expose`] gives the value, and
+/// callers use it solely to put the value on the wire.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The raw value, for an HTTP header or form body only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when the credential is empty or only white space.
+    pub fn is_blank(&self) -> bool {
+        self.0.trim().is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_prints_its_value() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
+        assert_eq!(s.expose(), "hunter2");
+        assert!(Secret::new("  ").is_blank());
+    }
+}

@@ -1,0 +1,548 @@
+//! The `BrazeExport` resource: spec types with their defaults, and validation that reports
+//! every problem with the path of its field.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// API group and version of the resource.
+pub const API_VERSION: &str = "looker-braze.dev/v1alpha1";
+/// Kind of the resource.
+pub const KIND: &str = "BrazeExport";
+
+/// One export as declared in YAML: a Looker Look, a Braze workspace and a schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrazeExportSpec {
+    /// 5-field cron expression, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    pub schedule: String,
+    /// IANA time zone the schedule is read in; UTC when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// True stops scheduled runs; manual runs are still allowed.
+    #[serde(default)]
+    pub suspend: bool,
+    /// A missed run older than this is skipped, not caught up; default one schedule interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_deadline_seconds: Option<i64>,
+    /// Where the rows come from.
+    pub looker: LookerSpec,
+    /// Where the flags go.
+    pub braze: BrazeSpec,
+    /// Safety cap: rows beyond it are counted as skipped and not sent; no cap when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
+}
+
+/// The Looker side of an export.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LookerSpec {
+    /// API host without `/api/4.0`, like `LOOKERSDK_BASE_URL`; `https` except on loopback.
+    pub base_url: String,
+    /// The Look to run (a string, as in Looker API 4.0).
+    #[serde(deserialize_with = "string_or_number")]
+    pub look_id: String,
+    /// Secret in the export's namespace holding the API client id and secret.
+    pub credentials_secret_ref: CredentialsSecretRef,
+    /// `Table`: the Look's own row limit; `All`: every row.
+    #[serde(default)]
+    pub results: ResultsMode,
+    /// Field holding the user identifier, instead of the field tagged `braze_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_field: Option<String>,
+    /// Verify Looker's TLS certificate.
+    #[serde(default = "default_true")]
+    pub verify_tls: bool,
+    /// Seconds Looker may take to log in and deliver the whole result.
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: u64,
+}
+
+/// Names a Secret and the keys of the Looker API credentials in it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialsSecretRef {
+    /// Secret name, in the export's namespace.
+    pub name: String,
+    /// Key of the client id; default `client_id`.
+    #[serde(default = "default_client_id_key")]
+    pub client_id_key: String,
+    /// Key of the client secret; default `client_secret`.
+    #[serde(default = "default_client_secret_key")]
+    pub client_secret_key: String,
+}
+
+/// Which rows of the Look are exported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResultsMode {
+    /// The Look's own row limit ("Results in Table").
+    #[default]
+    Table,
+    /// Every row ("All Results", `limit=-1`).
+    All,
+}
+
+/// The Braze side of an export.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrazeSpec {
+    /// REST endpoint of the Braze instance, e.g. `https://rest.iad-01.braze.com`.
+    pub endpoint: String,
+    /// Secret key holding the REST API key (permission `users.track`).
+    pub api_key_secret_ref: SecretKeyRef,
+    /// How users are identified.
+    #[serde(default)]
+    pub identifier: IdentifierKind,
+    /// Alias label; required when `identifier` is `user_alias`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias_label: Option<String>,
+    /// Value appended to the array attribute; default `LOOKER_EXPORT`.
+    #[serde(default = "default_export_name")]
+    pub export_name: String,
+    /// Array custom attribute the export name is added to; default `looker_export`.
+    #[serde(default = "default_attribute")]
+    pub attribute: String,
+    /// Never create users: only existing ones are flagged.
+    #[serde(default = "default_true")]
+    pub update_existing_only: bool,
+    /// Attribute objects per request, 1 to 75.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Requests in flight at once for one run, 1 to 64.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Client-side ceiling on requests to this workspace (shared by every run using it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// A key in a Secret.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// Secret name, in the export's namespace.
+    pub name: String,
+    /// Key in the Secret; default `api_key`.
+    #[serde(default = "default_api_key_key")]
+    pub key: String,
+}
+
+/// At most `requests` requests in any `periodSeconds` window.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Requests allowed per period.
+    pub requests: u32,
+    /// Length of the period in seconds.
+    pub period_seconds: u32,
+}
+
+impl Default for RateLimitSpec {
+    /// Braze's documented burst limit for `/users/track`: 3,000 requests per 3 seconds.
+    fn default() -> Self {
+        Self {
+            requests: 3000,
+            period_seconds: 3,
+        }
+    }
+}
+
+/// How a row's identifier is sent to Braze.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentifierKind {
+    /// `{"external_id": "u1"}`
+    #[default]
+    ExternalId,
+    /// `{"braze_id": "u1"}`
+    BrazeId,
+    /// `{"user_alias": {"alias_name": "u1", "alias_label": "<aliasLabel>"}}`
+    UserAlias,
+}
+
+impl IdentifierKind {
+    /// The key of the identifier in a Braze attributes object.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::ExternalId => "external_id",
+            Self::BrazeId => "braze_id",
+            Self::UserAlias => "user_alias",
+        }
+    }
+}
+
+/// Attribute names an export may never write: Braze's primary identifier keys and the
+/// update-only flag.
+pub const RESERVED_ATTRIBUTES: [&str; 4] = [
+    "external_id",
+    "braze_id",
+    "user_alias",
+    "_update_existing_only",
+];
+
+/// Braze's limit for custom attribute keys and string values.
+pub const MAX_ATTRIBUTE_CHARS: usize = 255;
+
+/// A BrazeExport document as written in YAML (the part the `run` command needs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BrazeExportDocument {
+    /// Must be [`API_VERSION`].
+    pub api_version: String,
+    /// Must be [`KIND`].
+    pub kind: String,
+    /// Name and namespace.
+    #[serde(default)]
+    pub metadata: Metadata,
+    /// The export.
+    pub spec: BrazeExportSpec,
+}
+
+/// The identifying part of `metadata`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Resource name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Resource namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// One problem in a spec: the field's path and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path such as `spec.braze.endpoint`.
+    pub field: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Joins field errors into one message, `; `-separated.
+pub fn join_errors(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl BrazeExportSpec {
+    /// Checks what the CRD schema cannot: cron syntax, time zone, URLs, names and ranges.
+    /// Returns every problem found, each naming its field.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if let Err(e) = crate::schedule::parse_cron(&self.schedule) {
+            errors.push(FieldError::new("spec.schedule", e));
+        }
+        if let Some(tz) = &self.time_zone
+            && jiff::tz::TimeZone::get(tz).is_err()
+        {
+            errors.push(FieldError::new(
+                "spec.timeZone",
+                format!("unknown time zone {tz:?}: use an IANA name such as Europe/Berlin"),
+            ));
+        }
+        if let Some(d) = self.starting_deadline_seconds
+            && d < 0
+        {
+            errors.push(FieldError::new(
+                "spec.startingDeadlineSeconds",
+                "must be 0 or more",
+            ));
+        }
+        if self.max_rows == Some(0) {
+            errors.push(FieldError::new(
+                "spec.maxRows",
+                "must be at least 1 when set",
+            ));
+        }
+        self.looker.validate(&mut errors);
+        self.braze.validate(&mut errors);
+        errors
+    }
+}
+
+impl LookerSpec {
+    fn validate(&self, errors: &mut Vec<FieldError>) {
+        if let Err(e) = crate::looker::api_base(&self.base_url) {
+            errors.push(FieldError::new("spec.looker.baseUrl", e));
+        }
+        if self.look_id.trim().is_empty() {
+            errors.push(FieldError::new("spec.looker.lookId", "must not be empty"));
+        }
+        require_name(
+            errors,
+            "spec.looker.credentialsSecretRef.name",
+            &self.credentials_secret_ref.name,
+        );
+        require_name(
+            errors,
+            "spec.looker.credentialsSecretRef.clientIdKey",
+            &self.credentials_secret_ref.client_id_key,
+        );
+        require_name(
+            errors,
+            "spec.looker.credentialsSecretRef.clientSecretKey",
+            &self.credentials_secret_ref.client_secret_key,
+        );
+        if let Some(f) = &self.id_field
+            && f.trim().is_empty()
+        {
+            errors.push(FieldError::new(
+                "spec.looker.idField",
+                "must not be empty when set",
+            ));
+        }
+        if !(1..=86_400).contains(&self.timeout_seconds) {
+            errors.push(FieldError::new(
+                "spec.looker.timeoutSeconds",
+                "must be between 1 and 86400",
+            ));
+        }
+    }
+}
+
+impl BrazeSpec {
+    fn validate(&self, errors: &mut Vec<FieldError>) {
+        if let Err(e) = crate::braze::endpoint::track_url(&self.endpoint) {
+            errors.push(FieldError::new("spec.braze.endpoint", e));
+        }
+        require_name(
+            errors,
+            "spec.braze.apiKeySecretRef.name",
+            &self.api_key_secret_ref.name,
+        );
+        require_name(
+            errors,
+            "spec.braze.apiKeySecretRef.key",
+            &self.api_key_secret_ref.key,
+        );
+        match (&self.identifier, &self.alias_label) {
+            (IdentifierKind::UserAlias, None) => errors.push(FieldError::new(
+                "spec.braze.aliasLabel",
+                "is required when identifier is user_alias",
+            )),
+            (IdentifierKind::UserAlias, Some(l)) if l.trim().is_empty() => errors.push(
+                FieldError::new("spec.braze.aliasLabel", "must not be empty"),
+            ),
+            _ => {}
+        }
+        check_braze_string(errors, "spec.braze.exportName", &self.export_name);
+        check_braze_string(errors, "spec.braze.attribute", &self.attribute);
+        if self.attribute.starts_with('$') {
+            errors.push(FieldError::new(
+                "spec.braze.attribute",
+                "must not start with $",
+            ));
+        }
+        if RESERVED_ATTRIBUTES.contains(&self.attribute.as_str()) {
+            errors.push(FieldError::new(
+                "spec.braze.attribute",
+                format!(
+                    "{:?} is reserved by Braze and cannot hold the export flag",
+                    self.attribute
+                ),
+            ));
+        }
+        if !(1..=75).contains(&self.batch_size) {
+            errors.push(FieldError::new(
+                "spec.braze.batchSize",
+                "must be between 1 and 75 (Braze's limit per request)",
+            ));
+        }
+        if !(1..=64).contains(&self.concurrency) {
+            errors.push(FieldError::new(
+                "spec.braze.concurrency",
+                "must be between 1 and 64",
+            ));
+        }
+        if let Some(r) = &self.rate_limit {
+            if r.requests == 0 {
+                errors.push(FieldError::new(
+                    "spec.braze.rateLimit.requests",
+                    "must be at least 1",
+                ));
+            }
+            if r.period_seconds == 0 {
+                errors.push(FieldError::new(
+                    "spec.braze.rateLimit.periodSeconds",
+                    "must be at least 1",
+                ));
+            }
+        }
+    }
+}
+
+fn require_name(errors: &mut Vec<FieldError>, field: &str, value: &str) {
+    if value.trim().is_empty() {
+        errors.push(FieldError::new(field, "must not be empty"));
+    }
+}
+
+fn check_braze_string(errors: &mut Vec<FieldError>, field: &str, value: &str) {
+    if value.trim().is_empty() {
+        errors.push(FieldError::new(field, "must not be empty"));
+    } else if value.chars().count() > MAX_ATTRIBUTE_CHARS {
+        errors.push(FieldError::new(
+            field,
+            format!("must be at most {MAX_ATTRIBUTE_CHARS} characters (Braze's limit)"),
+        ));
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_timeout_seconds() -> u64 {
+    300
+}
+fn default_client_id_key() -> String {
+    "client_id".into()
+}
+fn default_client_secret_key() -> String {
+    "client_secret".into()
+}
+fn default_api_key_key() -> String {
+    "api_key".into()
+}
+fn default_export_name() -> String {
+    "LOOKER_EXPORT".into()
+}
+fn default_attribute() -> String {
+    "looker_export".into()
+}
+fn default_batch_size() -> u32 {
+    75
+}
+fn default_concurrency() -> u32 {
+    16
+}
+
+/// Accepts `lookId: 42` as well as `lookId: "42"`: Looker ids are strings, YAML makes
+/// numbers of them easily.
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        N(u64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::S(s) => s,
+        Id::N(n) => n.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> BrazeExportSpec {
+        serde_saphyr::from_str(yaml).expect("spec parses")
+    }
+
+    const MINIMAL: &str = r#"
+schedule: "0 6 * * *"
+looker:
+  baseUrl: https://acme.cloud.looker.com
+  lookId: 42
+  credentialsSecretRef: {name: looker-api}
+braze:
+  endpoint: https://rest.iad-01.braze.com
+  apiKeySecretRef: {name: braze-api}
+"#;
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let s = spec(MINIMAL);
+        assert_eq!(s.looker.look_id, "42");
+        assert_eq!(s.looker.results, ResultsMode::Table);
+        assert!(s.looker.verify_tls);
+        assert_eq!(s.looker.timeout_seconds, 300);
+        assert_eq!(s.looker.credentials_secret_ref.client_id_key, "client_id");
+        assert_eq!(
+            s.looker.credentials_secret_ref.client_secret_key,
+            "client_secret"
+        );
+        assert_eq!(s.braze.api_key_secret_ref.key, "api_key");
+        assert_eq!(s.braze.identifier, IdentifierKind::ExternalId);
+        assert_eq!(s.braze.export_name, "LOOKER_EXPORT");
+        assert_eq!(s.braze.attribute, "looker_export");
+        assert!(s.braze.update_existing_only);
+        assert_eq!(s.braze.batch_size, 75);
+        assert!(!s.suspend);
+        assert_eq!(s.max_rows, None);
+        assert!(s.validate().is_empty(), "{:?}", s.validate());
+    }
+
+    #[test]
+    fn validation_names_every_bad_field() {
+        let mut s = spec(MINIMAL);
+        s.schedule = "61 * * * *".into();
+        s.time_zone = Some("Mars/Olympus".into());
+        s.looker.base_url = "http://acme.cloud.looker.com".into();
+        s.braze.endpoint = "https://evil.example/?x=.braze.com".into();
+        s.braze.identifier = IdentifierKind::UserAlias;
+        s.braze.batch_size = 76;
+        s.braze.attribute = "external_id".into();
+        s.max_rows = Some(0);
+        let fields: Vec<String> = s.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.schedule",
+                "spec.timeZone",
+                "spec.maxRows",
+                "spec.looker.baseUrl",
+                "spec.braze.endpoint",
+                "spec.braze.aliasLabel",
+                "spec.braze.attribute",
+                "spec.braze.batchSize",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = serde_saphyr::from_str::<BrazeExportSpec>(
+            &MINIMAL.replace("schedule:", "schedul: x\nschedule:"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("schedul"), "{err}");
+    }
+
+    #[test]
+    fn export_name_and_attribute_respect_braze_limits() {
+        let mut s = spec(MINIMAL);
+        s.braze.export_name = "x".repeat(256);
+        s.braze.attribute = "$flags".into();
+        let errs = s.validate();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0]
+                .to_string()
+                .starts_with("spec.braze.exportName: must be at most 255")
+        );
+        assert_eq!(
+            errs[1].to_string(),
+            "spec.braze.attribute: must not start with $"
+        );
+    }
+}
