@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 pub const MAX_OBJECTS: usize = 75;
 
 /// A fault the next request gets instead of (or before) its normal answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Answer with this status.
     Status(u16),
@@ -282,7 +282,16 @@ async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: B
         status: 0,
         rejected: vec![],
     };
-    let response = answer(&state, authorization.as_deref(), &body, &mut log).await;
+    let parsed = serde_json::from_slice::<TrackBody>(&body).ok();
+    log.objects = parsed.as_ref().map_or(0, |b| b.attributes.len());
+    let response = answer(
+        &state,
+        authorization.as_deref(),
+        body.len(),
+        parsed,
+        &mut log,
+    )
+    .await;
     log.status = response.status().as_u16();
     if state.record.load(Ordering::Relaxed) {
         if log.body.is_null() {
@@ -296,7 +305,8 @@ async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: B
 async fn answer(
     state: &BrazeState,
     authorization: Option<&str>,
-    body: &[u8],
+    body_len: usize,
+    parsed: Option<TrackBody>,
     log: &mut TrackRequest,
 ) -> Response {
     let key = authorization
@@ -362,21 +372,20 @@ async fn answer(
             ("x-ratelimit-reset", reset_ms.div_ceil(1000).to_string()),
         ];
     }
-    if body.len() > state.max_body_bytes.load(Ordering::Relaxed) {
+    if body_len > state.max_body_bytes.load(Ordering::Relaxed) {
         return json_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             json!({"message": "Payload Too Large"}),
             &limit_headers,
         );
     }
-    let Ok(parsed) = serde_json::from_slice::<TrackBody>(body) else {
+    let Some(parsed) = parsed else {
         return json_response(
             StatusCode::BAD_REQUEST,
             json!({"message": "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields."}),
             &limit_headers,
         );
     };
-    log.objects = parsed.attributes.len();
     if parsed.attributes.len() > MAX_OBJECTS {
         return json_response(
             StatusCode::BAD_REQUEST,

@@ -349,6 +349,10 @@ async fn run_look(
     };
     let stream = futures_util::stream::unfold(BodyWriter::new(look, rows), |mut w| async move {
         let item = w.next_chunk()?;
+        if item.is_err() {
+            // Let the client read what was sent, as when a real connection drops mid-body.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         Some((item, w))
     });
     Response::builder()

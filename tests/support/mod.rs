@@ -1,0 +1,206 @@
+//! Shared helpers for the integration tests: sandboxes, specs pointing at them, and the
+//! two ways to run an export (the library pipeline and the real binary).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use braze_export_operator::braze::RetryPolicy;
+use braze_export_operator::commands::load::load_export;
+use braze_export_operator::export::{
+    Credentials, ExportPlan, RunOptions, RunReport, Services, Trigger, run_export,
+};
+use braze_export_operator::sandbox::{BrazeSandbox, LookerSandbox};
+use braze_export_operator::secret::Secret;
+use serde_json::{Value, json};
+
+pub const CLIENT_ID: &str = "looker-client-7f3a";
+pub const CLIENT_SECRET: &str = "looker-secret-Zq81-do-not-leak";
+pub const API_KEY: &str = "braze-key-4c2e-do-not-leak";
+
+/// A sandbox Looker and Braze pair.
+pub struct World {
+    pub looker: LookerSandbox,
+    pub braze: BrazeSandbox,
+}
+
+impl World {
+    pub async fn start() -> Self {
+        Self {
+            looker: LookerSandbox::start(CLIENT_ID, CLIENT_SECRET)
+                .await
+                .expect("looker sandbox"),
+            braze: BrazeSandbox::start(API_KEY).await.expect("braze sandbox"),
+        }
+    }
+
+    /// A BrazeExport document for Look `look_id` against the sandboxes; `extra_braze` and
+    /// `extra_spec` are YAML lines added under `spec.braze` and `spec`.
+    pub fn yaml(&self, look_id: &str, extra_braze: &str, extra_spec: &str) -> String {
+        self.yaml_looker(look_id, "", extra_braze, extra_spec)
+    }
+
+    /// Like [`World::yaml`], with `extra_looker` lines under `spec.looker`.
+    pub fn yaml_looker(
+        &self,
+        look_id: &str,
+        extra_looker: &str,
+        extra_braze: &str,
+        extra_spec: &str,
+    ) -> String {
+        let indent = |s: &str, n: usize| {
+            s.lines()
+                .map(|l| format!("{}{l}\n", " ".repeat(n)))
+                .collect::<String>()
+        };
+        format!(
+            "apiVersion: looker-braze.dev/v1alpha1\nkind: BrazeExport\nmetadata:\n  name: test-export\n  namespace: marketing\nspec:\n  schedule: \"0 6 * * *\"\n{}  looker:\n    baseUrl: {}\n    lookId: \"{look_id}\"\n{}    credentialsSecretRef:\n      name: looker-api\n  braze:\n    endpoint: {}\n    apiKeySecretRef:\n      name: braze-api\n{}",
+            indent(extra_spec, 2),
+            self.looker.url,
+            indent(extra_looker, 4),
+            self.braze.url,
+            indent(extra_braze, 4),
+        )
+    }
+
+    /// Runs the export through the library pipeline with quick retries.
+    pub async fn run(&self, yaml: &str) -> RunReport {
+        self.run_with(yaml, &fast_services(), RunOptions::new(Trigger::Cli))
+            .await
+    }
+
+    pub async fn run_with(&self, yaml: &str, services: &Services, opts: RunOptions) -> RunReport {
+        let doc = load_export(yaml).expect("test spec parses");
+        let plan = ExportPlan::new("test-export", &doc.spec).expect("test spec is valid");
+        let report = run_export(services, &plan, &creds(), opts).await;
+        assert!(report.balanced(), "rows must add up: {report:#?}");
+        report
+    }
+
+    /// Identifiers of every object Braze accepted, sorted, with repeats.
+    pub fn delivered(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.braze.accepted().iter().map(identifier).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Distinct identifiers Braze accepted.
+    pub fn delivered_set(&self) -> BTreeSet<String> {
+        self.delivered().into_iter().collect()
+    }
+}
+
+/// The identifier of an attributes object, whatever its kind.
+pub fn identifier(o: &Value) -> String {
+    o.get("external_id")
+        .or_else(|| o.get("braze_id"))
+        .or_else(|| o.pointer("/user_alias/alias_name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<none>")
+        .to_owned()
+}
+
+pub fn creds() -> Credentials {
+    Credentials {
+        looker_client_id: CLIENT_ID.into(),
+        looker_client_secret: Secret::new(CLIENT_SECRET),
+        braze_api_key: Some(Secret::new(API_KEY)),
+    }
+}
+
+/// Services whose retries wait milliseconds instead of seconds.
+pub fn fast_services() -> Services {
+    Services {
+        retry: RetryPolicy {
+            max_attempts: 6,
+            base: Duration::from_millis(4),
+            cap: Duration::from_millis(40),
+        },
+        ..Services::default()
+    }
+}
+
+/// A field as Looker describes it.
+pub fn field(name: &str, tags: &[&str]) -> Value {
+    json!({"name": name, "label": name, "tags": tags, "hidden": false, "view": name.split('.').next()})
+}
+
+/// A row from (field, value) pairs, each cell shaped `{"value": …}` with a rendered copy.
+pub fn row(cells: &[(&str, Value)]) -> Value {
+    let mut r = serde_json::Map::new();
+    for (name, value) in cells {
+        r.insert(
+            (*name).into(),
+            json!({"value": value, "rendered": value.to_string()}),
+        );
+    }
+    Value::Object(r)
+}
+
+/// Output of one run of the binary.
+pub struct Cli {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Cli {
+    pub fn report(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// A temporary YAML file holding `yaml`.
+pub fn write_spec(yaml: &str) -> tempfile::NamedTempFile {
+    let f = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(f.path(), yaml).expect("write spec");
+    f
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_braze-export-operator"))
+}
+
+/// Runs the binary with `args` and the three credential variables (minus `unset`), plus `env`.
+pub async fn cli(args: &[&str], unset: &[&str], env: &[(&str, &str)]) -> Cli {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args(args)
+        .env("LOOKERSDK_CLIENT_ID", CLIENT_ID)
+        .env("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
+        .env("BRAZE_API_KEY", API_KEY)
+        .env_remove("RUST_LOG");
+    for k in unset {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("binary finishes")
+        .expect("binary runs");
+    Cli {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `run --file <spec> --output json` plus `extra` arguments.
+pub async fn cli_run(yaml: &str, extra: &[&str]) -> (Cli, tempfile::NamedTempFile) {
+    let spec = write_spec(yaml);
+    let path = spec.path().to_str().expect("utf-8 path").to_owned();
+    let mut args = vec!["run", "--file", path.as_str(), "--output", "json"];
+    args.extend_from_slice(extra);
+    (cli(&args, &[], &[]).await, spec)
+}
