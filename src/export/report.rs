@@ -311,7 +311,7 @@ pub fn finish(
         .iter()
         .filter(|g| failure.as_ref().is_none_or(|f| f.reason != g.reason))
         .collect();
-    groups.sort_by(|a, b| b.count.cmp(&a.count));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
     errors.extend(groups.into_iter().map(|g| ErrorSummary {
         reason: g.reason.to_owned(),
         message: describe(g),

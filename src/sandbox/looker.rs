@@ -109,8 +109,8 @@ pub fn users_fields() -> Value {
 fn generated_row(i: u64, generator: Generator, out: &mut String) {
     use std::fmt::Write;
     let id = match generator {
-        Generator::Dirty if i % 125 == 0 => None,
-        Generator::Dirty if i % 50 == 0 => Some(i - 1),
+        Generator::Dirty if i.is_multiple_of(125) => None,
+        Generator::Dirty if i.is_multiple_of(50) => Some(i - 1),
         _ => Some(i),
     };
     let name = NAMES[(i % NAMES.len() as u64) as usize];
