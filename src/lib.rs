@@ -8,9 +8,12 @@
 
 pub mod braze;
 pub mod commands;
+pub mod controller;
+pub mod crd;
 pub mod export;
 pub mod http;
 pub mod looker;
+pub mod ops;
 pub mod sandbox;
 pub mod schedule;
 pub mod secret;

@@ -1,7 +1,22 @@
-//! Cron schedules: parsing (the controller adds next-run math here).
+//! Schedules and the decision of when to run: pure functions of the spec, the status and
+//! `now`. Cron times are read in the export's time zone; the zone database is built in.
 
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+
+use crate::export::report::{Outcome, Trigger};
+use crate::spec::BrazeExportStatus;
+
+/// The annotation that asks for a run now; its value (any new one) starts one run.
+pub const RUN_NOW_ANNOTATION: &str = "looker-braze.dev/run-now";
+/// Retries after a run that failed as a whole.
+pub const MAX_RETRIES: u32 = 3;
+/// Wait before the first retry; doubled for each further one.
+pub const RETRY_BASE: SignedDuration = SignedDuration::from_mins(1);
+/// A scheduled run started later than this after its time is reported as a catch-up.
+pub const ON_TIME: SignedDuration = SignedDuration::from_secs(60);
 
 /// Parses a 5-field cron expression or an `@hourly`-style macro, as Kubernetes CronJobs do.
 pub fn parse_cron(expr: &str) -> Result<Cron, String> {
@@ -19,9 +34,194 @@ pub fn parse_cron(expr: &str) -> Result<Cron, String> {
         .map_err(|e| format!("invalid cron expression {trimmed:?}: {e}"))
 }
 
+/// A cron expression in a time zone.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    cron: Cron,
+    tz: TimeZone,
+}
+
+impl Schedule {
+    /// The schedule of `expr` read in `time_zone` (UTC when absent).
+    pub fn new(expr: &str, time_zone: Option<&str>) -> Result<Self, String> {
+        let tz = match time_zone {
+            Some(name) => TimeZone::get(name).map_err(|_| format!("unknown time zone {name:?}"))?,
+            None => TimeZone::UTC,
+        };
+        Ok(Self {
+            cron: parse_cron(expr)?,
+            tz,
+        })
+    }
+
+    /// The first time strictly after `t`.
+    pub fn next_after(&self, t: Timestamp) -> Option<Timestamp> {
+        self.cron
+            .find_next_occurrence(&t.to_zoned(self.tz.clone()), false)
+            .ok()
+            .map(|z| z.timestamp())
+    }
+
+    /// The last time at or before `t`.
+    pub fn last_at_or_before(&self, t: Timestamp) -> Option<Timestamp> {
+        self.cron
+            .find_previous_occurrence(&t.to_zoned(self.tz.clone()), true)
+            .ok()
+            .map(|z| z.timestamp())
+    }
+}
+
+/// Everything the decision depends on.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    /// The export's schedule.
+    pub schedule: &'a Schedule,
+    /// `spec.suspend`.
+    pub suspend: bool,
+    /// `spec.startingDeadlineSeconds`.
+    pub starting_deadline_seconds: Option<i64>,
+    /// When the resource was created (times before it are never due).
+    pub created: Timestamp,
+    /// The current status.
+    pub status: &'a BrazeExportStatus,
+    /// The run-now annotation's value.
+    pub run_request: Option<&'a str>,
+    /// A run of this export is in progress.
+    pub running: bool,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// A run to start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    /// Why it starts.
+    pub trigger: Trigger,
+    /// The schedule time it stands for (scheduled and catch-up runs).
+    pub scheduled_for: Option<Timestamp>,
+    /// The run-now value it answers (manual runs).
+    pub run_request: Option<String>,
+}
+
+/// What to do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Start this run.
+    Run(Due),
+    /// Nothing to do before this time (`None`: until something changes).
+    Wait(Option<Timestamp>),
+}
+
+/// Decides whether a run starts now: a new run-now value first (even when suspended), then a
+/// rerun of an interrupted run, then the most recent due time not yet run (if within the
+/// starting deadline, default one interval; older ones are skipped), then a retry of a failed
+/// run (1, 2, 4 minutes, at most 3, never past the next scheduled time). Never while a run of
+/// the export is in progress.
+pub fn decide(i: &Inputs<'_>) -> Decision {
+    if i.running {
+        return Decision::Wait(None);
+    }
+    if let Some(request) = i.run_request
+        && !request.is_empty()
+        && i.status.last_handled_run_request.as_deref() != Some(request)
+    {
+        return Decision::Run(Due {
+            trigger: Trigger::Manual,
+            scheduled_for: None,
+            run_request: Some(request.to_owned()),
+        });
+    }
+    let last = i.status.last_run.as_ref();
+    if let Some(run) = last
+        && run.outcome == Outcome::Interrupted
+        && (!i.suspend || run.trigger == Trigger::Manual)
+    {
+        return Decision::Run(Due {
+            trigger: Trigger::Retry,
+            scheduled_for: None,
+            run_request: None,
+        });
+    }
+    if i.suspend {
+        return Decision::Wait(None);
+    }
+    if let Some(due) = missed_tick(i) {
+        let trigger = if i.now.duration_since(due) <= ON_TIME {
+            Trigger::Schedule
+        } else {
+            Trigger::CatchUp
+        };
+        return Decision::Run(Due {
+            trigger,
+            scheduled_for: Some(due),
+            run_request: None,
+        });
+    }
+    let next = i.schedule.next_after(i.now);
+    match retry_at(i) {
+        Some(at) if at <= i.now => Decision::Run(Due {
+            trigger: Trigger::Retry,
+            scheduled_for: None,
+            run_request: None,
+        }),
+        Some(at) => Decision::Wait(Some(next.map_or(at, |n| n.min(at)))),
+        None => Decision::Wait(next),
+    }
+}
+
+/// The most recent schedule time not yet run, if it is within the starting deadline.
+fn missed_tick(i: &Inputs<'_>) -> Option<Timestamp> {
+    let due = i.schedule.last_at_or_before(i.now)?;
+    if due < i.created || i.status.last_schedule_time.is_some_and(|l| due <= l) {
+        return None;
+    }
+    let deadline = match i.starting_deadline_seconds {
+        Some(s) => SignedDuration::from_secs(s),
+        None => i.schedule.next_after(due)?.duration_since(due),
+    };
+    (i.now.duration_since(due) <= deadline).then_some(due)
+}
+
+/// When the failed last run should be retried, if it should.
+fn retry_at(i: &Inputs<'_>) -> Option<Timestamp> {
+    let run = i
+        .status
+        .last_run
+        .as_ref()
+        .filter(|r| r.outcome == Outcome::Failed)?;
+    let done = i
+        .status
+        .history
+        .iter()
+        .take_while(|h| h.outcome == Outcome::Failed && h.trigger == Trigger::Retry)
+        .count() as u32;
+    if done >= MAX_RETRIES {
+        return None;
+    }
+    let at = run.completion_time? + RETRY_BASE * (1i32 << done);
+    let next_tick = i.schedule.next_after(run.start_time);
+    next_tick.is_none_or(|t| at < t).then_some(at)
+}
+
+/// The starting deadline in effect for display: the spec's, or one interval.
+pub fn default_deadline(schedule: &Schedule, now: Timestamp) -> Option<SignedDuration> {
+    let next = schedule.next_after(now)?;
+    Some(schedule.next_after(next)?.duration_since(next))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::report::RunReport;
+    use crate::spec::RunSummary;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn sched(expr: &str, tz: &str) -> Schedule {
+        Schedule::new(expr, Some(tz)).unwrap()
+    }
 
     #[test]
     fn accepts_five_fields_and_macros() {
@@ -36,10 +236,6 @@ mod tests {
         ] {
             assert!(parse_cron(ok).is_ok(), "{ok}");
         }
-    }
-
-    #[test]
-    fn refuses_seconds_years_and_nonsense() {
         for bad in [
             "",
             "0 0 6 * * *",
@@ -50,5 +246,391 @@ mod tests {
         ] {
             assert!(parse_cron(bad).is_err(), "{bad}");
         }
+        assert!(
+            Schedule::new("@daily", Some("Mars/Olympus"))
+                .unwrap_err()
+                .contains("unknown time zone")
+        );
+    }
+
+    #[test]
+    fn next_and_last_in_utc_and_macros() {
+        let cases = [
+            (
+                "0 6 * * *",
+                "2026-11-29T05:00:00Z",
+                "2026-11-29T06:00:00Z",
+                "2026-11-28T06:00:00Z",
+            ),
+            (
+                "0 6 * * *",
+                "2026-11-29T06:00:00Z",
+                "2026-11-30T06:00:00Z",
+                "2026-11-29T06:00:00Z",
+            ),
+            (
+                "@hourly",
+                "2026-11-29T10:30:00Z",
+                "2026-11-29T11:00:00Z",
+                "2026-11-29T10:00:00Z",
+            ),
+            (
+                "@daily",
+                "2026-11-29T10:30:00Z",
+                "2026-11-30T00:00:00Z",
+                "2026-11-29T00:00:00Z",
+            ),
+            (
+                "@weekly",
+                "2026-11-29T10:30:00Z",
+                "2026-12-06T00:00:00Z",
+                "2026-11-29T00:00:00Z",
+            ),
+            (
+                "@monthly",
+                "2026-11-29T10:30:00Z",
+                "2026-12-01T00:00:00Z",
+                "2026-11-01T00:00:00Z",
+            ),
+            (
+                "@yearly",
+                "2026-11-29T10:30:00Z",
+                "2027-01-01T00:00:00Z",
+                "2026-01-01T00:00:00Z",
+            ),
+            (
+                "30 9 * * 1-5",
+                "2026-11-28T12:00:00Z",
+                "2026-11-30T09:30:00Z",
+                "2026-11-27T09:30:00Z",
+            ),
+        ];
+        for (expr, now, next, last) in cases {
+            let s = Schedule::new(expr, None).unwrap();
+            assert_eq!(
+                s.next_after(ts(now)),
+                Some(ts(next)),
+                "{expr} next after {now}"
+            );
+            assert_eq!(
+                s.last_at_or_before(ts(now)),
+                Some(ts(last)),
+                "{expr} last before {now}"
+            );
+        }
+    }
+
+    #[test]
+    fn berlin_daylight_saving() {
+        let s = sched("0 6 * * *", "Europe/Berlin");
+        // 06:00 local is 05:00 UTC in winter and 04:00 UTC in summer.
+        assert_eq!(
+            s.next_after(ts("2026-03-28T12:00:00Z")),
+            Some(ts("2026-03-29T04:00:00Z"))
+        );
+        assert_eq!(
+            s.next_after(ts("2026-10-24T12:00:00Z")),
+            Some(ts("2026-10-25T05:00:00Z"))
+        );
+        // 02:30 does not exist on 2026-03-29 (02:00 → 03:00): the run happens once, at 03:00.
+        let gap = sched("30 2 * * *", "Europe/Berlin");
+        let first = gap.next_after(ts("2026-03-28T12:00:00Z")).unwrap();
+        let second = gap.next_after(first).unwrap();
+        assert_eq!(
+            first,
+            ts("2026-03-29T01:00:00Z"),
+            "03:00 CEST, the first instant after the gap"
+        );
+        assert_eq!(second, ts("2026-03-30T00:30:00Z"));
+        // 02:30 happens twice on 2026-10-25 (03:00 → 02:00): the run happens once.
+        let fold = sched("30 2 * * *", "Europe/Berlin");
+        let first = fold.next_after(ts("2026-10-24T12:00:00Z")).unwrap();
+        assert_eq!(first, ts("2026-10-25T00:30:00Z"), "the first 02:30 (CEST)");
+        assert_eq!(fold.next_after(first), Some(ts("2026-10-26T01:30:00Z")));
+    }
+
+    #[test]
+    fn new_york_daylight_saving() {
+        let s = sched("0 9 * * *", "America/New_York");
+        assert_eq!(
+            s.next_after(ts("2026-03-07T20:00:00Z")),
+            Some(ts("2026-03-08T13:00:00Z")),
+            "EDT starts 2026-03-08"
+        );
+        assert_eq!(
+            s.next_after(ts("2026-10-31T20:00:00Z")),
+            Some(ts("2026-11-01T14:00:00Z")),
+            "EST from 2026-11-01"
+        );
+        let hourly = sched("0 * * * *", "America/New_York");
+        let mut t = ts("2026-11-01T04:30:00Z");
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            t = hourly.next_after(t).unwrap();
+            seen.push(t);
+        }
+        let gaps: Vec<i64> = seen
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]).as_secs())
+            .collect();
+        assert!(
+            gaps.iter().all(|g| *g == 3600),
+            "hourly stays hourly across the fold: {seen:?}"
+        );
+    }
+
+    fn status() -> BrazeExportStatus {
+        BrazeExportStatus::default()
+    }
+
+    fn report(trigger: Trigger, outcome: Outcome, start: &str, end: &str) -> RunReport {
+        let mut r = RunReport::in_progress(trigger, ts(start), 0, 0);
+        r.outcome = outcome;
+        r.completion_time = Some(ts(end));
+        r
+    }
+
+    fn summary(trigger: Trigger, outcome: Outcome) -> RunSummary {
+        RunSummary {
+            start_time: ts("2026-11-29T06:00:00Z"),
+            trigger,
+            outcome,
+            sent: 0,
+            duration_seconds: 1.0,
+        }
+    }
+
+    struct Case<'a> {
+        schedule: &'a Schedule,
+        status: BrazeExportStatus,
+        now: &'a str,
+        suspend: bool,
+        deadline: Option<i64>,
+        request: Option<&'a str>,
+        running: bool,
+    }
+
+    impl<'a> Case<'a> {
+        fn new(schedule: &'a Schedule, now: &'a str) -> Self {
+            Self {
+                schedule,
+                status: status(),
+                now,
+                suspend: false,
+                deadline: None,
+                request: None,
+                running: false,
+            }
+        }
+        fn decide(&self) -> Decision {
+            decide(&Inputs {
+                schedule: self.schedule,
+                suspend: self.suspend,
+                starting_deadline_seconds: self.deadline,
+                created: ts("2026-11-01T00:00:00Z"),
+                status: &self.status,
+                run_request: self.request,
+                running: self.running,
+                now: ts(self.now),
+            })
+        }
+    }
+
+    fn run(trigger: Trigger, at: Option<&str>) -> Decision {
+        Decision::Run(Due {
+            trigger,
+            scheduled_for: at.map(ts),
+            run_request: None,
+        })
+    }
+
+    #[test]
+    fn scheduled_runs_on_time_late_and_missed() {
+        let daily = Schedule::new("0 6 * * *", None).unwrap();
+        let mut c = Case::new(&daily, "2026-11-29T06:00:05Z");
+        c.status.last_schedule_time = Some(ts("2026-11-28T06:00:00Z"));
+        assert_eq!(
+            c.decide(),
+            run(Trigger::Schedule, Some("2026-11-29T06:00:00Z"))
+        );
+        c.now = "2026-11-29T09:00:00Z";
+        assert_eq!(
+            c.decide(),
+            run(Trigger::CatchUp, Some("2026-11-29T06:00:00Z")),
+            "within the default deadline (one day)"
+        );
+        c.deadline = Some(3600);
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-30T06:00:00Z"))),
+            "past the deadline: skipped"
+        );
+        c.deadline = None;
+        c.status.last_schedule_time = Some(ts("2026-11-29T06:00:00Z"));
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-30T06:00:00Z"))),
+            "already run"
+        );
+    }
+
+    #[test]
+    fn an_operator_down_for_days_catches_up_once() {
+        let hourly = Schedule::new("@hourly", None).unwrap();
+        let mut c = Case::new(&hourly, "2026-11-29T10:20:00Z");
+        c.status.last_schedule_time = Some(ts("2026-11-25T10:00:00Z"));
+        assert_eq!(
+            c.decide(),
+            run(Trigger::CatchUp, Some("2026-11-29T10:00:00Z")),
+            "only the most recent tick"
+        );
+        c.status.last_schedule_time = Some(ts("2026-11-29T10:00:00Z"));
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-29T11:00:00Z"))),
+            "and only once"
+        );
+        let mut late = Case::new(&hourly, "2026-11-29T11:30:00Z");
+        late.status.last_schedule_time = Some(ts("2026-11-25T10:00:00Z"));
+        late.deadline = Some(600);
+        assert_eq!(
+            late.decide(),
+            Decision::Wait(Some(ts("2026-11-29T12:00:00Z"))),
+            "none past the deadline"
+        );
+    }
+
+    #[test]
+    fn times_before_creation_are_never_due() {
+        let daily = Schedule::new("0 6 * * *", None).unwrap();
+        let c = Case::new(&daily, "2026-11-01T05:00:00Z");
+        assert_eq!(c.decide(), Decision::Wait(Some(ts("2026-11-01T06:00:00Z"))));
+    }
+
+    #[test]
+    fn suspend_and_run_now() {
+        let daily = Schedule::new("0 6 * * *", None).unwrap();
+        let mut c = Case::new(&daily, "2026-11-29T06:00:05Z");
+        c.suspend = true;
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(None),
+            "suspended: no scheduled run"
+        );
+        c.request = Some("2026-11-29T10:00:00Z");
+        assert_eq!(
+            c.decide(),
+            Decision::Run(Due {
+                trigger: Trigger::Manual,
+                scheduled_for: None,
+                run_request: Some("2026-11-29T10:00:00Z".into())
+            }),
+            "run-now works while suspended"
+        );
+        c.status.last_handled_run_request = Some("2026-11-29T10:00:00Z".into());
+        assert_eq!(c.decide(), Decision::Wait(None), "the same value runs once");
+        c.running = true;
+        c.request = Some("2026-11-29T11:00:00Z");
+        assert_eq!(c.decide(), Decision::Wait(None), "never two runs at once");
+    }
+
+    #[test]
+    fn failed_runs_are_retried_with_backoff_but_not_past_the_next_tick() {
+        let hourly = Schedule::new("@hourly", None).unwrap();
+        let mut c = Case::new(&hourly, "2026-11-29T10:00:30Z");
+        c.status.last_schedule_time = Some(ts("2026-11-29T10:00:00Z"));
+        c.status.last_run = Some(report(
+            Trigger::Schedule,
+            Outcome::Failed,
+            "2026-11-29T10:00:00Z",
+            "2026-11-29T10:00:10Z",
+        ));
+        c.status.history = vec![summary(Trigger::Schedule, Outcome::Failed)];
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-29T10:01:10Z"))),
+            "first retry after 1 minute"
+        );
+        c.now = "2026-11-29T10:01:10Z";
+        assert_eq!(c.decide(), run(Trigger::Retry, None));
+        c.status.last_run = Some(report(
+            Trigger::Retry,
+            Outcome::Failed,
+            "2026-11-29T10:01:10Z",
+            "2026-11-29T10:01:20Z",
+        ));
+        c.status
+            .history
+            .insert(0, summary(Trigger::Retry, Outcome::Failed));
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-29T10:03:20Z"))),
+            "then 2 minutes"
+        );
+        c.status
+            .history
+            .insert(0, summary(Trigger::Retry, Outcome::Failed));
+        c.status.last_run = Some(report(
+            Trigger::Retry,
+            Outcome::Failed,
+            "2026-11-29T10:03:20Z",
+            "2026-11-29T10:03:30Z",
+        ));
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-29T10:07:30Z"))),
+            "then 4 minutes"
+        );
+        c.status
+            .history
+            .insert(0, summary(Trigger::Retry, Outcome::Failed));
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-29T11:00:00Z"))),
+            "at most 3 retries"
+        );
+
+        let mut tight = Case::new(&hourly, "2026-11-29T10:59:30Z");
+        tight.status.last_schedule_time = Some(ts("2026-11-29T10:00:00Z"));
+        tight.status.last_run = Some(report(
+            Trigger::Schedule,
+            Outcome::Failed,
+            "2026-11-29T10:00:00Z",
+            "2026-11-29T10:59:20Z",
+        ));
+        assert_eq!(
+            tight.decide(),
+            Decision::Wait(Some(ts("2026-11-29T11:00:00Z"))),
+            "a retry never passes the next tick"
+        );
+        let mut ok = Case::new(&hourly, "2026-11-29T10:30:00Z");
+        ok.status.last_schedule_time = Some(ts("2026-11-29T10:00:00Z"));
+        ok.status.last_run = Some(report(
+            Trigger::Schedule,
+            Outcome::PartiallySucceeded,
+            "2026-11-29T10:00:00Z",
+            "2026-11-29T10:01:00Z",
+        ));
+        assert_eq!(
+            ok.decide(),
+            Decision::Wait(Some(ts("2026-11-29T11:00:00Z"))),
+            "partial success is not retried"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_run_starts_again() {
+        let daily = Schedule::new("0 6 * * *", None).unwrap();
+        let mut c = Case::new(&daily, "2026-11-29T06:10:00Z");
+        c.status.last_schedule_time = Some(ts("2026-11-29T06:00:00Z"));
+        c.status.last_run = Some(report(
+            Trigger::Schedule,
+            Outcome::Interrupted,
+            "2026-11-29T06:00:00Z",
+            "2026-11-29T06:05:00Z",
+        ));
+        assert_eq!(c.decide(), run(Trigger::Retry, None));
+        c.suspend = true;
+        assert_eq!(c.decide(), Decision::Wait(None), "not when suspended since");
     }
 }

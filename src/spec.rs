@@ -3,18 +3,66 @@
 
 use std::fmt;
 
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::export::report::{Outcome, RunReport, Trigger};
 
 /// API group and version of the resource.
 pub const API_VERSION: &str = "looker-braze.dev/v1alpha1";
 /// Kind of the resource.
 pub const KIND: &str = "BrazeExport";
 
-/// One export as declared in YAML: a Looker Look, a Braze workspace and a schedule.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A recurring export of a Looker Look to Braze user flags: on each run, every user in the
+/// Look gets `exportName` appended to the array attribute `attribute`.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "looker-braze.dev",
+    version = "v1alpha1",
+    kind = "BrazeExport",
+    plural = "brazeexports",
+    shortname = "bzx",
+    namespaced,
+    status = "BrazeExportStatus",
+    doc = "A recurring export of a Looker Look to Braze user flags.",
+    printcolumn(name = "Look", type_ = "string", json_path = ".spec.looker.lookId"),
+    printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule"),
+    printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
+    printcolumn(
+        name = "Last Run",
+        type_ = "date",
+        json_path = ".status.lastRun.completionTime"
+    ),
+    printcolumn(name = "Sent", type_ = "integer", json_path = ".status.lastRun.sent"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Next Run",
+        type_ = "date",
+        json_path = ".status.nextScheduleTime",
+        priority = 1
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BrazeExportSpec {
     /// 5-field cron expression, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
+    #[schemars(length(min = 1))]
     pub schedule: String,
     /// IANA time zone the schedule is read in; UTC when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -24,6 +72,7 @@ pub struct BrazeExportSpec {
     pub suspend: bool,
     /// A missed run older than this is skipped, not caught up; default one schedule interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub starting_deadline_seconds: Option<i64>,
     /// Where the rows come from.
     pub looker: LookerSpec,
@@ -31,17 +80,20 @@ pub struct BrazeExportSpec {
     pub braze: BrazeSpec,
     /// Safety cap: rows beyond it are counted as skipped and not sent; no cap when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_rows: Option<u64>,
 }
 
 /// The Looker side of an export.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LookerSpec {
     /// API host without `/api/4.0`, like `LOOKERSDK_BASE_URL`; `https` except on loopback.
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://127.') || self.startsWith('http://localhost') || self.startsWith('http://[::1]')").message("baseUrl must use https (plain http only for loopback addresses)"))]
     pub base_url: String,
     /// The Look to run (a string, as in Looker API 4.0).
     #[serde(deserialize_with = "string_or_number")]
+    #[schemars(length(min = 1))]
     pub look_id: String,
     /// Secret in the export's namespace holding the API client id and secret.
     pub credentials_secret_ref: CredentialsSecretRef,
@@ -56,11 +108,12 @@ pub struct LookerSpec {
     pub verify_tls: bool,
     /// Seconds Looker may take to log in and deliver the whole result.
     #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
     pub timeout_seconds: u64,
 }
 
 /// Names a Secret and the keys of the Looker API credentials in it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CredentialsSecretRef {
     /// Secret name, in the export's namespace.
@@ -74,7 +127,7 @@ pub struct CredentialsSecretRef {
 }
 
 /// Which rows of the Look are exported.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ResultsMode {
     /// The Look's own row limit ("Results in Table").
     #[default]
@@ -84,10 +137,12 @@ pub enum ResultsMode {
 }
 
 /// The Braze side of an export.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("self.identifier != 'user_alias' || (has(self.aliasLabel) && self.aliasLabel != '')").message("aliasLabel is required when identifier is user_alias"))]
 pub struct BrazeSpec {
     /// REST endpoint of the Braze instance, e.g. `https://rest.iad-01.braze.com`.
+    #[x_kube(validation = Rule::new("self.trim().startsWith('https://') || self.startsWith('http://127.') || self.startsWith('http://localhost') || self.startsWith('http://[::1]')").message("endpoint must use https (plain http only for loopback addresses)"))]
     pub endpoint: String,
     /// Secret key holding the REST API key (permission `users.track`).
     pub api_key_secret_ref: SecretKeyRef,
@@ -99,18 +154,22 @@ pub struct BrazeSpec {
     pub alias_label: Option<String>,
     /// Value appended to the array attribute; default `LOOKER_EXPORT`.
     #[serde(default = "default_export_name")]
+    #[schemars(length(min = 1, max = 255))]
     pub export_name: String,
     /// Array custom attribute the export name is added to; default `looker_export`.
     #[serde(default = "default_attribute")]
+    #[schemars(length(min = 1, max = 255))]
     pub attribute: String,
     /// Never create users: only existing ones are flagged.
     #[serde(default = "default_true")]
     pub update_existing_only: bool,
     /// Attribute objects per request, 1 to 75.
     #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 75))]
     pub batch_size: u32,
     /// Requests in flight at once for one run, 1 to 64.
     #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 64))]
     pub concurrency: u32,
     /// Client-side ceiling on requests to this workspace (shared by every run using it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,7 +177,7 @@ pub struct BrazeSpec {
 }
 
 /// A key in a Secret.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretKeyRef {
     /// Secret name, in the export's namespace.
@@ -129,12 +188,14 @@ pub struct SecretKeyRef {
 }
 
 /// At most `requests` requests in any `periodSeconds` window.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitSpec {
     /// Requests allowed per period.
+    #[schemars(range(min = 1))]
     pub requests: u32,
     /// Length of the period in seconds.
+    #[schemars(range(min = 1))]
     pub period_seconds: u32,
 }
 
@@ -149,7 +210,7 @@ impl Default for RateLimitSpec {
 }
 
 /// How a row's identifier is sent to Braze.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentifierKind {
     /// `{"external_id": "u1"}`
@@ -208,6 +269,52 @@ pub struct Metadata {
     /// Resource namespace.
     #[serde(default)]
     pub namespace: Option<String>,
+}
+
+/// What the controller observed and did; written through the status subresource only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrazeExportStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default)]
+    pub observed_generation: Option<i64>,
+    /// `Ready` (spec valid and the last run succeeded) and `Running` (a run is in progress).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// When the last scheduled run was due.
+    #[serde(default)]
+    pub last_schedule_time: Option<Timestamp>,
+    /// When the next scheduled run is due (absent when suspended).
+    #[serde(default)]
+    pub next_schedule_time: Option<Timestamp>,
+    /// When a run last succeeded.
+    #[serde(default)]
+    pub last_successful_time: Option<Timestamp>,
+    /// The value of the `looker-braze.dev/run-now` annotation last acted on.
+    #[serde(default)]
+    pub last_handled_run_request: Option<String>,
+    /// The last (or current) run.
+    #[serde(default)]
+    pub last_run: Option<RunReport>,
+    /// The last 10 runs, newest first.
+    #[serde(default)]
+    pub history: Vec<RunSummary>,
+}
+
+/// One line of the run history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    /// When the run started.
+    pub start_time: Timestamp,
+    /// What started it.
+    pub trigger: Trigger,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Objects Braze accepted.
+    pub sent: u64,
+    /// How long it took.
+    pub duration_seconds: f64,
 }
 
 /// One problem in a spec: the field's path and what is wrong with it.

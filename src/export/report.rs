@@ -2,10 +2,11 @@
 //! human sentence. Building it from a [`Tally`] is pure.
 
 use jiff::Timestamp;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What started a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Trigger {
     /// The cron schedule.
     Schedule,
@@ -20,7 +21,7 @@ pub enum Trigger {
 }
 
 /// How a run ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Outcome {
     /// Every row was delivered, or counted as duplicate or invalid.
     Succeeded,
@@ -30,6 +31,8 @@ pub enum Outcome {
     Failed,
     /// The operator stopped mid-run.
     Interrupted,
+    /// The run is still going (only in `status.lastRun` while it runs).
+    Running,
 }
 
 impl Outcome {
@@ -38,7 +41,7 @@ impl Outcome {
         match self {
             Self::Succeeded => 0,
             Self::PartiallySucceeded => 3,
-            Self::Failed | Self::Interrupted => 1,
+            Self::Failed | Self::Interrupted | Self::Running => 1,
         }
     }
 
@@ -49,12 +52,13 @@ impl Outcome {
             Self::PartiallySucceeded => "PartiallySucceeded",
             Self::Failed => "Failed",
             Self::Interrupted => "Interrupted",
+            Self::Running => "Running",
         }
     }
 }
 
 /// One group of errors.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorSummary {
     /// CamelCase reason, e.g. `NullIdentifier`.
     pub reason: String,
@@ -65,15 +69,16 @@ pub struct ErrorSummary {
 }
 
 /// What one run did. Also what `run --output json` prints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunReport {
     /// What started the run.
     pub trigger: Trigger,
     /// When the run started.
     pub start_time: Timestamp,
-    /// When the run ended.
-    pub completion_time: Timestamp,
+    /// When the run ended (absent while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Timestamp>,
     /// How it ended.
     pub outcome: Outcome,
     /// Rows streamed from Looker.
@@ -106,6 +111,35 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// A report of a run still going: the counts so far, outcome `Running`.
+    pub fn in_progress(trigger: Trigger, start_time: Timestamp, rows_read: u64, sent: u64) -> Self {
+        RunReport {
+            trigger,
+            start_time,
+            completion_time: None,
+            outcome: Outcome::Running,
+            rows_read,
+            sent,
+            duplicates: 0,
+            invalid: 0,
+            rejected: 0,
+            failed: 0,
+            skipped: 0,
+            requests: 0,
+            retries: 0,
+            rate_limited: 0,
+            errors: Vec::new(),
+            message: format!("running: {rows_read} rows read, {sent} users flagged so far"),
+            dry_run: false,
+        }
+    }
+
+    /// Seconds from start to completion (or to `now` while running).
+    pub fn duration_seconds(&self, now: Timestamp) -> f64 {
+        let end = self.completion_time.unwrap_or(now);
+        (end.as_millisecond() - self.start_time.as_millisecond()).max(0) as f64 / 1000.0
+    }
+
     /// True when every row read is accounted for exactly once.
     pub fn balanced(&self) -> bool {
         self.rows_read
@@ -121,9 +155,7 @@ impl RunReport {
 impl RunReport {
     /// The report as a few human lines (what `run --output text` prints).
     pub fn to_text(&self, title: &str) -> String {
-        let seconds = (self.completion_time.as_millisecond() - self.start_time.as_millisecond())
-            as f64
-            / 1000.0;
+        let seconds = self.duration_seconds(self.start_time);
         let mut out = format!("{title}: {}\n  {}\n", self.outcome.as_str(), self.message);
         let rows: [(&str, u64); 7] = [
             ("rows read", self.rows_read),
@@ -321,7 +353,7 @@ pub fn finish(
     RunReport {
         trigger: ctx.trigger,
         start_time: ctx.start_time,
-        completion_time: ctx.completion_time,
+        completion_time: Some(ctx.completion_time),
         outcome,
         rows_read: tally.rows_read,
         sent: tally.sent,

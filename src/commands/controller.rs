@@ -1,0 +1,133 @@
+//! `braze-export-operator controller`: run the operator in a cluster or against the current
+//! kubeconfig.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::{self, CONTROLLER_NAME, Config, LeaderElection, StoreSlot};
+use crate::ops::metrics::Metrics;
+use crate::ops::server::{self, Health};
+
+/// Arguments of `controller`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Handle only exports matching this label selector (for sharding), e.g. `team=crm`.
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Runs in progress at once, across all exports.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_runs: u16,
+    /// Lease-based leader election, for more than one replica.
+    #[arg(long)]
+    pub leader_election: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else the client's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's identity (default: POD_NAME, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C; returns the exit code.
+pub async fn controller(args: ControllerArgs) -> i32 {
+    crate::http::install_crypto_provider();
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot connect to Kubernetes (in-cluster config or kubeconfig): {e}");
+            return 2;
+        }
+    };
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME")
+            .unwrap_or_else(|_| format!("{CONTROLLER_NAME}-{}", std::process::id()))
+    });
+    let leader_election = args.leader_election.then(|| LeaderElection {
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned()),
+        lease_name: CONTROLLER_NAME.into(),
+        identity: identity.clone(),
+        duration_seconds: 15,
+        grace_seconds: 5,
+    });
+    let config = Config {
+        namespace: args.namespace.clone(),
+        selector: args.selector.clone(),
+        max_concurrent_runs: usize::from(args.max_concurrent_runs),
+        leader_election,
+        instance: identity,
+        ..Config::default()
+    };
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let store: StoreSlot = Arc::default();
+    let health = Health {
+        metrics: Arc::clone(&metrics),
+        ready: Arc::clone(&ready),
+        before_scrape: {
+            let (store, metrics) = (Arc::clone(&store), Arc::clone(&metrics));
+            Arc::new(move || {
+                if let Some(s) = store.get() {
+                    let counts = controller::ready_counts(s);
+                    metrics.set_exports(
+                        counts
+                            .iter()
+                            .map(|((r, why), n)| ((r.as_str(), why.as_str()), *n)),
+                    );
+                }
+            })
+        },
+    };
+    match server::serve(args.metrics_addr, health, shutdown.clone()).await {
+        Ok(addr) => tracing::info!(%addr, "serving /metrics, /healthz and /readyz"),
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.metrics_addr);
+            return 2;
+        }
+    }
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    match controller::run(client, config, metrics, ready, store, shutdown).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "the controller stopped");
+            1
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down: stopping runs and recording them as Interrupted");
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    tracing::warn!("shutdown took too long; exiting");
+    std::process::exit(1);
+}

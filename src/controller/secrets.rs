@@ -1,0 +1,124 @@
+//! Reading an export's credentials from its two Secrets, at the start of each run (so a
+//! changed Secret is used by the next run without a restart).
+
+use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use kube::{Api, Client};
+
+use crate::export::Credentials;
+use crate::secret::Secret;
+use crate::spec::BrazeExportSpec;
+
+/// Why the credentials cannot be read. Messages name the Secret, key and field, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The Secret does not exist.
+    #[error("Secret {namespace}/{name} not found ({field})")]
+    NotFound {
+        namespace: String,
+        name: String,
+        field: &'static str,
+    },
+    /// The key is missing or empty.
+    #[error("Secret {namespace}/{name} has no key {key:?} ({field})")]
+    MissingKey {
+        namespace: String,
+        name: String,
+        key: String,
+        field: &'static str,
+    },
+    /// The API call failed.
+    #[error("cannot read Secret {namespace}/{name}: {source}")]
+    Api {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+impl SecretError {
+    /// Condition reason: `SecretNotFound`, or `SecretUnreadable` for API errors.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotFound { .. } | Self::MissingKey { .. } => "SecretNotFound",
+            Self::Api { .. } => "SecretUnreadable",
+        }
+    }
+}
+
+async fn value(
+    api: &Api<KubeSecret>,
+    namespace: &str,
+    name: &str,
+    key: &str,
+    field: &'static str,
+) -> Result<Secret, SecretError> {
+    let secret = api.get_opt(name).await.map_err(|source| SecretError::Api {
+        namespace: namespace.into(),
+        name: name.into(),
+        source,
+    })?;
+    let Some(secret) = secret else {
+        return Err(SecretError::NotFound {
+            namespace: namespace.into(),
+            name: name.into(),
+            field,
+        });
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone());
+    let text = bytes
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(|s| s.trim().to_owned());
+    match text {
+        Some(t) if !t.is_empty() => Ok(Secret::new(t)),
+        _ => Err(SecretError::MissingKey {
+            namespace: namespace.into(),
+            name: name.into(),
+            key: key.into(),
+            field,
+        }),
+    }
+}
+
+/// Reads the Looker client id and secret and the Braze API key named by `spec`.
+pub async fn credentials(
+    client: &Client,
+    namespace: &str,
+    spec: &BrazeExportSpec,
+) -> Result<Credentials, SecretError> {
+    let api: Api<KubeSecret> = Api::namespaced(client.clone(), namespace);
+    let l = &spec.looker.credentials_secret_ref;
+    let b = &spec.braze.api_key_secret_ref;
+    let client_id = value(
+        &api,
+        namespace,
+        &l.name,
+        &l.client_id_key,
+        "spec.looker.credentialsSecretRef",
+    )
+    .await?;
+    let client_secret = value(
+        &api,
+        namespace,
+        &l.name,
+        &l.client_secret_key,
+        "spec.looker.credentialsSecretRef",
+    )
+    .await?;
+    let api_key = value(
+        &api,
+        namespace,
+        &b.name,
+        &b.key,
+        "spec.braze.apiKeySecretRef",
+    )
+    .await?;
+    Ok(Credentials {
+        looker_client_id: client_id.expose().to_owned(),
+        looker_client_secret: client_secret,
+        braze_api_key: Some(api_key),
+    })
+}

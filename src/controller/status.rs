@@ -1,0 +1,463 @@
+//! Status as a pure function of the previous status, what happened, and `now`.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::export::report::{Outcome, RunReport};
+use crate::schedule::Due;
+use crate::spec::{BrazeExportStatus, RunSummary};
+
+/// Runs kept in `status.history`.
+pub const HISTORY: usize = 10;
+
+/// The `Ready` condition's reasons.
+pub mod reason {
+    /// The last run succeeded.
+    pub const SUCCEEDED: &str = "Succeeded";
+    /// The last run flagged some users but not all.
+    pub const PARTIALLY_SUCCEEDED: &str = "PartiallySucceeded";
+    /// The last run failed (or was interrupted).
+    pub const FAILED: &str = "Failed";
+    /// The spec is invalid.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// A Secret or key is missing.
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    /// Scheduled runs are suspended.
+    pub const SUSPENDED: &str = "Suspended";
+    /// No run yet.
+    pub const PENDING: &str = "Pending";
+}
+
+/// Sets a condition, keeping its transition time when its status does not change.
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let previous = conditions.iter().position(|c| c.type_ == type_);
+    let last_transition_time = match previous.map(|i| &conditions[i]) {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    let condition = Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    };
+    match previous {
+        Some(i) => conditions[i] = condition,
+        None => conditions.push(condition),
+    }
+}
+
+/// The `Ready` condition, if set.
+pub fn ready(status: &BrazeExportStatus) -> Option<&Condition> {
+    status.conditions.iter().find(|c| c.type_ == "Ready")
+}
+
+/// True when the `Running` condition is `True`.
+pub fn is_running(status: &BrazeExportStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Running" && c.status == "True")
+}
+
+fn set_idle(s: &mut BrazeExportStatus, generation: Option<i64>, now: Timestamp) {
+    set_condition(
+        &mut s.conditions,
+        "Running",
+        "False",
+        "Idle",
+        "no run in progress".into(),
+        generation,
+        now,
+    );
+}
+
+/// `Ready` as the last run left it.
+fn ready_from_run(s: &mut BrazeExportStatus, generation: Option<i64>, now: Timestamp) {
+    let (status, reason, message) = match &s.last_run {
+        None => (
+            "Unknown",
+            reason::PENDING,
+            "waiting for the first run".to_owned(),
+        ),
+        Some(r) => match r.outcome {
+            Outcome::Succeeded => ("True", reason::SUCCEEDED, r.message.clone()),
+            Outcome::PartiallySucceeded => {
+                ("False", reason::PARTIALLY_SUCCEEDED, r.message.clone())
+            }
+            Outcome::Failed => ("False", reason::FAILED, r.message.clone()),
+            Outcome::Interrupted => (
+                "False",
+                reason::FAILED,
+                format!("{}; the run will start again", r.message),
+            ),
+            Outcome::Running => ("Unknown", reason::PENDING, r.message.clone()),
+        },
+    };
+    set_condition(
+        &mut s.conditions,
+        "Ready",
+        status,
+        reason,
+        message,
+        generation,
+        now,
+    );
+}
+
+/// Status of a valid export with no run in progress: `Ready` from the last run (or
+/// `Suspended`, or `Pending`), the next scheduled time, and the observed generation.
+pub fn idle(
+    previous: &BrazeExportStatus,
+    generation: Option<i64>,
+    suspended: bool,
+    next: Option<Timestamp>,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = previous.clone();
+    s.observed_generation = generation;
+    s.next_schedule_time = if suspended { None } else { next };
+    if suspended {
+        set_condition(
+            &mut s.conditions,
+            "Ready",
+            "False",
+            reason::SUSPENDED,
+            "scheduled runs are suspended (spec.suspend); run-now still works".into(),
+            generation,
+            now,
+        );
+    } else {
+        ready_from_run(&mut s, generation, now);
+    }
+    set_idle(&mut s, generation, now);
+    s
+}
+
+/// Status of an export that cannot run: `Ready=False` with `reason` and a message naming the
+/// field, Secret or key.
+pub fn blocked(
+    previous: &BrazeExportStatus,
+    generation: Option<i64>,
+    why: &str,
+    message: &str,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = previous.clone();
+    s.observed_generation = generation;
+    s.next_schedule_time = None;
+    set_condition(
+        &mut s.conditions,
+        "Ready",
+        "False",
+        why,
+        message.to_owned(),
+        generation,
+        now,
+    );
+    set_idle(&mut s, generation, now);
+    s
+}
+
+/// Status when a run starts.
+pub fn started(
+    previous: &BrazeExportStatus,
+    generation: Option<i64>,
+    due: &Due,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = previous.clone();
+    s.observed_generation = generation;
+    if let Some(at) = due.scheduled_for {
+        s.last_schedule_time = Some(at);
+    }
+    if let Some(request) = &due.run_request {
+        s.last_handled_run_request = Some(request.clone());
+    }
+    s.last_run = Some(RunReport::in_progress(due.trigger, now, 0, 0));
+    let message = match due.scheduled_for {
+        Some(at) => format!("{:?} run for {at} started at {now}", due.trigger),
+        None => format!("{:?} run started at {now}", due.trigger),
+    };
+    set_condition(
+        &mut s.conditions,
+        "Running",
+        "True",
+        "Running",
+        message,
+        generation,
+        now,
+    );
+    s
+}
+
+/// Status while a run goes on: the counts so far in `lastRun`.
+pub fn progress(current: &BrazeExportStatus, rows_read: u64, sent: u64) -> BrazeExportStatus {
+    let mut s = current.clone();
+    if let Some(r) = &s.last_run {
+        s.last_run = Some(RunReport::in_progress(
+            r.trigger,
+            r.start_time,
+            rows_read,
+            sent,
+        ));
+    }
+    s
+}
+
+/// Status when a run ends: `lastRun`, `history`, `Ready` from the outcome, `Running=False`.
+pub fn finished(
+    current: &BrazeExportStatus,
+    report: &RunReport,
+    generation: Option<i64>,
+    next: Option<Timestamp>,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = current.clone();
+    s.last_run = Some(report.clone());
+    if report.outcome == Outcome::Succeeded {
+        s.last_successful_time = report.completion_time;
+    }
+    s.history.insert(
+        0,
+        RunSummary {
+            start_time: report.start_time,
+            trigger: report.trigger,
+            outcome: report.outcome,
+            sent: report.sent,
+            duration_seconds: (report.duration_seconds(now) * 10.0).round() / 10.0,
+        },
+    );
+    s.history.truncate(HISTORY);
+    if next.is_some() {
+        s.next_schedule_time = next;
+    }
+    ready_from_run(&mut s, generation, now);
+    set_idle(&mut s, generation, now);
+    s
+}
+
+/// Status of a run left `Running` by an operator that crashed: `Interrupted`, so it starts
+/// again.
+pub fn crashed(
+    previous: &BrazeExportStatus,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = previous.clone();
+    if let Some(r) = s
+        .last_run
+        .as_mut()
+        .filter(|r| r.outcome == Outcome::Running)
+    {
+        r.outcome = Outcome::Interrupted;
+        r.completion_time = Some(now);
+        r.message = format!(
+            "interrupted: the operator stopped during the run ({} rows read, {} users flagged before)",
+            r.rows_read, r.sent
+        );
+        let report = r.clone();
+        return finished(&s, &report, generation, None, now);
+    }
+    set_idle(&mut s, generation, now);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::report::Trigger;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn done(outcome: Outcome, sent: u64, message: &str) -> RunReport {
+        let mut r =
+            RunReport::in_progress(Trigger::Schedule, ts("2026-11-29T06:00:00Z"), sent, sent);
+        r.outcome = outcome;
+        r.completion_time = Some(ts("2026-11-29T06:00:30Z"));
+        r.message = message.into();
+        r
+    }
+
+    fn cond<'a>(s: &'a BrazeExportStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn a_new_export_is_pending_with_its_next_run() {
+        let s = idle(
+            &BrazeExportStatus::default(),
+            Some(1),
+            false,
+            Some(ts("2026-11-30T06:00:00Z")),
+            ts("2026-11-29T10:00:00Z"),
+        );
+        let r = cond(&s, "Ready");
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str(), r.observed_generation),
+            ("Unknown", "Pending", Some(1))
+        );
+        assert_eq!(cond(&s, "Running").status, "False");
+        assert_eq!(s.next_schedule_time, Some(ts("2026-11-30T06:00:00Z")));
+        assert_eq!(s.observed_generation, Some(1));
+        let sus = idle(
+            &s,
+            Some(2),
+            true,
+            Some(ts("2026-11-30T06:00:00Z")),
+            ts("2026-11-29T10:00:00Z"),
+        );
+        assert_eq!(cond(&sus, "Ready").reason, "Suspended");
+        assert_eq!(sus.next_schedule_time, None, "absent when suspended");
+    }
+
+    #[test]
+    fn a_run_from_start_to_finish() {
+        let now = ts("2026-11-29T06:00:00Z");
+        let due = Due {
+            trigger: Trigger::Manual,
+            scheduled_for: None,
+            run_request: Some("r1".into()),
+        };
+        let s = started(&BrazeExportStatus::default(), Some(3), &due, now);
+        assert!(is_running(&s));
+        assert_eq!(s.last_handled_run_request.as_deref(), Some("r1"));
+        assert_eq!(s.last_run.as_ref().unwrap().outcome, Outcome::Running);
+        let p = progress(&s, 5000, 4000);
+        assert_eq!(p.last_run.as_ref().unwrap().rows_read, 5000);
+        let f = finished(
+            &p,
+            &done(
+                Outcome::Succeeded,
+                12480,
+                "12480 users flagged, 31 duplicates, 2 invalid rows",
+            ),
+            Some(3),
+            Some(ts("2026-11-30T06:00:00Z")),
+            ts("2026-11-29T06:00:30Z"),
+        );
+        let ready = cond(&f, "Ready");
+        assert_eq!(
+            (
+                ready.status.as_str(),
+                ready.reason.as_str(),
+                ready.message.as_str()
+            ),
+            (
+                "True",
+                "Succeeded",
+                "12480 users flagged, 31 duplicates, 2 invalid rows"
+            )
+        );
+        assert!(!is_running(&f));
+        assert_eq!(f.last_successful_time, Some(ts("2026-11-29T06:00:30Z")));
+        assert_eq!(f.history.len(), 1);
+        assert_eq!(
+            (f.history[0].sent, f.history[0].duration_seconds),
+            (12480, 30.0)
+        );
+    }
+
+    #[test]
+    fn outcomes_map_to_ready() {
+        for (outcome, status, why) in [
+            (Outcome::Succeeded, "True", "Succeeded"),
+            (Outcome::PartiallySucceeded, "False", "PartiallySucceeded"),
+            (Outcome::Failed, "False", "Failed"),
+            (Outcome::Interrupted, "False", "Failed"),
+        ] {
+            let f = finished(
+                &BrazeExportStatus::default(),
+                &done(outcome, 1, "m"),
+                None,
+                None,
+                ts("2026-11-29T07:00:00Z"),
+            );
+            let r = cond(&f, "Ready");
+            assert_eq!(
+                (r.status.as_str(), r.reason.as_str()),
+                (status, why),
+                "{outcome:?}"
+            );
+            assert_eq!(
+                f.last_successful_time.is_some(),
+                outcome == Outcome::Succeeded
+            );
+        }
+    }
+
+    #[test]
+    fn history_keeps_ten_newest_first_and_transition_times_hold() {
+        let mut s = BrazeExportStatus::default();
+        for i in 0..12u64 {
+            s = finished(
+                &s,
+                &done(Outcome::Succeeded, i, "ok"),
+                None,
+                None,
+                ts("2026-11-29T07:00:00Z") + jiff::SignedDuration::from_secs(i as i64),
+            );
+        }
+        assert_eq!(s.history.len(), HISTORY);
+        assert_eq!(s.history[0].sent, 11);
+        assert_eq!(
+            cond(&s, "Ready").last_transition_time,
+            Time(ts("2026-11-29T07:00:00Z")),
+            "unchanged status keeps its time"
+        );
+        let b = blocked(
+            &s,
+            Some(9),
+            reason::SECRET_NOT_FOUND,
+            "Secret marketing/braze-api not found",
+            ts("2026-11-29T08:00:00Z"),
+        );
+        let r = cond(&b, "Ready");
+        assert_eq!(
+            (
+                r.status.as_str(),
+                r.reason.as_str(),
+                r.last_transition_time.clone()
+            ),
+            ("False", "SecretNotFound", Time(ts("2026-11-29T08:00:00Z")))
+        );
+        assert_eq!(b.history.len(), HISTORY, "history stays");
+    }
+
+    #[test]
+    fn a_crashed_run_becomes_interrupted() {
+        let due = Due {
+            trigger: Trigger::Schedule,
+            scheduled_for: Some(ts("2026-11-29T06:00:00Z")),
+            run_request: None,
+        };
+        let s = progress(
+            &started(
+                &BrazeExportStatus::default(),
+                Some(1),
+                &due,
+                ts("2026-11-29T06:00:00Z"),
+            ),
+            10,
+            7,
+        );
+        let c = crashed(&s, Some(1), ts("2026-11-29T06:05:00Z"));
+        let last = c.last_run.as_ref().unwrap();
+        assert_eq!((last.outcome, last.sent), (Outcome::Interrupted, 7));
+        assert!(!is_running(&c));
+        assert_eq!(c.history[0].outcome, Outcome::Interrupted);
+        assert_eq!(cond(&c, "Ready").reason, "Failed");
+    }
+}

@@ -1,0 +1,594 @@
+//! The controller end to end: a real kube-runtime `Controller` against the project's fake
+//! apiserver, with the sandbox Looker and Braze, asserting the status a user would read.
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use apiserver::{EVENTS, EXPORTS, FakeApiServer};
+use braze_export_operator::controller::{self, Config, LeaderElection};
+use braze_export_operator::ops::metrics::Metrics;
+use braze_export_operator::sandbox::{Fault, Generator, Look};
+use serde_json::{Value, json};
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "marketing";
+
+struct Operator {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), controller::Error>>,
+}
+
+impl Operator {
+    fn start(api: &FakeApiServer, config: Config) -> Self {
+        let shutdown = CancellationToken::new();
+        let client = api.client();
+        let s = shutdown.clone();
+        let task = tokio::spawn(async move {
+            controller::run(
+                client,
+                config,
+                Arc::new(Metrics::new()),
+                Arc::new(AtomicBool::new(false)),
+                Arc::default(),
+                s,
+            )
+            .await
+        });
+        Self { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the controller stops")
+            .expect("joins")
+            .expect("no error");
+    }
+}
+
+fn config() -> Config {
+    Config {
+        progress_interval: Duration::from_millis(200),
+        ..Config::default()
+    }
+}
+
+fn secrets(api: &FakeApiServer) {
+    api.put_secret(
+        NS,
+        "looker-api",
+        &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)],
+    );
+    api.put_secret(NS, "braze-api", &[("api_key", API_KEY)]);
+}
+
+fn put_export(
+    api: &FakeApiServer,
+    w: &World,
+    name: &str,
+    look: &str,
+    extra_braze: &str,
+    extra_spec: &str,
+) {
+    let yaml = w
+        .yaml(look, extra_braze, extra_spec)
+        .replace("name: test-export", &format!("name: {name}"));
+    let object: Value = serde_saphyr::from_str(&yaml).expect("yaml");
+    api.put(EXPORTS, object);
+}
+
+fn run_now(api: &FakeApiServer, name: &str, value: &str) {
+    api.patch(
+        EXPORTS,
+        NS,
+        name,
+        json!({"metadata": {"annotations": {"looker-braze.dev/run-now": value}}}),
+    );
+}
+
+fn status(api: &FakeApiServer, name: &str) -> Value {
+    api.get(EXPORTS, NS, name)
+        .and_then(|o| o.get("status").cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Polls until `check` returns `Some`, or fails with what was last seen.
+async fn wait_for<T>(what: &str, seconds: u64, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_ready(api: &FakeApiServer, name: &str, reason: &str, seconds: u64) -> Value {
+    wait_for(&format!("{name} Ready reason {reason}"), seconds, || {
+        let s = status(api, name);
+        (condition(&s, "Ready")["reason"] == reason
+            && condition(&s, "Running")["status"] == "False")
+            .then_some(s)
+    })
+    .await
+}
+
+fn events(api: &FakeApiServer, name: &str) -> Vec<(String, String, String)> {
+    api.list(EVENTS)
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == name)
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or("").into(),
+                e["reason"].as_str().unwrap_or("").into(),
+                e["note"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn run_now_runs_once_and_reports_in_status() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(300, Generator::Dirty));
+    secrets(&api);
+    put_export(&api, &w, "churn", "42", "", "");
+    let op = Operator::start(&api, config());
+    let pending = wait_ready(&api, "churn", "Pending", 10).await;
+    assert_eq!(condition(&pending, "Ready")["status"], "Unknown");
+    assert!(pending["nextScheduleTime"].is_string());
+
+    run_now(&api, "churn", "2026-11-29T10:00:00Z");
+    let s = wait_ready(&api, "churn", "Succeeded", 20).await;
+    let ready = condition(&s, "Ready");
+    assert_eq!(ready["status"], "True");
+    assert_eq!(
+        ready["message"],
+        "293 users flagged, 5 duplicates, 2 invalid rows"
+    );
+    assert_eq!(ready["observedGeneration"], 1);
+    assert_eq!(s["observedGeneration"], 1);
+    assert_eq!(s["lastHandledRunRequest"], "2026-11-29T10:00:00Z");
+    let last = &s["lastRun"];
+    assert_eq!(
+        (last["trigger"].as_str(), last["outcome"].as_str()),
+        (Some("Manual"), Some("Succeeded"))
+    );
+    assert_eq!(
+        (
+            last["rowsRead"].as_u64(),
+            last["sent"].as_u64(),
+            last["duplicates"].as_u64(),
+            last["invalid"].as_u64()
+        ),
+        (Some(300), Some(293), Some(5), Some(2))
+    );
+    assert_eq!(s["history"].as_array().unwrap().len(), 1);
+    assert!(s["lastSuccessfulTime"].is_string());
+    assert_eq!(w.braze.accepted_count(), 293);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status(&api, "churn")["history"].as_array().unwrap().len(),
+        1,
+        "the same run-now value runs once"
+    );
+    let ev = events(&api, "churn");
+    assert!(
+        ev.iter()
+            .any(|(t, r, _)| t == "Normal" && r == "RunStarted"),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|(t, r, n)| t == "Normal"
+            && r == "RunSucceeded"
+            && n == "293 users flagged, 5 duplicates, 2 invalid rows"),
+        "{ev:?}"
+    );
+    let spec_writes: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("PATCH") && r.contains("/brazeexports/churn?"))
+        .collect();
+    assert!(
+        spec_writes.is_empty(),
+        "the controller never writes the spec: {spec_writes:?}"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_scheduled_run_fires_at_its_time() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(20, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "minutely", "42", "", "");
+    api.patch(
+        EXPORTS,
+        NS,
+        "minutely",
+        json!({"spec": {"schedule": "* * * * *"}}),
+    );
+    let op = Operator::start(&api, config());
+    let s = wait_for("a scheduled run", 75, || {
+        let s = status(&api, "minutely");
+        (s["lastRun"]["outcome"] == "Succeeded").then_some(s)
+    })
+    .await;
+    let due: jiff::Timestamp = s["lastScheduleTime"].as_str().unwrap().parse().unwrap();
+    let started: jiff::Timestamp = s["lastRun"]["startTime"].as_str().unwrap().parse().unwrap();
+    assert_eq!(due.as_second() % 60, 0, "due on the minute: {due}");
+    assert!(
+        started.duration_since(due) < jiff::SignedDuration::from_secs(2),
+        "started on time: due {due}, started {started}"
+    );
+    assert_eq!(s["lastRun"]["trigger"], "Schedule");
+    let next: jiff::Timestamp = s["nextScheduleTime"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        next.duration_since(due),
+        jiff::SignedDuration::from_secs(60)
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn bad_exports_say_why_and_never_disturb_a_healthy_one() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(30, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "healthy", "42", "", "");
+    put_export(&api, &w, "bad-zone", "42", "", "timeZone: Mars/Olympus");
+    put_export(&api, &w, "bad-cron", "42", "", "");
+    api.patch(
+        EXPORTS,
+        NS,
+        "bad-cron",
+        json!({"spec": {"schedule": "0 25 * * *"}}),
+    );
+    put_export(&api, &w, "no-secret", "42", "", "");
+    api.patch(
+        EXPORTS,
+        NS,
+        "no-secret",
+        json!({"spec": {"braze": {"apiKeySecretRef": {"name": "missing-braze"}}}}),
+    );
+    put_export(&api, &w, "no-key", "42", "", "");
+    api.patch(
+        EXPORTS,
+        NS,
+        "no-key",
+        json!({"spec": {"looker": {"credentialsSecretRef": {"clientSecretKey": "secret"}}}}),
+    );
+    let op = Operator::start(&api, config());
+    for name in ["healthy", "bad-zone", "bad-cron", "no-secret", "no-key"] {
+        run_now(&api, name, "now-1");
+    }
+    let zone = condition(
+        &wait_ready(&api, "bad-zone", "InvalidSpec", 10).await,
+        "Ready",
+    );
+    assert_eq!(zone["status"], "False");
+    assert!(
+        zone["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.timeZone: unknown time zone \"Mars/Olympus\""),
+        "{zone}"
+    );
+    let cron = condition(
+        &wait_ready(&api, "bad-cron", "InvalidSpec", 10).await,
+        "Ready",
+    );
+    assert!(
+        cron["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.schedule: invalid cron expression \"0 25 * * *\""),
+        "{cron}"
+    );
+    let missing = condition(
+        &wait_ready(&api, "no-secret", "SecretNotFound", 10).await,
+        "Ready",
+    );
+    assert_eq!(
+        missing["message"],
+        "Secret marketing/missing-braze not found (spec.braze.apiKeySecretRef)"
+    );
+    let key = condition(
+        &wait_ready(&api, "no-key", "SecretNotFound", 10).await,
+        "Ready",
+    );
+    assert_eq!(
+        key["message"],
+        "Secret marketing/looker-api has no key \"secret\" (spec.looker.credentialsSecretRef)"
+    );
+    let ok = wait_ready(&api, "healthy", "Succeeded", 20).await;
+    assert_eq!(ok["lastRun"]["sent"], 30);
+    assert!(
+        events(&api, "bad-zone")
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == "InvalidSpec")
+    );
+    assert!(
+        events(&api, "no-secret")
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == "SecretNotFound")
+    );
+
+    // Creating the Secret fixes the export on its next look, without a restart.
+    api.put_secret(NS, "missing-braze", &[("api_key", API_KEY)]);
+    api.patch(
+        EXPORTS,
+        NS,
+        "no-secret",
+        json!({"metadata": {"annotations": {"touch": "1"}}}),
+    );
+    wait_ready(&api, "no-secret", "Succeeded", 20).await;
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_spec_change_bumps_observed_generation() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "gen", "42", "", "");
+    let op = Operator::start(&api, config());
+    wait_for("generation 1 observed", 10, || {
+        (status(&api, "gen")["observedGeneration"] == 1).then_some(())
+    })
+    .await;
+    api.patch(
+        EXPORTS,
+        NS,
+        "gen",
+        json!({"spec": {"braze": {"exportName": "VIP"}}}),
+    );
+    let s = wait_for("generation 2 observed", 10, || {
+        let s = status(&api, "gen");
+        (s["observedGeneration"] == 2).then_some(s)
+    })
+    .await;
+    assert_eq!(condition(&s, "Ready")["observedGeneration"], 2);
+    run_now(&api, "gen", "r1");
+    wait_ready(&api, "gen", "Succeeded", 20).await;
+    assert_eq!(
+        w.braze.accepted()[0]["looker_export"],
+        json!({"add": ["VIP"]}),
+        "the new spec is used"
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_records_interrupted_and_the_next_operator_runs_again() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(600, Generator::Clean));
+    w.braze.inject([Fault::Slow(Duration::from_secs(60)); 2]);
+    secrets(&api);
+    put_export(&api, &w, "long", "42", "concurrency: 2", "");
+    let op = Operator::start(&api, config());
+    run_now(&api, "long", "r1");
+    wait_for("the run to start", 10, || {
+        (condition(&status(&api, "long"), "Running")["status"] == "True").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    op.stop().await;
+    let s = status(&api, "long");
+    assert_eq!(s["lastRun"]["outcome"], "Interrupted", "{s}");
+    assert_eq!(condition(&s, "Running")["status"], "False");
+    let last = &s["lastRun"];
+    assert_eq!(
+        last["rowsRead"].as_u64().unwrap(),
+        [
+            "sent",
+            "duplicates",
+            "invalid",
+            "rejected",
+            "failed",
+            "skipped"
+        ]
+        .iter()
+        .map(|k| last[*k].as_u64().unwrap())
+        .sum::<u64>(),
+        "nothing lost: {last}"
+    );
+
+    let op = Operator::start(&api, config());
+    let s = wait_ready(&api, "long", "Succeeded", 20).await;
+    let history: Vec<(&str, &str)> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["trigger"].as_str().unwrap(),
+                h["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(history, [("Retry", "Succeeded"), ("Manual", "Interrupted")]);
+    assert_eq!(w.delivered_set().len(), 600);
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_left_running_by_a_crash_is_interrupted_and_run_again() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(10, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "crashed", "42", "", "");
+    api.patch(
+        EXPORTS,
+        NS,
+        "crashed",
+        json!({"status": {
+            "conditions": [{"type": "Running", "status": "True", "reason": "Running", "message": "Schedule run started", "lastTransitionTime": "2026-11-29T06:00:00Z"}],
+            "lastScheduleTime": "2026-11-29T06:00:00Z",
+            "lastRun": {"trigger": "Schedule", "startTime": "2026-11-29T06:00:00Z", "outcome": "Running", "rowsRead": 4, "sent": 3, "duplicates": 0, "invalid": 0, "rejected": 0, "failed": 0, "skipped": 0, "requests": 0, "retries": 0, "rateLimited": 0, "errors": [], "message": "running"},
+            "history": []
+        }}),
+    );
+    let op = Operator::start(&api, config());
+    let s = wait_ready(&api, "crashed", "Succeeded", 20).await;
+    let history: Vec<(&str, &str)> = s["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["trigger"].as_str().unwrap(),
+                h["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        history,
+        [("Retry", "Succeeded"), ("Schedule", "Interrupted")]
+    );
+    assert!(
+        events(&api, "crashed")
+            .iter()
+            .any(|(_, r, _)| r == "RunInterrupted")
+    );
+    op.stop().await;
+}
+
+#[tokio::test]
+async fn with_leader_election_two_operators_run_each_export_once() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(150, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "shared", "42", "", "");
+    let elected = |identity: &str| Config {
+        leader_election: Some(LeaderElection {
+            namespace: "default".into(),
+            lease_name: "braze-export-operator".into(),
+            identity: identity.into(),
+            duration_seconds: 3,
+            grace_seconds: 1,
+        }),
+        ..config()
+    };
+    let a = Operator::start(&api, elected("replica-a"));
+    let b = Operator::start(&api, elected("replica-b"));
+    for i in 0..3 {
+        run_now(&api, "shared", &format!("r{i}"));
+        wait_for("the run", 20, || {
+            let s = status(&api, "shared");
+            (s["lastHandledRunRequest"] == format!("r{i}")
+                && s["lastRun"]["outcome"] == "Succeeded")
+                .then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        status(&api, "shared")["history"].as_array().unwrap().len(),
+        3,
+        "three run-now values, three runs"
+    );
+    assert_eq!(
+        w.braze.request_count(),
+        6,
+        "each run sent its 2 batches once"
+    );
+    assert_eq!(w.looker.requests_to("/run/json_detail").len(), 3);
+    let holder = api
+        .get(apiserver::LEASES, "default", "braze-export-operator")
+        .unwrap()["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The leader leaves; the other takes over.
+    let (leader, standby) = if holder == "replica-a" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    leader.stop().await;
+    run_now(&api, "shared", "after-handover");
+    wait_for("the standby's run", 30, || {
+        let s = status(&api, "shared");
+        (s["lastHandledRunRequest"] == "after-handover" && s["lastRun"]["outcome"] == "Succeeded")
+            .then_some(())
+    })
+    .await;
+    let new_holder = api
+        .get(apiserver::LEASES, "default", "braze-export-operator")
+        .unwrap()["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(new_holder, holder);
+    standby.stop().await;
+}
+
+#[tokio::test]
+async fn namespace_and_selector_scope_the_controller() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "team-a", "42", "", "");
+    api.patch(
+        EXPORTS,
+        NS,
+        "team-a",
+        json!({"metadata": {"labels": {"team": "a"}}}),
+    );
+    put_export(&api, &w, "team-b", "42", "", "");
+    api.patch(
+        EXPORTS,
+        NS,
+        "team-b",
+        json!({"metadata": {"labels": {"team": "b"}}}),
+    );
+    let op = Operator::start(
+        &api,
+        Config {
+            selector: Some("team=a".into()),
+            namespace: Some(NS.into()),
+            ..config()
+        },
+    );
+    wait_ready(&api, "team-a", "Pending", 10).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        status(&api, "team-b").is_null(),
+        "team-b is not this controller's"
+    );
+    op.stop().await;
+    let other = Operator::start(
+        &api,
+        Config {
+            namespace: Some("elsewhere".into()),
+            ..config()
+        },
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(status(&api, "team-b").is_null(), "another namespace");
+    other.stop().await;
+}
