@@ -28,36 +28,15 @@ pub const KIND: &str = "BrazeExport";
     namespaced,
     status = "BrazeExportStatus",
     doc = "A recurring export of a Looker Look to Braze user flags.",
-    printcolumn(name = "Look", type_ = "string", json_path = ".spec.looker.lookId"),
-    printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule"),
-    printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
-    printcolumn(
-        name = "Last Run",
-        type_ = "date",
-        json_path = ".status.lastRun.completionTime"
-    ),
-    printcolumn(name = "Sent", type_ = "integer", json_path = ".status.lastRun.sent"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Status",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    ),
-    printcolumn(
-        name = "Next Run",
-        type_ = "date",
-        json_path = ".status.nextScheduleTime",
-        priority = 1
-    )
+    printcolumn = r#"{"name": "Look", "type": "string", "jsonPath": ".spec.looker.lookId"}"#,
+    printcolumn = r#"{"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule"}"#,
+    printcolumn = r#"{"name": "Suspend", "type": "boolean", "jsonPath": ".spec.suspend"}"#,
+    printcolumn = r#"{"name": "Last Run", "type": "date", "jsonPath": ".status.lastRun.completionTime"}"#,
+    printcolumn = r#"{"name": "Sent", "type": "integer", "jsonPath": ".status.lastRun.sent"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Status", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name": "Next Run", "type": "date", "jsonPath": ".status.nextScheduleTime", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BrazeExportSpec {
@@ -244,32 +223,6 @@ pub const RESERVED_ATTRIBUTES: [&str; 4] = [
 
 /// Braze's limit for custom attribute keys and string values.
 pub const MAX_ATTRIBUTE_CHARS: usize = 255;
-
-/// A BrazeExport document as written in YAML (the part the `run` command needs).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BrazeExportDocument {
-    /// Must be [`API_VERSION`].
-    pub api_version: String,
-    /// Must be [`KIND`].
-    pub kind: String,
-    /// Name and namespace.
-    #[serde(default)]
-    pub metadata: Metadata,
-    /// The export.
-    pub spec: BrazeExportSpec,
-}
-
-/// The identifying part of `metadata`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Metadata {
-    /// Resource name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Resource namespace.
-    #[serde(default)]
-    pub namespace: Option<String>,
-}
 
 /// What the controller observed and did; written through the status subresource only.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -592,3 +592,15 @@ async fn namespace_and_selector_scope_the_controller() {
     assert!(status(&api, "team-b").is_null(), "another namespace");
     other.stop().await;
 }
+
+#[test]
+fn the_fake_apiserver_merges_like_rfc_7386_and_encodes_like_base64() {
+    let mut v = json!({"a": 1, "b": {"c": 2, "d": 3}});
+    apiserver::merge(&mut v, &json!({"a": null, "b": {"c": 5}, "e": [1]}));
+    assert_eq!(v, json!({"b": {"c": 5, "d": 3}, "e": [1]}));
+    assert_eq!(apiserver::base64(b"client_secret"), "Y2xpZW50X3NlY3JldA==");
+    assert_eq!(
+        (apiserver::base64(b"ab"), apiserver::base64(b"abc")),
+        ("YWI=".to_string(), "YWJj".to_string())
+    );
+}

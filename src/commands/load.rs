@@ -2,11 +2,11 @@
 
 use serde_json::Value;
 
-use crate::spec::{API_VERSION, BrazeExportDocument, KIND};
+use crate::spec::{API_VERSION, BrazeExport, KIND};
 
 /// Parses YAML holding one `BrazeExport` (other documents, such as its Secrets, are
 /// ignored). Errors name the field and what is wrong with it.
-pub fn load_export(yaml: &str) -> Result<BrazeExportDocument, String> {
+pub fn load_export(yaml: &str) -> Result<BrazeExport, String> {
     let docs: Vec<Value> =
         serde_saphyr::from_multiple(yaml).map_err(|e| format!("not valid YAML: {e}"))?;
     let mut exports: Vec<Value> = docs
@@ -31,7 +31,7 @@ pub fn load_export(yaml: &str) -> Result<BrazeExportDocument, String> {
             ));
         }
     }
-    serde_path_to_error::deserialize::<_, BrazeExportDocument>(doc).map_err(|e| {
+    serde_path_to_error::deserialize::<_, BrazeExport>(doc).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
             e.inner().to_string()
