@@ -71,7 +71,7 @@ fn main() {
         // 1,000 exports, every one due at the next minute.
         let now = jiff::Timestamp::now();
         let secs_to_minute = 60 - now.as_second().rem_euclid(60);
-        if secs_to_minute < 15 {
+        if secs_to_minute < 20 {
             tokio::time::sleep(Duration::from_secs(secs_to_minute as u64 + 1)).await;
         }
         for i in 0..exports {
@@ -87,6 +87,8 @@ fn main() {
             }));
         }
         let created = Instant::now();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        println!("controller with {exports} exports before their first run: RSS {:.1} MiB", rss_mib(pid, "VmRSS:"));
         let pending = |api: &FakeApiServer| api.list(EXPORTS).iter().filter(|o| o["status"]["lastRun"]["outcome"] != "Succeeded").count();
         while pending(&api) > 0 {
             assert!(created.elapsed() < Duration::from_secs(240), "{} exports still pending", pending(&api));
@@ -122,6 +124,16 @@ fn main() {
             rss_mib(pid, "VmRSS:"),
             rss_mib(pid, "VmHWM:")
         );
+        let rounds: usize = arg("--rounds").and_then(|v| v.parse().ok()).unwrap_or(1);
+        for round in 2..=rounds {
+            // Every export runs again at the next minute: RSS must not grow round after round.
+            let before: Vec<String> = api.list(EXPORTS).iter().map(|o| o["status"]["lastScheduleTime"].as_str().unwrap_or("").to_owned()).collect();
+            while api.list(EXPORTS).iter().zip(&before).any(|(o, b)| o["status"]["lastScheduleTime"].as_str() == Some(b.as_str()) || o["status"]["lastRun"]["outcome"] != "Succeeded") {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            println!("after round {round} of {exports} runs: RSS {:.1} MiB, peak {:.1} MiB", rss_mib(pid, "VmRSS:"), rss_mib(pid, "VmHWM:"));
+        }
         let _ = child.kill().await;
         if idle > 32.0 {
             std::process::exit(1);

@@ -608,3 +608,44 @@ async fn no_secret_at_trace_and_no_personal_data_at_debug() {
         (Some(1), Some(1), Some(1), Some(1))
     );
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(10, Generator::Clean));
+    let spec = write_spec(&w.yaml("42", "", ""));
+    let out = cli(
+        &[
+            "run",
+            "--file",
+            spec.path().to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        &[],
+        &[("RUST_LOG", "info")],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<Value> = out
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let finished = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("run finished"))
+        })
+        .expect("a run finished line");
+    assert_eq!(
+        (
+            finished["level"].as_str(),
+            finished["outcome"].as_str(),
+            finished["sent"].as_u64()
+        ),
+        (Some("INFO"), Some("Succeeded"), Some(10))
+    );
+}

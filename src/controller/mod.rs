@@ -25,6 +25,9 @@ use crate::export::Services;
 use crate::ops::metrics::Metrics;
 use crate::spec::BrazeExport;
 
+/// Reconciles in progress at once.
+pub const RECONCILE_CONCURRENCY: u16 = 32;
+
 /// Name of the controller in Events and of the Lease.
 pub const CONTROLLER_NAME: &str = "braze-export-operator";
 
@@ -148,6 +151,27 @@ pub fn ready_counts(store: &Store<BrazeExport>) -> BTreeMap<(String, String), i6
         *counts.entry((s, r)).or_insert(0) += 1;
     }
     counts
+}
+
+/// How late a scheduled run may be before its export counts as overdue.
+pub const OVERDUE_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_mins(5);
+
+/// Exports not suspended and not running whose `nextScheduleTime` is more than
+/// [`OVERDUE_AFTER`] before `now`.
+pub fn overdue_count<'a>(
+    exports: impl IntoIterator<Item = &'a BrazeExport>,
+    now: jiff::Timestamp,
+) -> i64 {
+    exports
+        .into_iter()
+        .filter(|e| !e.spec.suspend)
+        .filter_map(|e| e.status.as_ref())
+        .filter(|s| !status::is_running(s))
+        .filter(|s| {
+            s.next_schedule_time
+                .is_some_and(|t| now.duration_since(t) > OVERDUE_AFTER)
+        })
+        .count() as i64
 }
 
 /// Runs the controller until `shutdown`, then waits (up to the grace period) for run tasks

@@ -437,6 +437,51 @@ mod tests {
     }
 
     #[test]
+    fn overdue_exports_are_counted() {
+        use crate::spec::BrazeExport;
+        let now = ts("2026-11-29T12:00:00Z");
+        let spec: crate::spec::BrazeExportSpec = serde_json::from_value(serde_json::json!({
+            "schedule": "@hourly",
+            "looker": {"baseUrl": "https://l.example.com", "lookId": "1", "credentialsSecretRef": {"name": "l"}},
+            "braze": {"endpoint": "https://rest.iad-01.braze.com", "apiKeySecretRef": {"name": "b"}}
+        }))
+        .unwrap();
+        let export = |next: &str, suspend: bool, running: bool| {
+            let mut e = BrazeExport::new("e", spec.clone());
+            e.spec.suspend = suspend;
+            let mut s = idle(
+                &BrazeExportStatus::default(),
+                None,
+                false,
+                Some(ts(next)),
+                now,
+            );
+            if running {
+                s = started(
+                    &s,
+                    None,
+                    &Due {
+                        trigger: Trigger::Schedule,
+                        scheduled_for: None,
+                        run_request: None,
+                    },
+                    now,
+                );
+            }
+            e.status = Some(s);
+            e
+        };
+        let exports = [
+            export("2026-11-29T11:50:00Z", false, false),
+            export("2026-11-29T11:58:00Z", false, false),
+            export("2026-11-29T11:00:00Z", true, false),
+            export("2026-11-29T11:00:00Z", false, true),
+            export("2026-11-29T13:00:00Z", false, false),
+        ];
+        assert_eq!(crate::controller::overdue_count(exports.iter(), now), 1);
+    }
+
+    #[test]
     fn a_crashed_run_becomes_interrupted() {
         let due = Due {
             trigger: Trigger::Schedule,

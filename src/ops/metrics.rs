@@ -43,6 +43,7 @@ pub struct Metrics {
     rate_limited: Counter,
     reconcile_errors: Family<ReasonLabel, Counter>,
     exports: Family<ReadyLabel, Gauge>,
+    overdue: Gauge,
 }
 
 impl Default for Metrics {
@@ -99,7 +100,14 @@ impl Metrics {
             "BrazeExports by Ready status and reason",
             exports.clone(),
         );
+        let overdue = Gauge::default();
+        registry.register(
+            "overdue",
+            "Exports whose next scheduled run is more than 5 minutes late",
+            overdue.clone(),
+        );
         Self {
+            overdue,
             registry,
             runs,
             rows,
@@ -161,6 +169,11 @@ impl Metrics {
                 })
                 .set(n);
         }
+    }
+
+    /// Sets the number of exports late for their scheduled run.
+    pub fn set_overdue(&self, n: i64) {
+        self.overdue.set(n);
     }
 
     /// The OpenMetrics text exposition.
