@@ -137,10 +137,8 @@ pub async fn reconcile(obj: Arc<BrazeExport>, ctx: Arc<Context>) -> Result<Actio
         ctx.metrics
             .record_start_delay(now.duration_since(at).as_secs_f64());
     }
-    let note = match due.scheduled_for {
-        Some(at) => format!("{:?} run started for {at}", due.trigger),
-        None => format!("{:?} run started", due.trigger),
-    };
+    // No times in the note: repeated starts then aggregate into one Event series.
+    let note = format!("{:?} run started", due.trigger);
     publish(&ctx, &obj, EventType::Normal, "RunStarted", &note).await;
     ctx.active
         .lock()
