@@ -134,6 +134,22 @@ async fn wait_ready(api: &FakeApiServer, name: &str, reason: &str, seconds: u64)
     .await
 }
 
+/// "trigger outcome" of each run in `status.history`, newest first.
+fn history(status: &Value) -> Vec<String> {
+    status["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|h| {
+            format!(
+                "{} {}",
+                h["trigger"].as_str().unwrap_or(""),
+                h["outcome"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
 fn events(api: &FakeApiServer, name: &str) -> Vec<(String, String, String)> {
     api.list(EVENTS)
         .into_iter()
@@ -418,18 +434,8 @@ async fn shutdown_records_interrupted_and_the_next_operator_runs_again() {
 
     let op = Operator::start(&api, config());
     let s = wait_ready(&api, "long", "Succeeded", 20).await;
-    let history: Vec<(&str, &str)> = s["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["trigger"].as_str().unwrap(),
-                h["outcome"].as_str().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(history, [("Retry", "Succeeded"), ("Manual", "Interrupted")]);
+    let history = history(&s);
+    assert_eq!(history, ["Retry Succeeded", "Manual Interrupted"]);
     assert_eq!(w.delivered_set().len(), 600);
     op.stop().await;
 }
@@ -453,21 +459,8 @@ async fn a_run_left_running_by_a_crash_is_interrupted_and_run_again() {
     );
     let op = Operator::start(&api, config());
     let s = wait_ready(&api, "crashed", "Succeeded", 20).await;
-    let history: Vec<(&str, &str)> = s["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| {
-            (
-                h["trigger"].as_str().unwrap(),
-                h["outcome"].as_str().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(
-        history,
-        [("Retry", "Succeeded"), ("Schedule", "Interrupted")]
-    );
+    let history = history(&s);
+    assert_eq!(history, ["Retry Succeeded", "Schedule Interrupted"]);
     assert!(
         events(&api, "crashed")
             .iter()

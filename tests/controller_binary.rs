@@ -169,17 +169,7 @@ async fn the_binary_serves_health_and_metrics_and_leaks_nothing() {
     assert!(logs.contains("TRACE"), "trace logging is on");
     assert!(logs.contains("shutting down"), "{logs}");
 
-    let tokens: Vec<String> = w
-        .looker
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r.authorization
-                .as_deref()?
-                .strip_prefix("token ")
-                .map(str::to_owned)
-        })
-        .collect();
+    let tokens = w.access_tokens();
     assert!(!tokens.is_empty());
     let stored = format!(
         "{:?}{:?}",

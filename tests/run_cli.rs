@@ -159,11 +159,9 @@ async fn dry_run_builds_every_batch_and_sends_nothing() {
     w.looker.add_look("42", Look::users(160, Generator::Dirty));
     let dump = tempfile::NamedTempFile::new().unwrap();
     let spec = write_spec(&w.yaml("42", "", ""));
-    let out = cli(
+    let out = cli_spec(
+        &spec,
         &[
-            "run",
-            "--file",
-            spec.path().to_str().unwrap(),
             "--dry-run",
             "--output",
             "json",
@@ -248,12 +246,7 @@ async fn bad_input_exits_2_naming_the_problem() {
     assert!(talked > 0);
 
     let spec = write_spec(&good);
-    let out = cli(
-        &["run", "--file", spec.path().to_str().unwrap()],
-        &["LOOKERSDK_CLIENT_SECRET"],
-        &[],
-    )
-    .await;
+    let out = cli_spec(&spec, &[], &["LOOKERSDK_CLIENT_SECRET"], &[]).await;
     assert_eq!(out.code, 2);
     assert!(
         out.stderr
@@ -261,12 +254,7 @@ async fn bad_input_exits_2_naming_the_problem() {
         "{}",
         out.stderr
     );
-    let out = cli(
-        &["run", "--file", spec.path().to_str().unwrap()],
-        &["BRAZE_API_KEY"],
-        &[],
-    )
-    .await;
+    let out = cli_spec(&spec, &[], &["BRAZE_API_KEY"], &[]).await;
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("BRAZE_API_KEY"), "{}", out.stderr);
 
@@ -347,14 +335,9 @@ async fn braze_401_stops_the_run_at_once() {
     let w = World::start().await;
     w.looker.add_look("42", Look::users(2000, Generator::Clean));
     let spec = write_spec(&w.yaml("42", "batchSize: 10\nconcurrency: 1", ""));
-    let out = cli(
-        &[
-            "run",
-            "--file",
-            spec.path().to_str().unwrap(),
-            "--output",
-            "json",
-        ],
+    let out = cli_spec(
+        &spec,
+        &["--output", "json"],
         &[],
         &[("BRAZE_API_KEY", "wrong-key")],
     )
@@ -385,14 +368,9 @@ async fn braze_403_names_the_permission() {
     w.looker.add_look("42", Look::users(5, Generator::Clean));
     w.braze.forbid_key("read-only-key");
     let spec = write_spec(&w.yaml("42", "", ""));
-    let out = cli(
-        &[
-            "run",
-            "--file",
-            spec.path().to_str().unwrap(),
-            "--output",
-            "json",
-        ],
+    let out = cli_spec(
+        &spec,
+        &["--output", "json"],
         &[],
         &[("BRAZE_API_KEY", "read-only-key")],
     )
@@ -461,14 +439,9 @@ async fn looker_failures_exit_1_with_a_message_naming_the_cause() {
     assert_eq!(w.braze.request_count(), 0);
 
     let spec = write_spec(&w.yaml("pivoted", "", ""));
-    let out = cli(
-        &[
-            "run",
-            "--file",
-            spec.path().to_str().unwrap(),
-            "--output",
-            "json",
-        ],
+    let out = cli_spec(
+        &spec,
+        &["--output", "json"],
         &[],
         &[("LOOKERSDK_CLIENT_SECRET", "wrong")],
     )
@@ -489,7 +462,7 @@ async fn text_output_is_a_readable_summary() {
     let w = World::start().await;
     w.looker.add_look("42", Look::users(300, Generator::Dirty));
     let spec = write_spec(&w.yaml("42", "", ""));
-    let out = cli(&["run", "--file", spec.path().to_str().unwrap()], &[], &[]).await;
+    let out = cli_spec(&spec, &[], &[], &[]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.starts_with("Export test-export (Look 42): Succeeded\n  293 users flagged, 5 duplicates, 2 invalid rows\n"), "{}", out.stdout);
     assert!(
@@ -541,17 +514,7 @@ async fn no_secret_at_trace_and_no_personal_data_at_debug() {
     )
     .await;
     assert_eq!(trace.code, 3, "{}", trace.stderr);
-    let tokens: Vec<String> = w
-        .looker
-        .requests()
-        .iter()
-        .filter_map(|r| {
-            r.authorization
-                .as_deref()?
-                .strip_prefix("token ")
-                .map(str::to_owned)
-        })
-        .collect();
+    let tokens = w.access_tokens();
     assert_eq!(tokens.len(), 2, "the expired token was replaced");
     let wrong_key = cli(
         &["run", "--file", path, "--output", "json"],
@@ -614,14 +577,9 @@ async fn json_logs_are_one_object_per_line() {
     let w = World::start().await;
     w.looker.add_look("42", Look::users(10, Generator::Clean));
     let spec = write_spec(&w.yaml("42", "", ""));
-    let out = cli(
-        &[
-            "run",
-            "--file",
-            spec.path().to_str().unwrap(),
-            "--log-format",
-            "json",
-        ],
+    let out = cli_spec(
+        &spec,
+        &["--log-format", "json"],
         &[],
         &[("RUST_LOG", "info")],
     )

@@ -256,19 +256,11 @@ impl FakeApiServer {
     /// Removes an object.
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
         let mut inner = self.lock();
-        let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
-        if let Some(object) = inner.objects.remove(&key) {
-            inner.rv += 1;
-            let change = Change {
-                rv: inner.rv,
-                resource: key.0,
-                namespace: key.1,
-                kind: "DELETED",
-                object,
-            };
-            inner.log.push(change.clone());
-            let _ = self.state.changes.send(change);
-        }
+        remove(
+            &self.state,
+            &mut inner,
+            (resource.to_owned(), namespace.to_owned(), name.to_owned()),
+        );
     }
 
     /// The stored object.
@@ -293,6 +285,22 @@ impl FakeApiServer {
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
     }
+}
+
+/// Removes an object and tells the watchers.
+fn remove(state: &ApiState, inner: &mut Inner, key: Key) -> Option<Value> {
+    let object = inner.objects.remove(&key)?;
+    inner.rv += 1;
+    let change = Change {
+        rv: inner.rv,
+        resource: key.0,
+        namespace: key.1,
+        kind: "DELETED",
+        object: object.clone(),
+    };
+    inner.log.push(change.clone());
+    let _ = state.changes.send(change);
+    Some(object)
 }
 
 fn store(state: &ApiState, inner: &mut Inner, key: Key, mut object: Value) -> Value {
@@ -459,20 +467,8 @@ async fn handle(
                 name.clone(),
             );
             let mut inner = state.inner.lock().unwrap_or_else(|e| e.into_inner());
-            match inner.objects.remove(&key) {
-                Some(o) => {
-                    inner.rv += 1;
-                    let change = Change {
-                        rv: inner.rv,
-                        resource: key.0,
-                        namespace: key.1,
-                        kind: "DELETED",
-                        object: o.clone(),
-                    };
-                    inner.log.push(change.clone());
-                    let _ = state.changes.send(change);
-                    ok_json(&o)
-                }
+            match remove(&state, &mut inner, key) {
+                Some(o) => ok_json(&o),
                 None => status_error(404, "NotFound", format!("\"{name}\" not found")),
             }
         }

@@ -79,6 +79,20 @@ impl World {
         report
     }
 
+    /// The access tokens the sandbox Looker saw (to prove they leak nowhere).
+    pub fn access_tokens(&self) -> Vec<String> {
+        self.looker
+            .requests()
+            .iter()
+            .filter_map(|r| {
+                r.authorization
+                    .as_deref()?
+                    .strip_prefix("token ")
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
     /// Identifiers of every object Braze accepted, sorted, with repeats.
     pub fn delivered(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.braze.accepted().iter().map(identifier).collect();
@@ -196,11 +210,23 @@ pub async fn cli(args: &[&str], unset: &[&str], env: &[(&str, &str)]) -> Cli {
     }
 }
 
+/// `run --file <spec>` plus `extra` arguments, with the credentials (minus `unset`) and `env`.
+pub async fn cli_spec(
+    spec: &tempfile::NamedTempFile,
+    extra: &[&str],
+    unset: &[&str],
+    env: &[(&str, &str)],
+) -> Cli {
+    let path = spec.path().to_str().expect("utf-8 path");
+    let mut args = vec!["run", "--file", path];
+    args.extend_from_slice(extra);
+    cli(&args, unset, env).await
+}
+
 /// `run --file <spec> --output json` plus `extra` arguments.
 pub async fn cli_run(yaml: &str, extra: &[&str]) -> (Cli, tempfile::NamedTempFile) {
     let spec = write_spec(yaml);
-    let path = spec.path().to_str().expect("utf-8 path").to_owned();
-    let mut args = vec!["run", "--file", path.as_str(), "--output", "json"];
+    let mut args = vec!["--output", "json"];
     args.extend_from_slice(extra);
-    (cli(&args, &[], &[]).await, spec)
+    (cli_spec(&spec, &args, &[], &[]).await, spec)
 }
