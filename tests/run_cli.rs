@@ -607,3 +607,35 @@ async fn json_logs_are_one_object_per_line() {
         (Some("INFO"), Some("Succeeded"), Some(10))
     );
 }
+
+/// Time zones work without zoneinfo files (as in a distroless image): the database is built in.
+#[tokio::test]
+async fn time_zones_need_no_zoneinfo_files() {
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(3, Generator::Clean));
+    let spec = write_spec(&w.yaml("42", "", "timeZone: America/Argentina/Ushuaia"));
+    let empty = tempfile::tempdir().unwrap();
+    let out = cli_spec(
+        &spec,
+        &["--dry-run"],
+        &[],
+        &[("TZDIR", empty.path().to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let bad = write_spec(&w.yaml("42", "", "timeZone: America/Atlantis"));
+    let out = cli_spec(
+        &bad,
+        &["--dry-run"],
+        &[],
+        &[("TZDIR", empty.path().to_str().unwrap())],
+    )
+    .await;
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr
+            .contains("spec.timeZone: unknown time zone \"America/Atlantis\""),
+        "{}",
+        out.stderr
+    );
+}
