@@ -31,6 +31,11 @@ pub fn load_export(yaml: &str) -> Result<BrazeExport, String> {
             ));
         }
     }
+    let mut doc = doc;
+    if doc.get("metadata").is_none() {
+        // `run` needs no name; the resource type wants the field.
+        doc["metadata"] = Value::Object(serde_json::Map::new());
+    }
     serde_path_to_error::deserialize::<_, BrazeExport>(doc).map_err(|e| {
         let path = e.path().to_string();
         if path == "." {
@@ -70,6 +75,18 @@ spec:
     fn finds_the_export_among_other_documents() {
         let doc = load_export(EXPORT).unwrap();
         assert_eq!(doc.metadata.name.as_deref(), Some("churn-risk"));
+        assert_eq!(doc.spec.braze.batch_size, 50);
+    }
+
+    #[test]
+    fn metadata_may_be_left_out() {
+        let yaml = EXPORT
+            .split("---\n")
+            .nth(1)
+            .unwrap()
+            .replace("metadata: {name: churn-risk, namespace: marketing}\n", "");
+        let doc = load_export(&yaml).unwrap();
+        assert_eq!(doc.metadata.name, None);
         assert_eq!(doc.spec.braze.batch_size, 50);
     }
 
