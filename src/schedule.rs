@@ -203,12 +203,6 @@ fn retry_at(i: &Inputs<'_>) -> Option<Timestamp> {
     next_tick.is_none_or(|t| at < t).then_some(at)
 }
 
-/// The starting deadline in effect for display: the spec's, or one interval.
-pub fn default_deadline(schedule: &Schedule, now: Timestamp) -> Option<SignedDuration> {
-    let next = schedule.next_after(now)?;
-    Some(schedule.next_after(next)?.duration_since(next))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,11 +19,6 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
-
-    /// True when the credential is empty or only white space.
-    pub fn is_blank(&self) -> bool {
-        self.0.trim().is_empty()
-    }
 }
 
 impl fmt::Debug for Secret {
@@ -47,6 +42,5 @@ mod tests {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
         assert_eq!(s.expose(), "hunter2");
-        assert!(Secret::new("  ").is_blank());
     }
 }

@@ -217,8 +217,12 @@ pub async fn run(
         progress_interval: config.progress_interval,
     });
     let trigger = shutdown.clone();
-    let controller =
-        Controller::new(api, watch).graceful_shutdown_on(async move { trigger.cancelled().await });
+    let controller = Controller::new(api, watch)
+        // Bounded reconciles: 1,000 exports due at once must not mean 1,000 API calls at once.
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        )
+        .graceful_shutdown_on(async move { trigger.cancelled().await });
     let _ = store_slot.set(controller.store());
     ready.store(true, Ordering::Relaxed);
     tracing::info!(

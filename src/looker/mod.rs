@@ -84,17 +84,6 @@ impl LookerError {
             Self::Pivoted { .. } => "PivotNotSupported",
         }
     }
-
-    /// True when a later attempt may succeed without a change to the spec or Look.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Unreachable { .. }
-                | Self::RateLimited { .. }
-                | Self::Timeout { .. }
-                | Self::Body { .. }
-        ) || matches!(self, Self::Http { status, .. } if status.is_server_error())
-    }
 }
 
 #[cfg(test)]
