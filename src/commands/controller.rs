@@ -81,12 +81,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
             let (store, metrics) = (Arc::clone(&store), Arc::clone(&metrics));
             Arc::new(move || {
                 if let Some(s) = store.get() {
-                    let counts = controller::ready_counts(s);
-                    metrics.set_exports(
-                        counts
-                            .iter()
-                            .map(|((r, why), n)| ((r.as_str(), why.as_str()), *n)),
-                    );
+                    controller::refresh_gauges(&metrics, &s.state(), jiff::Timestamp::now());
                 }
             })
         },

@@ -137,20 +137,26 @@ impl Context {
 /// A slot for the controller's cache, so `/metrics` can count exports by Ready status.
 pub type StoreSlot = Arc<OnceLock<Store<BrazeExport>>>;
 
-/// Counts exports by (Ready status, reason).
-pub fn ready_counts(store: &Store<BrazeExport>) -> BTreeMap<(String, String), i64> {
-    let mut counts = BTreeMap::new();
-    for e in store.state() {
-        let (s, r) = e
+/// Sets the gauges derived from the exports themselves: how many there are by (Ready status,
+/// reason), and how many are overdue. Called before each scrape of `/metrics`.
+pub fn refresh_gauges(metrics: &Metrics, exports: &[Arc<BrazeExport>], now: jiff::Timestamp) {
+    let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for e in exports {
+        let key = e
             .status
             .as_ref()
             .and_then(status::ready)
             .map_or(("Unknown".to_owned(), "Pending".to_owned()), |c| {
                 (c.status.clone(), c.reason.clone())
             });
-        *counts.entry((s, r)).or_insert(0) += 1;
+        *counts.entry(key).or_insert(0) += 1;
     }
-    counts
+    metrics.set_exports(
+        counts
+            .iter()
+            .map(|((r, why), n)| ((r.as_str(), why.as_str()), *n)),
+    );
+    metrics.set_overdue(overdue_count(exports.iter().map(AsRef::as_ref), now));
 }
 
 /// How late a scheduled run may be before its export counts as overdue.

@@ -479,6 +479,17 @@ mod tests {
             export("2026-11-29T13:00:00Z", false, false),
         ];
         assert_eq!(crate::controller::overdue_count(exports.iter(), now), 1);
+        // The same count reaches /metrics, with the exports by Ready status.
+        let metrics = crate::ops::metrics::Metrics::new();
+        let shared: Vec<std::sync::Arc<BrazeExport>> =
+            exports.into_iter().map(std::sync::Arc::new).collect();
+        crate::controller::refresh_gauges(&metrics, &shared, now);
+        let text = metrics.encode();
+        assert!(text.contains("braze_export_overdue 1\n"), "{text}");
+        assert!(
+            text.contains("braze_export_exports{ready=\"Unknown\",reason=\"Pending\"} 5"),
+            "{text}"
+        );
     }
 
     #[test]
