@@ -61,13 +61,12 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// True when the URL's host is a loopback address (127.0.0.0/8, ::1) or `localhost`.
+/// True when the URL's host is a loopback address (127.0.0.0/8, ::1) or exactly `localhost`.
+/// Names under `.localhost` are not: some resolvers send them to DNS, and a key would then
+/// travel in clear text to whoever answers.
 pub fn is_loopback(url: &Url) -> bool {
     match url.host() {
-        Some(Host::Domain(d)) => {
-            let d = d.to_ascii_lowercase();
-            d == "localhost" || d.ends_with(".localhost")
-        }
+        Some(Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(Host::Ipv4(ip)) => ip.is_loopback(),
         Some(Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
@@ -110,7 +109,7 @@ mod tests {
             "http://127.9.9.9",
             "http://[::1]:1",
             "http://localhost:3",
-            "http://a.localhost",
+            "http://LOCALHOST:3",
         ] {
             assert!(is_loopback(&Url::parse(u).unwrap()), "{u}");
         }
@@ -118,6 +117,8 @@ mod tests {
             "http://10.0.0.1",
             "http://example.com",
             "http://localhost.example.com",
+            "http://a.localhost",
+            "http://x.localhost:8080",
             "http://[::2]",
         ] {
             assert!(!is_loopback(&Url::parse(u).unwrap()), "{u}");

@@ -19,3 +19,4 @@ pub mod schedule;
 pub mod secret;
 pub mod spec;
 pub mod telemetry;
+pub mod text;

@@ -68,7 +68,7 @@ pub struct BrazeExportSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LookerSpec {
     /// API host without `/api/4.0`, like `LOOKERSDK_BASE_URL`; `https` except on loopback.
-    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://127.') || self.startsWith('http://localhost') || self.startsWith('http://[::1]')").message("baseUrl must use https (plain http only for loopback addresses)"))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://127.') || self.matches('^http://localhost(:[0-9]+)?(/.*)?$') || self.startsWith('http://[::1]')").message("baseUrl must use https (plain http only for loopback addresses)"))]
     pub base_url: String,
     /// The Look to run (a string, as in Looker API 4.0).
     #[serde(deserialize_with = "string_or_number")]
@@ -121,7 +121,7 @@ pub enum ResultsMode {
 #[x_kube(validation = Rule::new("self.identifier != 'user_alias' || (has(self.aliasLabel) && self.aliasLabel != '')").message("aliasLabel is required when identifier is user_alias"))]
 pub struct BrazeSpec {
     /// REST endpoint of the Braze instance, e.g. `https://rest.iad-01.braze.com`.
-    #[x_kube(validation = Rule::new("self.trim().startsWith('https://') || self.startsWith('http://127.') || self.startsWith('http://localhost') || self.startsWith('http://[::1]')").message("endpoint must use https (plain http only for loopback addresses)"))]
+    #[x_kube(validation = Rule::new("self.trim().startsWith('https://') || self.startsWith('http://127.') || self.matches('^http://localhost(:[0-9]+)?(/.*)?$') || self.startsWith('http://[::1]')").message("endpoint must use https (plain http only for loopback addresses)"))]
     pub endpoint: String,
     /// Secret key holding the REST API key (permission `users.track`).
     pub api_key_secret_ref: SecretKeyRef,
@@ -146,9 +146,10 @@ pub struct BrazeSpec {
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 75))]
     pub batch_size: u32,
-    /// Requests in flight at once for one run, 1 to 64.
+    /// Upper bound on requests in flight for one run, 1 to 1024 (default 512). Below it, the
+    /// number in flight sizes itself from the rate limit and the latency Braze shows.
     #[serde(default = "default_concurrency")]
-    #[schemars(range(min = 1, max = 64))]
+    #[schemars(range(min = 1, max = 1024))]
     pub concurrency: u32,
     /// Client-side ceiling on requests to this workspace (shared by every run using it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -427,10 +428,10 @@ impl BrazeSpec {
                 "must be between 1 and 75 (Braze's limit per request)",
             ));
         }
-        if !(1..=64).contains(&self.concurrency) {
+        if !(1..=1024).contains(&self.concurrency) {
             errors.push(FieldError::new(
                 "spec.braze.concurrency",
-                "must be between 1 and 64",
+                "must be between 1 and 1024",
             ));
         }
         if let Some(r) = &self.rate_limit {
@@ -492,7 +493,7 @@ fn default_batch_size() -> u32 {
     75
 }
 fn default_concurrency() -> u32 {
-    16
+    512
 }
 
 /// Accepts `lookId: 42` as well as `lookId: "42"`: Looker ids are strings, YAML makes

@@ -73,7 +73,7 @@ fn corrupted_braze_answers_are_classified() {
             [200, 201, 400, 401, 403, 404, 413, 429, 500, 503, 418][rng.usize(..11)],
         )
         .unwrap();
-        let verdict = classify(&url, status, &body, 3, None);
+        let verdict = classify(&url, status, &body, 3);
         if let Verdict::Accepted(rejected) | Verdict::RejectSome(rejected) = verdict {
             assert!(
                 rejected.iter().all(|(i, _)| *i < 3),

@@ -3,6 +3,11 @@
 
 use serde::Serialize;
 
+/// Largest request body the pipeline builds, in bytes. Braze accepts up to 4 MB; a smaller
+/// budget keeps memory low with hundreds of requests in flight, and is still far above a
+/// batch of 75 ordinary objects (about 10 KB).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 /// Serialized attributes objects and their rows.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Batch {
@@ -37,6 +42,28 @@ impl Batch {
     /// True when the batch holds no object.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// Size of [`Batch::body`] in bytes, without building it.
+    pub fn body_len(&self) -> usize {
+        self.bytes.len() + self.len().saturating_sub(1) + br#"{"attributes":[]}"#.len()
+    }
+
+    /// Takes the last object out into a batch of its own.
+    pub fn pop_last(&mut self) -> Batch {
+        let n = self.len();
+        if n == 0 {
+            return Batch::default();
+        }
+        let start = if n == 1 { 0 } else { self.ends[n - 2] };
+        let mut last = Batch::with_capacity(1);
+        last.bytes.extend_from_slice(&self.bytes[start..]);
+        last.ends.push(last.bytes.len());
+        last.rows.push(self.rows[n - 1]);
+        self.bytes.truncate(start);
+        self.ends.pop();
+        self.rows.pop();
+        last
     }
 
     /// Row number of each object, in order.
@@ -130,5 +157,24 @@ mod tests {
         );
         let (one, none) = batch(1).split();
         assert_eq!((one.len(), none.len()), (1, 0));
+    }
+
+    #[test]
+    fn body_len_and_pop_last() {
+        for n in 0..4 {
+            let b = batch(n);
+            assert_eq!(b.body_len(), b.body().len(), "{n}");
+        }
+        let mut b = batch(3);
+        let last = b.pop_last();
+        assert_eq!(
+            (ids(&b), ids(&last)),
+            (vec!["u0".to_string(), "u1".into()], vec!["u2".to_string()])
+        );
+        assert_eq!(last.rows(), [12]);
+        assert_eq!(b.body_len(), b.body().len());
+        let mut one = batch(1);
+        assert_eq!(one.pop_last().rows(), [10]);
+        assert!(one.is_empty() && one.pop_last().is_empty());
     }
 }

@@ -1,26 +1,27 @@
 //! `POST /users/track`: one batch delivered with retries, splits and per-object rejections.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Batch, BrazeError, Limiter, PayloadDump, RetryPolicy};
-use crate::looker::body::error_chain;
-use crate::looker::json_detail::truncate;
 use crate::secret::Secret;
+use crate::text::{error_chain, truncate};
 
 /// Why objects were not delivered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailReason {
-    /// 5xx on every attempt.
+    /// A transient status (5xx, 408, 425) on every attempt.
     ServerError(u16),
-    /// 429 on every attempt.
-    RateLimited,
+    /// 429s with no request accepted for the run's patience.
+    RateLimited(Duration),
     /// No answer in time.
     Timeout,
     /// The connection failed.
@@ -36,7 +37,7 @@ impl FailReason {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::ServerError(_) => "BrazeServerError",
-            Self::RateLimited => "BrazeRateLimited",
+            Self::RateLimited(_) => "RateLimited",
             Self::Timeout => "BrazeTimeout",
             Self::Connection(_) => "BrazeConnectionError",
             Self::ClientError(..) => "BrazeClientError",
@@ -48,7 +49,10 @@ impl FailReason {
     pub fn describe(&self, attempts: u32) -> String {
         match self {
             Self::ServerError(s) => format!("Braze answered {s} on all {attempts} attempts"),
-            Self::RateLimited => format!("Braze answered 429 on all {attempts} attempts"),
+            Self::RateLimited(patience) => format!(
+                "Braze answered 429 (rate limited) and accepted no request for {} s; the run gave up waiting",
+                patience.as_secs()
+            ),
             Self::Timeout => format!("Braze did not answer in time on all {attempts} attempts"),
             Self::Connection(d) => {
                 format!("the connection to Braze failed on all {attempts} attempts ({d})")
@@ -108,8 +112,10 @@ pub enum Verdict {
     RejectAll(String),
     /// Too large: send it in two halves.
     Split,
-    /// Try again after the wait (or the backoff when none).
-    Retry(FailReason, Option<Duration>),
+    /// Wait as the limiter says and send again; spends no attempt.
+    RateLimited,
+    /// A transient failure: back off and try again, spending an attempt.
+    Retry(FailReason),
     /// Stop the run.
     Fatal(BrazeError),
     /// Give up on this batch.
@@ -134,15 +140,8 @@ struct ObjectError {
     index: Option<u64>,
 }
 
-/// Decides what an answer means (pure). `len` is the number of objects sent; `wait` is what
-/// the rate-limit headers asked for.
-pub fn classify(
-    url: &Url,
-    status: StatusCode,
-    body: &[u8],
-    len: usize,
-    wait: Option<Duration>,
-) -> Verdict {
+/// Decides what an answer means (pure). `len` is the number of objects sent.
+pub fn classify(url: &Url, status: StatusCode, body: &[u8], len: usize) -> Verdict {
     let answer: TrackAnswer = serde_json::from_slice(body).unwrap_or_default();
     let mut named: Vec<(usize, String)> = Vec::new();
     for e in answer.errors.iter().flatten() {
@@ -171,7 +170,7 @@ pub fn classify(
     match status.as_u16() {
         200..=299 => Verdict::Accepted(named),
         400 if !named.is_empty() => Verdict::RejectSome(named),
-        400 if message().contains("Max Input Length") => Verdict::Split,
+        400 if says_too_large(&message()) => Verdict::Split,
         400 => Verdict::RejectAll(message()),
         401 => Verdict::Fatal(BrazeError::Unauthorized {
             url: url.to_string(),
@@ -193,14 +192,21 @@ pub fn classify(
             url: url.to_string(),
         }),
         413 => Verdict::Split,
-        429 => Verdict::Retry(FailReason::RateLimited, wait),
-        s @ 500..=599 => Verdict::Retry(FailReason::ServerError(s), wait),
+        429 => Verdict::RateLimited,
+        s @ (408 | 425 | 500..=599) => Verdict::Retry(FailReason::ServerError(s)),
         s => Verdict::Fail(FailReason::ClientError(s, message())),
     }
 }
 
-/// Sends batches to one Braze workspace.
-#[derive(Clone, Debug)]
+/// A 400 whose message says the request was too big (too many objects or too many bytes):
+/// the batch is split, not rejected.
+fn says_too_large(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("max input length") || m.contains("too large") || m.contains("payload")
+}
+
+/// Sends batches to one Braze workspace for one run.
+#[derive(Debug)]
 pub struct BrazeClient {
     http: reqwest::Client,
     url: Url,
@@ -208,7 +214,17 @@ pub struct BrazeClient {
     limiter: Arc<Limiter>,
     retry: RetryPolicy,
     request_timeout: Duration,
+    /// Smoothed time Braze takes to answer, in microseconds (0 until the first answer).
+    latency_us: AtomicU64,
+    /// When Braze last accepted a request of this run (or the run started).
+    last_progress: Mutex<Instant>,
+    /// The run gave up on rate limits: later batches fail without sending.
+    gave_up: AtomicBool,
 }
+
+/// A batch that got no settling answer: retries ran out, the run's patience with 429s ran
+/// out, or the run stopped. With the number of attempts spent.
+struct Unsettled(FailReason, u32);
 
 impl BrazeClient {
     /// A client for `url` (from [`super::endpoint::track_url`]) with the workspace's limiter.
@@ -229,7 +245,20 @@ impl BrazeClient {
             limiter,
             retry,
             request_timeout: Duration::from_secs(30),
+            latency_us: AtomicU64::new(0),
+            last_progress: Mutex::new(Instant::now()),
+            gave_up: AtomicBool::new(false),
         })
+    }
+
+    /// How many requests this run should keep in flight: enough to fill the limiter's rate
+    /// at the latency seen so far, at most `cap`.
+    pub fn in_flight_target(&self, cap: usize) -> usize {
+        let latency = match self.latency_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        };
+        in_flight_for(self.limiter.rate_per_second(), latency, cap)
     }
 
     /// Delivers `batch`: retries what can be retried, splits what is too large, and stops at
@@ -244,132 +273,132 @@ impl BrazeClient {
         let mut work = vec![batch];
         while let Some(b) = work.pop() {
             if let Some(fatal) = &out.fatal {
-                out.fail(
-                    &b,
-                    &FailReason::Stopped(fatal.reason(), fatal.to_string()),
-                    0,
-                );
+                let stop = FailReason::Stopped(fatal.reason(), fatal.to_string());
+                out.fail(&b, &stop, 0);
                 continue;
             }
-            self.deliver_one(b, cancel, dump, &mut out, &mut work).await;
+            match self.send(&b, cancel, dump, &mut out).await {
+                Ok(verdict) => settle(b, verdict, &mut out, &mut work),
+                Err(Unsettled(reason, attempts)) => out.fail(&b, &reason, attempts),
+            }
         }
         out
     }
 
-    async fn deliver_one(
+    /// Sends one batch until Braze gives an answer that settles it. 429s wait for the
+    /// limiter and spend no attempt; transient failures back off and spend one.
+    async fn send(
         &self,
-        batch: Batch,
+        batch: &Batch,
         cancel: &CancellationToken,
         dump: Option<&PayloadDump>,
         out: &mut Delivery,
-        work: &mut Vec<Batch>,
-    ) {
+    ) -> Result<Verdict, Unsettled> {
         let body = Bytes::from(batch.body());
         if let Some(d) = dump
             && let Err(e) = d.write(&body)
         {
             tracing::warn!(error = %e, "cannot write to the payload dump");
         }
-        let interrupted =
-            || FailReason::Stopped("Interrupted", "the operator is shutting down".into());
-        let mut last = FailReason::Timeout;
-        for attempt in 1..=self.retry.max_attempts {
+        let interrupted = |attempts| {
+            let why = "the operator is shutting down".into();
+            Unsettled(FailReason::Stopped("Interrupted", why), attempts)
+        };
+        let mut attempts = 0;
+        let mut first = true;
+        loop {
+            if self.gave_up.load(Ordering::Relaxed) {
+                return Err(self.give_up(attempts));
+            }
             tokio::select! {
-                () = cancel.cancelled() => return out.fail(&batch, &interrupted(), attempt - 1),
+                () = cancel.cancelled() => return Err(interrupted(attempts)),
                 () = self.limiter.acquire() => {}
             }
-            out.requests += 1;
-            if attempt > 1 {
+            if !first {
                 out.retries += 1;
             }
-            let answer = tokio::select! {
-                () = cancel.cancelled() => return out.fail(&batch, &interrupted(), attempt),
-                a = self.post(body.clone()) => a,
-            };
-            let verdict = match answer {
-                Ok((status, headers, bytes)) => {
-                    let wait = self.limiter.observe(status, &headers);
-                    tracing::debug!(
-                        status = status.as_u16(),
-                        objects = batch.len(),
-                        attempt,
-                        "Braze answered"
-                    );
-                    classify(&self.url, status, &bytes, batch.len(), wait)
-                }
-                Err(reason) => Verdict::Retry(reason, None),
+            first = false;
+            out.requests += 1;
+            let verdict = tokio::select! {
+                () = cancel.cancelled() => return Err(interrupted(attempts + 1)),
+                v = self.exchange(body.clone(), batch.len()) => v,
             };
             match verdict {
-                Verdict::Accepted(rejected) => {
-                    out.sent += (batch.len() - rejected.len()) as u64;
-                    for (i, kind) in rejected {
-                        out.reject(&kind, [batch.rows()[i]]);
+                Verdict::RateLimited => {
+                    out.rate_limited += 1;
+                    if self.stalled() {
+                        return Err(self.give_up(attempts));
                     }
-                    return;
                 }
-                Verdict::RejectSome(rejected) => {
-                    for (i, kind) in &rejected {
-                        out.reject(kind, [batch.rows()[*i]]);
-                    }
-                    let rest = batch.select(|i| !rejected.iter().any(|(r, _)| *r == i));
-                    if !rest.is_empty() {
-                        work.push(rest);
-                    }
-                    return;
-                }
-                Verdict::RejectAll(message) => {
-                    return out.reject(
-                        &format!("400 Bad Request: {message}"),
-                        batch.rows().iter().copied(),
-                    );
-                }
-                Verdict::Split if batch.len() > 1 => {
-                    let (a, b) = batch.split();
-                    work.push(b);
-                    work.push(a);
-                    return;
-                }
-                Verdict::Split => {
-                    return out.reject(
-                        "the object alone is too large for Braze (413)",
-                        batch.rows().iter().copied(),
-                    );
-                }
-                Verdict::Fatal(e) => {
-                    out.fail(
-                        &batch,
-                        &FailReason::Stopped(e.reason(), e.to_string()),
-                        attempt,
-                    );
-                    out.fatal = Some(e);
-                    return;
-                }
-                Verdict::Fail(reason) => return out.fail(&batch, &reason, attempt),
-                Verdict::Retry(reason, wait) => {
-                    if reason == FailReason::RateLimited {
-                        out.rate_limited += 1;
-                    }
+                Verdict::Retry(reason) => {
+                    attempts += 1;
                     tracing::debug!(
                         reason = reason.reason(),
-                        attempt,
+                        attempts,
                         "Braze request will be retried"
                     );
-                    last = reason;
-                    if attempt == self.retry.max_attempts {
-                        break;
+                    if attempts >= self.retry.max_attempts {
+                        return Err(Unsettled(reason, attempts));
                     }
-                    // A header wait already paused the shared limiter; otherwise back off.
-                    if wait.is_none() {
-                        let delay = self.retry.backoff(attempt, fastrand::f64());
-                        tokio::select! {
-                            () = cancel.cancelled() => return out.fail(&batch, &interrupted(), attempt),
-                            () = tokio::time::sleep(delay) => {}
-                        }
+                    let delay = self.retry.backoff(attempts, fastrand::f64());
+                    tokio::select! {
+                        () = cancel.cancelled() => return Err(interrupted(attempts)),
+                        () = tokio::time::sleep(delay) => {}
                     }
+                }
+                settled => {
+                    if matches!(settled, Verdict::Accepted(_) | Verdict::RejectSome(_)) {
+                        *lock(&self.last_progress) = Instant::now();
+                    }
+                    return Ok(settled);
                 }
             }
         }
-        out.fail(&batch, &last, self.retry.max_attempts);
+    }
+
+    /// One request and what its answer means; teaches the limiter and the latency estimate.
+    async fn exchange(&self, body: Bytes, len: usize) -> Verdict {
+        let started = Instant::now();
+        let (status, headers, bytes) = match self.post(body).await {
+            Ok(answer) => answer,
+            Err(reason) => return Verdict::Retry(reason),
+        };
+        self.observe_latency(started.elapsed());
+        self.limiter
+            .observe(status, &headers, &self.retry, fastrand::f64());
+        tracing::debug!(status = status.as_u16(), objects = len, "Braze answered");
+        classify(&self.url, status, &bytes, len)
+    }
+
+    fn observe_latency(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .latency_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    (old * 7 + sample) / 8
+                })
+            });
+    }
+
+    /// True when Braze has accepted nothing of this run for longer than the patience.
+    fn stalled(&self) -> bool {
+        lock(&self.last_progress).elapsed() > self.retry.rate_limit_patience
+    }
+
+    fn give_up(&self, attempts: u32) -> Unsettled {
+        if !self.gave_up.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                patience_seconds = self.retry.rate_limit_patience.as_secs(),
+                "Braze has answered only 429 for too long; the run stops sending"
+            );
+        }
+        Unsettled(
+            FailReason::RateLimited(self.retry.rate_limit_patience),
+            attempts,
+        )
     }
 
     async fn post(&self, body: Bytes) -> Result<(StatusCode, HeaderMap, Bytes), FailReason> {
@@ -397,6 +426,67 @@ impl BrazeClient {
     }
 }
 
+/// Requests to keep in flight so that `rate` requests a second keep flowing when each takes
+/// `latency` (in flight = rate × latency, with half as much again for jitter and a few for
+/// the pipeline); 100 ms is assumed until the first answer. Between 1 and `cap`.
+pub fn in_flight_for(rate: f64, latency: Option<Duration>, cap: usize) -> usize {
+    let latency = latency.unwrap_or(Duration::from_millis(100)).as_secs_f64();
+    let want = (rate * latency * 1.5).ceil() + 4.0;
+    if want.is_finite() && want < cap as f64 {
+        (want as usize).max(1)
+    } else {
+        cap.max(1)
+    }
+}
+
+/// Applies a settled answer to one batch: counts, splits and rejections.
+fn settle(batch: Batch, verdict: Verdict, out: &mut Delivery, work: &mut Vec<Batch>) {
+    match verdict {
+        Verdict::Accepted(rejected) => {
+            out.sent += (batch.len() - rejected.len()) as u64;
+            for (i, kind) in rejected {
+                out.reject(&kind, [batch.rows()[i]]);
+            }
+        }
+        Verdict::RejectSome(rejected) => {
+            for (i, kind) in &rejected {
+                out.reject(kind, [batch.rows()[*i]]);
+            }
+            // Braze processed none of the others: send them again without the bad ones.
+            let rest = batch.select(|i| !rejected.iter().any(|(r, _)| *r == i));
+            if !rest.is_empty() {
+                work.push(rest);
+            }
+        }
+        Verdict::RejectAll(message) => out.reject(
+            &format!("400 Bad Request: {message}"),
+            batch.rows().iter().copied(),
+        ),
+        Verdict::Split if batch.len() > 1 => {
+            let (a, b) = batch.split();
+            // `work` is a stack: push the second half first so rows go out in order.
+            work.push(b);
+            work.push(a);
+        }
+        Verdict::Split => out.reject(
+            "the object alone is too large for Braze (413)",
+            batch.rows().iter().copied(),
+        ),
+        Verdict::Fatal(e) => {
+            out.fail(&batch, &FailReason::Stopped(e.reason(), e.to_string()), 1);
+            out.fatal = Some(e);
+        }
+        Verdict::Fail(reason) => out.fail(&batch, &reason, 1),
+        Verdict::RateLimited | Verdict::Retry(_) => {
+            unreachable!("`send` settles only final answers")
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,7 +501,6 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             body.as_bytes(),
             len,
-            None,
         )
     }
 
@@ -484,19 +573,39 @@ mod tests {
 
     #[test]
     fn retryable_answers() {
+        assert_eq!(verdict(429, "", 1), Verdict::RateLimited);
         assert_eq!(
-            verdict(429, "", 1),
-            Verdict::Retry(FailReason::RateLimited, None)
+            verdict(503, "<html><body>503 Service Unavailable</body></html>", 1),
+            Verdict::Retry(FailReason::ServerError(503))
         );
+        for s in [408, 425, 500, 502, 504] {
+            assert_eq!(
+                verdict(s, "", 1),
+                Verdict::Retry(FailReason::ServerError(s)),
+                "{s}"
+            );
+        }
         assert_eq!(
-            verdict(503, "<html>", 1),
-            Verdict::Retry(FailReason::ServerError(503), None)
+            verdict(
+                400,
+                r#"{"message":"Request body too large: the payload exceeds the 4 MB limit"}"#,
+                9
+            ),
+            Verdict::Split
         );
-        let w = Some(Duration::from_secs(2));
-        assert_eq!(
-            classify(&url(), StatusCode::TOO_MANY_REQUESTS, b"", 1, w),
-            Verdict::Retry(FailReason::RateLimited, w)
-        );
+    }
+
+    #[test]
+    fn in_flight_follows_rate_and_latency() {
+        let ms = |n| Some(Duration::from_millis(n));
+        // 980 requests/s (the default ceiling at 98%): 80 ms away needs about 78 in flight.
+        assert_eq!(in_flight_for(980.0, ms(80), 512), 122);
+        assert_eq!(in_flight_for(980.0, ms(250), 512), 372);
+        assert_eq!(in_flight_for(980.0, ms(1), 512), 6);
+        assert_eq!(in_flight_for(980.0, None, 512), 151);
+        assert_eq!(in_flight_for(980.0, ms(250), 16), 16, "the user's cap wins");
+        assert_eq!(in_flight_for(f64::INFINITY, ms(1), 64), 64);
+        assert_eq!(in_flight_for(1.0, ms(1), 0), 1);
     }
 
     #[test]

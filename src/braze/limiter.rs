@@ -2,7 +2,8 @@
 //!
 //! Requests are paced evenly below the ceiling (so no window of the period ever sees more
 //! than the ceiling), and the limiter stops everyone when Braze says the window is spent
-//! (`X-RateLimit-Remaining: 0`) or answers 429.
+//! (`X-RateLimit-Remaining: 0`) or answers 429. A 429 without a usable wait (none, zero, or
+//! a reset already past) pauses for a jittered exponential backoff from a one-second floor.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -13,6 +14,7 @@ use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
 
+use super::RetryPolicy;
 use crate::secret::Secret;
 use crate::spec::RateLimitSpec;
 
@@ -32,6 +34,8 @@ struct State {
     interval: Duration,
     next: Instant,
     blocked_until: Instant,
+    /// 429s in a row that each came after the previous pause had ended.
+    strikes: u32,
 }
 
 impl Limiter {
@@ -43,6 +47,7 @@ impl Limiter {
                 interval: interval(ceiling),
                 next: now,
                 blocked_until: now,
+                strikes: 0,
             }),
         }
     }
@@ -56,16 +61,29 @@ impl Limiter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for this request's slot.
+    /// Requests per second the pacing allows.
+    pub fn rate_per_second(&self) -> f64 {
+        1.0 / self.lock().interval.as_secs_f64()
+    }
+
+    /// Waits for this request's slot. A pause that starts while the request waits holds it
+    /// too: the slot is given up and a new one taken after the pause.
     pub async fn acquire(&self) {
-        let slot = {
-            let mut s = self.lock();
-            let slot = Instant::now().max(s.next).max(s.blocked_until);
-            s.next = slot + s.interval;
-            slot
-        };
-        if slot > Instant::now() {
-            tokio::time::sleep_until(slot).await;
+        loop {
+            let slot = {
+                let mut s = self.lock();
+                let slot = Instant::now().max(s.next).max(s.blocked_until);
+                s.next = slot + s.interval;
+                slot
+            };
+            if slot > Instant::now() {
+                tokio::time::sleep_until(slot).await;
+            }
+            // The slot was taken at or after the pause known then; a later pause moved
+            // `blocked_until` past it.
+            if self.lock().blocked_until <= slot {
+                return;
+            }
         }
     }
 
@@ -76,11 +94,50 @@ impl Limiter {
         s.blocked_until = s.blocked_until.max(until);
     }
 
-    /// Learns from a response's rate-limit headers; returns the wait it imposed, if any.
-    pub fn observe(&self, status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
-        let wait = header_wait(status, headers, unix_now())?;
+    /// Learns from an answer: a 429 pauses everyone (see [`Limiter::rate_limited`]); a spent
+    /// window (`X-RateLimit-Remaining: 0`) pauses until its reset; a success ends a streak of
+    /// 429s. Returns the pause imposed, if any. `jitter` is random in [0, 1).
+    pub fn observe(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        policy: &RetryPolicy,
+        jitter: f64,
+    ) -> Option<Duration> {
+        let wait = header_wait(status, headers, unix_now());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Some(self.rate_limited(wait, policy, jitter));
+        }
+        if status.is_success() {
+            self.lock().strikes = 0;
+        }
+        let wait = wait?;
         self.pause(wait);
         Some(wait)
+    }
+
+    /// A 429: pauses for Braze's wait when it names one of at least the floor, else for a
+    /// backoff that doubles with each 429 that came after the previous pause had ended
+    /// (answers to requests sent before a pause do not count twice).
+    pub fn rate_limited(
+        &self,
+        header: Option<Duration>,
+        policy: &RetryPolicy,
+        jitter: f64,
+    ) -> Duration {
+        let now = Instant::now();
+        let wait = {
+            let mut s = self.lock();
+            if s.blocked_until <= now {
+                s.strikes = s.strikes.saturating_add(1);
+            }
+            match header {
+                Some(w) if w >= policy.rate_limit_floor => w,
+                _ => policy.rate_limit_backoff(s.strikes.max(1), jitter),
+            }
+        };
+        self.pause(wait);
+        wait
     }
 }
 
@@ -250,6 +307,75 @@ mod tests {
         let before = Instant::now();
         l.acquire().await;
         assert!(before.elapsed() >= Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reserved_slots_do_not_fire_during_a_pause() {
+        let l = Arc::new(Limiter::new(RateLimitSpec {
+            requests: 10,
+            period_seconds: 1,
+        }));
+        // Ten requests reserve slots over the next second; a pause then starts.
+        let start = Instant::now();
+        let waiting: Vec<_> = (0..10)
+            .map(|_| {
+                let l = Arc::clone(&l);
+                tokio::spawn(async move {
+                    l.acquire().await;
+                    Instant::now()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        l.pause(Duration::from_secs(5));
+        let mut fired = Vec::new();
+        for w in waiting {
+            fired.push(w.await.unwrap() - start);
+        }
+        fired.sort();
+        let early: Vec<_> = fired
+            .iter()
+            .filter(|t| **t < Duration::from_millis(150))
+            .collect();
+        assert!(early.len() <= 2, "{fired:?}");
+        assert!(
+            fired
+                .iter()
+                .all(|t| *t < Duration::from_millis(150) || *t >= Duration::from_millis(5150)),
+            "{fired:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_without_a_usable_wait_backs_off_from_the_floor() {
+        let l = Limiter::new(RateLimitSpec::default());
+        let floor = &RetryPolicy::default();
+        assert_eq!(l.rate_limited(None, floor, 0.0), Duration::from_secs(1));
+        // Still paused: a second 429 from a request sent before the pause does not escalate.
+        assert_eq!(
+            l.rate_limited(Some(Duration::ZERO), floor, 0.0),
+            Duration::from_secs(1)
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(l.rate_limited(None, floor, 0.5), Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            l.rate_limited(Some(Duration::from_millis(300)), floor, 0.0),
+            Duration::from_secs(4)
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            l.rate_limited(Some(Duration::from_secs(7)), floor, 0.9),
+            Duration::from_secs(7)
+        );
+        let ok = l.observe(StatusCode::CREATED, &HeaderMap::new(), floor, 0.0);
+        assert_eq!(ok, None);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(
+            l.rate_limited(None, floor, 0.0),
+            Duration::from_secs(1),
+            "a success resets"
+        );
     }
 
     #[test]

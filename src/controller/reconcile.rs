@@ -16,9 +16,9 @@ use super::status::{self, reason};
 use super::{CONTROLLER_NAME, Context, Error, secrets};
 use crate::export::report::{self, Outcome, RunContext, RunReport, Tally};
 use crate::export::{Credentials, ExportPlan, RunOptions, run_export};
-use crate::looker::json_detail::truncate;
 use crate::schedule::{Decision, Due, Inputs, RUN_NOW_ANNOTATION, Schedule, decide};
 use crate::spec::{BrazeExport, BrazeExportStatus, join_errors};
+use crate::text::truncate;
 
 /// Longest wait before looking at an export again.
 const MAX_REQUEUE: Duration = Duration::from_secs(3600);

@@ -8,6 +8,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
@@ -16,6 +17,8 @@ use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
 pub const ID_TAG: &str = "braze_id";
 /// Braze's limit for identifiers, in bytes.
 pub const MAX_IDENTIFIER_BYTES: usize = 987;
+/// Braze keeps string attributes up to this many characters.
+pub const MAX_ATTRIBUTE_CHARS: usize = 255;
 
 /// The columns an export reads: the identifier first, then each attribute's field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +181,10 @@ pub enum Invalid {
     InvalidIdentifier,
     /// The identifier is longer than 987 bytes.
     IdentifierTooLong,
+    /// The identifier is a number with a fraction (`1.5`): no user has such an id.
+    NonIntegralIdentifier,
+    /// The identifier is a number too large to be a number at all (`1e400`).
+    NonFiniteIdentifier,
     /// The row has no cell for the captured field at this index.
     MissingField(usize),
     /// The cell for the captured field at this index is not `{"value": …}`.
@@ -192,13 +199,16 @@ impl Invalid {
             Self::EmptyIdentifier => "EmptyIdentifier",
             Self::InvalidIdentifier => "InvalidIdentifier",
             Self::IdentifierTooLong => "IdentifierTooLong",
+            Self::NonIntegralIdentifier => "NonIntegralIdentifier",
+            Self::NonFiniteIdentifier => "NonFiniteIdentifier",
             Self::MissingField(_) => "MissingField",
             Self::MalformedCell(_) => "MalformedCell",
         }
     }
 }
 
-/// The identifier as Braze gets it: strings as they are, numbers as decimal strings.
+/// The identifier as Braze gets it: strings as they are, numbers as the decimal digits Looker
+/// sent (`42.0` and `4.2e1` as `42`); fractions and overflowing numbers are invalid.
 pub fn identifier(cell: &Cell) -> Result<Cow<'_, str>, Invalid> {
     let id = match cell {
         Cell::Missing => return Err(Invalid::MissingField(0)),
@@ -208,7 +218,8 @@ pub fn identifier(cell: &Cell) -> Result<Cow<'_, str>, Invalid> {
             return Err(Invalid::EmptyIdentifier);
         }
         Cell::Value(Value::String(s)) => Cow::Borrowed(s.as_str()),
-        Cell::Value(Value::Number(n)) => Cow::Owned(number_string(n)),
+        Cell::Number(text) => Cow::Owned(integral_digits(text)?),
+        Cell::Value(Value::Number(n)) => Cow::Owned(integral_digits(&n.to_string())?),
         Cell::Value(_) => return Err(Invalid::InvalidIdentifier),
     };
     if id.len() > MAX_IDENTIFIER_BYTES {
@@ -217,14 +228,45 @@ pub fn identifier(cell: &Cell) -> Result<Cow<'_, str>, Invalid> {
     Ok(id)
 }
 
-/// Integers as digits; whole floats (`42.0`) as integers; other floats as written by serde.
-fn number_string(n: &serde_json::Number) -> String {
-    match n.as_f64() {
-        Some(f) if !n.is_i64() && !n.is_u64() && f.fract() == 0.0 && f.abs() < 1e15 => {
-            format!("{}", f as i64)
-        }
-        _ => n.to_string(),
+/// The whole number a JSON number's text denotes, as plain digits, computed on the text so
+/// no digit is lost to a float.
+pub fn integral_digits(text: &str) -> Result<String, Invalid> {
+    let malformed = Invalid::InvalidIdentifier;
+    if text.parse::<f64>().map_err(|_| malformed)?.is_infinite() {
+        return Err(Invalid::NonFiniteIdentifier);
     }
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match rest.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().map_err(|_| malformed)?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || !all_digits(int) || !all_digits(frac) {
+        return Err(malformed);
+    }
+    // Digits before the decimal point once the exponent is applied. The f64 check above
+    // bounds the exponent, so this cannot overflow.
+    let point = int.len() as i64 + exponent;
+    let digits = format!("{int}{frac}");
+    let split = point.clamp(0, digits.len() as i64) as usize;
+    let (whole, fraction) = digits.split_at(split);
+    if fraction.bytes().any(|b| b != b'0') {
+        return Err(Invalid::NonIntegralIdentifier);
+    }
+    let padding = (point.max(0) as usize).saturating_sub(whole.len());
+    if whole.len() + padding > MAX_IDENTIFIER_BYTES {
+        return Err(Invalid::IdentifierTooLong);
+    }
+    let whole = whole.trim_start_matches('0');
+    if whole.is_empty() {
+        return Ok("0".into());
+    }
+    let sign = if negative { "-" } else { "" };
+    Ok(format!("{sign}{whole}{}", "0".repeat(padding)))
 }
 
 /// One Braze attributes object, borrowing the row it came from.
@@ -248,7 +290,7 @@ pub fn map_row<'a>(
         match cells[index] {
             Cell::Missing => return Err(Invalid::MissingField(index)),
             Cell::Pivoted | Cell::Malformed => return Err(Invalid::MalformedCell(index)),
-            Cell::Value(_) => {}
+            Cell::Value(_) | Cell::Number(_) => {}
         }
     }
     Ok(BrazeObject {
@@ -274,10 +316,14 @@ impl Serialize for BrazeObject<'_> {
         }
         map.serialize_entry("_update_existing_only", &self.shape.update_existing_only)?;
         for (name, index) in &self.columns.attributes {
-            if let Cell::Value(v) = &self.cells[*index]
-                && !v.is_null()
-            {
-                map.serialize_entry(name, v)?;
+            match &self.cells[*index] {
+                Cell::Value(Value::String(v)) if too_long(v) => {}
+                Cell::Value(v) if !v.is_null() => map.serialize_entry(name, v)?,
+                Cell::Number(text) => match serde_json::from_str::<&RawValue>(text) {
+                    Ok(raw) => map.serialize_entry(name, raw)?,
+                    Err(_) => map.serialize_entry(name, text)?,
+                },
+                _ => {}
             }
         }
         map.serialize_entry(
@@ -286,6 +332,24 @@ impl Serialize for BrazeObject<'_> {
         )?;
         map.end()
     }
+}
+
+impl BrazeObject<'_> {
+    /// Attributes left out because their text is longer than Braze keeps: the user is
+    /// flagged without them, and the report names their rows.
+    pub fn too_long_attributes(&self) -> impl Iterator<Item = &str> {
+        self.columns
+            .attributes
+            .iter()
+            .filter(
+                |(_, i)| matches!(&self.cells[*i], Cell::Value(Value::String(v)) if too_long(v)),
+            )
+            .map(|(name, _)| name.as_str())
+    }
+}
+
+fn too_long(text: &str) -> bool {
+    text.len() > MAX_ATTRIBUTE_CHARS && text.chars().nth(MAX_ATTRIBUTE_CHARS).is_some()
 }
 
 #[derive(Serialize)]
@@ -463,7 +527,10 @@ mod tests {
         assert_eq!(identifier(&v(json!(12345))).unwrap(), "12345");
         assert_eq!(identifier(&v(json!(-7))).unwrap(), "-7");
         assert_eq!(identifier(&v(json!(42.0))).unwrap(), "42");
-        assert_eq!(identifier(&v(json!(1.5))).unwrap(), "1.5");
+        assert_eq!(
+            identifier(&v(json!(1.5))),
+            Err(Invalid::NonIntegralIdentifier)
+        );
         assert_eq!(identifier(&v(json!(null))), Err(Invalid::NullIdentifier));
         assert_eq!(identifier(&v(json!(""))), Err(Invalid::EmptyIdentifier));
         assert_eq!(identifier(&v(json!("  "))), Err(Invalid::EmptyIdentifier));
@@ -480,6 +547,47 @@ mod tests {
             identifier(&v(json!("x".repeat(988)))),
             Err(Invalid::IdentifierTooLong)
         );
+    }
+
+    #[test]
+    fn numeric_identifiers_keep_every_digit() {
+        let n = |t: &str| identifier(&Cell::Number(t.into())).map(|c| c.into_owned());
+        assert_eq!(n("123456789012345678901").unwrap(), "123456789012345678901");
+        assert_eq!(n("-98765432109876543210").unwrap(), "-98765432109876543210");
+        assert_eq!(n("1.2345678901234567e20").unwrap(), "123456789012345670000");
+        assert_eq!(n("42.000").unwrap(), "42");
+        assert_eq!(n("4.2E1").unwrap(), "42");
+        assert_eq!(n("1e3").unwrap(), "1000");
+        assert_eq!(n("0").unwrap(), "0");
+        assert_eq!(n("-0.0").unwrap(), "0");
+        assert_eq!(n("0.5e1").unwrap(), "5");
+        assert_eq!(n("1.5"), Err(Invalid::NonIntegralIdentifier));
+        assert_eq!(n("1e-3"), Err(Invalid::NonIntegralIdentifier));
+        assert_eq!(n("12.5e0"), Err(Invalid::NonIntegralIdentifier));
+        assert_eq!(n("1e400"), Err(Invalid::NonFiniteIdentifier));
+        assert_eq!(n(&"9".repeat(400)), Err(Invalid::NonFiniteIdentifier));
+        assert_eq!(n("1e300").unwrap().len(), 301);
+        assert_eq!(n("x"), Err(Invalid::InvalidIdentifier));
+    }
+
+    #[test]
+    fn numbers_go_out_as_sent_and_long_text_is_left_out() {
+        let cells = [
+            Cell::Number("123456789012345678901".into()),
+            v(json!("x".repeat(256))),
+            Cell::Number("0.1000000000000000055511151231257827".into()),
+        ];
+        let c = columns();
+        let s = shape(IdentifierKind::ExternalId);
+        let o = map_row(&c, &s, &cells).unwrap();
+        assert_eq!(
+            serde_json::to_string(&o).unwrap(),
+            r#"{"external_id":"123456789012345678901","_update_existing_only":true,"vip":0.1000000000000000055511151231257827,"looker_export":{"add":["CHURN"]}}"#
+        );
+        assert_eq!(o.too_long_attributes().collect::<Vec<_>>(), ["first_name"]);
+        let fits = [v(json!("u")), v(json!("é".repeat(255))), v(json!(null))];
+        let o = map_row(&c, &s, &fits).unwrap();
+        assert_eq!(o.too_long_attributes().count(), 0);
     }
 
     fn columns() -> Columns {

@@ -371,6 +371,38 @@ pub fn finish(
     }
 }
 
+/// Checks the report's invariant (`rowsRead = sent + duplicates + invalid + rejected +
+/// failed + skipped`). A report that does not add up is a bug; it becomes `Failed` and
+/// says so, rather than passing a wrong count off as the truth.
+pub fn ensure_balanced(mut report: RunReport) -> RunReport {
+    if report.balanced() {
+        return report;
+    }
+    let accounted = report.sent
+        + report.duplicates
+        + report.invalid
+        + report.rejected
+        + report.failed
+        + report.skipped;
+    let message = format!(
+        "internal error: the counts do not add up ({} rows read, {accounted} accounted for); please report it",
+        report.rows_read
+    );
+    tracing::error!("{message}");
+    report.outcome = Outcome::Failed;
+    report.message = format!("{message}; {}", report.message);
+    report.errors.insert(
+        0,
+        ErrorSummary {
+            reason: "InternalError".into(),
+            message,
+            count: report.rows_read.abs_diff(accounted),
+        },
+    );
+    report.errors.truncate(MAX_REPORTED_ERRORS);
+    report
+}
+
 /// "12480 users flagged, 31 duplicates, 2 invalid rows": the non-zero counts.
 pub fn counts_phrase(t: &Tally, dry_run: bool) -> String {
     let mut parts = vec![if dry_run {
@@ -429,6 +461,22 @@ fn describe(g: &Group) -> String {
             format!("{subject} {have} a {d} value that is neither a string nor a number")
         }
         "IdentifierTooLong" => format!("{subject} {have} a {d} value longer than 987 bytes"),
+        "NonIntegralIdentifier" => {
+            format!("{subject} {have} a {d} value that is not a whole number")
+        }
+        "NonFiniteIdentifier" => format!("{subject} {have} a {d} value too large to be a number"),
+        "NullRow" => format!(
+            "{subject} of the Look's data {} null instead of a row",
+            if g.count == 1 { "is" } else { "are" }
+        ),
+        "MalformedRow" => format!(
+            "{subject} of the Look's data {} not a row object",
+            if g.count == 1 { "is" } else { "are" }
+        ),
+        "AttributeTooLong" => format!(
+            "{subject} {have} a {d} value longer than Braze's {} characters: flagged without it",
+            crate::export::mapping::MAX_ATTRIBUTE_CHARS
+        ),
         "MissingField" => format!("{subject} {lack} the field {d}"),
         "MalformedCell" => format!("{subject} {have} a malformed {d} cell"),
         "BrazeRejected" => format!("Braze rejected {subject}: {d}"),

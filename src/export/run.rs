@@ -2,7 +2,9 @@
 //! rows and fills batches; batches cross a bounded channel to concurrent senders. A slow
 //! Braze slows the Looker read instead of filling memory.
 
+use std::collections::HashMap;
 use std::io::BufReader;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -10,16 +12,19 @@ use jiff::Timestamp;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::mapping::{self, Columns, Dedup, near_miss_tag};
 use super::report::{self, RunContext, RunFailure, Tally};
 use super::{Credentials, ExportPlan, RunError, RunReport, Trigger};
+use crate::braze::batch::MAX_REQUEST_BYTES;
 use crate::braze::{
     Batch, BrazeClient, BrazeError, Delivery, FailReason, LimiterRegistry, PayloadDump, RetryPolicy,
 };
 use crate::http::HttpClients;
 use crate::looker::body::{self, Transfer, WaitBudget};
-use crate::looker::json_detail::{self, Cell, DetailError, Fields, RowSink, Stop};
+use crate::looker::cap::{self, CapStrings};
+use crate::looker::json_detail::{self, BadRow, Cell, DetailError, Fields, RowSink, Stop};
 use crate::looker::{LookerClient, LookerError};
 
 /// What every run in the process shares: HTTP clients, Braze limiters, retry policy.
@@ -55,6 +60,22 @@ pub struct RunOptions {
     pub cancel: CancellationToken,
     /// Live counters.
     pub progress: Arc<Progress>,
+    /// Test hook: makes a part of the pipeline panic, to prove the counts survive it.
+    #[doc(hidden)]
+    pub failpoint: Failpoint,
+}
+
+/// Where a test makes the pipeline panic ([`RunOptions::failpoint`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Nowhere.
+    #[default]
+    None,
+    /// The row reader, on this row.
+    ReaderAtRow(u64),
+    /// The sender of the batch holding this row.
+    SenderAtRow(u64),
 }
 
 impl RunOptions {
@@ -66,49 +87,59 @@ impl RunOptions {
             dump: None,
             cancel: CancellationToken::new(),
             progress: Arc::default(),
+            failpoint: Failpoint::None,
         }
     }
 }
 
 /// Runs one export to its end and reports what happened. Never fails: every error ends up
-/// in the report, and every row read is counted exactly once.
+/// in the report, and every row read is counted exactly once (checked, also in release
+/// builds: a report that does not add up becomes `Failed` and says so).
 pub async fn run_export(
     services: &Services,
     plan: &ExportPlan,
     creds: &Credentials,
     opts: RunOptions,
 ) -> RunReport {
-    let start_time = Timestamp::now();
-    tracing::info!(export = %plan.name, look_id = %plan.look_id, trigger = ?opts.trigger, dry_run = opts.dry_run, "run started");
-    let ended = execute(services, plan, creds, &opts).await;
-    let interrupted = ended.interrupted;
-    let failure = ended.failure.map(|e| RunFailure {
-        reason: e.reason(),
-        message: e.to_string(),
-    });
-    let report = report::finish(
-        ended.tally,
-        failure,
-        interrupted,
-        RunContext {
+    let span = tracing::info_span!("run", export = %plan.name, look_id = %plan.look_id);
+    async {
+        let start_time = Timestamp::now();
+        tracing::info!(trigger = ?opts.trigger, dry_run = opts.dry_run, "run started");
+        let ended = execute(services, plan, creds, &opts).await;
+        let failure = ended.failure.map(|e| RunFailure {
+            reason: e.reason(),
+            message: e.to_string(),
+        });
+        let context = RunContext {
             trigger: opts.trigger,
             start_time,
             completion_time: Timestamp::now(),
             dry_run: opts.dry_run,
-        },
-    );
-    debug_assert!(report.balanced(), "{report:?}");
-    if let Some(d) = &opts.dump
-        && let Err(e) = d.flush()
-    {
-        tracing::warn!(error = %e, "cannot flush the payload dump");
+        };
+        let report = report::finish(ended.tally, failure, ended.interrupted, context);
+        let report = report::ensure_balanced(report);
+        if let Some(d) = &opts.dump
+            && let Err(e) = d.flush()
+        {
+            tracing::warn!(error = %e, "cannot flush the payload dump");
+        }
+        tracing::info!(
+            outcome = report.outcome.as_str(),
+            rows_read = report.rows_read,
+            sent = report.sent,
+            duplicates = report.duplicates,
+            invalid = report.invalid,
+            rejected = report.rejected,
+            failed = report.failed,
+            skipped = report.skipped,
+            requests = report.requests,
+            "run finished: {}",
+            report.message
+        );
+        report
     }
-    tracing::info!(
-        export = %plan.name, outcome = report.outcome.as_str(), rows_read = report.rows_read, sent = report.sent,
-        duplicates = report.duplicates, invalid = report.invalid, rejected = report.rejected, failed = report.failed,
-        skipped = report.skipped, requests = report.requests, "run finished: {}", report.message
-    );
-    report
+    .instrument(span)
+    .await
 }
 
 struct Ended {
@@ -117,37 +148,26 @@ struct Ended {
     interrupted: bool,
 }
 
+impl Ended {
+    fn failed(e: RunError) -> Self {
+        Self {
+            tally: Tally::default(),
+            failure: Some(e),
+            interrupted: false,
+        }
+    }
+}
+
+/// Opens the Look, then streams it through the pipeline.
 async fn execute(
     services: &Services,
     plan: &ExportPlan,
     creds: &Credentials,
     opts: &RunOptions,
 ) -> Ended {
-    let fail = |e: RunError| Ended {
-        tally: Tally::default(),
-        failure: Some(e),
-        interrupted: false,
-    };
-    let braze = match (&creds.braze_api_key, opts.dry_run) {
-        (_, true) => None,
-        (Some(key), false) => {
-            let limiter = services.limiters.get(&plan.track_url, key, plan.rate_limit);
-            match BrazeClient::new(
-                services.http.get(true).clone(),
-                plan.track_url.clone(),
-                key,
-                limiter,
-                services.retry,
-            ) {
-                Ok(c) => Some(Arc::new(c)),
-                Err(e) => return fail(e.into()),
-            }
-        }
-        (None, false) => {
-            return fail(RunError::Internal(
-                "no Braze API key for a run that sends".into(),
-            ));
-        }
+    let braze = match braze_client(services, plan, creds, opts.dry_run) {
+        Ok(b) => b,
+        Err(e) => return Ended::failed(e),
     };
     let looker = LookerClient::new(
         services.http.get(plan.verify_tls).clone(),
@@ -161,39 +181,101 @@ async fn execute(
         () = opts.cancel.cancelled() => return Ended { tally: Tally::default(), failure: None, interrupted: true },
         r = looker.run_look(&plan.look_id, plan.results, &mut budget) => r,
     };
-    let response = match response {
-        Ok(r) => r,
-        Err(e) => return fail(e.into()),
+    match response {
+        Ok(r) => stream(r, braze, plan, opts).await,
+        Err(e) => Ended::failed(e.into()),
+    }
+}
+
+/// The Braze client of a run that sends; `None` for a dry run.
+fn braze_client(
+    services: &Services,
+    plan: &ExportPlan,
+    creds: &Credentials,
+    dry_run: bool,
+) -> Result<Option<Arc<BrazeClient>>, RunError> {
+    if dry_run {
+        return Ok(None);
+    }
+    let Some(key) = &creds.braze_api_key else {
+        return Err(RunError::Internal(
+            "no Braze API key for a run that sends".into(),
+        ));
     };
-    let (reader, transfer) = body::forward(response, budget, opts.cancel.clone());
-    let (tx, rx) = mpsc::channel::<Batch>(plan.concurrency.max(1));
-    let mut sink = ExportSink::new(plan, tx, Arc::clone(&opts.progress));
+    let limiter = services.limiters.get(&plan.track_url, key, plan.rate_limit);
+    let http = services.http.get(true).clone();
+    let client = BrazeClient::new(http, plan.track_url.clone(), key, limiter, services.retry)?;
+    Ok(Some(Arc::new(client)))
+}
+
+/// Streams Looker's body through the parser thread to the senders, then settles the counts.
+async fn stream(
+    response: reqwest::Response,
+    braze: Option<Arc<BrazeClient>>,
+    plan: &ExportPlan,
+    opts: &RunOptions,
+) -> Ended {
+    // `stop` ends the Looker transfer as well as shutdown does: a 401 from Braze must not
+    // wait for a slow Looker to send its next chunk.
+    let stop = opts.cancel.child_token();
+    let (reader, transfer) = body::forward(response, plan.looker_timeout(), stop.clone());
+    let (tx, rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
+    let mut sink = ExportSink::new(plan, tx, Arc::clone(&opts.progress), opts.failpoint);
     let parser = tokio::task::spawn_blocking(move || {
-        let parsed = json_detail::parse(BufReader::with_capacity(64 * 1024, reader), &mut sink);
-        (sink.finish(), parsed)
+        let reader = CapStrings::new(reader, cap::MAX_STRING_BYTES);
+        let reader = BufReader::with_capacity(64 * 1024, reader);
+        // A panic in the parser or the mapping must not lose the counts kept so far.
+        let parsed =
+            std::panic::catch_unwind(AssertUnwindSafe(|| json_detail::parse(reader, &mut sink)));
+        let panicked = parsed.is_err();
+        (sink.finish(panicked), parsed)
     });
-    let sent = send_all(rx, braze, plan.concurrency, opts).await;
+    let sent = send_all(rx, braze, plan.concurrency, opts, &stop).await;
+    stop.cancel();
     let (read, parsed) = match parser.await {
         Ok(out) => out,
-        Err(e) => return fail(RunError::Internal(format!("the row reader died: {e}"))),
+        Err(e) => return Ended::failed(RunError::Internal(format!("the row reader died: {e}"))),
     };
     let (transfer, bytes) = transfer
         .await
         .unwrap_or((Transfer::Failed("the body reader died".into()), 0));
     tracing::debug!(bytes, ?transfer, "Looker body transfer ended");
+    conclude(read, parsed, sent, &transfer, plan, opts)
+}
 
+/// Batches waiting between the parser and the senders.
+const QUEUED_BATCHES: usize = 32;
+
+/// Merges both sides' counts and decides what ended the run. Precedence: a fatal Braze
+/// answer (it stopped everything), then shutdown, then a panic, then the Look's columns,
+/// then how the body ended.
+fn conclude(
+    read: ReadSummary,
+    parsed: std::thread::Result<Result<u64, DetailError>>,
+    sent: SendSummary,
+    transfer: &Transfer,
+    plan: &ExportPlan,
+    opts: &RunOptions,
+) -> Ended {
     let interrupted = opts.cancel.is_cancelled() && sent.fatal.is_none();
     let failure = if let Some(fatal) = sent.fatal.clone() {
         Some(RunError::Braze(fatal))
     } else if interrupted {
         None
+    } else if parsed.is_err() {
+        Some(RunError::Internal(
+            "the row reader stopped on an unexpected error (a bug: please report it)".into(),
+        ))
     } else if let Some(source) = read.column_error.clone() {
         Some(RunError::Columns {
             look_id: plan.look_id.clone(),
             source,
         })
     } else {
-        parsed.err().map(|e| detail_error(e, &transfer, plan))
+        parsed
+            .ok()
+            .and_then(Result::err)
+            .map(|e| detail_error(e, transfer, plan))
     };
     let mut tally = read.tally;
     tally.merge(sent.tally);
@@ -261,63 +343,119 @@ struct ReadSummary {
 /// The parser thread's side of a run: rows to objects to batches.
 struct ExportSink {
     plan: ExportPlan,
+    shape: Arc<mapping::ObjectShape>,
     columns: Option<Columns>,
     column_error: Option<mapping::ColumnError>,
     dedup: Dedup,
     batch: Batch,
     tx: Option<mpsc::Sender<Batch>>,
     tally: Tally,
+    /// Objects handed to the senders.
+    handed: u64,
     unsent: Unsent,
     progress: Arc<Progress>,
+    failpoint: Failpoint,
 }
 
 impl ExportSink {
-    fn new(plan: &ExportPlan, tx: mpsc::Sender<Batch>, progress: Arc<Progress>) -> Self {
+    fn new(
+        plan: &ExportPlan,
+        tx: mpsc::Sender<Batch>,
+        progress: Arc<Progress>,
+        failpoint: Failpoint,
+    ) -> Self {
         Self {
             plan: plan.clone(),
+            shape: Arc::new(plan.shape.clone()),
             columns: None,
             column_error: None,
             dedup: Dedup::default(),
             batch: Batch::with_capacity(plan.batch_size),
             tx: Some(tx),
             tally: Tally::default(),
+            handed: 0,
             unsent: Unsent::default(),
             progress,
+            failpoint,
         }
     }
 
     /// Hands the full (or last) batch to the senders; false when they are gone.
     fn flush(&mut self) -> bool {
-        if self.batch.is_empty() {
+        let batch = std::mem::replace(&mut self.batch, Batch::with_capacity(self.plan.batch_size));
+        self.hand_over(batch)
+    }
+
+    fn hand_over(&mut self, batch: Batch) -> bool {
+        if batch.is_empty() {
             return self.tx.is_some();
         }
-        let batch = std::mem::replace(&mut self.batch, Batch::with_capacity(self.plan.batch_size));
+        let len = batch.len() as u64;
         let refused = match &self.tx {
             Some(tx) => tx.blocking_send(batch).err().map(|e| e.0),
             None => Some(batch),
         };
-        match refused {
-            None => true,
-            Some(b) => {
-                self.tx = None;
-                self.unsent.count += b.len() as u64;
-                self.unsent.rows.extend(
-                    b.rows()
-                        .iter()
-                        .take(5usize.saturating_sub(self.unsent.rows.len())),
-                );
-                false
-            }
-        }
+        let Some(b) = refused else {
+            self.handed += len;
+            return true;
+        };
+        self.tx = None;
+        self.unsent.count += len;
+        let room = 5usize.saturating_sub(self.unsent.rows.len());
+        self.unsent.rows.extend(b.rows().iter().take(room));
+        false
     }
 
-    fn finish(mut self) -> ReadSummary {
+    /// Ends the read side. After a panic, the row being mapped when it struck is neither
+    /// counted nor batched: it is counted failed here, so the report still adds up.
+    fn finish(mut self, panicked: bool) -> ReadSummary {
         self.flush();
+        let t = &self.tally;
+        let accounted = t.duplicates + t.invalid + t.skipped + self.handed + self.unsent.count;
+        let (read, lost) = (t.rows_read, t.rows_read.saturating_sub(accounted));
+        if panicked && lost > 0 {
+            self.tally.failed += lost;
+            self.tally.note_n(
+                "InternalError",
+                "the row reader failed unexpectedly",
+                lost,
+                &[read],
+            );
+        }
         ReadSummary {
             tally: self.tally,
             column_error: self.column_error,
             unsent: self.unsent,
         }
+    }
+
+    /// Adds a mapped object to the batch, sending the batch first when the object would
+    /// take its body past the byte budget.
+    fn push(&mut self, number: u64, object: &mapping::BrazeObject<'_>) -> Result<(), Stop> {
+        if self.batch.push(number, object).is_err() {
+            self.tally.invalid += 1;
+            let id_field = self
+                .columns
+                .as_ref()
+                .map_or("", |c| c.id_field())
+                .to_owned();
+            self.tally.note("MalformedCell", &id_field, &[number]);
+            return Ok(());
+        }
+        if self.batch.body_len() > MAX_REQUEST_BYTES && self.batch.len() > 1 {
+            let last = self.batch.pop_last();
+            if !self.flush() {
+                self.hand_over(last);
+                return Err(Stop);
+            }
+            self.batch = last;
+        }
+        if (self.batch.len() >= self.plan.batch_size || self.batch.body_len() > MAX_REQUEST_BYTES)
+            && !self.flush()
+        {
+            return Err(Stop);
+        }
+        Ok(())
     }
 }
 
@@ -353,6 +491,9 @@ impl RowSink for ExportSink {
     fn row(&mut self, number: u64, cells: &mut [Cell]) -> Result<(), Stop> {
         self.tally.rows_read += 1;
         self.progress.rows_read.fetch_add(1, Ordering::Relaxed);
+        if self.failpoint == Failpoint::ReaderAtRow(number) {
+            panic!("failpoint: the row reader panics at row {number}");
+        }
         if let Some(max) = self.plan.max_rows
             && number > max
         {
@@ -367,10 +508,36 @@ impl RowSink for ExportSink {
                 .note("MaxRowsExceeded", &max.to_string(), &[number]);
             return Ok(());
         }
-        let Some(columns) = &self.columns else {
+        let Some(columns) = self.columns.take() else {
             return Err(Stop);
         };
-        match mapping::map_row(columns, &self.plan.shape, cells) {
+        let result = self.map_and_push(&columns, number, cells);
+        self.columns = Some(columns);
+        result
+    }
+
+    fn bad_row(&mut self, number: u64, what: BadRow) -> Result<(), Stop> {
+        self.tally.rows_read += 1;
+        self.progress.rows_read.fetch_add(1, Ordering::Relaxed);
+        self.tally.invalid += 1;
+        let (reason, detail) = match what {
+            BadRow::Null => ("NullRow", "null"),
+            BadRow::NotAnObject => ("MalformedRow", "not an object"),
+        };
+        self.tally.note(reason, detail, &[number]);
+        Ok(())
+    }
+}
+
+impl ExportSink {
+    fn map_and_push(
+        &mut self,
+        columns: &Columns,
+        number: u64,
+        cells: &mut [Cell],
+    ) -> Result<(), Stop> {
+        let shape = Arc::clone(&self.shape);
+        match mapping::map_row(columns, &shape, cells) {
             Err(invalid) => {
                 let field = match invalid {
                     mapping::Invalid::MissingField(i) | mapping::Invalid::MalformedCell(i) => {
@@ -380,21 +547,19 @@ impl RowSink for ExportSink {
                 };
                 self.tally.invalid += 1;
                 self.tally.note(invalid.reason(), field, &[number]);
+                Ok(())
             }
             Ok(object) => {
                 if !self.dedup.first(&object.id) {
                     self.tally.duplicates += 1;
-                } else if self.batch.push(number, &object).is_err() {
-                    self.tally.invalid += 1;
-                    self.tally
-                        .note("MalformedCell", columns.id_field(), &[number]);
+                    return Ok(());
                 }
+                for name in object.too_long_attributes() {
+                    self.tally.note("AttributeTooLong", name, &[number]);
+                }
+                self.push(number, &object)
             }
         }
-        if self.batch.len() >= self.plan.batch_size && !self.flush() {
-            return Err(Stop);
-        }
-        Ok(())
     }
 }
 
@@ -403,70 +568,121 @@ struct SendSummary {
     fatal: Option<BrazeError>,
 }
 
-/// Receives batches and keeps up to `concurrency` deliveries in flight. On a fatal answer or
-/// cancellation it stops taking batches and counts those still queued as failed.
+/// Total bytes of request bodies in flight for one run: with objects far larger than usual,
+/// fewer requests fly, so memory stays bounded whatever the Look holds.
+const MAX_IN_FLIGHT_BYTES: usize = 24 << 20;
+
+/// The deliveries of one run in flight, with each one's rows so that a sender that panics
+/// still has its rows counted.
+#[derive(Default)]
+struct InFlight {
+    tasks: JoinSet<Delivery>,
+    rows: HashMap<tokio::task::Id, (Vec<u64>, usize)>,
+    bytes: usize,
+}
+
+impl InFlight {
+    fn spawn(&mut self, client: &Arc<BrazeClient>, batch: Batch, opts: &RunOptions) {
+        let rows = batch.rows().to_vec();
+        let bytes = batch.body_len();
+        let panics = matches!(opts.failpoint, Failpoint::SenderAtRow(r) if rows.contains(&r));
+        let client = Arc::clone(client);
+        let cancel = opts.cancel.clone();
+        let dump = opts.dump.clone();
+        let handle = self.tasks.spawn(
+            async move {
+                if panics {
+                    panic!("failpoint: a sender panics");
+                }
+                client.deliver(batch, &cancel, dump.as_deref()).await
+            }
+            .in_current_span(),
+        );
+        self.rows.insert(handle.id(), (rows, bytes));
+        self.bytes += bytes;
+    }
+
+    /// Waits for the next delivery to end; a panicked one counts its rows failed.
+    async fn next(&mut self) -> Option<Delivery> {
+        let (id, delivery) = match self.tasks.join_next_with_id().await? {
+            Ok((id, d)) => (id, Some(d)),
+            Err(e) => (e.id(), None),
+        };
+        let (rows, bytes) = self.rows.remove(&id).unwrap_or_default();
+        self.bytes -= bytes;
+        Some(delivery.unwrap_or_else(|| {
+            tracing::error!("a Braze sender failed unexpectedly; its rows are counted failed");
+            Delivery {
+                failed: vec![(
+                    "InternalError",
+                    "a sender failed unexpectedly (a bug: please report it)".into(),
+                    rows,
+                )],
+                ..Delivery::default()
+            }
+        }))
+    }
+
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+/// Receives batches and keeps deliveries in flight: as many as fill the rate limit at the
+/// latency Braze shows (at most `cap`, and at most [`MAX_IN_FLIGHT_BYTES`]). On a fatal
+/// answer or cancellation it stops taking batches and counts those still queued as failed.
 async fn send_all(
     mut rx: mpsc::Receiver<Batch>,
     braze: Option<Arc<BrazeClient>>,
-    concurrency: usize,
+    cap: usize,
     opts: &RunOptions,
+    stop: &CancellationToken,
 ) -> SendSummary {
     let mut out = SendSummary {
         tally: Tally::default(),
         fatal: None,
     };
-    let mut inflight: JoinSet<Delivery> = JoinSet::new();
-    let absorb = |out: &mut SendSummary,
-                  d: Result<Delivery, tokio::task::JoinError>,
-                  progress: &Progress| {
-        let d = d.unwrap_or_else(|e| Delivery {
-            fatal: None,
-            failed: vec![("InternalError", format!("a sender died: {e}"), vec![])],
-            ..Delivery::default()
-        });
-        progress.sent.fetch_add(d.sent, Ordering::Relaxed);
-        absorb_delivery(out, d);
-    };
+    let mut inflight = InFlight::default();
     loop {
-        if out.fatal.is_some() || opts.cancel.is_cancelled() {
+        if out.fatal.is_some() || stop.is_cancelled() {
             break;
         }
-        if inflight.len() >= concurrency.max(1) {
-            if let Some(d) = inflight.join_next().await {
-                absorb(&mut out, d, &opts.progress);
+        let full = braze.as_ref().is_some_and(|c| {
+            inflight.len() >= c.in_flight_target(cap) || inflight.bytes >= MAX_IN_FLIGHT_BYTES
+        });
+        if full {
+            if let Some(d) = inflight.next().await {
+                absorb_delivery(&mut out, d, &opts.progress);
             }
             continue;
         }
         tokio::select! {
             biased;
-            () = opts.cancel.cancelled() => break,
-            Some(d) = inflight.join_next(), if !inflight.is_empty() => absorb(&mut out, d, &opts.progress),
-            next = rx.recv() => match next {
-                None => break,
-                Some(batch) => match &braze {
-                    None => dry_send(&mut out.tally, &batch, opts),
-                    Some(client) => {
-                        let client = Arc::clone(client);
-                        let cancel = opts.cancel.clone();
-                        let dump = opts.dump.clone();
-                        inflight.spawn(async move { client.deliver(batch, &cancel, dump.as_deref()).await });
-                    }
-                },
+            () = stop.cancelled() => break,
+            Some(d) = inflight.next(), if inflight.len() > 0 => absorb_delivery(&mut out, d, &opts.progress),
+            next = rx.recv() => match (next, &braze) {
+                (None, _) => break,
+                (Some(batch), None) => dry_send(&mut out.tally, &batch, opts),
+                (Some(batch), Some(client)) => inflight.spawn(client, batch, opts),
             },
         }
     }
+    if out.fatal.is_some() {
+        // Why-comment: cancel the Looker transfer now; the parser then stops at once.
+        stop.cancel();
+    }
     rx.close();
-    let stop = out.fatal.as_ref().map_or_else(
+    let reason = out.fatal.as_ref().map_or_else(
         || FailReason::Stopped("Interrupted", "the operator is shutting down".into()),
         |f| FailReason::Stopped(f.reason(), f.to_string()),
     );
     while let Some(batch) = rx.recv().await {
         let mut d = Delivery::default();
-        d.fail(&batch, &stop, 0);
-        absorb_delivery(&mut out, d);
+        d.fail(&batch, &reason, 0);
+        absorb_delivery(&mut out, d, &opts.progress);
     }
-    while let Some(d) = inflight.join_next().await {
-        absorb(&mut out, d, &opts.progress);
+    while let Some(d) = inflight.next().await {
+        absorb_delivery(&mut out, d, &opts.progress);
     }
     out
 }
@@ -483,7 +699,8 @@ fn dry_send(tally: &mut Tally, batch: &Batch, opts: &RunOptions) {
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
 }
 
-fn absorb_delivery(out: &mut SendSummary, d: Delivery) {
+fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress) {
+    progress.sent.fetch_add(d.sent, Ordering::Relaxed);
     let t = &mut out.tally;
     t.sent += d.sent;
     t.requests += d.requests;

@@ -1,5 +1,7 @@
 //! Moves a streamed HTTP body from the async world to the blocking parser, counting only
-//! the time spent waiting on Looker against the run's timeout.
+//! the time spent waiting on Looker against the run's timeout: the wait for the response
+//! (a [`WaitBudget`]) and, once the body flows, each stall in which Looker sends nothing
+//! while the pipeline is ready to read. Time the pipeline spends waiting on Braze is free.
 
 use std::future::Future;
 use std::io::{self, Read};
@@ -12,6 +14,8 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::text::error_chain;
 
 /// Time Looker may still take. Time spent waiting on anything else (a slow Braze holding the
 /// pipeline back) is not counted.
@@ -51,7 +55,7 @@ pub enum Transfer {
     Complete,
     /// The reader stopped listening (the parse ended first).
     Abandoned,
-    /// The budget ran out.
+    /// Looker sent nothing for the whole timeout while the pipeline was ready to read.
     TimedOut,
     /// The run was cancelled.
     Cancelled,
@@ -60,10 +64,11 @@ pub enum Transfer {
 }
 
 /// Starts forwarding `response`'s body; returns the blocking reader and the task's handle,
-/// whose value says how the transfer ended and how many bytes it moved.
+/// whose value says how the transfer ended and how many bytes it moved. `stall` bounds each
+/// wait for the next chunk (not the whole body: a Look that Braze paces for an hour is fine).
 pub fn forward(
     response: reqwest::Response,
-    mut budget: WaitBudget,
+    stall: Duration,
     cancel: CancellationToken,
 ) -> (ChannelReader, JoinHandle<(Transfer, u64)>) {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
@@ -76,7 +81,7 @@ pub fn forward(
                     let _ = tx.send(Err(io::Error::new(io::ErrorKind::Interrupted, "run cancelled"))).await;
                     return (Transfer::Cancelled, bytes);
                 }
-                next = budget.wait(stream.next()) => next,
+                next = tokio::time::timeout(stall, stream.next()) => next.map_err(|_| OutOfTime),
             };
             let (end, item) = match next {
                 Err(OutOfTime) => (
@@ -91,6 +96,10 @@ pub fn forward(
                     }
                     continue;
                 }
+                Ok(Some(Err(e))) if e.is_timeout() => (
+                    Transfer::TimedOut,
+                    Err(io::Error::new(io::ErrorKind::TimedOut, "Looker timed out")),
+                ),
                 Ok(Some(Err(e))) => {
                     let detail = format!(
                         "the connection failed after {bytes} bytes ({})",
@@ -113,21 +122,6 @@ pub fn forward(
         },
         task,
     )
-}
-
-/// `reqwest`'s error with its causes, which say what actually happened.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// A blocking [`Read`] over the forwarded chunks. Use it on a blocking thread only.

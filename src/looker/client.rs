@@ -5,10 +5,10 @@ use reqwest::{Response, StatusCode, Url};
 use serde::Deserialize;
 
 use super::LookerError;
-use super::body::{OutOfTime, WaitBudget, error_chain};
-use super::json_detail::truncate;
+use super::body::{OutOfTime, WaitBudget};
 use crate::secret::Secret;
 use crate::spec::ResultsMode;
+use crate::text::{error_chain, truncate};
 
 /// A client for one Looker instance and one set of API credentials.
 #[derive(Clone, Debug)]
@@ -141,11 +141,10 @@ impl LookerClient {
                     }
                 })?;
             auth.set_sensitive(true);
-            let request = self
-                .http
-                .get(url.clone())
-                .timeout(budget.remaining())
-                .header(AUTHORIZATION, auth);
+            // No reqwest timeout here: it would also cover the body, which may take hours
+            // when Braze paces the run. The budget bounds the wait for the answer; the body
+            // reader bounds each stall (see `body::forward`).
+            let request = self.http.get(url.clone()).header(AUTHORIZATION, auth);
             let response = self.send(budget, request, &url, look_id).await?;
             match response.status() {
                 s if s.is_success() => return Ok(response),

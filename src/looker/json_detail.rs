@@ -11,6 +11,9 @@ use std::io::Read;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::text::truncate;
 
 /// One field of the result: its name (`view.field`) and LookML tags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,8 +40,10 @@ pub enum Cell {
     /// The row has no cell for the field.
     #[default]
     Missing,
-    /// The cell's raw `value` (possibly `null`).
+    /// The cell's `value` when it is not a number (possibly `null`).
     Value(Value),
+    /// A numeric `value`, as the text Looker sent (digits are never rounded through a float).
+    Number(String),
     /// A pivoted cell: keyed by pivot value instead of carrying a `value`.
     Pivoted,
     /// Not a `{"value": ...}` object.
@@ -53,6 +58,21 @@ pub trait RowSink {
     fn fields(&mut self, fields: &Fields) -> Result<Vec<String>, Stop>;
     /// Called for each row (numbered from 1) with the kept cells.
     fn row(&mut self, number: u64, cells: &mut [Cell]) -> Result<(), Stop>;
+    /// Called instead of [`RowSink::row`] for a row that is not an object (`null`, a number,
+    /// an array): `what` says which. Such a row is the sink's to count; the parse goes on.
+    fn bad_row(&mut self, number: u64, what: BadRow) -> Result<(), Stop> {
+        let _ = (number, what);
+        Ok(())
+    }
+}
+
+/// A row of `data` that is not a row object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadRow {
+    /// The row is `null`.
+    Null,
+    /// The row is a string, number, boolean or array.
+    NotAnObject,
 }
 
 /// The sink asked the parser to stop.
@@ -232,14 +252,6 @@ fn error_messages(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Cuts `s` to at most `max` characters, marking the cut.
-pub fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
-}
-
 enum TopKey {
     Fields,
     Data,
@@ -349,19 +361,23 @@ impl<'de, S: RowSink> Visitor<'de> for Data<'_, S> {
                 cells: &mut cells,
                 pivoted: false,
             };
-            let pivoted = match seq.next_element_seed(row) {
-                Ok(Some(p)) => p,
+            let shape = match seq.next_element_seed(row) {
+                Ok(Some(shape)) => shape,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
             state.rows += 1;
-            if pivoted {
-                break Err(state.fail(DetailError::Pivoted(format!(
-                    "row {} has pivoted cells",
-                    state.rows
-                ))));
-            }
-            if sink.row(state.rows, &mut cells).is_err() {
+            let handed = match shape {
+                RowShape::Object { pivoted: true } => {
+                    break Err(state.fail(DetailError::Pivoted(format!(
+                        "row {} has pivoted cells",
+                        state.rows
+                    ))));
+                }
+                RowShape::Object { pivoted: false } => sink.row(state.rows, &mut cells),
+                RowShape::Bad(what) => sink.bad_row(state.rows, what),
+            };
+            if handed.is_err() {
                 break Err(state.fail(DetailError::Stopped));
             }
         };
@@ -371,7 +387,15 @@ impl<'de, S: RowSink> Visitor<'de> for Data<'_, S> {
     }
 }
 
-/// Fills the kept cells of one row; its value says whether any cell was pivoted.
+/// What one element of `data` turned out to be.
+enum RowShape {
+    /// A row object; `pivoted` when any cell was pivoted.
+    Object { pivoted: bool },
+    /// Not a row object.
+    Bad(BadRow),
+}
+
+/// Fills the kept cells of one row and says what the row was.
 struct RowSeed<'a> {
     captures: &'a [String],
     cells: &'a mut [Cell],
@@ -379,20 +403,39 @@ struct RowSeed<'a> {
 }
 
 impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
-    type Value = bool;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_map(self)
+    type Value = RowShape;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<RowShape, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
+macro_rules! not_a_row {
+    ($($name:ident: $t:ty),*) => {
+        $(fn $name<E: de::Error>(self, _: $t) -> Result<RowShape, E> {
+            Ok(RowShape::Bad(BadRow::NotAnObject))
+        })*
+    };
+}
+
 impl<'de> Visitor<'de> for RowSeed<'_> {
-    type Value = bool;
+    type Value = RowShape;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a row object keyed by field name")
     }
 
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<bool, A::Error> {
+    fn visit_unit<E: de::Error>(self) -> Result<RowShape, E> {
+        Ok(RowShape::Bad(BadRow::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RowShape, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(RowShape::Bad(BadRow::NotAnObject))
+    }
+
+    not_a_row!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<RowShape, A::Error> {
         while let Some(index) = map.next_key_seed(KeyIndex(self.captures))? {
             let cell = map.next_value_seed(CellSeed {
                 keep: index.is_some(),
@@ -404,7 +447,9 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
                 self.cells[i] = cell;
             }
         }
-        Ok(self.pivoted)
+        Ok(RowShape::Object {
+            pivoted: self.pivoted,
+        })
     }
 }
 
@@ -459,16 +504,17 @@ impl<'de> Visitor<'de> for CellSeed {
         while let Some(is_value) = map.next_key_seed(IsValueKey)? {
             if is_value {
                 value = Some(if self.keep {
-                    map.next_value::<Value>()?
+                    kept_value(map.next_value::<Box<RawValue>>()?)
                 } else {
-                    map.next_value::<IgnoredAny>().map(|_| Value::Null)?
+                    map.next_value::<IgnoredAny>()
+                        .map(|_| Cell::Value(Value::Null))?
                 });
             } else {
                 nested |= map.next_value_seed(IsObject)?;
             }
         }
         Ok(match value {
-            Some(v) => Cell::Value(v),
+            Some(v) => v,
             None if nested => Cell::Pivoted,
             None => Cell::Malformed,
         })
@@ -484,6 +530,17 @@ impl<'de> Visitor<'de> for CellSeed {
     }
 
     malformed_scalars!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+}
+
+/// A kept `value`: numbers keep the text Looker sent (a 21-digit id must not become
+/// `1.2345678901234567e20`), everything else becomes a [`Value`].
+fn kept_value(raw: Box<RawValue>) -> Cell {
+    let text = raw.get();
+    if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return Cell::Number(String::from(Box::<str>::from(raw)));
+    }
+    // The text is one whole JSON value already checked by the parser.
+    serde_json::from_str(text).map_or(Cell::Malformed, Cell::Value)
 }
 
 struct IsValueKey;
@@ -593,7 +650,7 @@ mod tests {
         );
         assert_eq!(
             sink.rows[0].1,
-            vec![Cell::Value(json!("2017-07")), Cell::Value(json!(773))]
+            vec![Cell::Value(json!("2017-07")), Cell::Number("773".into())]
         );
     }
 
@@ -695,12 +752,5 @@ mod tests {
             Err(DetailError::Stopped)
         ));
         assert_eq!(sink.rows.len(), 1);
-    }
-
-    #[test]
-    fn truncate_marks_the_cut() {
-        assert_eq!(truncate("abcdef", 3), "abc…");
-        assert_eq!(truncate("abc", 3), "abc");
-        assert_eq!(truncate("ééé", 2), "éé…");
     }
 }

@@ -1,6 +1,7 @@
 //! The Looker API 4.0 side: login, running a Look, and reading its `json_detail` stream.
 
 pub mod body;
+pub mod cap;
 pub mod client;
 pub mod json_detail;
 

@@ -1,15 +1,16 @@
 //! Sandbox Braze `/users/track`: Bearer auth, the 75-object limit, per-object `errors`,
-//! 401/403, 413, fixed-window rate limiting with Braze's headers, and injectable faults.
+//! 401/403, 413 (or 400) over 4 MB, per-key fixed-window rate limiting with Braze's headers
+//! (on by default), latency, and injectable faults.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -19,6 +20,18 @@ use tokio::task::JoinHandle;
 
 /// Braze's limit of attributes objects per request.
 pub const MAX_OBJECTS: usize = 75;
+
+/// Braze's request body limit (4 MB), the sandbox's default.
+pub const MAX_BODY_BYTES: usize = 4_000_000;
+
+/// Braze's default burst limit per key: 3,000 requests per 3 s.
+pub const DEFAULT_RATE_LIMIT: (u64, Duration) = (3000, Duration::from_secs(3));
+
+/// Bodies the server reads at all (larger ones get axum's own 413).
+const READ_LIMIT: usize = 64 * 1024 * 1024;
+
+const EMPTY_MESSAGE: &str =
+    "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields.";
 
 /// A fault the next request gets instead of (or before) its normal answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +44,22 @@ pub enum Fault {
     Slow(Duration),
     /// Drop the connection without a complete answer.
     Drop,
+    /// Answer 429 with no wait header at all.
+    RateLimitedNoHeader,
+    /// Answer 429 whose only header is `X-RateLimit-Reset`, an epoch time 5 s in the past.
+    RateLimitedPastReset,
+    /// Answer this status with an HTML body (`text/html`), as a load balancer does.
+    HtmlError(u16),
+}
+
+/// How `X-RateLimit-Reset` is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResetForm {
+    /// Epoch seconds of the window's end (Braze's `api_limits` wording).
+    #[default]
+    Epoch,
+    /// Seconds until the window's end, rounded up (the MAU contracts' wording).
+    SecondsToGo,
 }
 
 /// One request the sandbox received and what it answered.
@@ -70,24 +99,61 @@ impl TrackRequest {
 
 #[derive(Debug)]
 struct Window {
-    limit: u64,
-    period_ms: u64,
     start_ms: u64,
     used: u64,
 }
 
 #[derive(Debug)]
+struct Limits {
+    /// Requests per window and the window's length in ms; `None` is no limit.
+    limit: Option<(u64, u64)>,
+    /// Each key's current window.
+    windows: HashMap<String, Window>,
+}
+
+impl Limits {
+    fn new(limit: Option<(u64, Duration)>) -> Self {
+        Self {
+            limit: limit.map(|(n, period)| (n, period.as_millis().max(1) as u64)),
+            windows: HashMap::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
 struct BrazeState {
-    api_key: String,
+    api_keys: Mutex<HashSet<String>>,
     forbidden_keys: Mutex<HashSet<String>>,
-    window: Mutex<Option<Window>>,
+    limits: Mutex<Limits>,
+    reset_form: Mutex<ResetForm>,
+    latency: Mutex<(Duration, Duration)>,
     faults: Mutex<VecDeque<Fault>>,
     reject_ids: Mutex<HashSet<String>>,
     max_body_bytes: AtomicUsize,
+    oversize_status: AtomicU16,
     record: AtomicBool,
     requests: Mutex<Vec<TrackRequest>>,
     request_count: AtomicU64,
     accepted_count: AtomicU64,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Counts a request as in flight while alive.
+struct InFlight<'a>(&'a BrazeState);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a BrazeState) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A running sandbox Braze.
@@ -117,22 +183,29 @@ fn now_ms() -> u64 {
 }
 
 impl BrazeSandbox {
-    /// Starts a Braze that accepts `api_key`, with no rate limit and no faults.
+    /// Starts a Braze that accepts `api_key`, with Braze's default rate limit per key
+    /// ([`DEFAULT_RATE_LIMIT`]), no latency and no faults.
     pub async fn start(api_key: &str) -> io::Result<Self> {
         let state = Arc::new(BrazeState {
-            api_key: api_key.into(),
+            api_keys: Mutex::new(HashSet::from([api_key.to_owned()])),
             forbidden_keys: Mutex::default(),
-            window: Mutex::new(None),
+            limits: Mutex::new(Limits::new(Some(DEFAULT_RATE_LIMIT))),
+            reset_form: Mutex::default(),
+            latency: Mutex::default(),
             faults: Mutex::default(),
             reject_ids: Mutex::default(),
-            max_body_bytes: AtomicUsize::new(4 * 1024 * 1024),
+            max_body_bytes: AtomicUsize::new(MAX_BODY_BYTES),
+            oversize_status: AtomicU16::new(413),
             record: AtomicBool::new(true),
             requests: Mutex::default(),
             request_count: AtomicU64::new(0),
             accepted_count: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
         let router = Router::new()
             .route("/users/track", post(track))
+            .layer(DefaultBodyLimit::max(READ_LIMIT))
             .with_state(Arc::clone(&state));
         let (addr, task) = super::serve(router).await?;
         Ok(Self {
@@ -142,20 +215,32 @@ impl BrazeSandbox {
         })
     }
 
-    /// Enforces `limit` requests per fixed window of `period` (aligned to the epoch), as
-    /// Braze does; `None` turns the limit off.
+    /// Enforces `limit` requests per fixed window of `period` (aligned to the epoch) for each
+    /// API key separately, as Braze does; `None` turns the limit off. Starts fresh windows.
     pub fn set_rate_limit(&self, limit: Option<(u64, Duration)>) {
-        *lock(&self.state.window) = limit.map(|(limit, period)| Window {
-            limit,
-            period_ms: period.as_millis().max(1) as u64,
-            start_ms: 0,
-            used: 0,
-        });
+        *lock(&self.state.limits) = Limits::new(limit);
+    }
+
+    /// How `X-RateLimit-Reset` is written on answers that carry the rate-limit headers
+    /// (default [`ResetForm::Epoch`]).
+    pub fn set_reset_form(&self, form: ResetForm) {
+        *lock(&self.state.reset_form) = form;
+    }
+
+    /// Every request is answered no sooner than `fixed` plus a uniform random share of
+    /// `jitter` after it arrived (requests still run concurrently). Default zero.
+    pub fn set_latency(&self, fixed: Duration, jitter: Duration) {
+        *lock(&self.state.latency) = (fixed, jitter);
     }
 
     /// Queues faults for the next requests, in order.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.state.faults).extend(faults);
+    }
+
+    /// Also accepts `key` (another key of the workspace), with its own rate-limit window.
+    pub fn add_key(&self, key: &str) {
+        lock(&self.state.api_keys).insert(key.into());
     }
 
     /// Requests with this key get 403 (a key without `users.track`).
@@ -168,9 +253,20 @@ impl BrazeSandbox {
         lock(&self.state.reject_ids).insert(id.into());
     }
 
-    /// Bodies larger than this get 413.
+    /// Bodies larger than this get the oversize answer (default [`MAX_BODY_BYTES`]).
     pub fn set_max_body_bytes(&self, n: usize) {
         self.state.max_body_bytes.store(n, Ordering::Relaxed);
+    }
+
+    /// Status of the oversize answer: 413 (default) or 400 with Braze's "Request body too
+    /// large" message (any other status is sent with the 413 body).
+    pub fn set_oversize_status(&self, status: u16) {
+        self.state.oversize_status.store(status, Ordering::Relaxed);
+    }
+
+    /// The most requests the sandbox was handling at once so far.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
     /// Whether to keep every request (off for benchmarks; counters always run).
@@ -266,6 +362,13 @@ fn json_response(status: StatusCode, body: Value, extra: &[(&'static str, String
 }
 
 async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = tokio::time::Instant::now();
+    let _in_flight = InFlight::enter(&state);
+    let (fixed, jitter) = *lock(&state.latency);
+    let jitter = match jitter.as_nanos() as u64 {
+        0 => Duration::ZERO,
+        n => Duration::from_nanos(fastrand::u64(0..n)),
+    };
     state.request_count.fetch_add(1, Ordering::Relaxed);
     let h = |name| {
         headers
@@ -299,7 +402,20 @@ async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: B
         }
         lock(&state.requests).push(log);
     }
+    tokio::time::sleep_until(arrived + fixed + jitter).await;
     response
+}
+
+fn html_response(status: StatusCode) -> Response {
+    let title = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error")
+    );
+    let body = format!(
+        "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    );
+    (status, [(header::CONTENT_TYPE, "text/html")], body).into_response()
 }
 
 async fn answer(
@@ -312,7 +428,7 @@ async fn answer(
     let key = authorization
         .and_then(|a| a.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if key != state.api_key && !lock(&state.forbidden_keys).contains(key) {
+    if !lock(&state.api_keys).contains(key) && !lock(&state.forbidden_keys).contains(key) {
         return json_response(
             StatusCode::UNAUTHORIZED,
             json!({"message": "Invalid API key"}),
@@ -346,18 +462,42 @@ async fn answer(
             });
             return Response::new(Body::from_stream(broken));
         }
+        Some(Fault::RateLimitedNoHeader) => {
+            return json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"message": "Over rate limit"}),
+                &[],
+            );
+        }
+        Some(Fault::RateLimitedPastReset) => {
+            let past = (now_ms() / 1000).saturating_sub(5);
+            return json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"message": "Over rate limit"}),
+                &[("x-ratelimit-reset", past.to_string())],
+            );
+        }
+        Some(Fault::HtmlError(s)) => {
+            let status = StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY);
+            return html_response(status);
+        }
         None => {}
     }
     let mut limit_headers = Vec::new();
-    if let Some(w) = lock(&state.window).as_mut() {
+    let mut limits = lock(&state.limits);
+    if let Some((limit, period_ms)) = limits.limit {
         let now = now_ms();
-        let start = now - now % w.period_ms;
+        let start = now - now % period_ms;
+        let w = limits.windows.entry(key.to_owned()).or_insert(Window {
+            start_ms: start,
+            used: 0,
+        });
         if start != w.start_ms {
             w.start_ms = start;
             w.used = 0;
         }
-        let reset_ms = start + w.period_ms;
-        if w.used >= w.limit {
+        let reset_ms = start + period_ms;
+        if w.used >= limit {
             let retry = (reset_ms - now).div_ceil(1000).max(1);
             return json_response(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -366,23 +506,35 @@ async fn answer(
             );
         }
         w.used += 1;
+        let reset = match *lock(&state.reset_form) {
+            ResetForm::Epoch => reset_ms.div_ceil(1000),
+            ResetForm::SecondsToGo => (reset_ms - now).div_ceil(1000),
+        };
         limit_headers = vec![
-            ("x-ratelimit-limit", w.limit.to_string()),
-            ("x-ratelimit-remaining", (w.limit - w.used).to_string()),
-            ("x-ratelimit-reset", reset_ms.div_ceil(1000).to_string()),
+            ("x-ratelimit-limit", limit.to_string()),
+            ("x-ratelimit-remaining", (limit - w.used).to_string()),
+            ("x-ratelimit-reset", reset.to_string()),
         ];
     }
+    drop(limits);
     if body_len > state.max_body_bytes.load(Ordering::Relaxed) {
-        return json_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            json!({"message": "Payload Too Large"}),
-            &limit_headers,
-        );
+        return match state.oversize_status.load(Ordering::Relaxed) {
+            400 => json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"message": "Request body too large: the payload exceeds the 4 MB limit"}),
+                &limit_headers,
+            ),
+            s => json_response(
+                StatusCode::from_u16(s).unwrap_or(StatusCode::PAYLOAD_TOO_LARGE),
+                json!({"message": "Payload Too Large"}),
+                &limit_headers,
+            ),
+        };
     }
-    let Some(parsed) = parsed else {
+    let Some(parsed) = parsed.filter(|p| !p.attributes.is_empty()) else {
         return json_response(
             StatusCode::BAD_REQUEST,
-            json!({"message": "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields."}),
+            json!({"message": EMPTY_MESSAGE}),
             &limit_headers,
         );
     };
@@ -411,7 +563,7 @@ async fn answer(
     if ok == 0 && !errors.is_empty() {
         return json_response(
             StatusCode::BAD_REQUEST,
-            json!({"message": "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields.", "errors": errors}),
+            json!({"message": EMPTY_MESSAGE, "errors": errors}),
             &limit_headers,
         );
     }

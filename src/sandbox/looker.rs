@@ -1,5 +1,6 @@
 //! Sandbox Looker API 4.0: `POST /login` and `GET /looks/{id}/run/json_detail`, streamed in
-//! the shape of a real result, for any number of generated rows.
+//! the shape of a real result, for any number of generated rows, with optional latency and
+//! bodies that slow down or stall midway.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -22,6 +23,9 @@ use tokio::time::Instant;
 pub enum Rows {
     /// These row objects, as they appear in `data`.
     Fixed(Vec<Value>),
+    /// Rows as raw JSON text, sent verbatim (for numbers no `Value` can hold, such as a
+    /// 21-digit id, or rows that are not objects).
+    Raw(Vec<String>),
     /// `count` rows made on the fly (never held in memory).
     Generated { count: u64, generator: Generator },
 }
@@ -52,6 +56,10 @@ pub struct Look {
     pub cut_after: Option<u64>,
     /// Wait this long before answering.
     pub delay: Option<Duration>,
+    /// After this many rows, wait the duration before each further row (rows still stream).
+    pub slow_after: Option<(u64, Duration)>,
+    /// After this many rows, send nothing for the duration once, then go on at full speed.
+    pub stall_after: Option<(u64, Duration)>,
 }
 
 const NAMES: [&str; 8] = [
@@ -69,6 +77,8 @@ impl Look {
             errors: None,
             cut_after: None,
             delay: None,
+            slow_after: None,
+            stall_after: None,
         }
     }
 
@@ -81,6 +91,7 @@ impl Look {
     fn total(&self) -> u64 {
         match &self.rows {
             Rows::Fixed(r) => r.len() as u64,
+            Rows::Raw(r) => r.len() as u64,
             Rows::Generated { count, .. } => *count,
         }
     }
@@ -151,6 +162,7 @@ struct LookerState {
     next_ttls: Mutex<VecDeque<Duration>>,
     requests: Mutex<Vec<LookerRequest>>,
     issued: AtomicU64,
+    latency: Mutex<Duration>,
 }
 
 /// A running sandbox Looker.
@@ -183,6 +195,7 @@ impl LookerSandbox {
             next_ttls: Mutex::default(),
             requests: Mutex::default(),
             issued: AtomicU64::new(0),
+            latency: Mutex::default(),
         });
         let router = Router::new()
             .route("/api/4.0/login", post(login))
@@ -204,6 +217,11 @@ impl LookerSandbox {
     /// The next tokens issued live only this long (then answer 401), one per entry.
     pub fn expire_next_tokens_after(&self, ttl: Duration) {
         lock(&self.state.next_ttls).push_back(ttl);
+    }
+
+    /// Every request (login and run) waits `fixed` before it is answered. Default zero.
+    pub fn set_latency(&self, fixed: Duration) {
+        *lock(&self.state.latency) = fixed;
     }
 
     /// Every request so far.
@@ -246,6 +264,13 @@ fn record(
     });
 }
 
+async fn latency(state: &LookerState) {
+    let fixed = *lock(&state.latency);
+    if !fixed.is_zero() {
+        tokio::time::sleep(fixed).await;
+    }
+}
+
 fn error(status: StatusCode, message: &str) -> Response {
     let body =
         json!({"message": message, "documentation_url": "https://cloud.google.com/looker/docs/"});
@@ -272,6 +297,7 @@ async fn login(
         &headers,
         form.clone(),
     );
+    latency(&state).await;
     let get = |k: &str| {
         form.iter()
             .find(|(key, _)| key == k)
@@ -312,6 +338,7 @@ async fn run_look(
         &headers,
         vec![],
     );
+    latency(&state).await;
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -348,6 +375,9 @@ async fn run_look(
         Some(n) => look.total().min(n.max(0) as u64),
     };
     let stream = futures_util::stream::unfold(BodyWriter::new(look, rows), |mut w| async move {
+        if let Some(d) = w.delay_before_next() {
+            tokio::time::sleep(d).await;
+        }
         let item = w.next_chunk()?;
         if item.is_err() {
             // Let the client read what was sent, as when a real connection drops mid-body.
@@ -367,12 +397,14 @@ async fn run_look(
         })
 }
 
-/// Writes a result body in chunks of about 32 KiB.
+/// Writes a result body in chunks of about 32 KiB; a chunk also ends where the Look slows
+/// down or stalls, so the rows before reach the client before the wait.
 struct BodyWriter {
     look: Look,
     rows: u64,
     next: u64,
     stage: u8,
+    stalled: bool,
 }
 
 impl BodyWriter {
@@ -382,7 +414,44 @@ impl BodyWriter {
             rows,
             next: 0,
             stage: 0,
+            stalled: false,
         }
+    }
+
+    /// Rows the body will carry.
+    fn row_count(&self) -> u64 {
+        if self.look.errors.is_some() {
+            0
+        } else {
+            self.rows
+        }
+    }
+
+    /// Whether a wait falls before row index `i` (so a chunk must end there).
+    fn waits_before(&self, i: u64) -> bool {
+        self.look.slow_after.is_some_and(|(n, _)| i >= n)
+            || (!self.stalled && self.look.stall_after.is_some_and(|(n, _)| i == n))
+    }
+
+    /// The wait before the next chunk (rows after a slow-down or at the stall).
+    fn delay_before_next(&mut self) -> Option<Duration> {
+        if self.stage != 1 || self.next >= self.row_count() || !self.waits_before(self.next) {
+            return None;
+        }
+        let mut wait = Duration::ZERO;
+        if let Some((n, d)) = self.look.stall_after
+            && !self.stalled
+            && self.next == n
+        {
+            self.stalled = true;
+            wait += d;
+        }
+        if let Some((n, d)) = self.look.slow_after
+            && self.next >= n
+        {
+            wait += d;
+        }
+        Some(wait)
     }
 
     fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
@@ -399,12 +468,12 @@ impl BodyWriter {
                 self.stage = 1;
             }
             1 => {
-                let rows = if self.look.errors.is_some() {
-                    0
-                } else {
-                    self.rows
-                };
+                let rows = self.row_count();
+                let first = self.next;
                 while self.next < rows && out.len() < 32 * 1024 {
+                    if self.next > first && self.waits_before(self.next) {
+                        break;
+                    }
                     if self.look.cut_after == Some(self.next) {
                         return Some(Err(io::Error::other("sandbox dropped the connection")));
                     }
@@ -414,6 +483,7 @@ impl BodyWriter {
                     self.next += 1;
                     match &self.look.rows {
                         Rows::Fixed(r) => out.push_str(&r[(self.next - 1) as usize].to_string()),
+                        Rows::Raw(r) => out.push_str(&r[(self.next - 1) as usize]),
                         Rows::Generated { generator, .. } => {
                             generated_row(self.next, *generator, &mut out)
                         }

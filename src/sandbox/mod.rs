@@ -5,7 +5,7 @@
 pub mod braze;
 pub mod looker;
 
-pub use braze::{BrazeSandbox, Fault, TrackRequest};
+pub use braze::{BrazeSandbox, Fault, ResetForm, TrackRequest};
 pub use looker::{Generator, Look, LookerRequest, LookerSandbox, Rows};
 
 use std::net::SocketAddr;

@@ -131,6 +131,9 @@ pub fn fast_services() -> Services {
             max_attempts: 6,
             base: Duration::from_millis(4),
             cap: Duration::from_millis(40),
+            rate_limit_patience: Duration::from_secs(20),
+            rate_limit_floor: Duration::from_millis(5),
+            rate_limit_backoff_cap: Duration::from_millis(40),
         },
         ..Services::default()
     }

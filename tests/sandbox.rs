@@ -1,0 +1,451 @@
+//! The sandboxes' hostile knobs, checked with plain HTTP calls: Braze latency, concurrency,
+//! per-key rate limits, reset forms, faults, 400s and oversize answers; Looker latency and
+//! bodies that slow down or stall midway.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use braze_export_operator::sandbox::{
+    BrazeSandbox, Fault, Generator, Look, LookerSandbox, ResetForm,
+};
+use serde_json::{Value, json};
+
+const KEY: &str = "sandbox-test-key";
+
+fn client() -> reqwest::Client {
+    braze_export_operator::http::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn one_object() -> Value {
+    json!({"attributes": [{"external_id": "u1", "looker_export": {"add": ["A"]}}]})
+}
+
+async fn braze() -> (BrazeSandbox, reqwest::Client) {
+    (
+        BrazeSandbox::start(KEY).await.expect("braze sandbox"),
+        client(),
+    )
+}
+
+/// POSTs `body` to `/users/track` with `key`.
+async fn track(c: &reqwest::Client, braze: &BrazeSandbox, key: &str, body: &Value) -> Answer {
+    track_raw(c, braze, key, body.to_string()).await
+}
+
+async fn track_raw(c: &reqwest::Client, braze: &BrazeSandbox, key: &str, body: String) -> Answer {
+    let r = c
+        .post(format!("{}/users/track", braze.url))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sandbox answers");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text().await.expect("body");
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+
+    fn number(&self, name: &str) -> u64 {
+        self.header(name)
+            .unwrap_or_else(|| panic!("{name} missing: {self:?}"))
+            .parse()
+            .unwrap()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// Waits, if need be, so that at least `margin_ms` remain in the current `period_ms` window.
+async fn early_in_window(period_ms: u64, margin_ms: u64) {
+    let into = now_ms() % period_ms;
+    if period_ms - into < margin_ms {
+        tokio::time::sleep(Duration::from_millis(period_ms - into + 20)).await;
+    }
+}
+
+#[tokio::test]
+async fn braze_latency_delays_each_answer_by_at_least_the_fixed_part() {
+    let (braze, c) = braze().await;
+    braze.set_latency(Duration::from_millis(150), Duration::from_millis(50));
+    for _ in 0..3 {
+        let start = Instant::now();
+        let a = track(&c, &braze, KEY, &one_object()).await;
+        let took = start.elapsed();
+        assert_eq!(a.status, 201, "{a:?}");
+        assert!(took >= Duration::from_millis(150), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    assert_eq!((braze.request_count(), braze.accepted_count()), (3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn braze_latency_does_not_serialize_concurrent_requests() {
+    let (braze, c) = braze().await;
+    braze.set_latency(Duration::from_millis(200), Duration::ZERO);
+    let (c, sandbox) = (&c, &braze);
+    let start = Instant::now();
+    let answers = futures_util::future::join_all(
+        (0..16).map(|_| async move { track(c, sandbox, KEY, &one_object()).await.status }),
+    )
+    .await;
+    let took = start.elapsed();
+    assert_eq!(answers, vec![201; 16]);
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(
+        took < Duration::from_millis(1600),
+        "16 × 200 ms took {took:?}: latency serializes requests"
+    );
+    let peak = braze.max_in_flight();
+    assert!((12..=16).contains(&peak), "max_in_flight {peak}");
+    assert_eq!((braze.request_count(), braze.accepted_count()), (16, 16));
+}
+
+#[tokio::test]
+async fn braze_max_in_flight_is_one_for_sequential_requests() {
+    let (braze, c) = braze().await;
+    assert_eq!(braze.max_in_flight(), 0);
+    for _ in 0..3 {
+        assert_eq!(track(&c, &braze, KEY, &one_object()).await.status, 201);
+    }
+    assert_eq!(braze.max_in_flight(), 1);
+}
+
+#[tokio::test]
+async fn braze_rate_limit_is_on_by_default_with_epoch_reset() {
+    let (braze, c) = braze().await;
+    let a = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.number("x-ratelimit-limit"), 3000);
+    assert_eq!(a.number("x-ratelimit-remaining"), 2999);
+    let reset = a.number("x-ratelimit-reset");
+    let now = now_ms() / 1000;
+    assert!(
+        reset > 1_000_000_000 && reset >= now && reset <= now + 4,
+        "reset {reset}, now {now}"
+    );
+    assert_eq!(reset % 3, 0, "windows are aligned to the epoch");
+}
+
+#[tokio::test]
+async fn braze_reset_can_be_seconds_to_go() {
+    let (braze, c) = braze().await;
+    braze.set_reset_form(ResetForm::SecondsToGo);
+    let a = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    let reset = a.number("x-ratelimit-reset");
+    assert!((1..=3).contains(&reset), "reset {reset}");
+    braze.set_reset_form(ResetForm::Epoch);
+    let a = track(&c, &braze, KEY, &one_object()).await;
+    assert!(a.number("x-ratelimit-reset") > 1_000_000_000, "{a:?}");
+}
+
+#[tokio::test]
+async fn braze_rate_limit_is_per_key() {
+    let (braze, c) = braze().await;
+    braze.add_key("second-key");
+    braze.set_rate_limit(Some((3, Duration::from_secs(2))));
+    early_in_window(2000, 800).await;
+    for left in [2, 1, 0] {
+        let a = track(&c, &braze, KEY, &one_object()).await;
+        assert_eq!(a.status, 201, "{a:?}");
+        assert_eq!(a.number("x-ratelimit-remaining"), left);
+    }
+    let limited = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    let retry = limited.number("x-ratelimit-retry-after");
+    assert!((1..=2).contains(&retry), "retry after {retry}");
+    assert_eq!(limited.header("x-ratelimit-remaining"), None);
+
+    // The second key has its own window.
+    for left in [2, 1, 0] {
+        let a = track(&c, &braze, "second-key", &one_object()).await;
+        assert_eq!(a.status, 201, "{a:?}");
+        assert_eq!(a.number("x-ratelimit-remaining"), left);
+    }
+    assert_eq!(
+        track(&c, &braze, "second-key", &one_object()).await.status,
+        429
+    );
+    assert_eq!((braze.request_count(), braze.accepted_count()), (8, 6));
+
+    // Off: nothing is limited and no headers are sent.
+    braze.set_rate_limit(None);
+    let a = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(a.status, 201, "{a:?}");
+    assert_eq!(a.header("x-ratelimit-limit"), None);
+}
+
+#[tokio::test]
+async fn braze_faults_come_before_the_limiter_and_do_not_use_the_window() {
+    let (braze, c) = braze().await;
+    braze.set_rate_limit(Some((1, Duration::from_secs(10))));
+    early_in_window(10_000, 1000).await;
+    braze.inject([Fault::HtmlError(502)]);
+    assert_eq!(track(&c, &braze, KEY, &one_object()).await.status, 502);
+    assert_eq!(track(&c, &braze, KEY, &one_object()).await.status, 201);
+    assert_eq!(track(&c, &braze, KEY, &one_object()).await.status, 429);
+    assert_eq!((braze.request_count(), braze.accepted_count()), (3, 1));
+}
+
+#[tokio::test]
+async fn braze_rate_limited_fault_variants() {
+    let (braze, c) = braze().await;
+    braze.inject([
+        Fault::RateLimited { retry_after: 0 },
+        Fault::RateLimitedNoHeader,
+        Fault::RateLimitedPastReset,
+    ]);
+
+    let zero = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(zero.status, 429, "{zero:?}");
+    assert_eq!(zero.header("x-ratelimit-retry-after"), Some("0"));
+
+    let none = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(none.status, 429, "{none:?}");
+    for h in [
+        "x-ratelimit-retry-after",
+        "retry-after",
+        "x-ratelimit-reset",
+        "x-ratelimit-remaining",
+    ] {
+        assert_eq!(none.header(h), None, "{h} in {none:?}");
+    }
+    assert_eq!(none.json()["message"], "Over rate limit");
+
+    let past = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(past.status, 429, "{past:?}");
+    let reset = past.number("x-ratelimit-reset");
+    let now = now_ms() / 1000;
+    assert!(
+        reset + 4 <= now && reset + 7 >= now,
+        "reset {reset}, now {now}"
+    );
+    for h in [
+        "x-ratelimit-retry-after",
+        "retry-after",
+        "x-ratelimit-remaining",
+    ] {
+        assert_eq!(past.header(h), None, "{h} in {past:?}");
+    }
+
+    assert_eq!(track(&c, &braze, KEY, &one_object()).await.status, 201);
+    assert_eq!((braze.request_count(), braze.accepted_count()), (4, 1));
+    let statuses: Vec<u16> = braze.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [429, 429, 429, 201]);
+}
+
+#[tokio::test]
+async fn braze_html_error_looks_like_a_load_balancer() {
+    let (braze, c) = braze().await;
+    braze.inject([Fault::HtmlError(502), Fault::HtmlError(504)]);
+    let a = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(a.status, 502, "{a:?}");
+    assert!(
+        a.header("content-type").unwrap().starts_with("text/html"),
+        "{a:?}"
+    );
+    assert!(a.body.contains("<title>502 Bad Gateway</title>"), "{a:?}");
+    assert!(a.body.contains("<h1>502 Bad Gateway</h1>"), "{a:?}");
+    assert!(a.body.contains("nginx"), "{a:?}");
+    assert!(serde_json::from_str::<Value>(&a.body).is_err());
+    let a = track(&c, &braze, KEY, &one_object()).await;
+    assert_eq!(a.status, 504);
+    assert!(
+        a.body.contains("<title>504 Gateway Timeout</title>"),
+        "{a:?}"
+    );
+    assert_eq!(braze.accepted_count(), 0);
+}
+
+#[tokio::test]
+async fn braze_empty_attributes_is_400() {
+    let (braze, c) = braze().await;
+    let a = track(&c, &braze, KEY, &json!({"attributes": []})).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert_eq!(
+        a.json(),
+        json!({"message": "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields."})
+    );
+    assert_eq!((braze.request_count(), braze.accepted_count()), (1, 0));
+    assert_eq!(braze.requests()[0].objects, 0);
+}
+
+#[tokio::test]
+async fn braze_oversize_is_413_by_default_or_400() {
+    let (braze, c) = braze().await;
+    // Braze's 4 MB: a body just under it is read and accepted (past axum's own 2 MB default).
+    let object = json!({"external_id": "u1", "looker_export": {"add": ["A"]}}).to_string();
+    let pad = |total: usize| {
+        let head = r#"{"attributes":["#;
+        let tail = "]}";
+        format!(
+            "{head}{object}{}{tail}",
+            " ".repeat(total - head.len() - object.len() - tail.len())
+        )
+    };
+    let a = track_raw(&c, &braze, KEY, pad(4_000_000)).await;
+    assert_eq!(a.status, 201, "{}", a.status);
+    let a = track_raw(&c, &braze, KEY, pad(4_000_001)).await;
+    assert_eq!(a.status, 413, "{}", a.status);
+
+    braze.set_max_body_bytes(100);
+    braze.set_oversize_status(400);
+    let a = track_raw(&c, &braze, KEY, pad(101)).await;
+    assert_eq!(a.status, 400, "{a:?}");
+    assert_eq!(
+        a.json(),
+        json!({"message": "Request body too large: the payload exceeds the 4 MB limit"})
+    );
+    braze.set_oversize_status(413);
+    assert_eq!(track_raw(&c, &braze, KEY, pad(101)).await.status, 413);
+    assert_eq!(track_raw(&c, &braze, KEY, pad(100)).await.status, 201);
+    assert_eq!((braze.request_count(), braze.accepted_count()), (5, 2));
+}
+
+// --- Looker ---
+
+async fn looker_with(look: Look) -> (LookerSandbox, reqwest::Client, String) {
+    let looker = LookerSandbox::start("id", "secret")
+        .await
+        .expect("looker sandbox");
+    looker.add_look("1", look);
+    let c = client();
+    let token = login(&c, &looker).await;
+    (looker, c, token)
+}
+
+async fn login(c: &reqwest::Client, looker: &LookerSandbox) -> String {
+    let r = c
+        .post(format!("{}/api/4.0/login", looker.url))
+        .form(&[("client_id", "id"), ("client_secret", "secret")])
+        .send()
+        .await
+        .expect("login answers");
+    assert_eq!(r.status(), 200);
+    let v: Value = serde_json::from_str(&r.text().await.expect("login body")).expect("login JSON");
+    v["access_token"].as_str().expect("token").to_owned()
+}
+
+/// Runs Look 1 and returns, for each row, when it was seen (from the request's start), and
+/// the whole body.
+async fn run_timed(
+    c: &reqwest::Client,
+    looker: &LookerSandbox,
+    token: &str,
+) -> (Vec<Duration>, String) {
+    const ROW: &str = r#"{"users.external_id":"#;
+    let start = Instant::now();
+    let mut r = c
+        .get(format!("{}/api/4.0/looks/1/run/json_detail", looker.url))
+        .header("authorization", format!("token {token}"))
+        .send()
+        .await
+        .expect("run answers");
+    assert_eq!(r.status(), 200);
+    let mut body = Vec::new();
+    let mut seen = Vec::new();
+    while let Some(chunk) = r.chunk().await.expect("body streams") {
+        body.extend_from_slice(&chunk);
+        let rows = String::from_utf8_lossy(&body).matches(ROW).count();
+        while seen.len() < rows {
+            seen.push(start.elapsed());
+        }
+    }
+    let body = String::from_utf8(body).expect("UTF-8 body");
+    let parsed: Value = serde_json::from_str(&body).expect("complete JSON body");
+    assert_eq!(parsed["data"].as_array().unwrap().len(), seen.len());
+    (seen, body)
+}
+
+#[tokio::test]
+async fn looker_stall_midway_sends_earlier_rows_first() {
+    let mut look = Look::users(10, Generator::Clean);
+    look.stall_after = Some((5, Duration::from_millis(800)));
+    let (looker, c, token) = looker_with(look).await;
+    let (seen, _) = run_timed(&c, &looker, &token).await;
+    assert_eq!(seen.len(), 10);
+    assert!(
+        seen[4] < Duration::from_millis(700),
+        "rows before the stall are held back: {seen:?}"
+    );
+    assert!(
+        seen[5] - seen[4] >= Duration::from_millis(700),
+        "no stall: {seen:?}"
+    );
+    assert!(
+        seen[9] - seen[5] < Duration::from_millis(500),
+        "full speed after the stall: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn looker_slow_after_delays_every_further_row() {
+    let mut look = Look::users(6, Generator::Clean);
+    look.slow_after = Some((3, Duration::from_millis(150)));
+    let (looker, c, token) = looker_with(look).await;
+    let (seen, _) = run_timed(&c, &looker, &token).await;
+    assert_eq!(seen.len(), 6);
+    for i in 3..6 {
+        assert!(
+            seen[i] - seen[i - 1] >= Duration::from_millis(120),
+            "row {i} not slowed: {seen:?}"
+        );
+    }
+    assert!(seen[5] < Duration::from_secs(2), "{seen:?}");
+}
+
+#[tokio::test]
+async fn looker_slow_and_stall_keep_the_body_intact() {
+    let mut look = Look::users(400, Generator::Dirty);
+    look.stall_after = Some((200, Duration::from_millis(50)));
+    look.slow_after = Some((380, Duration::from_millis(10)));
+    let plain = Look::users(400, Generator::Dirty);
+    let (looker, c, token) = looker_with(look).await;
+    let (seen, body) = run_timed(&c, &looker, &token).await;
+    looker.add_look("1", plain);
+    let (_, expected) = run_timed(&c, &looker, &token).await;
+    assert_eq!(seen.len(), 400);
+    assert_eq!(body, expected);
+}
+
+#[tokio::test]
+async fn looker_latency_applies_to_login_and_run() {
+    let (looker, c, token) = looker_with(Look::users(3, Generator::Clean)).await;
+    looker.set_latency(Duration::from_millis(200));
+    let start = Instant::now();
+    login(&c, &looker).await;
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    let (seen, _) = run_timed(&c, &looker, &token).await;
+    assert!(seen[0] >= Duration::from_millis(200), "{seen:?}");
+}
