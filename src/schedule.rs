@@ -62,6 +62,15 @@ impl Schedule {
             .map(|z| z.timestamp())
     }
 
+    /// The gap between the scheduled times on either side of `t`: the last at or before it
+    /// and the next after it (a weekday schedule's gap is 3 days over a weekend).
+    pub fn interval_around(&self, t: Timestamp) -> Option<SignedDuration> {
+        Some(
+            self.next_after(t)?
+                .duration_since(self.last_at_or_before(t)?),
+        )
+    }
+
     /// The last time at or before `t`.
     pub fn last_at_or_before(&self, t: Timestamp) -> Option<Timestamp> {
         self.cron
@@ -312,6 +321,27 @@ mod tests {
                 "{expr} last before {now}"
             );
         }
+    }
+
+    #[test]
+    fn the_interval_is_the_gap_around_now() {
+        let weekdays = Schedule::new("30 9 * * 1-5", None).unwrap();
+        let days = |d: i64| Some(SignedDuration::from_hours(24 * d));
+        // Saturday: from Friday's run to Monday's.
+        assert_eq!(
+            weekdays.interval_around(ts("2026-11-28T12:00:00Z")),
+            days(3)
+        );
+        // Tuesday: from Monday's run to Tuesday's.
+        assert_eq!(
+            weekdays.interval_around(ts("2026-12-01T08:00:00Z")),
+            days(1)
+        );
+        let hourly = Schedule::new("@hourly", None).unwrap();
+        assert_eq!(
+            hourly.interval_around(ts("2026-11-29T10:00:00Z")),
+            Some(SignedDuration::from_hours(1))
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use braze_export_operator::commands::load::load_export;
 use braze_export_operator::crd::crd_yaml;
 use braze_export_operator::export::ExportPlan;
-use braze_export_operator::ops::metrics::Metrics;
+use braze_export_operator::ops::metrics::{ExportGauges, Metrics, row_counts};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -254,6 +254,13 @@ fn the_dashboard_and_alerts_use_metrics_the_operator_exports() {
     metrics.record_run(&report, now);
     metrics.set_exports([(("True", "Succeeded"), 1)]);
     metrics.reconcile_error("ApiError");
+    metrics.set_export_gauges(&[ExportGauges {
+        namespace: "marketing".into(),
+        name: "churn-risk".into(),
+        last_success: Some(now),
+        last_run: Some(row_counts(&report)),
+        interval: Some(jiff::SignedDuration::from_hours(24)),
+    }]);
     let exposed = metrics.encode();
     let exists = |name: &str| {
         let base = name.trim_end_matches("_bucket");
@@ -292,7 +299,28 @@ fn the_dashboard_and_alerts_use_metrics_the_operator_exports() {
         "Rejected and failed users",
         "Braze requests, retries and 429s",
         "Run duration",
+        "Exports by last success",
     ] {
         assert!(titles.contains(&want), "{want} panel");
     }
+}
+
+#[test]
+fn one_stale_export_raises_an_alert_with_its_own_labels() {
+    let rules = read(&chart().join("templates/prometheusrule.yaml"));
+    let stale = &rules[rules.find("alert: BrazeExportStale").expect("the alert")..];
+    let stale = &stale[..stale[1..].find("- alert:").map_or(stale.len(), |i| i + 1)];
+    for needle in [
+        "time() - braze_export_last_success_timestamp_seconds",
+        "> 2 * braze_export_schedule_interval_seconds",
+        "$labels.namespace",
+        "$labels.name",
+    ] {
+        assert!(
+            stale.contains(needle),
+            "BrazeExportStale lacks {needle}:\n{stale}"
+        );
+    }
+    // Without it Prometheus renames the export's `namespace` label `exported_namespace`.
+    assert!(read(&chart().join("templates/servicemonitor.yaml")).contains("honorLabels: true"));
 }

@@ -3,4 +3,7 @@
 pub mod controller;
 pub mod demo;
 pub mod load;
+pub mod plugin;
 pub mod run;
+pub mod run_request;
+pub mod trigger;

@@ -65,16 +65,29 @@ pub async fn run(args: RunArgs) -> i32 {
         }
         Ok((plan, creds, dump)) => {
             let report = execute(&plan, &creds, &args, dump).await;
-            let title = format!("Export {} (Look {})", plan.name, plan.look_id);
-            match args.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                ),
-                Output::Text => print!("{}", report.to_text(&title)),
-            }
+            print_report(
+                &report,
+                &report_title(&plan.name, &plan.look_id),
+                args.output,
+            );
             report.outcome.exit_code()
         }
+    }
+}
+
+/// The first line of a text report: `Export NAME (Look ID)`.
+pub fn report_title(name: &str, look_id: &str) -> String {
+    format!("Export {name} (Look {look_id})")
+}
+
+/// Prints a report on stdout as `run` does (`trigger --wait` prints the same way).
+pub fn print_report(report: &RunReport, title: &str, output: Output) {
+    match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        ),
+        Output::Text => print!("{}", report.to_text(title)),
     }
 }
 
@@ -152,8 +165,9 @@ async fn execute(
     report
 }
 
-/// A spinner on stderr with live counts, shown only when stderr is a terminal.
-fn progress_bar(progress: Arc<Progress>) -> ProgressBar {
+/// A spinner with elapsed time and a message on stderr, drawn only when stderr is a terminal
+/// (stdout stays the report's alone).
+pub fn spinner() -> ProgressBar {
     let target = if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
     } else {
@@ -164,6 +178,12 @@ fn progress_bar(progress: Arc<Progress>) -> ProgressBar {
         ProgressStyle::with_template("{spinner} {elapsed} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
+    bar
+}
+
+/// A spinner with live counts of this run.
+fn progress_bar(progress: Arc<Progress>) -> ProgressBar {
+    let bar = spinner();
     if !bar.is_hidden() {
         let b = bar.clone();
         tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! to their status. Runs are tasks bounded by `--max-concurrent-runs`; with leader election
 //! only the replica holding the Lease runs exports.
 
+pub mod freshness;
 pub mod reconcile;
 pub mod secrets;
 pub mod status;
@@ -138,7 +139,8 @@ impl Context {
 pub type StoreSlot = Arc<OnceLock<Store<BrazeExport>>>;
 
 /// Sets the gauges derived from the exports themselves: how many there are by (Ready status,
-/// reason), and how many are overdue. Called before each scrape of `/metrics`.
+/// reason), how many are overdue, and each one's freshness. Called before each scrape of
+/// `/metrics`.
 pub fn refresh_gauges(metrics: &Metrics, exports: &[Arc<BrazeExport>], now: jiff::Timestamp) {
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
     for e in exports {
@@ -157,6 +159,11 @@ pub fn refresh_gauges(metrics: &Metrics, exports: &[Arc<BrazeExport>], now: jiff
             .map(|((r, why), n)| ((r.as_str(), why.as_str()), *n)),
     );
     metrics.set_overdue(overdue_count(exports.iter().map(AsRef::as_ref), now));
+    let gauges: Vec<_> = exports
+        .iter()
+        .map(|e| freshness::export_gauges(e, now))
+        .collect();
+    metrics.set_export_gauges(&gauges);
 }
 
 /// How late a scheduled run may be before its export counts as overdue.

@@ -1,5 +1,9 @@
 //! The operator's Prometheus metrics (prometheus-client).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use jiff::{SignedDuration, Timestamp};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -30,6 +34,58 @@ struct ReadyLabel {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct ExportLabel {
+    namespace: String,
+    name: String,
+}
+
+impl ExportLabel {
+    fn of(e: &ExportGauges) -> Self {
+        Self {
+            namespace: e.namespace.clone(),
+            name: e.name.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExportResultLabel {
+    namespace: String,
+    name: String,
+    result: &'static str,
+}
+
+/// A run's rows by what became of them, as the `result` label names them.
+pub type RowCounts = [(&'static str, u64); 6];
+
+/// The rows of `r` by result: sent, duplicate, invalid, rejected, failed, skipped.
+pub fn row_counts(r: &RunReport) -> RowCounts {
+    [
+        ("sent", r.sent),
+        ("duplicate", r.duplicates),
+        ("invalid", r.invalid),
+        ("rejected", r.rejected),
+        ("failed", r.failed),
+        ("skipped", r.skipped),
+    ]
+}
+
+/// What the per-export gauges show for one export, read from it before each scrape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExportGauges {
+    /// The export's namespace.
+    pub namespace: String,
+    /// The export's name.
+    pub name: String,
+    /// `status.lastSuccessfulTime`.
+    pub last_success: Option<Timestamp>,
+    /// The rows of the last run, once it has ended (`None` while one runs).
+    pub last_run: Option<RowCounts>,
+    /// The gap between the scheduled times around now (`None` when suspended).
+    pub interval: Option<SignedDuration>,
+}
+
 /// Every metric the operator exports, prefixed `braze_export_`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -44,6 +100,11 @@ pub struct Metrics {
     reconcile_errors: Family<ReasonLabel, Counter>,
     exports: Family<ReadyLabel, Gauge>,
     overdue: Gauge,
+    last_success: Family<ExportLabel, Gauge>,
+    last_run_rows: Family<ExportResultLabel, Gauge>,
+    schedule_interval: Family<ExportLabel, Gauge>,
+    /// Each export's last finished counts, kept while its next run goes on.
+    last_rows: Mutex<BTreeMap<ExportLabel, RowCounts>>,
 }
 
 impl Default for Metrics {
@@ -106,7 +167,29 @@ impl Metrics {
             "Exports whose next scheduled run is more than 5 minutes late",
             overdue.clone(),
         );
+        let last_success = Family::<ExportLabel, Gauge>::default();
+        registry.register(
+            "last_success_timestamp_seconds",
+            "When the export's last successful run ended (Unix time)",
+            last_success.clone(),
+        );
+        let last_run_rows = Family::<ExportResultLabel, Gauge>::default();
+        registry.register(
+            "last_run_rows",
+            "Rows of the export's last finished run, by result",
+            last_run_rows.clone(),
+        );
+        let schedule_interval = Family::<ExportLabel, Gauge>::default();
+        registry.register(
+            "schedule_interval_seconds",
+            "Seconds between the export's scheduled runs around now (absent when suspended)",
+            schedule_interval.clone(),
+        );
         Self {
+            last_success,
+            last_run_rows,
+            schedule_interval,
+            last_rows: Mutex::default(),
             overdue,
             registry,
             runs,
@@ -128,14 +211,7 @@ impl Metrics {
                 outcome: r.outcome.as_str().into(),
             })
             .inc();
-        for (result, n) in [
-            ("sent", r.sent),
-            ("duplicate", r.duplicates),
-            ("invalid", r.invalid),
-            ("rejected", r.rejected),
-            ("failed", r.failed),
-            ("skipped", r.skipped),
-        ] {
+        for (result, n) in row_counts(r) {
             self.rows.get_or_create(&ResultLabel { result }).inc_by(n);
         }
         self.duration.observe(r.duration_seconds(now));
@@ -174,6 +250,51 @@ impl Metrics {
     /// Sets the number of exports late for their scheduled run.
     pub fn set_overdue(&self, n: i64) {
         self.overdue.set(n);
+    }
+
+    /// Replaces the per-export gauges with those of `exports` (every export the controller
+    /// knows): a deleted export's series vanish.
+    pub fn set_export_gauges(&self, exports: &[ExportGauges]) {
+        let rows = self.remember_rows(exports);
+        self.last_success.clear();
+        self.schedule_interval.clear();
+        self.last_run_rows.clear();
+        for e in exports {
+            let label = ExportLabel::of(e);
+            if let Some(t) = e.last_success {
+                self.last_success.get_or_create(&label).set(t.as_second());
+            }
+            if let Some(d) = e.interval {
+                self.schedule_interval
+                    .get_or_create(&label)
+                    .set(d.as_secs());
+            }
+        }
+        for (ExportLabel { namespace, name }, counts) in rows {
+            for (result, n) in counts {
+                let label = ExportResultLabel {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    result,
+                };
+                self.last_run_rows
+                    .get_or_create(&label)
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Updates the remembered counts of finished runs, forgetting exports that are gone.
+    fn remember_rows(&self, exports: &[ExportGauges]) -> BTreeMap<ExportLabel, RowCounts> {
+        let mut rows = self.last_rows.lock().unwrap_or_else(|e| e.into_inner());
+        let live: BTreeSet<ExportLabel> = exports.iter().map(ExportLabel::of).collect();
+        rows.retain(|k, _| live.contains(k));
+        for e in exports {
+            if let Some(counts) = e.last_run {
+                rows.insert(ExportLabel::of(e), counts);
+            }
+        }
+        rows.clone()
     }
 
     /// The OpenMetrics text exposition.
@@ -219,5 +340,55 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }
+    }
+
+    fn gauges(name: &str, last_run: Option<RowCounts>) -> ExportGauges {
+        ExportGauges {
+            namespace: "marketing".into(),
+            name: name.into(),
+            last_success: Some("2026-11-29T06:00:10Z".parse().unwrap()),
+            last_run,
+            interval: Some(SignedDuration::from_hours(24)),
+        }
+    }
+
+    fn counts(sent: u64, rejected: u64) -> RowCounts {
+        let mut r = RunReport::in_progress(
+            Trigger::Schedule,
+            "2026-11-29T06:00:00Z".parse().unwrap(),
+            sent + rejected,
+            sent,
+        );
+        r.rejected = rejected;
+        row_counts(&r)
+    }
+
+    #[test]
+    fn per_export_gauges_keep_the_last_finished_run_and_vanish_with_the_export() {
+        let m = Metrics::new();
+        m.set_export_gauges(&[
+            gauges("churn", Some(counts(7, 3))),
+            gauges("vip", Some(counts(1, 0))),
+        ]);
+        let text = m.encode();
+        for line in [
+            "braze_export_last_success_timestamp_seconds{namespace=\"marketing\",name=\"churn\"} 1795932010",
+            "braze_export_last_run_rows{namespace=\"marketing\",name=\"churn\",result=\"sent\"} 7",
+            "braze_export_last_run_rows{namespace=\"marketing\",name=\"churn\",result=\"rejected\"} 3",
+            "braze_export_last_run_rows{namespace=\"marketing\",name=\"vip\",result=\"skipped\"} 0",
+            "braze_export_schedule_interval_seconds{namespace=\"marketing\",name=\"churn\"} 86400",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        // churn runs again (no finished counts in its status) and vip is deleted.
+        m.set_export_gauges(&[gauges("churn", None)]);
+        let text = m.encode();
+        assert!(
+            text.contains("braze_export_last_run_rows{namespace=\"marketing\",name=\"churn\",result=\"sent\"} 7"),
+            "{text}"
+        );
+        assert!(!text.contains("name=\"vip\""), "{text}");
+        m.set_export_gauges(&[]);
+        assert!(!m.encode().contains("name=\"churn\""));
     }
 }

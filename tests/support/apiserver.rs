@@ -1,7 +1,8 @@
 //! A small in-process Kubernetes API server on a loopback port, enough for a real
 //! kube-runtime `Controller`: list and watch (with resourceVersion), get, create, replace,
 //! merge / strategic / apply patches (with server-side-apply conflicts), the status
-//! subresource, Secrets, events.k8s.io Events and coordination Leases.
+//! subresource, label and field selectors, Secrets, events.k8s.io Events and coordination
+//! Leases.
 
 #![allow(dead_code)]
 
@@ -146,6 +147,43 @@ fn selector_matches(selector: &str, labels: &Value) -> bool {
             }
             None => labels.get(term).is_some(),
         })
+}
+
+/// The field selectors a real apiserver supports on custom resources.
+fn field_path(key: &str) -> Option<&'static str> {
+    match key {
+        "metadata.name" => Some("/metadata/name"),
+        "metadata.namespace" => Some("/metadata/namespace"),
+        _ => None,
+    }
+}
+
+/// Why a field selector is refused (the apiserver answers 400), if it is.
+fn field_selector_error(selector: &str) -> Option<String> {
+    selector
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.split_once('=')
+                .map_or(t, |(k, _)| k.trim_end_matches('!'))
+        })
+        .find(|key| field_path(key).is_none())
+        .map(|key| format!("field label not supported: {key}"))
+}
+
+/// `metadata.name=x`, `metadata.name==x` and `metadata.name!=x` terms, all of which must hold.
+fn fields_match(selector: &str, object: &Value) -> bool {
+    selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+        let (key, want, equal) = match term.split_once("!=") {
+            Some((k, v)) => (k, v, false),
+            None => match term.split_once('=') {
+                Some((k, v)) => (k, v.trim_start_matches('='), true),
+                None => return false,
+            },
+        };
+        let value = field_path(key).and_then(|p| object.pointer(p)?.as_str());
+        (value == Some(want)) == equal
+    })
 }
 
 impl FakeApiServer {
@@ -418,6 +456,14 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    if method == Method::GET
+        && t.name.is_none()
+        && let Some(e) = query
+            .get("fieldSelector")
+            .and_then(|f| field_selector_error(f))
+    {
+        return status_error(400, "BadRequest", e);
+    }
     match (method, &t.name) {
         (Method::GET, None)
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) =>
@@ -598,30 +644,44 @@ fn write(
         .into_response()
 }
 
-fn visible(
-    c_resource: &str,
-    c_ns: &str,
-    object: &Value,
-    t: &Target,
-    selector: Option<&String>,
-) -> bool {
+/// Label and field selectors of a list or watch.
+#[derive(Clone, Default)]
+struct Selectors {
+    labels: Option<String>,
+    fields: Option<String>,
+}
+
+impl Selectors {
+    fn of(query: &HashMap<String, String>) -> Self {
+        Self {
+            labels: query.get("labelSelector").cloned(),
+            fields: query.get("fieldSelector").cloned(),
+        }
+    }
+}
+
+fn visible(c_resource: &str, c_ns: &str, object: &Value, t: &Target, sel: &Selectors) -> bool {
     c_resource == t.resource
         && t.namespace.as_deref().is_none_or(|ns| ns == c_ns)
-        && selector.is_none_or(|s| {
+        && sel.labels.as_deref().is_none_or(|s| {
             selector_matches(
                 s,
                 object.pointer("/metadata/labels").unwrap_or(&Value::Null),
             )
         })
+        && sel
+            .fields
+            .as_deref()
+            .is_none_or(|f| fields_match(f, object))
 }
 
 fn list(state: &ApiState, t: &Target, query: &HashMap<String, String>) -> Response {
     let inner = state.inner.lock().unwrap_or_else(|e| e.into_inner());
-    let selector = query.get("labelSelector");
+    let selectors = Selectors::of(query);
     let items: Vec<Value> = inner
         .objects
         .iter()
-        .filter(|(k, v)| visible(&k.0, &k.1, v, t, selector))
+        .filter(|(k, v)| visible(&k.0, &k.1, v, t, &selectors))
         .map(|(_, v)| v.clone())
         .collect();
     ok_json(&json!({
@@ -644,7 +704,7 @@ fn watch(state: &ApiState, t: &Target, query: &HashMap<String, String>) -> Respo
             .and_then(|v| v.parse().ok())
             .unwrap_or(290),
     );
-    let selector = query.get("labelSelector").cloned();
+    let selectors = Selectors::of(query);
     let target = Target {
         resource: t.resource.clone(),
         namespace: t.namespace.clone(),
@@ -658,10 +718,9 @@ fn watch(state: &ApiState, t: &Target, query: &HashMap<String, String>) -> Respo
     let last_backlog = backlog.last().map_or(since, |c| c.rv);
     let line =
         |c: &Change| Bytes::from(format!("{}\n", json!({"type": c.kind, "object": c.object})));
-    let sel = selector.clone();
     let replay: Vec<Result<Bytes, Infallible>> = backlog
         .iter()
-        .filter(|c| visible(&c.resource, &c.namespace, &c.object, &target, sel.as_ref()))
+        .filter(|c| visible(&c.resource, &c.namespace, &c.object, &target, &selectors))
         .map(|c| Ok(line(c)))
         .collect();
     let live = async_stream(move |tx| async move {
@@ -671,13 +730,7 @@ fn watch(state: &ApiState, t: &Target, query: &HashMap<String, String>) -> Respo
             match next {
                 Ok(Ok(c))
                     if c.rv > last_backlog
-                        && visible(
-                            &c.resource,
-                            &c.namespace,
-                            &c.object,
-                            &target,
-                            selector.as_ref(),
-                        ) =>
+                        && visible(&c.resource, &c.namespace, &c.object, &target, &selectors) =>
                 {
                     if tx.send(Ok(line(&c))).await.is_err() {
                         break;
