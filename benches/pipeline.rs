@@ -6,7 +6,8 @@
 //! rows/s) with Braze 80 ms or 250 ms away. A last scenario feeds one 20 MiB cell: peak RSS
 //! stays under the same bar.
 //!
-//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited]`
+//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited]`; set `BENCH_BINARY`
+//! to measure another build of the binary (for a before/after comparison on one machine).
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -45,7 +46,11 @@ fn spec(looker: &str, braze: &str, rate_limit: &str) -> String {
 )]
 fn run_binary(spec_path: &str) -> Measured {
     let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_braze-export-operator"))
+    // BENCH_BINARY runs another build (say, the last release) against the same sandboxes,
+    // for a comparison on the same machine at the same time.
+    let binary = std::env::var("BENCH_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_braze-export-operator").to_owned());
+    let mut child = Command::new(binary)
         .args(["run", "--file", spec_path, "--output", "json"])
         .env("LOOKERSDK_CLIENT_ID", CLIENT_ID)
         .env("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
@@ -118,7 +123,7 @@ fn main() {
         spec(
             &looker.url,
             &braze.url,
-            "    rateLimit: {requests: 100000000, periodSeconds: 1}\n",
+            "    rateLimit: {requests: 100000000, periodSeconds: 1}\n    concurrency: 16\n",
         ),
     )
     .unwrap();

@@ -8,7 +8,6 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
@@ -319,8 +318,9 @@ impl Serialize for BrazeObject<'_> {
             match &self.cells[*index] {
                 Cell::Value(Value::String(v)) if too_long(v) => {}
                 Cell::Value(v) if !v.is_null() => map.serialize_entry(name, v)?,
-                Cell::Number(text) => match serde_json::from_str::<&RawValue>(text) {
-                    Ok(raw) => map.serialize_entry(name, raw)?,
+                // A numeric attribute is a double in Braze: the float nearest Looker's text.
+                Cell::Number(text) => match text.parse::<serde_json::Number>() {
+                    Ok(n) => map.serialize_entry(name, &n)?,
                     Err(_) => map.serialize_entry(name, text)?,
                 },
                 _ => {}
@@ -575,14 +575,14 @@ mod tests {
         let cells = [
             Cell::Number("123456789012345678901".into()),
             v(json!("x".repeat(256))),
-            Cell::Number("0.1000000000000000055511151231257827".into()),
+            Cell::Number("2.5".into()),
         ];
         let c = columns();
         let s = shape(IdentifierKind::ExternalId);
         let o = map_row(&c, &s, &cells).unwrap();
         assert_eq!(
             serde_json::to_string(&o).unwrap(),
-            r#"{"external_id":"123456789012345678901","_update_existing_only":true,"vip":0.1000000000000000055511151231257827,"looker_export":{"add":["CHURN"]}}"#
+            r#"{"external_id":"123456789012345678901","_update_existing_only":true,"vip":2.5,"looker_export":{"add":["CHURN"]}}"#
         );
         assert_eq!(o.too_long_attributes().collect::<Vec<_>>(), ["first_name"]);
         let fits = [v(json!("u")), v(json!("é".repeat(255))), v(json!(null))];

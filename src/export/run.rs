@@ -23,7 +23,6 @@ use crate::braze::{
 };
 use crate::http::HttpClients;
 use crate::looker::body::{self, Transfer, WaitBudget};
-use crate::looker::cap::{self, CapStrings};
 use crate::looker::json_detail::{self, BadRow, Cell, DetailError, Fields, RowSink, Stop};
 use crate::looker::{LookerClient, LookerError};
 
@@ -222,7 +221,6 @@ async fn stream(
     let (tx, rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
     let mut sink = ExportSink::new(plan, tx, Arc::clone(&opts.progress), opts.failpoint);
     let parser = tokio::task::spawn_blocking(move || {
-        let reader = CapStrings::new(reader, cap::MAX_STRING_BYTES);
         let reader = BufReader::with_capacity(64 * 1024, reader);
         // A panic in the parser or the mapping must not lose the counts kept so far.
         let parsed =

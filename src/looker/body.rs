@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::cap::{MAX_STRING_BYTES, StringCap};
 use crate::text::error_chain;
 
 /// Time Looker may still take. Time spent waiting on anything else (a slow Braze holding the
@@ -75,6 +76,8 @@ pub fn forward(
     let task = tokio::spawn(async move {
         let mut stream = response.bytes_stream();
         let mut bytes = 0u64;
+        let mut cap = StringCap::new(MAX_STRING_BYTES);
+        let mut pieces = Vec::new();
         loop {
             let next = tokio::select! {
                 () = cancel.cancelled() => {
@@ -88,11 +91,23 @@ pub fn forward(
                     Transfer::TimedOut,
                     Err(io::Error::new(io::ErrorKind::TimedOut, "Looker timed out")),
                 ),
-                Ok(None) => return (Transfer::Complete, bytes),
+                Ok(None) => {
+                    cap.finish(&mut pieces);
+                    for piece in pieces.drain(..) {
+                        if tx.send(Ok(piece)).await.is_err() {
+                            return (Transfer::Abandoned, bytes);
+                        }
+                    }
+                    return (Transfer::Complete, bytes);
+                }
                 Ok(Some(Ok(chunk))) => {
                     bytes += chunk.len() as u64;
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        return (Transfer::Abandoned, bytes);
+                    // Long strings are cut here, beside the parser thread rather than on it.
+                    cap.filter(chunk, &mut pieces);
+                    for piece in pieces.drain(..) {
+                        if tx.send(Ok(piece)).await.is_err() {
+                            return (Transfer::Abandoned, bytes);
+                        }
                     }
                     continue;
                 }

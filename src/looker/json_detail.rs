@@ -11,8 +11,8 @@ use std::io::Read;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
+use super::cap;
 use crate::text::truncate;
 
 /// One field of the result: its name (`view.field`) and LookML tags.
@@ -243,6 +243,7 @@ fn error_messages(v: &Value) -> Vec<String> {
     items
         .iter()
         .map(|e| {
+            let e = unmark_all(e.clone());
             let text = match e.get("message").and_then(Value::as_str) {
                 Some(m) => m.to_owned(),
                 None => e.to_string(),
@@ -504,7 +505,7 @@ impl<'de> Visitor<'de> for CellSeed {
         while let Some(is_value) = map.next_key_seed(IsValueKey)? {
             if is_value {
                 value = Some(if self.keep {
-                    kept_value(map.next_value::<Box<RawValue>>()?)
+                    map.next_value_seed(KeptValue)?
                 } else {
                     map.next_value::<IgnoredAny>()
                         .map(|_| Cell::Value(Value::Null))?
@@ -532,15 +533,73 @@ impl<'de> Visitor<'de> for CellSeed {
     malformed_scalars!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
 }
 
-/// A kept `value`: numbers keep the text Looker sent (a 21-digit id must not become
-/// `1.2345678901234567e20`), everything else becomes a [`Value`].
-fn kept_value(raw: Box<RawValue>) -> Cell {
-    let text = raw.get();
-    if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        return Cell::Number(String::from(Box::<str>::from(raw)));
+/// Reads a kept `value`. Numbers keep the text Looker sent: small integers arrive as
+/// integers, and every other number arrives as a string marked by the body filter
+/// ([`cap::NUMBER_MARK`]), so no digit is rounded through a float.
+struct KeptValue;
+
+impl<'de> DeserializeSeed<'de> for KeptValue {
+    type Value = Cell;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cell, D::Error> {
+        d.deserialize_any(self)
     }
-    // The text is one whole JSON value already checked by the parser.
-    serde_json::from_str(text).map_or(Cell::Malformed, Cell::Value)
+}
+
+impl<'de> Visitor<'de> for KeptValue {
+    type Value = Cell;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a cell value")
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Cell, E> {
+        Ok(match cap::unmark(s) {
+            Some(number) => Cell::Number(number.to_owned()),
+            None => Cell::Value(Value::String(s.to_owned())),
+        })
+    }
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Cell, E> {
+        if cap::unmark(&s).is_some() {
+            return self.visit_str(&s);
+        }
+        Ok(Cell::Value(Value::String(s)))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Cell, E> {
+        Ok(Cell::Number(n.to_string()))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Cell, E> {
+        Ok(Cell::Number(n.to_string()))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Cell, E> {
+        // Only reached when the body did not pass through the filter (tests).
+        Ok(Cell::Number(n.to_string()))
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Cell, E> {
+        Ok(Cell::Value(Value::Bool(b)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Cell, E> {
+        Ok(Cell::Value(Value::Null))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Cell, A::Error> {
+        let v = Value::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Cell::Value(unmark_all(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Cell, A::Error> {
+        let v = Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Cell::Value(unmark_all(v)))
+    }
+}
+
+/// Turns marked numbers nested in a structured value back into numbers.
+fn unmark_all(v: Value) -> Value {
+    match v {
+        Value::String(s) => match cap::unmark(&s).and_then(|t| t.parse().ok()) {
+            Some(n) => Value::Number(n),
+            None => Value::String(s),
+        },
+        Value::Array(a) => Value::Array(a.into_iter().map(unmark_all).collect()),
+        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, unmark_all(v))).collect()),
+        other => other,
+    }
 }
 
 struct IsValueKey;
