@@ -12,7 +12,7 @@
 //! (identifiers up to 987 bytes, attributes up to 255 characters), so a cut string is still
 //! recognised as too long by the mapping and reported by row number.
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 
 /// Longest string the parser sees, in bytes.
 pub const MAX_STRING_BYTES: usize = 64 * 1024;
