@@ -20,21 +20,21 @@ fn ids(range: std::ops::RangeInclusive<u64>) -> std::collections::BTreeSet<Strin
 
 #[tokio::test]
 async fn requests_in_flight_follow_the_latency_up_to_the_user_s_bound() {
-    // 100 ms away at about 600 requests/s needs about 60 in flight: far above the old fixed
-    // 16. Counted by the sandbox, not timed.
+    // 300 ms away at about 600 requests/s needs about 270 in flight: far above the old
+    // fixed 16, and above the 92 assumed before the first answer. Counted, not timed.
     let w = World::start().await;
-    w.looker.add_look("1", Look::users(3000, Generator::Clean));
+    w.looker.add_look("1", Look::users(4000, Generator::Clean));
     w.braze
-        .set_latency(Duration::from_millis(100), Duration::from_millis(20));
+        .set_latency(Duration::from_millis(290), Duration::from_millis(20));
     let limit = "batchSize: 10\nrateLimit: {requests: 600, periodSeconds: 1}";
     let r = w.run(&w.yaml("1", limit, "")).await;
     assert_eq!(
         (r.outcome, r.sent, r.rate_limited),
-        (Outcome::Succeeded, 3000, 0)
+        (Outcome::Succeeded, 4000, 0)
     );
-    assert_eq!(w.delivered_set(), ids(1..=3000));
+    assert_eq!(w.delivered_set(), ids(1..=4000));
     let most = w.braze.max_in_flight();
-    assert!(most >= 40, "only {most} requests were in flight at once");
+    assert!(most >= 120, "only {most} requests were in flight at once");
 
     let w = World::start().await;
     w.looker.add_look("1", Look::users(600, Generator::Clean));
@@ -116,8 +116,12 @@ async fn a_429_with_no_usable_wait_is_waited_out_not_failed() {
 
 #[tokio::test]
 async fn a_run_gives_up_on_rate_limits_only_after_its_patience() {
+    // Looker takes longer than the patience to answer: the patience counts from the first
+    // 429, not from the start of the run.
     let w = World::start().await;
-    w.looker.add_look("1", Look::users(300, Generator::Clean));
+    let mut look = Look::users(300, Generator::Clean);
+    look.delay = Some(Duration::from_millis(900));
+    w.looker.add_look("1", look);
     w.braze
         .inject(std::iter::repeat_n(Fault::RateLimitedNoHeader, 100_000));
     let mut services = fast_services();
@@ -130,7 +134,12 @@ async fn a_run_gives_up_on_rate_limits_only_after_its_patience() {
             RunOptions::new(Trigger::Cli),
         )
         .await;
-    assert!(started.elapsed() >= Duration::from_millis(600));
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(
+        r.rate_limited >= 10,
+        "429s were waited out first: {}",
+        r.rate_limited
+    );
     assert_eq!(
         (r.outcome, r.sent, r.failed),
         (Outcome::Failed, 0, 300),
@@ -312,13 +321,15 @@ async fn a_panic_in_the_reader_or_a_sender_loses_no_count() {
 
 #[tokio::test]
 async fn a_braze_key_refused_mid_run_ends_it_while_looker_is_slow() {
-    // Looker sends 100 rows, then one row a second. Braze refuses the key: the run must
-    // end now, not in 900 seconds.
+    // Looker sends 100 rows, then one row a second; Braze is slow to answer the first batch
+    // and refuses the key on the second. The run must end now: not when Looker is done
+    // (900 s), nor when the slow answer comes (60 s).
     let w = World::start().await;
     let mut look = Look::users(1000, Generator::Clean);
     look.slow_after = Some((100, Duration::from_secs(1)));
     w.looker.add_look("1", look);
-    w.braze.forbid_key(API_KEY);
+    w.braze
+        .inject([Fault::Slow(Duration::from_secs(60)), Fault::Status(403)]);
     let started = Instant::now();
     let r = w.run(&w.yaml("1", "batchSize: 50", "")).await;
     assert!(

@@ -202,7 +202,7 @@ pub fn classify(url: &Url, status: StatusCode, body: &[u8], len: usize) -> Verdi
 /// the batch is split, not rejected.
 fn says_too_large(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
-    m.contains("max input length") || m.contains("too large") || m.contains("payload")
+    m.contains("max input length") || m.contains("too large")
 }
 
 /// Sends batches to one Braze workspace for one run.
@@ -216,8 +216,8 @@ pub struct BrazeClient {
     request_timeout: Duration,
     /// Smoothed time Braze takes to answer, in microseconds (0 until the first answer).
     latency_us: AtomicU64,
-    /// When Braze last accepted a request of this run (or the run started).
-    last_progress: Mutex<Instant>,
+    /// When the current streak of 429s began (none since Braze last accepted a request).
+    limited_since: Mutex<Option<Instant>>,
     /// The run gave up on rate limits: later batches fail without sending.
     gave_up: AtomicBool,
 }
@@ -246,7 +246,7 @@ impl BrazeClient {
             retry,
             request_timeout: Duration::from_secs(30),
             latency_us: AtomicU64::new(0),
-            last_progress: Mutex::new(Instant::now()),
+            limited_since: Mutex::new(None),
             gave_up: AtomicBool::new(false),
         })
     }
@@ -310,9 +310,12 @@ impl BrazeClient {
             if self.gave_up.load(Ordering::Relaxed) {
                 return Err(self.give_up(attempts));
             }
+            // The patience also runs out while waiting for a slot (a long pause).
+            let deadline = self.patience_deadline();
             tokio::select! {
                 () = cancel.cancelled() => return Err(interrupted(attempts)),
                 () = self.limiter.acquire() => {}
+                () = sleep_until_some(deadline) => return Err(self.give_up(attempts)),
             }
             if !first {
                 out.retries += 1;
@@ -326,7 +329,8 @@ impl BrazeClient {
             match verdict {
                 Verdict::RateLimited => {
                     out.rate_limited += 1;
-                    if self.stalled() {
+                    let since = *lock(&self.limited_since).get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.retry.rate_limit_patience {
                         return Err(self.give_up(attempts));
                     }
                 }
@@ -348,7 +352,7 @@ impl BrazeClient {
                 }
                 settled => {
                     if matches!(settled, Verdict::Accepted(_) | Verdict::RejectSome(_)) {
-                        *lock(&self.last_progress) = Instant::now();
+                        *lock(&self.limited_since) = None;
                     }
                     return Ok(settled);
                 }
@@ -383,9 +387,9 @@ impl BrazeClient {
             });
     }
 
-    /// True when Braze has accepted nothing of this run for longer than the patience.
-    fn stalled(&self) -> bool {
-        lock(&self.last_progress).elapsed() > self.retry.rate_limit_patience
+    /// When the run's patience with 429s runs out, during a streak of them.
+    fn patience_deadline(&self) -> Option<Instant> {
+        lock(&self.limited_since).map(|since| since + self.retry.rate_limit_patience)
     }
 
     fn give_up(&self, attempts: u32) -> Unsettled {
@@ -423,6 +427,14 @@ impl BrazeClient {
         let headers = response.headers().clone();
         let bytes = response.bytes().await.map_err(classify_err)?;
         Ok((status, headers, bytes))
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

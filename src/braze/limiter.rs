@@ -116,7 +116,7 @@ impl Limiter {
         Some(wait)
     }
 
-    /// A 429: pauses for Braze's wait when it names one of at least the floor, else for a
+    /// A 429: pauses for Braze's wait when it names one (at least the floor), else for a
     /// backoff that doubles with each 429 that came after the previous pause had ended
     /// (answers to requests sent before a pause do not count twice).
     pub fn rate_limited(
@@ -132,7 +132,7 @@ impl Limiter {
                 s.strikes = s.strikes.saturating_add(1);
             }
             match header {
-                Some(w) if w >= policy.rate_limit_floor => w,
+                Some(w) if !w.is_zero() => w.max(policy.rate_limit_floor),
                 _ => policy.rate_limit_backoff(s.strikes.max(1), jitter),
             }
         };
@@ -361,7 +361,8 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(
             l.rate_limited(Some(Duration::from_millis(300)), floor, 0.0),
-            Duration::from_secs(4)
+            Duration::from_secs(1),
+            "a short wait Braze names is raised to the floor"
         );
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(

@@ -247,9 +247,12 @@ pub fn integral_digits(text: &str) -> Result<String, Invalid> {
     if int.is_empty() || !all_digits(int) || !all_digits(frac) {
         return Err(malformed);
     }
-    // Digits before the decimal point once the exponent is applied. The f64 check above
-    // bounds the exponent, so this cannot overflow.
-    let point = int.len() as i64 + exponent;
+    if int.bytes().chain(frac.bytes()).all(|b| b == b'0') {
+        return Ok("0".into());
+    }
+    // Digits before the decimal point once the exponent is applied (a nonzero number that
+    // passed the f64 check has a bounded exponent; saturate anyway).
+    let point = (int.len() as i64).saturating_add(exponent);
     let digits = format!("{int}{frac}");
     let split = point.clamp(0, digits.len() as i64) as usize;
     let (whole, fraction) = digits.split_at(split);
@@ -257,7 +260,7 @@ pub fn integral_digits(text: &str) -> Result<String, Invalid> {
         return Err(Invalid::NonIntegralIdentifier);
     }
     let padding = (point.max(0) as usize).saturating_sub(whole.len());
-    if whole.len() + padding > MAX_IDENTIFIER_BYTES {
+    if whole.len().saturating_add(padding) > MAX_IDENTIFIER_BYTES {
         return Err(Invalid::IdentifierTooLong);
     }
     let whole = whole.trim_start_matches('0');
@@ -568,6 +571,11 @@ mod tests {
         assert_eq!(n(&"9".repeat(400)), Err(Invalid::NonFiniteIdentifier));
         assert_eq!(n("1e300").unwrap().len(), 301);
         assert_eq!(n("x"), Err(Invalid::InvalidIdentifier));
+        assert_eq!(n("0e9223372036854775807").unwrap(), "0");
+        assert_eq!(
+            n("1e-9223372036854775808"),
+            Err(Invalid::NonIntegralIdentifier)
+        );
     }
 
     #[test]

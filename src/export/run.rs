@@ -580,12 +580,20 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn spawn(&mut self, client: &Arc<BrazeClient>, batch: Batch, opts: &RunOptions) {
+    /// Starts delivering `batch`; `stop` ends the delivery (shutdown, or a fatal answer to
+    /// another batch: a refused key must not go on being sent).
+    fn spawn(
+        &mut self,
+        client: &Arc<BrazeClient>,
+        batch: Batch,
+        opts: &RunOptions,
+        stop: &CancellationToken,
+    ) {
         let rows = batch.rows().to_vec();
         let bytes = batch.body_len();
         let panics = matches!(opts.failpoint, Failpoint::SenderAtRow(r) if rows.contains(&r));
         let client = Arc::clone(client);
-        let cancel = opts.cancel.clone();
+        let cancel = stop.clone();
         let dump = opts.dump.clone();
         let handle = self.tasks.spawn(
             async move {
@@ -661,7 +669,7 @@ async fn send_all(
             next = rx.recv() => match (next, &braze) {
                 (None, _) => break,
                 (Some(batch), None) => dry_send(&mut out.tally, &batch, opts),
-                (Some(batch), Some(client)) => inflight.spawn(client, batch, opts),
+                (Some(batch), Some(client)) => inflight.spawn(client, batch, opts, stop),
             },
         }
     }
@@ -710,7 +718,14 @@ fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress) {
     }
     for (reason, description, rows) in &d.failed {
         t.failed += rows.len() as u64;
-        t.note(reason, description, rows);
+        // A delivery stopped because another batch got a fatal answer: say which.
+        match &out.fatal {
+            Some(f) if *reason == "Interrupted" => {
+                let stop = FailReason::Stopped(f.reason(), f.to_string());
+                t.note(f.reason(), &stop.describe(0), rows);
+            }
+            _ => t.note(reason, description, rows),
+        }
     }
     if out.fatal.is_none() {
         out.fatal = d.fatal;
