@@ -29,7 +29,7 @@ async fn requests_in_flight_follow_the_latency_up_to_the_user_s_bound() {
     let limit = "batchSize: 10\nrateLimit: {requests: 600, periodSeconds: 1}";
     let r = w.run(&w.yaml("1", limit, "")).await;
     assert_eq!(
-        (r.outcome, r.sent, r.rate_limited),
+        (r.outcome, r.counts.sent, r.counts.rate_limited),
         (Outcome::Succeeded, 4000, 0)
     );
     assert_eq!(w.delivered_set(), ids(1..=4000));
@@ -43,7 +43,7 @@ async fn requests_in_flight_follow_the_latency_up_to_the_user_s_bound() {
     let r = w
         .run(&w.yaml("1", &format!("{limit}\nconcurrency: 8"), ""))
         .await;
-    assert_eq!((r.outcome, r.sent), (Outcome::Succeeded, 600));
+    assert_eq!((r.outcome, r.counts.sent), (Outcome::Succeeded, 600));
     assert!(
         w.braze.max_in_flight() <= 8,
         "concurrency is an upper bound"
@@ -65,7 +65,7 @@ async fn a_look_that_braze_paces_past_the_looker_timeout_finishes() {
     );
     let r = w.run(&yaml).await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
-    assert_eq!((r.rows_read, r.sent), (6000, 6000));
+    assert_eq!((r.counts.rows_read, r.counts.sent), (6000, 6000));
 }
 
 #[tokio::test]
@@ -79,8 +79,11 @@ async fn a_looker_that_stalls_mid_body_times_out_as_looker_timeout() {
         .await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
     assert_eq!(r.errors[0].reason, "LookerTimeout");
-    assert_eq!(r.rows_read, 150, "the rows before the stall are read");
-    assert_eq!(r.sent, 150, "and delivered");
+    assert_eq!(
+        r.counts.rows_read, 150,
+        "the rows before the stall are read"
+    );
+    assert_eq!(r.counts.sent, 150, "and delivered");
 
     // A stall shorter than the timeout is only a stall.
     let w = World::start().await;
@@ -90,7 +93,7 @@ async fn a_looker_that_stalls_mid_body_times_out_as_looker_timeout() {
     let r = w
         .run(&w.yaml_looker("1", "timeoutSeconds: 2", "", ""))
         .await;
-    assert_eq!((r.outcome, r.sent), (Outcome::Succeeded, 400));
+    assert_eq!((r.outcome, r.counts.sent), (Outcome::Succeeded, 400));
 }
 
 #[tokio::test]
@@ -106,11 +109,11 @@ async fn a_429_with_no_usable_wait_is_waited_out_not_failed() {
     w.braze.inject(kinds.iter().cycle().take(40).copied());
     let r = w.run(&w.yaml("1", "concurrency: 1", "")).await;
     assert_eq!(
-        (r.outcome, r.sent, r.failed),
+        (r.outcome, r.counts.sent, r.counts.failed),
         (Outcome::Succeeded, 300, 0),
         "{r:#?}"
     );
-    assert_eq!((r.rate_limited, r.requests), (40, 44));
+    assert_eq!((r.counts.rate_limited, r.counts.requests), (40, 44));
     assert_eq!(w.delivered_set(), ids(1..=300));
 }
 
@@ -136,12 +139,12 @@ async fn a_run_gives_up_on_rate_limits_only_after_its_patience() {
         .await;
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert!(
-        r.rate_limited >= 10,
+        r.counts.rate_limited >= 10,
         "429s were waited out first: {}",
-        r.rate_limited
+        r.counts.rate_limited
     );
     assert_eq!(
-        (r.outcome, r.sent, r.failed),
+        (r.outcome, r.counts.sent, r.counts.failed),
         (Outcome::Failed, 0, 300),
         "{r:#?}"
     );
@@ -167,7 +170,7 @@ async fn transient_answers_and_load_balancer_pages_are_retried() {
     ]);
     let r = w.run(&w.yaml("1", "concurrency: 1", "")).await;
     assert_eq!(
-        (r.outcome, r.sent, r.retries),
+        (r.outcome, r.counts.sent, r.counts.retries),
         (Outcome::Succeeded, 150, 4),
         "{r:#?}"
     );
@@ -188,7 +191,11 @@ async fn numeric_identifiers_go_out_with_every_digit() {
     let look = Look::new(fields, Rows::Raw(rows.map(str::to_owned).to_vec()));
     w.looker.add_look("1", look);
     let r = w.run(&w.yaml("1", "", "")).await;
-    assert_eq!((r.rows_read, r.sent, r.invalid), (5, 3, 2), "{r:#?}");
+    assert_eq!(
+        (r.counts.rows_read, r.counts.sent, r.counts.invalid),
+        (5, 3, 2),
+        "{r:#?}"
+    );
     let reasons: Vec<(&str, &str)> = r
         .errors
         .iter()
@@ -250,7 +257,7 @@ async fn requests_stay_under_the_byte_budget_and_long_cells_never_travel() {
     );
     let r = w.run(&w.yaml("1", "", "")).await;
     assert_eq!(
-        (r.outcome, r.sent, r.invalid),
+        (r.outcome, r.counts.sent, r.counts.invalid),
         (Outcome::Succeeded, 150, 0),
         "{r:#?}"
     );
@@ -286,11 +293,11 @@ async fn a_400_that_says_too_large_splits_the_batch() {
     w.braze.set_oversize_status(400);
     let r = w.run(&w.yaml("1", "", "")).await;
     assert_eq!(
-        (r.outcome, r.sent, r.rejected),
+        (r.outcome, r.counts.sent, r.counts.rejected),
         (Outcome::Succeeded, 75, 0),
         "{r:#?}"
     );
-    assert!(r.requests > 3);
+    assert!(r.counts.requests > 3);
     assert_eq!(w.delivered_set(), ids(1..=75));
 }
 
@@ -304,7 +311,10 @@ async fn a_panic_in_the_reader_or_a_sender_loses_no_count() {
         .run_with(&w.yaml("1", "batchSize: 50", ""), &fast_services(), opts)
         .await;
     assert_eq!(r.outcome, Outcome::PartiallySucceeded, "{r:#?}");
-    assert_eq!((r.rows_read, r.sent, r.failed), (1000, 950, 50));
+    assert_eq!(
+        (r.counts.rows_read, r.counts.sent, r.counts.failed),
+        (1000, 950, 50)
+    );
     assert_eq!(r.errors[0].reason, "InternalError");
 
     let w = World::start().await;
@@ -316,7 +326,11 @@ async fn a_panic_in_the_reader_or_a_sender_loses_no_count() {
         .await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
     assert_eq!(r.errors[0].reason, "InternalError");
-    assert_eq!((r.rows_read, r.sent, r.failed), (620, 619, 1), "{r:#?}");
+    assert_eq!(
+        (r.counts.rows_read, r.counts.sent, r.counts.failed),
+        (620, 619, 1),
+        "{r:#?}"
+    );
 }
 
 #[tokio::test]
@@ -339,6 +353,6 @@ async fn a_braze_key_refused_mid_run_ends_it_while_looker_is_slow() {
     );
     assert_eq!(r.outcome, Outcome::Failed);
     assert_eq!(r.errors[0].reason, "BrazeForbidden");
-    assert_eq!((r.sent, r.failed), (0, r.rows_read));
-    assert!(r.rows_read < 1000);
+    assert_eq!((r.counts.sent, r.counts.failed), (0, r.counts.rows_read));
+    assert!(r.counts.rows_read < 1000);
 }

@@ -53,7 +53,7 @@ async fn the_three_identifier_types() {
             ))
             .await;
         assert_eq!(
-            (report.outcome, report.sent),
+            (report.outcome, report.counts.sent),
             (Outcome::Succeeded, 2),
             "{braze}"
         );
@@ -101,7 +101,10 @@ async fn batch_boundaries() {
         let mut sizes: Vec<usize> = w.braze.requests().iter().map(|r| r.objects).collect();
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         assert_eq!(sizes, want, "{rows} rows in batches of {batch}");
-        assert_eq!((report.sent, report.requests), (rows, want.len() as u64));
+        assert_eq!(
+            (report.counts.sent, report.counts.requests),
+            (rows, want.len() as u64)
+        );
         assert_eq!(w.delivered_set(), ids(1..=rows));
     }
 }
@@ -131,7 +134,12 @@ async fn dirty_rows_are_counted_with_their_reasons_and_row_numbers() {
     let r = w.run(&w.yaml("1", "", "")).await;
     assert_eq!(r.outcome, Outcome::Succeeded);
     assert_eq!(
-        (r.rows_read, r.sent, r.duplicates, r.invalid),
+        (
+            r.counts.rows_read,
+            r.counts.sent,
+            r.counts.duplicates,
+            r.counts.invalid
+        ),
         (13, 3, 2, 8)
     );
     assert_eq!(r.message, "3 users flagged, 2 duplicates, 8 invalid rows");
@@ -194,13 +202,16 @@ async fn faults_lose_nothing() {
         .run(&w.yaml("1", "batchSize: 50\nconcurrency: 1", ""))
         .await;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
-    assert_eq!((r.rows_read, r.sent, r.failed), (3000, 3000, 0));
+    assert_eq!(
+        (r.counts.rows_read, r.counts.sent, r.counts.failed),
+        (3000, 3000, 0)
+    );
     assert_eq!(w.delivered_set(), ids(1..=3000), "every user delivered");
     assert_eq!(
-        (r.rate_limited, r.retries, r.requests),
+        (r.counts.rate_limited, r.counts.retries, r.counts.requests),
         (6 + 5, 6 * 4 + 5, 60 + 29)
     );
-    assert_eq!(w.braze.request_count(), r.requests);
+    assert_eq!(w.braze.request_count(), r.counts.requests);
 
     // Eight in flight, sixteen faults among them: still nothing lost.
     let w = World::start().await;
@@ -210,12 +221,12 @@ async fn faults_lose_nothing() {
         .run(&w.yaml("1", "batchSize: 50\nconcurrency: 8", ""))
         .await;
     assert_eq!(
-        (r.outcome, r.sent, r.failed),
+        (r.outcome, r.counts.sent, r.counts.failed),
         (Outcome::Succeeded, 3000, 0),
         "{r:#?}"
     );
     assert_eq!(w.delivered_set(), ids(1..=3000));
-    assert_eq!((r.rate_limited, r.retries), (3, 13));
+    assert_eq!((r.counts.rate_limited, r.counts.retries), (3, 13));
 }
 
 #[tokio::test]
@@ -227,7 +238,15 @@ async fn server_errors_beyond_retries_fail_those_rows_only() {
         .run(&w.yaml("1", "batchSize: 50\nconcurrency: 1", ""))
         .await;
     assert_eq!(r.outcome, Outcome::PartiallySucceeded);
-    assert_eq!((r.sent, r.failed, r.requests, r.retries), (50, 50, 7, 5));
+    assert_eq!(
+        (
+            r.counts.sent,
+            r.counts.failed,
+            r.counts.requests,
+            r.counts.retries
+        ),
+        (50, 50, 7, 5)
+    );
     assert_eq!(r.errors[0].reason, "BrazeServerError");
     assert_eq!(
         r.errors[0].message,
@@ -240,7 +259,7 @@ async fn server_errors_beyond_retries_fail_those_rows_only() {
     w.braze.inject([Fault::Status(503); 6]);
     let r = w.run(&w.yaml("1", "", "")).await;
     assert_eq!(
-        (r.outcome, r.sent, r.failed),
+        (r.outcome, r.counts.sent, r.counts.failed),
         (Outcome::Failed, 0, 10),
         "nothing delivered: the run failed"
     );
@@ -252,7 +271,7 @@ async fn an_expired_looker_token_means_one_new_login() {
     w.looker.add_look("1", Look::users(10, Generator::Clean));
     w.looker.expire_next_tokens_after(Duration::ZERO);
     let r = w.run(&w.yaml("1", "", "")).await;
-    assert_eq!((r.outcome, r.sent), (Outcome::Succeeded, 10));
+    assert_eq!((r.outcome, r.counts.sent), (Outcome::Succeeded, 10));
     let paths: Vec<String> = w.looker.requests().into_iter().map(|r| r.path).collect();
     assert_eq!(
         paths,
@@ -287,12 +306,16 @@ async fn a_body_cut_off_mid_stream_fails_but_keeps_what_was_read() {
         "{}",
         r.message
     );
-    assert!(r.rows_read > 0 && r.rows_read <= 3210, "{}", r.rows_read);
+    assert!(
+        r.counts.rows_read > 0 && r.counts.rows_read <= 3210,
+        "{}",
+        r.counts.rows_read
+    );
     assert_eq!(
-        r.sent, r.rows_read,
+        r.counts.sent, r.counts.rows_read,
         "rows read before the cut were delivered"
     );
-    assert_eq!(w.delivered_set(), ids(1..=r.rows_read));
+    assert_eq!(w.delivered_set(), ids(1..=r.counts.rows_read));
 }
 
 #[tokio::test]
@@ -317,7 +340,7 @@ async fn payload_too_large_splits_the_batch() {
     w.looker.add_look("1", Look::users(75, Generator::Clean));
     w.braze.set_max_body_bytes(3000);
     let r = w.run(&w.yaml("1", "", "")).await;
-    assert_eq!((r.outcome, r.sent), (Outcome::Succeeded, 75));
+    assert_eq!((r.outcome, r.counts.sent), (Outcome::Succeeded, 75));
     let sizes: Vec<(usize, u16)> = w
         .braze
         .requests()
@@ -341,7 +364,10 @@ async fn max_rows_skips_and_counts_the_rest() {
     w.looker.add_look("1", Look::users(250, Generator::Clean));
     let r = w.run(&w.yaml("1", "", "maxRows: 200")).await;
     assert_eq!(r.outcome, Outcome::PartiallySucceeded);
-    assert_eq!((r.rows_read, r.sent, r.skipped), (250, 200, 50));
+    assert_eq!(
+        (r.counts.rows_read, r.counts.sent, r.counts.skipped),
+        (250, 200, 50)
+    );
     assert_eq!(
         r.errors[0].message,
         "rows 201, 202, 203, 204, 205 and 45 more beyond maxRows 200 were skipped"
@@ -365,9 +391,9 @@ async fn the_limiter_paces_below_the_ceiling_and_is_shared_by_runs() {
         w.run_with(&yaml, &services, RunOptions::new(Trigger::Cli)),
     );
     let elapsed = start.elapsed();
-    assert_eq!((a.sent, b.sent), (15, 15));
+    assert_eq!((a.counts.sent, b.counts.sent), (15, 15));
     assert_eq!(
-        a.rate_limited + b.rate_limited,
+        a.counts.rate_limited + b.counts.rate_limited,
         0,
         "paced under Braze's window: no 429"
     );
@@ -386,9 +412,9 @@ async fn braze_rate_limit_headers_and_429_are_honoured() {
     let r = w
         .run(&w.yaml("1", "batchSize: 1\nconcurrency: 1", ""))
         .await;
-    assert_eq!((r.outcome, r.sent), (Outcome::Succeeded, 13));
+    assert_eq!((r.outcome, r.counts.sent), (Outcome::Succeeded, 13));
     assert_eq!(
-        r.rate_limited, 0,
+        r.counts.rate_limited, 0,
         "X-RateLimit-Remaining: 0 makes the client wait for X-RateLimit-Reset"
     );
     assert!(
@@ -403,7 +429,7 @@ async fn braze_rate_limit_headers_and_429_are_honoured() {
         .run(&w.yaml("1", "batchSize: 1\nconcurrency: 4", ""))
         .await;
     assert_eq!(
-        (r.outcome, r.sent, r.failed),
+        (r.outcome, r.counts.sent, r.counts.failed),
         (Outcome::Succeeded, 12, 0),
         "429s are waited out and retried"
     );
@@ -446,7 +472,7 @@ async fn shutdown_mid_run_is_interrupted_and_accounted() {
         "cancellation does not wait for slow answers"
     );
     assert_eq!(r.outcome, Outcome::Interrupted);
-    assert!(r.failed > 0 && r.sent == 0, "{r:#?}");
+    assert!(r.counts.failed > 0 && r.counts.sent == 0, "{r:#?}");
     assert!(
         r.message
             .starts_with("interrupted by shutdown: 0 users flagged"),
@@ -474,7 +500,7 @@ async fn looker_s_own_json_detail_example_with_id_field() {
         .run(&w.yaml_looker("1", "idField: orders.created_month", "", ""))
         .await;
     assert_eq!(
-        (r.outcome, r.rows_read, r.sent),
+        (r.outcome, r.counts.rows_read, r.counts.sent),
         (Outcome::Succeeded, rows.len() as u64, rows.len() as u64)
     );
     let months: Vec<String> = rows

@@ -197,7 +197,7 @@ async fn trigger_wait_prints_the_report_of_a_successful_run_like_run_and_exits_0
         .await;
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
     let report = last_run(&c, "churn");
-    assert_eq!((report.sent, report.rows_read), (300, 300));
+    assert_eq!((report.counts.sent, report.counts.rows_read), (300, 300));
     assert_eq!(
         out.stdout,
         report.to_text("Export churn (Look 42)"),

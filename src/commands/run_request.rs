@@ -73,8 +73,8 @@ fn handled(s: &BrazeExportStatus) -> Phase {
         }
         Some(r) => Phase::Running {
             started: r.start_time,
-            rows_read: r.rows_read,
-            sent: r.sent,
+            rows_read: r.counts.rows_read,
+            sent: r.counts.sent,
         },
         None => Phase::NotPickedUp { held_by: None },
     }
@@ -202,8 +202,8 @@ mod tests {
         let mut r = current.last_run.clone().unwrap();
         r.outcome = outcome;
         r.completion_time = Some(ts("2026-11-29T10:01:00Z"));
-        r.rows_read = 10;
-        r.sent = 10;
+        r.counts.rows_read = 10;
+        r.counts.sent = 10;
         r
     }
 

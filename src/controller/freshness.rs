@@ -62,7 +62,7 @@ spec:
     fn report(outcome: Outcome) -> RunReport {
         let mut r = RunReport::in_progress(Trigger::Schedule, ts("2026-11-29T06:00:00Z"), 10, 8);
         r.outcome = outcome;
-        r.rejected = 2;
+        r.counts.rejected = 2;
         r
     }
 

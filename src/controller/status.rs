@@ -234,7 +234,7 @@ pub fn finished(
             start_time: report.start_time,
             trigger: report.trigger,
             outcome: report.outcome,
-            sent: report.sent,
+            sent: report.counts.sent,
             duration_seconds: (report.duration_seconds(now) * 10.0).round() / 10.0,
         },
     );
@@ -264,7 +264,7 @@ pub fn crashed(
         r.completion_time = Some(now);
         r.message = format!(
             "interrupted: the operator stopped during the run ({} rows read, {} users flagged before)",
-            r.rows_read, r.sent
+            r.counts.rows_read, r.counts.sent
         );
         let report = r.clone();
         return finished(&s, &report, generation, None, now);
@@ -336,7 +336,7 @@ mod tests {
         assert_eq!(s.last_handled_run_request.as_deref(), Some("r1"));
         assert_eq!(s.last_run.as_ref().unwrap().outcome, Outcome::Running);
         let p = progress(&s, 5000, 4000);
-        assert_eq!(p.last_run.as_ref().unwrap().rows_read, 5000);
+        assert_eq!(p.last_run.as_ref().unwrap().counts.rows_read, 5000);
         let f = finished(
             &p,
             &done(
@@ -511,7 +511,7 @@ mod tests {
         );
         let c = crashed(&s, Some(1), ts("2026-11-29T06:05:00Z"));
         let last = c.last_run.as_ref().unwrap();
-        assert_eq!((last.outcome, last.sent), (Outcome::Interrupted, 7));
+        assert_eq!((last.outcome, last.counts.sent), (Outcome::Interrupted, 7));
         assert!(!is_running(&c));
         assert_eq!(c.history[0].outcome, Outcome::Interrupted);
         assert_eq!(cond(&c, "Ready").reason, "Failed");

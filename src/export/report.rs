@@ -68,19 +68,11 @@ pub struct ErrorSummary {
     pub count: u64,
 }
 
-/// What one run did. Also what `run --output json` prints.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// The counters of a run. Code that reads them all destructures this struct without `..`,
+/// so a counter added here fails to compile wherever it is forgotten.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct RunReport {
-    /// What started the run.
-    pub trigger: Trigger,
-    /// When the run started.
-    pub start_time: Timestamp,
-    /// When the run ended (absent while it runs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub completion_time: Option<Timestamp>,
-    /// How it ended.
-    pub outcome: Outcome,
+pub struct Counts {
     /// Rows streamed from Looker.
     pub rows_read: u64,
     /// Objects Braze accepted (or, in a dry run, would have been sent).
@@ -101,6 +93,74 @@ pub struct RunReport {
     pub retries: u64,
     /// 429 answers from Braze.
     pub rate_limited: u64,
+}
+
+impl Counts {
+    /// Adds another run part's counts.
+    pub fn add(&mut self, other: Counts) {
+        let Counts {
+            rows_read,
+            sent,
+            duplicates,
+            invalid,
+            rejected,
+            failed,
+            skipped,
+            requests,
+            retries,
+            rate_limited,
+        } = other;
+        self.rows_read += rows_read;
+        self.sent += sent;
+        self.duplicates += duplicates;
+        self.invalid += invalid;
+        self.rejected += rejected;
+        self.failed += failed;
+        self.skipped += skipped;
+        self.requests += requests;
+        self.retries += retries;
+        self.rate_limited += rate_limited;
+    }
+
+    /// Rows accounted for: sent, duplicate, invalid, rejected, failed or skipped.
+    pub fn accounted(&self) -> u64 {
+        let Counts {
+            rows_read: _,
+            sent,
+            duplicates,
+            invalid,
+            rejected,
+            failed,
+            skipped,
+            requests: _,
+            retries: _,
+            rate_limited: _,
+        } = *self;
+        sent + duplicates + invalid + rejected + failed + skipped
+    }
+
+    /// True when every row read is accounted for exactly once.
+    pub fn balanced(&self) -> bool {
+        self.rows_read == self.accounted()
+    }
+}
+
+/// What one run did. Also what `run --output json` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    /// What started the run.
+    pub trigger: Trigger,
+    /// When the run started.
+    pub start_time: Timestamp,
+    /// When the run ended (absent while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Timestamp>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The run's counters, written inline (`rowsRead`, `sent`, …).
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Up to 10 error groups, largest first.
     pub errors: Vec<ErrorSummary>,
     /// One human sentence.
@@ -118,16 +178,11 @@ impl RunReport {
             start_time,
             completion_time: None,
             outcome: Outcome::Running,
-            rows_read,
-            sent,
-            duplicates: 0,
-            invalid: 0,
-            rejected: 0,
-            failed: 0,
-            skipped: 0,
-            requests: 0,
-            retries: 0,
-            rate_limited: 0,
+            counts: Counts {
+                rows_read,
+                sent,
+                ..Counts::default()
+            },
             errors: Vec::new(),
             message: format!("running: {rows_read} rows read, {sent} users flagged so far"),
             dry_run: false,
@@ -142,13 +197,7 @@ impl RunReport {
 
     /// True when every row read is accounted for exactly once.
     pub fn balanced(&self) -> bool {
-        self.rows_read
-            == self.sent
-                + self.duplicates
-                + self.invalid
-                + self.rejected
-                + self.failed
-                + self.skipped
+        self.counts.balanced()
     }
 }
 
@@ -157,21 +206,33 @@ impl RunReport {
     pub fn to_text(&self, title: &str) -> String {
         let seconds = self.duration_seconds(self.start_time);
         let mut out = format!("{title}: {}\n  {}\n", self.outcome.as_str(), self.message);
+        let Counts {
+            rows_read,
+            sent,
+            duplicates,
+            invalid,
+            rejected,
+            failed,
+            skipped,
+            requests,
+            retries,
+            rate_limited,
+        } = self.counts;
         let rows: [(&str, u64); 7] = [
-            ("rows read", self.rows_read),
-            (if self.dry_run { "would send" } else { "sent" }, self.sent),
-            ("duplicates", self.duplicates),
-            ("invalid", self.invalid),
-            ("rejected", self.rejected),
-            ("failed", self.failed),
-            ("skipped", self.skipped),
+            ("rows read", rows_read),
+            (if self.dry_run { "would send" } else { "sent" }, sent),
+            ("duplicates", duplicates),
+            ("invalid", invalid),
+            ("rejected", rejected),
+            ("failed", failed),
+            ("skipped", skipped),
         ];
         for (label, n) in rows {
             out.push_str(&format!("  {label:<12}{n}\n"));
         }
         out.push_str(&format!(
             "  {:<12}{} ({} retries, {} rate-limited)\n  {:<12}{seconds:.1} s\n",
-            "requests", self.requests, self.retries, self.rate_limited, "duration"
+            "requests", requests, retries, rate_limited, "duration"
         ));
         if !self.errors.is_empty() {
             out.push_str("errors:\n");
@@ -191,26 +252,8 @@ const MAX_GROUPS: usize = 64;
 /// Running counts of a run, kept by the reading and the sending side and merged at the end.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
-    /// See [`RunReport`].
-    pub rows_read: u64,
-    /// See [`RunReport`].
-    pub sent: u64,
-    /// See [`RunReport`].
-    pub duplicates: u64,
-    /// See [`RunReport`].
-    pub invalid: u64,
-    /// See [`RunReport`].
-    pub rejected: u64,
-    /// See [`RunReport`].
-    pub failed: u64,
-    /// See [`RunReport`].
-    pub skipped: u64,
-    /// See [`RunReport`].
-    pub requests: u64,
-    /// See [`RunReport`].
-    pub retries: u64,
-    /// See [`RunReport`].
-    pub rate_limited: u64,
+    /// The counts so far.
+    pub counts: Counts,
     groups: Vec<Group>,
 }
 
@@ -262,16 +305,7 @@ impl Tally {
 
     /// Adds another tally's counts and groups.
     pub fn merge(&mut self, other: Tally) {
-        self.rows_read += other.rows_read;
-        self.sent += other.sent;
-        self.duplicates += other.duplicates;
-        self.invalid += other.invalid;
-        self.rejected += other.rejected;
-        self.failed += other.failed;
-        self.skipped += other.skipped;
-        self.requests += other.requests;
-        self.retries += other.retries;
-        self.rate_limited += other.rate_limited;
+        self.counts.add(other.counts);
         for g in other.groups {
             self.note_n(g.reason, &g.detail, g.count, &g.rows);
         }
@@ -307,17 +341,17 @@ pub fn finish(
     interrupted: bool,
     ctx: RunContext,
 ) -> RunReport {
-    let undelivered = tally.failed + tally.rejected;
+    let undelivered = tally.counts.failed + tally.counts.rejected;
     let outcome = if interrupted {
         Outcome::Interrupted
-    } else if failure.is_some() || (tally.sent == 0 && undelivered > 0) {
+    } else if failure.is_some() || (tally.counts.sent == 0 && undelivered > 0) {
         Outcome::Failed
-    } else if undelivered + tally.skipped > 0 {
+    } else if undelivered + tally.counts.skipped > 0 {
         Outcome::PartiallySucceeded
     } else {
         Outcome::Succeeded
     };
-    let counts = counts_phrase(&tally, ctx.dry_run);
+    let counts = counts_phrase(&tally.counts, ctx.dry_run);
     let message = match (&failure, outcome) {
         (_, Outcome::Interrupted) => format!("interrupted by shutdown: {counts}"),
         (Some(f), _) => format!("{}; {counts}", f.message),
@@ -355,16 +389,7 @@ pub fn finish(
         start_time: ctx.start_time,
         completion_time: Some(ctx.completion_time),
         outcome,
-        rows_read: tally.rows_read,
-        sent: tally.sent,
-        duplicates: tally.duplicates,
-        invalid: tally.invalid,
-        rejected: tally.rejected,
-        failed: tally.failed,
-        skipped: tally.skipped,
-        requests: tally.requests,
-        retries: tally.retries,
-        rate_limited: tally.rate_limited,
+        counts: tally.counts,
         errors,
         message,
         dry_run: ctx.dry_run,
@@ -378,15 +403,10 @@ pub fn ensure_balanced(mut report: RunReport) -> RunReport {
     if report.balanced() {
         return report;
     }
-    let accounted = report.sent
-        + report.duplicates
-        + report.invalid
-        + report.rejected
-        + report.failed
-        + report.skipped;
+    let accounted = report.counts.accounted();
+    let read = report.counts.rows_read;
     let message = format!(
-        "internal error: the counts do not add up ({} rows read, {accounted} accounted for); please report it",
-        report.rows_read
+        "internal error: the counts do not add up ({read} rows read, {accounted} accounted for); please report it"
     );
     tracing::error!("{message}");
     report.outcome = Outcome::Failed;
@@ -396,7 +416,7 @@ pub fn ensure_balanced(mut report: RunReport) -> RunReport {
         ErrorSummary {
             reason: "InternalError".into(),
             message,
-            count: report.rows_read.abs_diff(accounted),
+            count: read.abs_diff(accounted),
         },
     );
     report.errors.truncate(MAX_REPORTED_ERRORS);
@@ -404,7 +424,7 @@ pub fn ensure_balanced(mut report: RunReport) -> RunReport {
 }
 
 /// "12480 users flagged, 31 duplicates, 2 invalid rows": the non-zero counts.
-pub fn counts_phrase(t: &Tally, dry_run: bool) -> String {
+pub fn counts_phrase(t: &Counts, dry_run: bool) -> String {
     let mut parts = vec![if dry_run {
         format!(
             "{} would be flagged (dry run)",
@@ -508,13 +528,16 @@ mod tests {
 
     fn tally(sent: u64, dup: u64, invalid: u64, rejected: u64, failed: u64, skipped: u64) -> Tally {
         Tally {
-            rows_read: sent + dup + invalid + rejected + failed + skipped,
-            sent,
-            duplicates: dup,
-            invalid,
-            rejected,
-            failed,
-            skipped,
+            counts: Counts {
+                rows_read: sent + dup + invalid + rejected + failed + skipped,
+                sent,
+                duplicates: dup,
+                invalid,
+                rejected,
+                failed,
+                skipped,
+                ..Counts::default()
+            },
             ..Tally::default()
         }
     }
@@ -671,10 +694,13 @@ mod tests {
         let mut a = tally(1, 1, 1, 1, 1, 1);
         a.note("X", "d", &[1]);
         let mut b = tally(2, 0, 0, 0, 0, 0);
-        b.requests = 3;
+        b.counts.requests = 3;
         b.note("X", "d", &[2, 3]);
         a.merge(b);
-        assert_eq!((a.rows_read, a.sent, a.requests), (8, 3, 3));
+        assert_eq!(
+            (a.counts.rows_read, a.counts.sent, a.counts.requests),
+            (8, 3, 3)
+        );
         assert_eq!(a.groups[0].count, 3);
         assert_eq!(a.groups[0].rows, [1, 2, 3]);
     }

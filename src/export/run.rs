@@ -124,14 +124,14 @@ pub async fn run_export(
         }
         tracing::info!(
             outcome = report.outcome.as_str(),
-            rows_read = report.rows_read,
-            sent = report.sent,
-            duplicates = report.duplicates,
-            invalid = report.invalid,
-            rejected = report.rejected,
-            failed = report.failed,
-            skipped = report.skipped,
-            requests = report.requests,
+            rows_read = report.counts.rows_read,
+            sent = report.counts.sent,
+            duplicates = report.counts.duplicates,
+            invalid = report.counts.invalid,
+            rejected = report.counts.rejected,
+            failed = report.counts.failed,
+            skipped = report.counts.skipped,
+            requests = report.counts.requests,
             "run finished: {}",
             report.message
         );
@@ -283,7 +283,7 @@ fn conclude(
             None => ("Interrupted", "the operator is shutting down".into()),
         };
         let r = FailReason::Stopped(reason, why);
-        tally.failed += read.unsent.count;
+        tally.counts.failed += read.unsent.count;
         tally.note_n(
             r.reason(),
             &r.describe(0),
@@ -409,10 +409,17 @@ impl ExportSink {
     fn finish(mut self, panicked: bool) -> ReadSummary {
         self.flush();
         let t = &self.tally;
-        let accounted = t.duplicates + t.invalid + t.skipped + self.handed + self.unsent.count;
-        let (read, lost) = (t.rows_read, t.rows_read.saturating_sub(accounted));
+        let accounted = t.counts.duplicates
+            + t.counts.invalid
+            + t.counts.skipped
+            + self.handed
+            + self.unsent.count;
+        let (read, lost) = (
+            t.counts.rows_read,
+            t.counts.rows_read.saturating_sub(accounted),
+        );
         if panicked && lost > 0 {
-            self.tally.failed += lost;
+            self.tally.counts.failed += lost;
             self.tally.note_n(
                 "InternalError",
                 "the row reader failed unexpectedly",
@@ -431,7 +438,7 @@ impl ExportSink {
     /// take its body past the byte budget.
     fn push(&mut self, number: u64, object: &mapping::BrazeObject<'_>) -> Result<(), Stop> {
         if self.batch.push(number, object).is_err() {
-            self.tally.invalid += 1;
+            self.tally.counts.invalid += 1;
             let id_field = self
                 .columns
                 .as_ref()
@@ -487,7 +494,7 @@ impl RowSink for ExportSink {
     }
 
     fn row(&mut self, number: u64, cells: &mut [Cell]) -> Result<(), Stop> {
-        self.tally.rows_read += 1;
+        self.tally.counts.rows_read += 1;
         self.progress.rows_read.fetch_add(1, Ordering::Relaxed);
         if self.failpoint == Failpoint::ReaderAtRow(number) {
             panic!("failpoint: the row reader panics at row {number}");
@@ -495,13 +502,13 @@ impl RowSink for ExportSink {
         if let Some(max) = self.plan.max_rows
             && number > max
         {
-            if self.tally.skipped == 0 {
+            if self.tally.counts.skipped == 0 {
                 tracing::warn!(
                     max_rows = max,
                     "the Look has more rows than maxRows; the rest are skipped"
                 );
             }
-            self.tally.skipped += 1;
+            self.tally.counts.skipped += 1;
             self.tally
                 .note("MaxRowsExceeded", &max.to_string(), &[number]);
             return Ok(());
@@ -515,9 +522,9 @@ impl RowSink for ExportSink {
     }
 
     fn bad_row(&mut self, number: u64, what: BadRow) -> Result<(), Stop> {
-        self.tally.rows_read += 1;
+        self.tally.counts.rows_read += 1;
         self.progress.rows_read.fetch_add(1, Ordering::Relaxed);
-        self.tally.invalid += 1;
+        self.tally.counts.invalid += 1;
         let (reason, detail) = match what {
             BadRow::Null => ("NullRow", "null"),
             BadRow::NotAnObject => ("MalformedRow", "not an object"),
@@ -543,13 +550,13 @@ impl ExportSink {
                     }
                     _ => &columns.captures[0],
                 };
-                self.tally.invalid += 1;
+                self.tally.counts.invalid += 1;
                 self.tally.note(invalid.reason(), field, &[number]);
                 Ok(())
             }
             Ok(object) => {
                 if !self.dedup.first(&object.id) {
-                    self.tally.duplicates += 1;
+                    self.tally.counts.duplicates += 1;
                     return Ok(());
                 }
                 for name in object.too_long_attributes() {
@@ -699,7 +706,7 @@ fn dry_send(tally: &mut Tally, batch: &Batch, opts: &RunOptions) {
     {
         tracing::warn!(error = %e, "cannot write to the payload dump");
     }
-    tally.sent += batch.len() as u64;
+    tally.counts.sent += batch.len() as u64;
     opts.progress
         .sent
         .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -708,16 +715,16 @@ fn dry_send(tally: &mut Tally, batch: &Batch, opts: &RunOptions) {
 fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress) {
     progress.sent.fetch_add(d.sent, Ordering::Relaxed);
     let t = &mut out.tally;
-    t.sent += d.sent;
-    t.requests += d.requests;
-    t.retries += d.retries;
-    t.rate_limited += d.rate_limited;
+    t.counts.sent += d.sent;
+    t.counts.requests += d.requests;
+    t.counts.retries += d.retries;
+    t.counts.rate_limited += d.rate_limited;
     for (kind, rows) in &d.rejected {
-        t.rejected += rows.len() as u64;
+        t.counts.rejected += rows.len() as u64;
         t.note("BrazeRejected", kind, rows);
     }
     for (reason, description, rows) in &d.failed {
-        t.failed += rows.len() as u64;
+        t.counts.failed += rows.len() as u64;
         // A delivery stopped because another batch got a fatal answer: say which.
         match &out.fatal {
             Some(f) if *reason == "Interrupted" => {

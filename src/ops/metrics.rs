@@ -62,12 +62,12 @@ pub type RowCounts = [(&'static str, u64); 6];
 /// The rows of `r` by result: sent, duplicate, invalid, rejected, failed, skipped.
 pub fn row_counts(r: &RunReport) -> RowCounts {
     [
-        ("sent", r.sent),
-        ("duplicate", r.duplicates),
-        ("invalid", r.invalid),
-        ("rejected", r.rejected),
-        ("failed", r.failed),
-        ("skipped", r.skipped),
+        ("sent", r.counts.sent),
+        ("duplicate", r.counts.duplicates),
+        ("invalid", r.counts.invalid),
+        ("rejected", r.counts.rejected),
+        ("failed", r.counts.failed),
+        ("skipped", r.counts.skipped),
     ]
 }
 
@@ -215,9 +215,9 @@ impl Metrics {
             self.rows.get_or_create(&ResultLabel { result }).inc_by(n);
         }
         self.duration.observe(r.duration_seconds(now));
-        self.requests.inc_by(r.requests);
-        self.retries.inc_by(r.retries);
-        self.rate_limited.inc_by(r.rate_limited);
+        self.requests.inc_by(r.counts.requests);
+        self.retries.inc_by(r.counts.retries);
+        self.rate_limited.inc_by(r.counts.rate_limited);
     }
 
     /// Records how late a scheduled run started.
@@ -322,9 +322,9 @@ mod tests {
         );
         r.outcome = Outcome::PartiallySucceeded;
         r.completion_time = Some(now);
-        r.rejected = 3;
-        r.requests = 2;
-        r.rate_limited = 1;
+        r.counts.rejected = 3;
+        r.counts.requests = 2;
+        r.counts.rate_limited = 1;
         m.record_run(&r, now);
         m.set_exports([(("True", "Succeeded"), 4), (("False", "InvalidSpec"), 1)]);
         let text = m.encode();
@@ -359,7 +359,7 @@ mod tests {
             sent + rejected,
             sent,
         );
-        r.rejected = rejected;
+        r.counts.rejected = rejected;
         row_counts(&r)
     }
 
