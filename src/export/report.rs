@@ -5,6 +5,8 @@ use jiff::Timestamp;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::mapping::Invalid;
+
 /// What started a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum Trigger {
@@ -244,6 +246,42 @@ impl RunReport {
     }
 }
 
+/// Why rows are in an error group: the one list of row-level reasons, each with its name (for
+/// the report, conditions and metrics) and the sentence [`finish`] writes for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowReason {
+    /// Not sent: the identifier or a tagged cell is unusable.
+    Invalid(Invalid),
+    /// Not sent: the row is `null`.
+    NullRow,
+    /// Not sent: the row is not an object.
+    MalformedRow,
+    /// Sent without an attribute longer than Braze keeps.
+    AttributeTooLong,
+    /// Skipped beyond `maxRows`.
+    MaxRowsExceeded,
+    /// Listed in Braze's `errors`.
+    BrazeRejected,
+    /// Not delivered, under the reason of what stopped them (`BrazeServerError`,
+    /// `RateLimited`, `Interrupted`, `BrazeForbidden`, `InternalError`, …).
+    NotDelivered(&'static str),
+}
+
+impl RowReason {
+    /// The CamelCase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid(i) => i.reason(),
+            Self::NullRow => "NullRow",
+            Self::MalformedRow => "MalformedRow",
+            Self::AttributeTooLong => "AttributeTooLong",
+            Self::MaxRowsExceeded => "MaxRowsExceeded",
+            Self::BrazeRejected => "BrazeRejected",
+            Self::NotDelivered(reason) => reason,
+        }
+    }
+}
+
 /// Most error groups a report lists.
 pub const MAX_REPORTED_ERRORS: usize = 10;
 const SAMPLE_ROWS: usize = 5;
@@ -259,7 +297,7 @@ pub struct Tally {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Group {
-    reason: &'static str,
+    reason: RowReason,
     detail: String,
     count: u64,
     rows: Vec<u64>,
@@ -268,12 +306,12 @@ struct Group {
 impl Tally {
     /// Records `rows.len()` rows under an error group (reason and detail, such as a field name
     /// or Braze's error type). Does not touch the counts.
-    pub fn note(&mut self, reason: &'static str, detail: &str, rows: &[u64]) {
+    pub fn note(&mut self, reason: RowReason, detail: &str, rows: &[u64]) {
         self.note_n(reason, detail, rows.len() as u64, rows);
     }
 
     /// Like [`Tally::note`] for `count` rows of which `rows` are examples.
-    pub fn note_n(&mut self, reason: &'static str, detail: &str, count: u64, rows: &[u64]) {
+    pub fn note_n(&mut self, reason: RowReason, detail: &str, count: u64, rows: &[u64]) {
         if count == 0 {
             return;
         }
@@ -362,7 +400,7 @@ pub fn finish(
         let count = tally
             .groups
             .iter()
-            .filter(|g| g.reason == f.reason)
+            .filter(|g| g.reason.as_str() == f.reason)
             .map(|g| g.count)
             .sum::<u64>()
             .max(1);
@@ -375,11 +413,15 @@ pub fn finish(
     let mut groups: Vec<&Group> = tally
         .groups
         .iter()
-        .filter(|g| failure.as_ref().is_none_or(|f| f.reason != g.reason))
+        .filter(|g| {
+            failure
+                .as_ref()
+                .is_none_or(|f| f.reason != g.reason.as_str())
+        })
         .collect();
     groups.sort_by_key(|g| std::cmp::Reverse(g.count));
     errors.extend(groups.into_iter().map(|g| ErrorSummary {
-        reason: g.reason.to_owned(),
+        reason: g.reason.as_str().to_owned(),
         message: describe(g),
         count: g.count,
     }));
@@ -474,33 +516,40 @@ fn describe(g: &Group) -> String {
         ("have", "lack")
     };
     let d = &g.detail;
+    let is_are = if g.count == 1 { "is" } else { "are" };
     match g.reason {
-        "NullIdentifier" => format!("{subject} {have} no {d} value"),
-        "EmptyIdentifier" => format!("{subject} {have} an empty {d} value"),
-        "InvalidIdentifier" => {
+        RowReason::Invalid(Invalid::NullIdentifier) => format!("{subject} {have} no {d} value"),
+        RowReason::Invalid(Invalid::EmptyIdentifier) => {
+            format!("{subject} {have} an empty {d} value")
+        }
+        RowReason::Invalid(Invalid::InvalidIdentifier) => {
             format!("{subject} {have} a {d} value that is neither a string nor a number")
         }
-        "IdentifierTooLong" => format!("{subject} {have} a {d} value longer than 987 bytes"),
-        "NonIntegralIdentifier" => {
+        RowReason::Invalid(Invalid::IdentifierTooLong) => {
+            format!("{subject} {have} a {d} value longer than 987 bytes")
+        }
+        RowReason::Invalid(Invalid::NonIntegralIdentifier) => {
             format!("{subject} {have} a {d} value that is not a whole number")
         }
-        "NonFiniteIdentifier" => format!("{subject} {have} a {d} value too large to be a number"),
-        "NullRow" => format!(
-            "{subject} of the Look's data {} null instead of a row",
-            if g.count == 1 { "is" } else { "are" }
-        ),
-        "MalformedRow" => format!(
-            "{subject} of the Look's data {} not a row object",
-            if g.count == 1 { "is" } else { "are" }
-        ),
-        "AttributeTooLong" => format!(
+        RowReason::Invalid(Invalid::NonFiniteIdentifier) => {
+            format!("{subject} {have} a {d} value too large to be a number")
+        }
+        RowReason::NullRow => {
+            format!("{subject} of the Look's data {is_are} null instead of a row")
+        }
+        RowReason::MalformedRow => {
+            format!("{subject} of the Look's data {is_are} not a row object")
+        }
+        RowReason::AttributeTooLong => format!(
             "{subject} {have} a {d} value longer than Braze's {} characters: flagged without it",
             crate::export::mapping::MAX_ATTRIBUTE_CHARS
         ),
-        "MissingField" => format!("{subject} {lack} the field {d}"),
-        "MalformedCell" => format!("{subject} {have} a malformed {d} cell"),
-        "BrazeRejected" => format!("Braze rejected {subject}: {d}"),
-        "MaxRowsExceeded" => format!(
+        RowReason::Invalid(Invalid::MissingField(_)) => format!("{subject} {lack} the field {d}"),
+        RowReason::Invalid(Invalid::MalformedCell(_)) => {
+            format!("{subject} {have} a malformed {d} cell")
+        }
+        RowReason::BrazeRejected => format!("Braze rejected {subject}: {d}"),
+        RowReason::MaxRowsExceeded => format!(
             "{subject} beyond maxRows {d} {}",
             if g.count == 1 {
                 "was skipped"
@@ -508,7 +557,7 @@ fn describe(g: &Group) -> String {
                 "were skipped"
             }
         ),
-        _ => format!("{subject} not delivered: {d}"),
+        RowReason::NotDelivered(_) => format!("{subject} not delivered: {d}"),
     }
 }
 
@@ -640,17 +689,22 @@ mod tests {
     #[test]
     fn errors_are_grouped_sampled_and_capped() {
         let mut t = Tally::default();
-        t.note("NullIdentifier", "users.braze_id", &[17]);
-        t.note("NullIdentifier", "users.braze_id", &[230]);
-        t.note("MissingField", "users.email", &[3]);
+        let null = RowReason::Invalid(Invalid::NullIdentifier);
+        t.note(null, "users.braze_id", &[17]);
+        t.note(null, "users.braze_id", &[230]);
+        t.note(
+            RowReason::Invalid(Invalid::MissingField(1)),
+            "users.email",
+            &[3],
+        );
         t.note_n(
-            "BrazeServerError",
+            RowReason::NotDelivered("BrazeServerError"),
             "Braze answered 503 after 6 attempts",
             150,
             &[9, 8, 7, 6, 5, 4, 3],
         );
         for i in 0..20u64 {
-            t.note("BrazeRejected", &format!("type {i}"), &[i]);
+            t.note(RowReason::BrazeRejected, &format!("type {i}"), &[i]);
         }
         let r = finish(t, None, false, ctx());
         assert_eq!(r.errors.len(), MAX_REPORTED_ERRORS);
@@ -674,7 +728,7 @@ mod tests {
     fn run_failure_takes_the_count_of_its_rows() {
         let mut t = tally(75, 0, 0, 0, 150, 0);
         t.note_n(
-            "BrazeUnauthorized",
+            RowReason::NotDelivered("BrazeUnauthorized"),
             "the run stopped: Braze refused the API key",
             150,
             &[76, 77],
@@ -692,10 +746,10 @@ mod tests {
     #[test]
     fn merge_adds_everything() {
         let mut a = tally(1, 1, 1, 1, 1, 1);
-        a.note("X", "d", &[1]);
+        a.note(RowReason::NotDelivered("X"), "d", &[1]);
         let mut b = tally(2, 0, 0, 0, 0, 0);
         b.counts.requests = 3;
-        b.note("X", "d", &[2, 3]);
+        b.note(RowReason::NotDelivered("X"), "d", &[2, 3]);
         a.merge(b);
         assert_eq!(
             (a.counts.rows_read, a.counts.sent, a.counts.requests),

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::mapping::{self, Columns, Dedup, near_miss_tag};
-use super::report::{self, RunContext, RunFailure, Tally};
+use super::report::{self, RowReason, RunContext, RunFailure, Tally};
 use super::{Credentials, ExportPlan, RunError, RunReport, Trigger};
 use crate::braze::batch::MAX_REQUEST_BYTES;
 use crate::braze::{
@@ -285,7 +285,7 @@ fn conclude(
         let r = FailReason::Stopped(reason, why);
         tally.counts.failed += read.unsent.count;
         tally.note_n(
-            r.reason(),
+            RowReason::NotDelivered(r.reason()),
             &r.describe(0),
             read.unsent.count,
             &read.unsent.rows,
@@ -421,7 +421,7 @@ impl ExportSink {
         if panicked && lost > 0 {
             self.tally.counts.failed += lost;
             self.tally.note_n(
-                "InternalError",
+                RowReason::NotDelivered("InternalError"),
                 "the row reader failed unexpectedly",
                 lost,
                 &[read],
@@ -444,7 +444,8 @@ impl ExportSink {
                 .as_ref()
                 .map_or("", |c| c.id_field())
                 .to_owned();
-            self.tally.note("MalformedCell", &id_field, &[number]);
+            let reason = RowReason::Invalid(mapping::Invalid::MalformedCell(0));
+            self.tally.note(reason, &id_field, &[number]);
             return Ok(());
         }
         if self.batch.body_len() > MAX_REQUEST_BYTES && self.batch.len() > 1 {
@@ -510,7 +511,7 @@ impl RowSink for ExportSink {
             }
             self.tally.counts.skipped += 1;
             self.tally
-                .note("MaxRowsExceeded", &max.to_string(), &[number]);
+                .note(RowReason::MaxRowsExceeded, &max.to_string(), &[number]);
             return Ok(());
         }
         let Some(columns) = self.columns.take() else {
@@ -526,8 +527,8 @@ impl RowSink for ExportSink {
         self.progress.rows_read.fetch_add(1, Ordering::Relaxed);
         self.tally.counts.invalid += 1;
         let (reason, detail) = match what {
-            BadRow::Null => ("NullRow", "null"),
-            BadRow::NotAnObject => ("MalformedRow", "not an object"),
+            BadRow::Null => (RowReason::NullRow, "null"),
+            BadRow::NotAnObject => (RowReason::MalformedRow, "not an object"),
         };
         self.tally.note(reason, detail, &[number]);
         Ok(())
@@ -551,7 +552,8 @@ impl ExportSink {
                     _ => &columns.captures[0],
                 };
                 self.tally.counts.invalid += 1;
-                self.tally.note(invalid.reason(), field, &[number]);
+                self.tally
+                    .note(RowReason::Invalid(invalid), field, &[number]);
                 Ok(())
             }
             Ok(object) => {
@@ -560,7 +562,8 @@ impl ExportSink {
                     return Ok(());
                 }
                 for name in object.too_long_attributes() {
-                    self.tally.note("AttributeTooLong", name, &[number]);
+                    self.tally
+                        .note(RowReason::AttributeTooLong, name, &[number]);
                 }
                 self.push(number, &object)
             }
@@ -721,7 +724,7 @@ fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress) {
     t.counts.rate_limited += d.rate_limited;
     for (kind, rows) in &d.rejected {
         t.counts.rejected += rows.len() as u64;
-        t.note("BrazeRejected", kind, rows);
+        t.note(RowReason::BrazeRejected, kind, rows);
     }
     for (reason, description, rows) in &d.failed {
         t.counts.failed += rows.len() as u64;
@@ -729,9 +732,9 @@ fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress) {
         match &out.fatal {
             Some(f) if *reason == "Interrupted" => {
                 let stop = FailReason::Stopped(f.reason(), f.to_string());
-                t.note(f.reason(), &stop.describe(0), rows);
+                t.note(RowReason::NotDelivered(f.reason()), &stop.describe(0), rows);
             }
-            _ => t.note(reason, description, rows),
+            _ => t.note(RowReason::NotDelivered(reason), description, rows),
         }
     }
     if out.fatal.is_none() {
