@@ -10,6 +10,7 @@ pub mod braze;
 pub mod commands;
 pub mod controller;
 pub mod crd;
+pub mod cron;
 pub mod export;
 pub mod http;
 pub mod looker;

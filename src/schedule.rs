@@ -2,10 +2,10 @@
 //! `now`. Cron times are read in the export's time zone; the zone database is built in.
 
 use croner::Cron;
-use croner::parser::{CronParser, Seconds, Year};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 
+use crate::cron::parse_cron;
 use crate::export::report::{Outcome, Trigger};
 use crate::spec::BrazeExportStatus;
 
@@ -17,22 +17,6 @@ pub const MAX_RETRIES: u32 = 3;
 pub const RETRY_BASE: SignedDuration = SignedDuration::from_mins(1);
 /// A scheduled run started later than this after its time is reported as a catch-up.
 pub const ON_TIME: SignedDuration = SignedDuration::from_secs(60);
-
-/// Parses a 5-field cron expression or an `@hourly`-style macro, as Kubernetes CronJobs do.
-pub fn parse_cron(expr: &str) -> Result<Cron, String> {
-    let trimmed = expr.trim();
-    if trimmed.is_empty() {
-        return Err(
-            "must not be empty: use a 5-field cron expression such as \"0 6 * * *\"".into(),
-        );
-    }
-    CronParser::builder()
-        .seconds(Seconds::Disallowed)
-        .year(Year::Disallowed)
-        .build()
-        .parse(trimmed)
-        .map_err(|e| format!("invalid cron expression {trimmed:?}: {e}"))
-}
 
 /// A cron expression in a time zone.
 #[derive(Clone, Debug)]
@@ -89,7 +73,7 @@ pub struct Inputs<'a> {
     pub suspend: bool,
     /// `spec.startingDeadlineSeconds`.
     pub starting_deadline_seconds: Option<i64>,
-    /// When the resource was created (times before it are never due).
+    /// When the resource was created (ticks at or before it are never due).
     pub created: Timestamp,
     /// The current status.
     pub status: &'a BrazeExportStatus,
@@ -97,6 +81,8 @@ pub struct Inputs<'a> {
     pub run_request: Option<&'a str>,
     /// A run of this export is in progress.
     pub running: bool,
+    /// Wait before the first retry ([`RETRY_BASE`]; shorter in tests).
+    pub retry_base: SignedDuration,
     /// Now.
     pub now: Timestamp,
 }
@@ -121,11 +107,23 @@ pub enum Decision {
     Wait(Option<Timestamp>),
 }
 
-/// Decides whether a run starts now: a new run-now value first (even when suspended), then a
-/// rerun of an interrupted run, then the most recent due time not yet run (if within the
-/// starting deadline, default one interval; older ones are skipped), then a retry of a failed
-/// run (1, 2, 4 minutes, at most 3, never past the next scheduled time). Never while a run of
-/// the export is in progress.
+/// Whether a run that failed or was interrupted is retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// The last run needs no retry.
+    No,
+    /// Retried at this time.
+    At(Timestamp),
+    /// Not retried: [`MAX_RETRIES`] retries ended the same way, or the next scheduled run
+    /// comes first.
+    GaveUp,
+}
+
+/// Decides whether a run starts now: a new run-now value first (even when suspended), then
+/// the most recent due time not yet run (if within the starting deadline, default one
+/// interval; older ones are skipped), then a retry of a run that failed or was interrupted (1,
+/// 2, 4 minutes, at most 3, never past the next scheduled time). Never while a run of the
+/// export is in progress.
 pub fn decide(i: &Inputs<'_>) -> Decision {
     if i.running {
         return Decision::Wait(None);
@@ -140,19 +138,19 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             run_request: Some(request.to_owned()),
         });
     }
-    let last = i.status.last_run.as_ref();
-    if let Some(run) = last
-        && run.outcome == Outcome::Interrupted
-        && (!i.suspend || run.trigger == Trigger::Manual)
-    {
-        return Decision::Run(Due {
-            trigger: Trigger::Retry,
-            scheduled_for: None,
-            run_request: None,
-        });
-    }
+    let retry = retry(i);
     if i.suspend {
-        return Decision::Wait(None);
+        // An interrupted or failed manual run is still retried while suspended.
+        let manual = i
+            .status
+            .last_run
+            .as_ref()
+            .is_some_and(|r| r.trigger == Trigger::Manual);
+        return match retry {
+            Retry::At(at) if manual && at <= i.now => Decision::Run(retry_due()),
+            Retry::At(at) if manual => Decision::Wait(Some(at)),
+            _ => Decision::Wait(None),
+        };
     }
     if let Some(due) = missed_tick(i) {
         let trigger = if i.now.duration_since(due) <= ON_TIME {
@@ -167,21 +165,27 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         });
     }
     let next = i.schedule.next_after(i.now);
-    match retry_at(i) {
-        Some(at) if at <= i.now => Decision::Run(Due {
-            trigger: Trigger::Retry,
-            scheduled_for: None,
-            run_request: None,
-        }),
-        Some(at) => Decision::Wait(Some(next.map_or(at, |n| n.min(at)))),
-        None => Decision::Wait(next),
+    match retry {
+        Retry::At(at) if at <= i.now => Decision::Run(retry_due()),
+        Retry::At(at) => Decision::Wait(Some(next.map_or(at, |n| n.min(at)))),
+        Retry::No | Retry::GaveUp => Decision::Wait(next),
     }
 }
 
-/// The most recent schedule time not yet run, if it is within the starting deadline.
+fn retry_due() -> Due {
+    Due {
+        trigger: Trigger::Retry,
+        scheduled_for: None,
+        run_request: None,
+    }
+}
+
+/// The most recent schedule time not yet run, if it is within the starting deadline. Like a
+/// CronJob, only ticks strictly after creation count: `creationTimestamp` has whole seconds,
+/// so an export created at 14:58:00.4 reads as 14:58:00 and must not run for the 14:58 tick.
 fn missed_tick(i: &Inputs<'_>) -> Option<Timestamp> {
     let due = i.schedule.last_at_or_before(i.now)?;
-    if due < i.created || i.status.last_schedule_time.is_some_and(|l| due <= l) {
+    if due <= i.created || i.status.last_schedule_time.is_some_and(|l| due <= l) {
         return None;
     }
     let deadline = match i.starting_deadline_seconds {
@@ -191,25 +195,32 @@ fn missed_tick(i: &Inputs<'_>) -> Option<Timestamp> {
     (i.now.duration_since(due) <= deadline).then_some(due)
 }
 
-/// When the failed last run should be retried, if it should.
-fn retry_at(i: &Inputs<'_>) -> Option<Timestamp> {
-    let run = i
-        .status
-        .last_run
-        .as_ref()
-        .filter(|r| r.outcome == Outcome::Failed)?;
+/// Whether and when the last run, if it failed or was interrupted (a crash included), is
+/// retried: `retry_base` doubled for each retry already made in a row, at most
+/// [`MAX_RETRIES`], never past the next scheduled time. A run that keeps crashing the
+/// operator thus stops being retried instead of looping.
+pub fn retry(i: &Inputs<'_>) -> Retry {
+    let failed = |o: Outcome| matches!(o, Outcome::Failed | Outcome::Interrupted);
+    let Some(run) = i.status.last_run.as_ref().filter(|r| failed(r.outcome)) else {
+        return Retry::No;
+    };
     let done = i
         .status
         .history
         .iter()
-        .take_while(|h| h.outcome == Outcome::Failed && h.trigger == Trigger::Retry)
+        .take_while(|h| failed(h.outcome) && h.trigger == Trigger::Retry)
         .count() as u32;
     if done >= MAX_RETRIES {
-        return None;
+        return Retry::GaveUp;
     }
-    let at = run.completion_time? + RETRY_BASE * (1i32 << done);
-    let next_tick = i.schedule.next_after(run.start_time);
-    next_tick.is_none_or(|t| at < t).then_some(at)
+    let Some(end) = run.completion_time else {
+        return Retry::No;
+    };
+    let at = end + i.retry_base * (1i32 << done);
+    match i.schedule.next_after(run.start_time) {
+        Some(tick) if at >= tick && !i.suspend => Retry::GaveUp,
+        _ => Retry::At(at),
+    }
 }
 
 #[cfg(test)]
@@ -455,6 +466,7 @@ mod tests {
                 status: &self.status,
                 run_request: self.request,
                 running: self.running,
+                retry_base: RETRY_BASE,
                 now: ts(self.now),
             })
         }
@@ -654,7 +666,94 @@ mod tests {
             "2026-11-29T06:05:00Z",
         ));
         assert_eq!(c.decide(), run(Trigger::Retry, None));
+        c.now = "2026-11-29T06:05:30Z";
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-29T06:06:00Z"))),
+            "after the same backoff as a failed run"
+        );
         c.suspend = true;
         assert_eq!(c.decide(), Decision::Wait(None), "not when suspended since");
+    }
+
+    #[test]
+    fn a_run_that_keeps_crashing_waits_for_its_next_tick() {
+        let daily = Schedule::new("0 6 * * *", None).unwrap();
+        let mut c = Case::new(&daily, "2026-11-29T07:00:00Z");
+        c.status.last_schedule_time = Some(ts("2026-11-29T06:00:00Z"));
+        c.status.last_run = Some(report(
+            Trigger::Retry,
+            Outcome::Interrupted,
+            "2026-11-29T06:30:00Z",
+            "2026-11-29T06:31:00Z",
+        ));
+        c.status.history = vec![
+            summary(Trigger::Retry, Outcome::Interrupted),
+            summary(Trigger::Retry, Outcome::Failed),
+            summary(Trigger::Retry, Outcome::Interrupted),
+            summary(Trigger::Schedule, Outcome::Interrupted),
+        ];
+        fn inputs<'a>(c: &'a Case<'_>) -> Inputs<'a> {
+            Inputs {
+                schedule: c.schedule,
+                suspend: c.suspend,
+                starting_deadline_seconds: None,
+                created: ts("2026-11-01T00:00:00Z"),
+                status: &c.status,
+                run_request: None,
+                running: false,
+                retry_base: RETRY_BASE,
+                now: ts(c.now),
+            }
+        }
+        assert_eq!(retry(&inputs(&c)), Retry::GaveUp);
+        assert_eq!(
+            c.decide(),
+            Decision::Wait(Some(ts("2026-11-30T06:00:00Z"))),
+            "three retries interrupted in a row: the next scheduled run"
+        );
+        c.status.history.remove(0);
+        assert_eq!(
+            retry(&inputs(&c)),
+            Retry::At(ts("2026-11-29T06:35:00Z")),
+            "two retries so far: the third after 4 minutes"
+        );
+    }
+
+    #[test]
+    fn a_tick_in_the_second_of_creation_is_not_due() {
+        let minutely = Schedule::new("* * * * *", None).unwrap();
+        let mut c = Case::new(&minutely, "2026-11-29T14:58:00.900Z");
+        let at = |created: &str, c: &Case| {
+            decide(&Inputs {
+                schedule: c.schedule,
+                suspend: false,
+                starting_deadline_seconds: None,
+                created: ts(created),
+                status: &c.status,
+                run_request: None,
+                running: false,
+                retry_base: RETRY_BASE,
+                now: ts(c.now),
+            })
+        };
+        assert_eq!(
+            at("2026-11-29T14:58:00Z", &c),
+            Decision::Wait(Some(ts("2026-11-29T14:59:00Z"))),
+            "created at 14:58:00.4 (stored as 14:58:00): not for the 14:58 tick"
+        );
+        c.now = "2026-11-29T14:59:00.200Z";
+        assert_eq!(
+            at("2026-11-29T14:58:00Z", &c),
+            run(Trigger::Schedule, Some("2026-11-29T14:59:00Z"))
+        );
+        assert_eq!(
+            at(
+                "2026-11-29T14:57:59Z",
+                &Case::new(&minutely, "2026-11-29T14:58:00.900Z")
+            ),
+            run(Trigger::Schedule, Some("2026-11-29T14:58:00Z")),
+            "created before the tick: due"
+        );
     }
 }

@@ -51,7 +51,7 @@ pub struct BrazeExportSpec {
     pub suspend: bool,
     /// A missed run older than this is skipped, not caught up; default one schedule interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0))]
+    #[schemars(range(min = 0, max = 31_622_400))]
     pub starting_deadline_seconds: Option<i64>,
     /// Where the rows come from.
     pub looker: LookerSpec,
@@ -59,7 +59,7 @@ pub struct BrazeExportSpec {
     pub braze: BrazeSpec,
     /// Safety cap: rows beyond it are counted as skipped and not sent; no cap when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1_000_000_000_000u64))]
     pub max_rows: Option<u64>,
 }
 
@@ -172,10 +172,10 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateLimitSpec {
     /// Requests allowed per period.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1_000_000))]
     pub requests: u32,
     /// Length of the period in seconds.
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 86_400))]
     pub period_seconds: u32,
 }
 
@@ -225,30 +225,35 @@ pub const RESERVED_ATTRIBUTES: [&str; 4] = [
 /// Braze's limit for custom attribute keys and string values.
 pub const MAX_ATTRIBUTE_CHARS: usize = 255;
 
-/// What the controller observed and did; written through the status subresource only.
+/// What the controller observed and did; written through the status subresource only, by
+/// server-side apply: a field absent here is removed from the object.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BrazeExportStatus {
     /// The `metadata.generation` this status describes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` (spec valid and the last run succeeded) and `Running` (a run is in progress).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// The operator instance running the export now (absent when no run is in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
     /// When the last scheduled run was due.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Timestamp>,
     /// When the next scheduled run is due (absent when suspended).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_schedule_time: Option<Timestamp>,
     /// When a run last succeeded.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_time: Option<Timestamp>,
     /// The value of the `looker-braze.dev/run-now` annotation last acted on.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_run_request: Option<String>,
     /// The last (or current) run.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<RunReport>,
     /// The last 10 runs, newest first.
     #[serde(default)]
@@ -309,7 +314,7 @@ impl BrazeExportSpec {
     /// Returns every problem found, each naming its field.
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        if let Err(e) = crate::schedule::parse_cron(&self.schedule) {
+        if let Err(e) = crate::cron::parse_cron(&self.schedule) {
             errors.push(FieldError::new("spec.schedule", e));
         }
         if let Some(tz) = &self.time_zone

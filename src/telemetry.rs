@@ -14,10 +14,17 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` wins over `default_filter`.
+/// kube's client logs the whole body of an answer it cannot decode at warn: a Secret's
+/// included. That target is held to errors whatever `RUST_LOG` says; the operator logs its
+/// own warnings naming the object and the field instead.
+pub const QUIET_BODIES: &str = "kube_client::client=error";
+
+/// Installs the global subscriber. `RUST_LOG` wins over `default_filter`, except for
+/// [`QUIET_BODIES`].
 pub fn init(format: LogFormat, default_filter: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default_filter))
+        .add_directive(QUIET_BODIES.parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -56,6 +56,7 @@ impl Operator {
 fn config() -> Config {
     Config {
         progress_interval: Duration::from_millis(200),
+        retry_base: jiff::SignedDuration::from_secs(1),
         ..Config::default()
     }
 }
@@ -446,25 +447,32 @@ async fn a_run_left_running_by_a_crash_is_interrupted_and_run_again() {
     w.looker.add_look("42", Look::users(10, Generator::Clean));
     secrets(&api);
     put_export(&api, &w, "crashed", "42", "", "");
+    let started = (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(30)).to_string();
     api.patch(
         EXPORTS,
         NS,
         "crashed",
         json!({"status": {
-            "conditions": [{"type": "Running", "status": "True", "reason": "Running", "message": "Schedule run started", "lastTransitionTime": "2026-11-29T06:00:00Z"}],
-            "lastScheduleTime": "2026-11-29T06:00:00Z",
-            "lastRun": {"trigger": "Schedule", "startTime": "2026-11-29T06:00:00Z", "outcome": "Running", "rowsRead": 4, "sent": 3, "duplicates": 0, "invalid": 0, "rejected": 0, "failed": 0, "skipped": 0, "requests": 0, "retries": 0, "rateLimited": 0, "errors": [], "message": "running"},
+            "conditions": [{"type": "Running", "status": "True", "reason": "Running", "message": "Manual run started", "lastTransitionTime": started}],
+            "runner": "old-pod_0000beef",
+            "lastRun": {"trigger": "Manual", "startTime": started, "outcome": "Running", "rowsRead": 4, "sent": 3, "duplicates": 0, "invalid": 0, "rejected": 0, "failed": 0, "skipped": 0, "requests": 0, "retries": 0, "rateLimited": 0, "errors": [], "message": "running"},
             "history": []
         }}),
     );
     let op = Operator::start(&api, config());
     let s = wait_ready(&api, "crashed", "Succeeded", 20).await;
     let history = history(&s);
-    assert_eq!(history, ["Retry Succeeded", "Schedule Interrupted"]);
+    assert_eq!(history, ["Retry Succeeded", "Manual Interrupted"]);
+    assert!(s.get("runner").is_none(), "no runner once idle: {s}");
+    let interrupted = events(&api, "crashed")
+        .into_iter()
+        .find(|(_, r, _)| r == "RunInterrupted")
+        .expect("a RunInterrupted event");
     assert!(
-        events(&api, "crashed")
-            .iter()
-            .any(|(_, r, _)| r == "RunInterrupted")
+        interrupted
+            .2
+            .contains("operator instance old-pod_0000beef stopped during the run"),
+        "{interrupted:?}"
     );
     op.stop().await;
 }
@@ -480,8 +488,7 @@ async fn with_leader_election_two_operators_run_each_export_once() {
             namespace: "default".into(),
             lease_name: "braze-export-operator".into(),
             identity: identity.into(),
-            duration_seconds: 3,
-            grace_seconds: 1,
+            duration: Duration::from_secs(3),
         }),
         ..config()
     };
@@ -563,7 +570,7 @@ async fn namespace_and_selector_scope_the_controller() {
         &api,
         Config {
             selector: Some("team=a".into()),
-            namespace: Some(NS.into()),
+            namespaces: vec![NS.into()],
             ..config()
         },
     );
@@ -577,7 +584,7 @@ async fn namespace_and_selector_scope_the_controller() {
     let other = Operator::start(
         &api,
         Config {
-            namespace: Some("elsewhere".into()),
+            namespaces: vec!["elsewhere".into()],
             ..config()
         },
     );

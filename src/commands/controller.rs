@@ -9,15 +9,17 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::{self, CONTROLLER_NAME, Config, LeaderElection, StoreSlot};
+use crate::looker::hosts::AllowedHosts;
 use crate::ops::metrics::Metrics;
 use crate::ops::server::{self, Health};
 
 /// Arguments of `controller`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ControllerArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long)]
-    pub namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated or repeated (default: all namespaces).
+    /// With a list, the operator needs a Role in each namespace instead of a ClusterRole.
+    #[arg(long, value_delimiter = ',')]
+    pub namespace: Vec<String>,
     /// Handle only exports matching this label selector (for sharding), e.g. `team=crm`.
     #[arg(long)]
     pub selector: Option<String>,
@@ -27,9 +29,22 @@ pub struct ControllerArgs {
     /// Runs in progress at once, across all exports.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_runs: u16,
-    /// Lease-based leader election, for more than one replica.
+    /// Lease-based leader election: only the Lease holder runs exports, every replica is
+    /// Ready. The chart always turns it on, so a rolling update never runs an export twice.
     #[arg(long)]
     pub leader_election: bool,
+    /// Name of the Lease (default: braze-export-operator); one per release, so shards with
+    /// different selectors never share one.
+    #[arg(long, default_value = CONTROLLER_NAME)]
+    pub lease_name: String,
+    /// Seconds the Lease stays valid without renewal; the holder stops its runs a fifth of
+    /// it before then.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    pub lease_duration_seconds: u64,
+    /// Looker hosts exports may call, comma-separated: exact host names or `*.domain`
+    /// patterns, e.g. `*.looker.com,*.cloud.looker.com` (default: any host).
+    #[arg(long)]
+    pub looker_allowed_hosts: Option<String>,
     /// Namespace of the Lease (default: POD_NAMESPACE, else the client's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -48,26 +63,43 @@ pub async fn controller(args: ControllerArgs) -> i32 {
             return 2;
         }
     };
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        std::env::var("HOSTNAME")
-            .unwrap_or_else(|_| format!("{CONTROLLER_NAME}-{}", std::process::id()))
+    let allowed_hosts = match args.looker_allowed_hosts.as_deref() {
+        None => AllowedHosts::any(),
+        Some(list) => match AllowedHosts::parse(list) {
+            Ok(hosts) => hosts,
+            Err(e) => {
+                eprintln!("error: --looker-allowed-hosts: {e}");
+                return 2;
+            }
+        },
+    };
+    // The pod name, and a suffix for this process: a restarted container keeps its pod name
+    // but is another runner.
+    let pod = args.identity.clone().unwrap_or_else(|| {
+        std::env::var("HOSTNAME").unwrap_or_else(|_| CONTROLLER_NAME.to_owned())
     });
+    let identity = format!("{pod}_{:08x}", fastrand::u32(..));
     let leader_election = args.leader_election.then(|| LeaderElection {
         namespace: args
             .lease_namespace
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_owned()),
-        lease_name: CONTROLLER_NAME.into(),
+        lease_name: args.lease_name.clone(),
         identity: identity.clone(),
-        duration_seconds: 15,
-        grace_seconds: 5,
+        duration: Duration::from_secs(args.lease_duration_seconds),
     });
     let config = Config {
-        namespace: args.namespace.clone(),
+        namespaces: args
+            .namespace
+            .iter()
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .collect(),
         selector: args.selector.clone(),
         max_concurrent_runs: usize::from(args.max_concurrent_runs),
         leader_election,
         instance: identity,
+        allowed_hosts,
         ..Config::default()
     };
     let shutdown = CancellationToken::new();
@@ -80,9 +112,11 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         before_scrape: {
             let (store, metrics) = (Arc::clone(&store), Arc::clone(&metrics));
             Arc::new(move || {
-                if let Some(s) = store.get() {
-                    controller::refresh_gauges(&metrics, &s.state(), jiff::Timestamp::now());
-                }
+                controller::refresh_gauges(
+                    &metrics,
+                    &controller::cached(&store),
+                    jiff::Timestamp::now(),
+                );
             })
         },
     };

@@ -174,6 +174,7 @@ pub fn parse_timeout(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use crate::schedule::Due;
+    use crate::schedule::Retry;
 
     const T0: &str = "2026-11-29T10:00:00Z";
 
@@ -182,7 +183,14 @@ mod tests {
     }
 
     fn idle() -> BrazeExportStatus {
-        status::idle(&BrazeExportStatus::default(), Some(1), false, None, ts(T0))
+        status::idle(
+            &BrazeExportStatus::default(),
+            Some(1),
+            false,
+            None,
+            Retry::No,
+            ts(T0),
+        )
     }
 
     fn started(
@@ -195,7 +203,7 @@ mod tests {
             scheduled_for: None,
             run_request: request.map(str::to_owned),
         };
-        status::started(previous, Some(1), &due, ts(T0))
+        status::started(previous, Some(1), &due, "pod-a", ts(T0))
     }
 
     fn ended(current: &BrazeExportStatus, outcome: Outcome) -> RunReport {
@@ -229,6 +237,7 @@ mod tests {
             &ended(&old, Outcome::Succeeded),
             Some(1),
             None,
+            Retry::No,
             ts(T0),
         );
         assert_eq!(
@@ -280,7 +289,7 @@ mod tests {
             Outcome::Interrupted,
         ] {
             let report = ended(&s, outcome);
-            let done = status::finished(&s, &report, Some(1), None, ts(T0));
+            let done = status::finished(&s, &report, Some(1), None, Retry::No, ts(T0));
             let p = phase(Some(&done), Some(1), "r1");
             assert_eq!(p, Phase::Ended(Box::new(report)));
             assert!(p.is_final());

@@ -1,81 +1,86 @@
 //! The controller: watches BrazeExports, starts their runs on time, and writes what happened
-//! to their status. Runs are tasks bounded by `--max-concurrent-runs`; with leader election
-//! only the replica holding the Lease runs exports.
+//! to their status. Runs are tasks bounded by `--max-concurrent-runs`. With leader election,
+//! every replica is Ready and only the Lease holder runs exports; a holder that cannot renew
+//! stops its runs before another may take over (see [`lease`]).
 
 pub mod freshness;
+pub mod lease;
 pub mod reconcile;
+pub mod run_task;
 pub mod secrets;
 pub mod status;
+pub mod step;
+pub mod watched;
+pub mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use jiff::{SignedDuration, Timestamp};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
-use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use lease::LeaderElection;
+
 use crate::export::Services;
+use crate::looker::hosts::AllowedHosts;
 use crate::ops::metrics::Metrics;
 use crate::spec::BrazeExport;
+use watched::Watched;
 
 /// Reconciles in progress at once.
 pub const RECONCILE_CONCURRENCY: u16 = 32;
 
-/// Name of the controller in Events and of the Lease.
+/// Name of the controller in Events, of the field manager, and the default Lease.
 pub const CONTROLLER_NAME: &str = "braze-export-operator";
-
-/// Lease-based leader election settings.
-#[derive(Clone, Debug)]
-pub struct LeaderElection {
-    /// Namespace of the Lease.
-    pub namespace: String,
-    /// Name of the Lease.
-    pub lease_name: String,
-    /// This replica's identity (its pod name).
-    pub identity: String,
-    /// Seconds a lock stays valid without renewal.
-    pub duration_seconds: u64,
-    /// Seconds before expiry at which the holder renews.
-    pub grace_seconds: u64,
-}
 
 /// How the controller runs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Watch one namespace (all when absent).
-    pub namespace: Option<String>,
+    /// Watch these namespaces (all when empty).
+    pub namespaces: Vec<String>,
     /// Label selector for the exports to handle (sharding).
     pub selector: Option<String>,
     /// Runs in progress at once across all exports.
     pub max_concurrent_runs: usize,
-    /// Lease-based leader election (replicas > 1).
+    /// Lease-based leader election.
     pub leader_election: Option<LeaderElection>,
     /// How often a long run writes its progress to `status.lastRun`.
     pub progress_interval: Duration,
     /// How long shutdown waits for runs to record `Interrupted`.
     pub shutdown_grace: Duration,
-    /// This replica's name, in Events.
+    /// This operator instance (pod name and a per-process suffix): in Events, in the Lease
+    /// and in `status.runner`.
     pub instance: String,
+    /// The Looker hosts exports may call.
+    pub allowed_hosts: AllowedHosts,
+    /// Wait before the first retry of a failed or interrupted run.
+    pub retry_base: SignedDuration,
+    /// Added to the clock (tests: a minute boundary without waiting for one).
+    pub clock_offset: SignedDuration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            namespace: None,
+            namespaces: Vec::new(),
             selector: None,
             max_concurrent_runs: 4,
             leader_election: None,
             progress_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(20),
             instance: CONTROLLER_NAME.into(),
+            allowed_hosts: AllowedHosts::any(),
+            retry_base: crate::schedule::RETRY_BASE,
+            clock_offset: SignedDuration::ZERO,
         }
     }
 }
@@ -85,43 +90,80 @@ impl Default for Config {
 pub enum Error {
     /// A Kubernetes API call failed.
     #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    /// Leader election failed.
-    #[error("leader election: {0}")]
-    Lease(String),
+    Kube(#[source] kube::Error),
+    /// The object changed since it was read (409): the write was refused.
+    #[error("the export changed since it was read: {0}")]
+    Conflict(String),
+    /// The object is gone (404).
+    #[error("the export no longer exists")]
+    Gone,
+    /// The run is no longer this instance's: the export was recreated or taken over.
+    #[error("the run is no longer this operator's")]
+    Lost,
+    /// An API call took too long.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
 }
 
 impl Error {
+    /// Sorts a kube error: conflicts and missing objects are answers, not failures.
+    pub fn from_kube(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) if s.code == 409 => Self::Conflict(s.message),
+            kube::Error::Api(s) if s.code == 404 => Self::Gone,
+            e => Self::Kube(e),
+        }
+    }
+
     /// Reason for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Kube(kube::Error::Api(_)) => "ApiError",
             Self::Kube(_) => "KubeError",
-            Self::Lease(_) => "LeaseError",
+            Self::Conflict(_) => "Conflict",
+            Self::Gone => "Gone",
+            Self::Lost => "Lost",
+            Self::Timeout(_) => "Timeout",
         }
     }
 }
 
-/// What every reconcile and run task shares.
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Self::from_kube(e)
+    }
+}
+
+/// What every reconcile and run task of one leadership term shares.
 pub struct Context {
     /// Kubernetes client.
     pub client: Client,
     /// HTTP clients and Braze limiters shared by all runs.
-    pub services: Services,
+    pub services: Arc<Services>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Publishes Events.
     pub recorder: Recorder,
     /// Bounds runs in progress.
     pub permits: Arc<Semaphore>,
-    /// Exports (namespace/name) with a run task in this process.
+    /// How many permits there are.
+    pub slots: usize,
+    /// Exports (namespace/name) with a run task in this process, running or queued.
     pub active: Mutex<HashSet<String>>,
-    /// Run tasks, awaited at shutdown.
+    /// Run tasks, awaited at the end of the term.
     pub tasks: TaskTracker,
-    /// Cancelled on shutdown.
-    pub shutdown: CancellationToken,
+    /// Cancelled on shutdown or lost leadership: stops runs and reconciles.
+    pub stop: CancellationToken,
     /// See [`Config::progress_interval`].
     pub progress_interval: Duration,
+    /// See [`Config::instance`].
+    pub identity: String,
+    /// See [`Config::allowed_hosts`].
+    pub allowed_hosts: AllowedHosts,
+    /// See [`Config::retry_base`].
+    pub retry_base: SignedDuration,
+    /// See [`Config::clock_offset`].
+    pub clock_offset: SignedDuration,
 }
 
 impl Context {
@@ -129,28 +171,43 @@ impl Context {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// True when this process runs the export now.
+    /// True when this process runs the export now, or waits for a slot to.
     pub fn is_active(&self, key: &str) -> bool {
         self.lock_active().contains(key)
     }
+
+    /// Now, by the controller's clock.
+    pub fn now(&self) -> Timestamp {
+        Timestamp::now() + self.clock_offset
+    }
 }
 
-/// A slot for the controller's cache, so `/metrics` can count exports by Ready status.
-pub type StoreSlot = Arc<OnceLock<Store<BrazeExport>>>;
+/// The caches of the controller's current term (one per watched namespace), so `/metrics` can
+/// count exports by Ready status. Empty on a standby.
+pub type StoreSlot = Arc<Mutex<Vec<Store<Watched>>>>;
+
+/// Every export in the caches of `slot`.
+pub fn cached(slot: &StoreSlot) -> Vec<Arc<Watched>> {
+    let stores = slot.lock().unwrap_or_else(|e| e.into_inner());
+    stores.iter().flat_map(Store::state).collect()
+}
 
 /// Sets the gauges derived from the exports themselves: how many there are by (Ready status,
 /// reason), how many are overdue, and each one's freshness. Called before each scrape of
-/// `/metrics`.
-pub fn refresh_gauges(metrics: &Metrics, exports: &[Arc<BrazeExport>], now: jiff::Timestamp) {
+/// `/metrics`. An export this version cannot decode counts as `InvalidSpec`.
+pub fn refresh_gauges(metrics: &Metrics, exports: &[Arc<Watched>], now: Timestamp) {
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
-    for e in exports {
-        let key = e
-            .status
-            .as_ref()
-            .and_then(status::ready)
-            .map_or(("Unknown".to_owned(), "Pending".to_owned()), |c| {
-                (c.status.clone(), c.reason.clone())
-            });
+    for w in exports {
+        let key = match w.export() {
+            None => ("False".to_owned(), status::reason::INVALID_SPEC.to_owned()),
+            Some(e) => e
+                .status
+                .as_ref()
+                .and_then(status::ready)
+                .map_or(("Unknown".to_owned(), "Pending".to_owned()), |c| {
+                    (c.status.clone(), c.reason.clone())
+                }),
+        };
         *counts.entry(key).or_insert(0) += 1;
     }
     metrics.set_exports(
@@ -158,22 +215,22 @@ pub fn refresh_gauges(metrics: &Metrics, exports: &[Arc<BrazeExport>], now: jiff
             .iter()
             .map(|((r, why), n)| ((r.as_str(), why.as_str()), *n)),
     );
-    metrics.set_overdue(overdue_count(exports.iter().map(AsRef::as_ref), now));
-    let gauges: Vec<_> = exports
-        .iter()
+    let decoded = || exports.iter().filter_map(|w| w.export());
+    metrics.set_overdue(overdue_count(decoded(), now));
+    let gauges: Vec<_> = decoded()
         .map(|e| freshness::export_gauges(e, now))
         .collect();
     metrics.set_export_gauges(&gauges);
 }
 
 /// How late a scheduled run may be before its export counts as overdue.
-pub const OVERDUE_AFTER: jiff::SignedDuration = jiff::SignedDuration::from_mins(5);
+pub const OVERDUE_AFTER: SignedDuration = SignedDuration::from_mins(5);
 
 /// Exports not suspended and not running whose `nextScheduleTime` is more than
 /// [`OVERDUE_AFTER`] before `now`.
 pub fn overdue_count<'a>(
     exports: impl IntoIterator<Item = &'a BrazeExport>,
-    now: jiff::Timestamp,
+    now: Timestamp,
 ) -> i64 {
     exports
         .into_iter()
@@ -187,9 +244,19 @@ pub fn overdue_count<'a>(
         .count() as i64
 }
 
-/// Runs the controller until `shutdown`, then waits (up to the grace period) for run tasks
-/// to record how they ended. With leader election, waits to be leader first, and shuts
-/// down if leadership is lost.
+/// What stays the same across leadership terms.
+struct Shared {
+    client: Client,
+    config: Config,
+    services: Arc<Services>,
+    metrics: Arc<Metrics>,
+    store_slot: StoreSlot,
+}
+
+/// Runs the controller until `shutdown`. The process is Ready at once, leader or not. With
+/// leader election, each time this instance gains the Lease it serves a term, which ends on
+/// shutdown or when the Lease is lost; either way its runs are stopped and recorded before the
+/// Lease is released.
 pub async fn run(
     client: Client,
     config: Config,
@@ -199,121 +266,166 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     crate::http::install_crypto_provider();
-    let leadership = match &config.leader_election {
-        Some(le) => match lead(&client, le, &shutdown).await? {
-            Some(held) => Some(held),
-            None => return Ok(()),
-        },
-        None => None,
+    ready.store(true, Ordering::Relaxed);
+    let shared = Shared {
+        client: client.clone(),
+        services: Arc::new(Services::default()),
+        metrics: Arc::clone(&metrics),
+        store_slot,
+        config: config.clone(),
     };
-    let api: Api<BrazeExport> = match &config.namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    tracing::info!(
+        namespaces = %if config.namespaces.is_empty() { "<all>".to_owned() } else { config.namespaces.join(",") },
+        selector = config.selector.as_deref().unwrap_or(""),
+        "controller started"
+    );
+    let Some(le) = config.leader_election.clone() else {
+        metrics.set_leader(true);
+        serve_term(&shared, shutdown.child_token()).await;
+        tracing::info!("controller stopped");
+        return Ok(());
+    };
+    // The Lease outlives each term: released only after the last term's runs are recorded.
+    let lease_stop = CancellationToken::new();
+    let (mut leading, elector) = lease::spawn(client, le.clone(), lease_stop.clone());
+    tracing::info!(lease = %le.lease_name, identity = %le.identity, "standing by for leadership");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = leading.wait_for(|l| *l) => if r.is_err() { break },
+        }
+        metrics.set_leader(true);
+        tracing::info!(lease = %le.lease_name, identity = %le.identity, "leadership acquired: running exports");
+        let term = shutdown.child_token();
+        let fence = {
+            let (term, mut leading) = (term.clone(), leading.clone());
+            tokio::spawn(async move {
+                let _ = leading.wait_for(|l| !*l).await;
+                if !term.is_cancelled() {
+                    tracing::warn!("leadership lost: stopping runs");
+                    term.cancel();
+                }
+            })
+        };
+        serve_term(&shared, term).await;
+        fence.abort();
+        metrics.set_leader(false);
+        if shutdown.is_cancelled() {
+            break;
+        }
+        tracing::info!(lease = %le.lease_name, "standing by for leadership again");
+    }
+    lease_stop.cancel();
+    let _ = elector.await;
+    metrics.set_leader(false);
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// One term: a Controller per watched namespace until `term` is cancelled, then up to the
+/// shutdown grace for run tasks to record how they ended.
+async fn serve_term(shared: &Shared, term: CancellationToken) {
+    let config = &shared.config;
+    let reporter = Reporter {
+        controller: CONTROLLER_NAME.into(),
+        instance: Some(config.instance.clone()),
+    };
+    let slots = config.max_concurrent_runs.max(1);
+    let ctx = Arc::new(Context {
+        client: shared.client.clone(),
+        services: Arc::clone(&shared.services),
+        metrics: Arc::clone(&shared.metrics),
+        recorder: Recorder::new(shared.client.clone(), reporter),
+        permits: Arc::new(Semaphore::new(slots)),
+        slots,
+        active: Mutex::default(),
+        tasks: TaskTracker::new(),
+        stop: term.clone(),
+        progress_interval: config.progress_interval,
+        identity: config.instance.clone(),
+        allowed_hosts: config.allowed_hosts.clone(),
+        retry_base: config.retry_base,
+        clock_offset: config.clock_offset,
+    });
+    let apis: Vec<Api<Watched>> = if config.namespaces.is_empty() {
+        vec![Api::all(shared.client.clone())]
+    } else {
+        config
+            .namespaces
+            .iter()
+            .map(|ns| Api::namespaced(shared.client.clone(), ns))
+            .collect()
     };
     let mut watch = watcher::Config::default();
     if let Some(selector) = &config.selector {
         watch = watch.labels(selector);
     }
-    let reporter = Reporter {
-        controller: CONTROLLER_NAME.into(),
-        instance: Some(config.instance.clone()),
-    };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        services: Services::default(),
-        metrics,
-        recorder: Recorder::new(client, reporter),
-        permits: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1))),
-        active: Mutex::default(),
-        tasks: TaskTracker::new(),
-        shutdown: shutdown.clone(),
-        progress_interval: config.progress_interval,
-    });
-    let trigger = shutdown.clone();
-    let controller = Controller::new(api, watch)
-        // Bounded reconciles: 1,000 exports due at once must not mean 1,000 API calls at once.
-        .with_config(
-            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
-        )
-        .graceful_shutdown_on(async move { trigger.cancelled().await });
-    let _ = store_slot.set(controller.store());
-    ready.store(true, Ordering::Relaxed);
-    tracing::info!(
-        namespace = config.namespace.as_deref().unwrap_or("<all>"),
-        selector = config.selector.as_deref().unwrap_or(""),
-        "controller started"
-    );
-    controller
-        .run(
-            reconcile::reconcile,
-            reconcile::error_policy,
-            Arc::clone(&ctx),
-        )
-        .for_each(|result| async move {
+    let mut stores = Vec::new();
+    let mut streams = Vec::new();
+    for api in apis {
+        let stop = term.clone();
+        let controller = Controller::new(api, watch.clone())
+            // Bounded reconciles: 1,000 exports due at once must not mean 1,000 API calls at once.
+            .with_config(
+                kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+            )
+            .graceful_shutdown_on(async move { stop.cancelled().await });
+        stores.push(controller.store());
+        streams.push(
+            controller
+                .run(
+                    reconcile::reconcile,
+                    reconcile::error_policy,
+                    Arc::clone(&ctx),
+                )
+                .boxed(),
+        );
+    }
+    *shared.store_slot.lock().unwrap_or_else(|e| e.into_inner()) = stores;
+    let metrics = Arc::clone(&shared.metrics);
+    futures_util::stream::select_all(streams)
+        .for_each(|result| {
             if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile ended with an error");
+                log_controller_error(&metrics, &e);
             }
+            std::future::ready(())
         })
         .await;
+    shared
+        .store_slot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     ctx.tasks.close();
     if tokio::time::timeout(config.shutdown_grace, ctx.tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            "runs did not finish within the shutdown grace period; the next operator marks them Interrupted"
+            "runs did not finish within the shutdown grace period; the next leader marks them Interrupted"
         );
     }
-    if let Some(held) = leadership {
-        let _ = tokio::time::timeout(Duration::from_secs(5), held).await;
-    }
-    tracing::info!("controller stopped");
-    Ok(())
 }
 
-/// Waits to hold the Lease (or for shutdown: `None`). Losing the Lease later cancels
-/// `shutdown`; shutdown releases the Lease, and the returned task ends once it is released.
-async fn lead(
-    client: &Client,
-    le: &LeaderElection,
-    shutdown: &CancellationToken,
-) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
-    let manager = LeaseManagerBuilder::new(client.clone(), &le.lease_name)
-        .with_namespace(&le.namespace)
-        .with_identity(&le.identity)
-        .with_duration(le.duration_seconds)
-        .with_grace(le.grace_seconds)
-        .build()
-        .await
-        .map_err(|e| Error::Lease(e.to_string()))?;
-    let (mut rx, task) = manager.watch().await;
-    tracing::info!(lease = %le.lease_name, identity = %le.identity, "waiting for leadership");
-    loop {
-        if *rx.borrow_and_update() {
-            break;
+/// Watch errors at warn, counted, without bodies; reconcile errors were handled by the error
+/// policy already.
+fn log_controller_error(
+    metrics: &Metrics,
+    e: &kube::runtime::controller::Error<Error, watcher::Error>,
+) {
+    use kube::runtime::controller::Error as E;
+    match e {
+        E::QueueError(w) => {
+            let reason = match w {
+                watcher::Error::InitialListFailed(_) => "InitialListFailed",
+                watcher::Error::WatchStartFailed(_) => "WatchStartFailed",
+                watcher::Error::WatchError(_) => "WatchError",
+                watcher::Error::WatchFailed(_) => "WatchFailed",
+                _ => "WatchError",
+            };
+            metrics.watch_error(reason);
+            tracing::warn!(reason, error = %crate::text::truncate(&w.to_string(), 300), "watching BrazeExports failed; retrying");
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            changed = rx.changed() => if changed.is_err() {
-                return Err(Error::Lease("the lease manager stopped".into()));
-            },
-        }
+        other => tracing::debug!(error = %other, "reconcile ended with an error"),
     }
-    tracing::info!(identity = %le.identity, "leadership acquired");
-    let stop = shutdown.clone();
-    Ok(Some(tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => break,
-                changed = rx.changed() => if changed.is_err() || !*rx.borrow() {
-                    tracing::warn!("leadership lost: stopping");
-                    stop.cancel();
-                    break;
-                },
-            }
-        }
-        // Closing the channel makes the manager release the Lease.
-        drop(rx);
-        let _ = task.await;
-    })))
 }

@@ -1,293 +1,208 @@
-//! One reconcile: validate, decide (pure), read Secrets, start a run or wait. Status is
-//! written through the status subresource only; the spec is never written.
+//! One reconcile: the pure [`step`](super::step::step), then its effects: the status write
+//! (compare-and-swap on the version the step read), the Events, and a run's start. The error
+//! policy decides, in one place, which failures are retried how soon.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
+use tracing::Instrument;
 
+use super::run_task::RunTask;
 use super::status::{self, reason};
-use super::{CONTROLLER_NAME, Context, Error, secrets};
-use crate::export::report::{self, Outcome, RunContext, RunReport, Tally};
-use crate::export::{Credentials, ExportPlan, RunOptions, run_export};
-use crate::schedule::{Decision, Due, Inputs, RUN_NOW_ANNOTATION, Schedule, decide};
-use crate::spec::{BrazeExport, BrazeExportStatus, join_errors};
+use super::step::{self, Facts, Note, Start, Then};
+use super::watched::{Undecodable, Watched};
+use super::{Context, Error, secrets, writer};
+use crate::spec::BrazeExport;
 use crate::text::truncate;
 
-/// Longest wait before looking at an export again.
-const MAX_REQUEUE: Duration = Duration::from_secs(3600);
-/// Wait before looking again at an export whose Secret is missing.
+/// Wait before looking again at an export whose Secret is missing or unreadable.
 const SECRET_RETRY: Duration = Duration::from_secs(30);
 
-/// Reconciles one export.
-pub async fn reconcile(obj: Arc<BrazeExport>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = obj.namespace().unwrap_or_default();
-    let name = obj.name_any();
-    let key = format!("{namespace}/{name}");
-    if ctx.is_active(&key) {
-        // The run task writes the status when it ends; look again shortly after.
-        return Ok(Action::requeue(Duration::from_secs(2)));
-    }
-    if ctx.shutdown.is_cancelled() {
-        return Ok(Action::await_change());
-    }
-    let api: Api<BrazeExport> = Api::namespaced(ctx.client.clone(), &namespace);
-    let generation = obj.metadata.generation;
-    let now = Timestamp::now();
-    let mut current = obj.status.clone().unwrap_or_default();
-
-    if status::is_running(&current) {
-        // Running, but no task here runs it: the operator that did stopped mid-run.
-        current = status::crashed(&current, generation, now);
-        write_status(&api, &name, &current).await?;
-        publish(
-            &ctx,
-            &obj,
-            EventType::Warning,
-            "RunInterrupted",
-            "the operator stopped during the run; it starts again",
-        )
-        .await;
-    }
-
-    let checked = ExportPlan::new(&name, &obj.spec).and_then(|plan| {
-        Schedule::new(&obj.spec.schedule, obj.spec.time_zone.as_deref())
-            .map(|s| (plan, s))
-            .map_err(|e| {
-                vec![crate::spec::FieldError {
-                    field: "spec.schedule".into(),
-                    message: e,
-                }]
-            })
-    });
-    let (plan, schedule) = match checked {
-        Ok(ok) => ok,
-        Err(errors) => {
-            let message = join_errors(&errors);
-            let next = status::blocked(&current, generation, reason::INVALID_SPEC, &message, now);
-            if next != current {
-                write_status(&api, &name, &next).await?;
-                publish(
-                    &ctx,
-                    &obj,
-                    EventType::Warning,
-                    reason::INVALID_SPEC,
-                    &message,
-                )
-                .await;
-            }
+/// Reconciles one export, in its own span.
+pub async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = obj.namespace().unwrap_or_default(),
+        export = obj.name_any()
+    );
+    async move {
+        if ctx.stop.is_cancelled() {
             return Ok(Action::await_change());
         }
-    };
-
-    let decision = decide(&Inputs {
-        schedule: &schedule,
-        suspend: obj.spec.suspend,
-        starting_deadline_seconds: obj.spec.starting_deadline_seconds,
-        created: obj
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map_or(now, |t| t.0),
-        status: &current,
-        run_request: obj
-            .annotations()
-            .get(RUN_NOW_ANNOTATION)
-            .map(String::as_str),
-        running: false,
-        now,
-    });
-    let due = match decision {
-        Decision::Wait(until) => {
-            let next = status::idle(
-                &current,
-                generation,
-                obj.spec.suspend,
-                schedule.next_after(now),
-                now,
-            );
-            if next != current {
-                write_status(&api, &name, &next).await?;
-            }
-            return Ok(until.map_or(Action::requeue(MAX_REQUEUE), |t| requeue_at(t, now)));
+        match obj.as_ref() {
+            Watched::Decoded(export) => apply(export, &ctx).await,
+            Watched::Undecodable(u) => undecodable(u, &ctx).await,
         }
-        Decision::Run(due) => due,
-    };
-    let creds = match secrets::credentials(&ctx.client, &namespace, &obj.spec).await {
+    }
+    .instrument(span)
+    .await
+}
+
+async fn apply(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error> {
+    let key = key(export);
+    let step = step::step(
+        export,
+        &Facts {
+            active: ctx.is_active(&key),
+            allowed_hosts: &ctx.allowed_hosts,
+            retry_base: ctx.retry_base,
+            now: ctx.now(),
+        },
+    );
+    if let Some(next) = &step.status {
+        write(ctx, export, next).await?;
+    }
+    for note in &step.notes {
+        publish(ctx, export, note).await;
+    }
+    match step.then {
+        Then::Requeue(after) => Ok(Action::requeue(after)),
+        Then::AwaitChange => Ok(Action::await_change()),
+        Then::Start(start) => start_run(export, *start, ctx).await,
+    }
+}
+
+/// Reads the Secrets, then starts the run at once when a slot is free, or records it as
+/// `Queued` and lets its task wait for one.
+async fn start_run(
+    export: &BrazeExport,
+    start: Start,
+    ctx: &Arc<Context>,
+) -> Result<Action, Error> {
+    let generation = export.metadata.generation;
+    let creds = match secrets::credentials(&ctx.client, &namespace(export), &export.spec).await {
         Ok(c) => c,
         Err(e) => {
             let message = e.to_string();
-            let next = status::blocked(&current, generation, e.reason(), &message, now);
-            if next != current {
-                write_status(&api, &name, &next).await?;
-                publish(&ctx, &obj, EventType::Warning, e.reason(), &message).await;
+            let next = status::blocked(&start.base, generation, e.reason(), &message, ctx.now());
+            if Some(&next) != export.status.as_ref() {
+                write(ctx, export, &next).await?;
+                let note = Note {
+                    warning: true,
+                    reason: e.reason(),
+                    message,
+                };
+                publish(ctx, export, &note).await;
             }
             return Ok(Action::requeue(SECRET_RETRY));
         }
     };
-    let started = status::started(&current, generation, &due, now);
-    write_status(&api, &name, &started).await?;
-    if let Some(at) = due.scheduled_for {
-        ctx.metrics
-            .record_start_delay(now.duration_since(at).as_secs_f64());
+    let permit = Arc::clone(&ctx.permits).try_acquire_owned().ok();
+    let mut base = export.clone();
+    if permit.is_none() {
+        let queued = status::queued(&start.base, generation, &start.due, ctx.slots, ctx.now());
+        base.metadata.resource_version = Some(write(ctx, export, &queued).await?);
+        base.status = Some(queued);
+    } else {
+        base.status = Some(start.base.clone());
     }
-    // No times in the note: repeated starts then aggregate into one Event series.
-    let note = format!("{:?} run started", due.trigger);
-    publish(&ctx, &obj, EventType::Normal, "RunStarted", &note).await;
-    ctx.active
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key.clone());
+    let key = key(export);
+    ctx.lock_active().insert(key.clone());
     let task = RunTask {
-        ctx: Arc::clone(&ctx),
-        obj,
-        api,
+        ctx: Arc::clone(ctx),
+        export: base,
         key,
-        plan,
-        schedule,
+        start,
         creds,
-        due,
-        status: started,
     };
-    ctx.tasks.spawn(task.run());
-    Ok(Action::requeue(Duration::from_secs(2)))
+    ctx.tasks
+        .spawn(task.run(permit).instrument(tracing::Span::current()));
+    Ok(Action::requeue(step::RUN_POLL))
 }
 
-/// Requeues for a failed reconcile.
-pub fn error_policy(obj: Arc<BrazeExport>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_error(error.reason());
-    tracing::warn!(export = %obj.name_any(), namespace = obj.namespace().unwrap_or_default(), error = %error, "reconcile failed; retrying in 15 s");
-    Action::requeue(Duration::from_secs(15))
-}
-
-fn requeue_at(at: Timestamp, now: Timestamp) -> Action {
-    let wait = at.duration_since(now).as_secs_f64().max(0.0) + 0.05;
-    Action::requeue(Duration::from_secs_f64(wait).clamp(Duration::from_millis(50), MAX_REQUEUE))
-}
-
-/// Replaces the status (a merge patch of the whole object: absent fields are removed).
-async fn write_status(
-    api: &Api<BrazeExport>,
-    name: &str,
-    status: &BrazeExportStatus,
-) -> Result<(), Error> {
-    let params = PatchParams::apply(CONTROLLER_NAME);
-    api.patch_status(name, &params, &Patch::Merge(json!({ "status": status })))
+/// An export this version cannot decode: `Ready=False`, `InvalidSpec`, naming the field.
+async fn undecodable(u: &Undecodable, ctx: &Context) -> Result<Action, Error> {
+    let message = u.error.message();
+    ctx.metrics.watch_error("UndecodableObject");
+    tracing::warn!(error = %message, "cannot decode the export");
+    let Some(current) = &u.status else {
+        // Its status is unreadable too: writing one would erase its history.
+        return Ok(Action::await_change());
+    };
+    let next = status::blocked(
+        current,
+        u.metadata.generation,
+        reason::INVALID_SPEC,
+        &message,
+        ctx.now(),
+    );
+    if &next != current {
+        let api: Api<BrazeExport> = Api::namespaced(
+            ctx.client.clone(),
+            u.metadata.namespace.as_deref().unwrap_or_default(),
+        );
+        writer::apply(
+            &api,
+            u.metadata.name.as_deref().unwrap_or_default(),
+            u.metadata.uid.as_deref().unwrap_or_default(),
+            u.metadata.resource_version.as_deref(),
+            &next,
+        )
         .await?;
-    Ok(())
+    }
+    Ok(Action::await_change())
 }
 
-async fn publish(ctx: &Context, obj: &BrazeExport, type_: EventType, reason: &str, note: &str) {
+/// The error policy: a conflict means the object changed under the step (look again soon), a
+/// vanished object needs nothing, anything else is retried after 15 s and counted.
+pub fn error_policy(obj: Arc<Watched>, error: &Error, ctx: Arc<Context>) -> Action {
+    match error {
+        Error::Conflict(_) => {
+            tracing::debug!(export = %obj.name_any(), error = %error, "the export changed; looking again");
+            Action::requeue(Duration::from_secs(1))
+        }
+        Error::Gone | Error::Lost => Action::await_change(),
+        _ => {
+            ctx.metrics.reconcile_error(error.reason());
+            tracing::warn!(export = %obj.name_any(), namespace = obj.namespace().unwrap_or_default(), error = %error, "reconcile failed; retrying in 15 s");
+            Action::requeue(Duration::from_secs(15))
+        }
+    }
+}
+
+/// `namespace/name`.
+pub fn key(export: &BrazeExport) -> String {
+    format!("{}/{}", namespace(export), export.name_any())
+}
+
+fn namespace(export: &BrazeExport) -> String {
+    export.namespace().unwrap_or_default()
+}
+
+/// Writes `next` if the object is still the version `export` shows; returns the new version.
+pub async fn write(
+    ctx: &Context,
+    export: &BrazeExport,
+    next: &crate::spec::BrazeExportStatus,
+) -> Result<String, Error> {
+    let api: Api<BrazeExport> = Api::namespaced(ctx.client.clone(), &namespace(export));
+    writer::apply(
+        &api,
+        &export.name_any(),
+        &export.uid().unwrap_or_default(),
+        export.resource_version().as_deref(),
+        next,
+    )
+    .await
+}
+
+/// Publishes an Event about `export`; a failure is only logged.
+pub async fn publish(ctx: &Context, export: &BrazeExport, note: &Note) {
     let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(truncate(note, 1000)),
+        type_: if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: note.reason.into(),
+        note: Some(truncate(&note.message, 1000)),
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&event, &export.object_ref(&())).await {
         tracing::debug!(error = %e, "cannot publish an event");
-    }
-}
-
-/// A run in progress, owning what it needs.
-struct RunTask {
-    ctx: Arc<Context>,
-    obj: Arc<BrazeExport>,
-    api: Api<BrazeExport>,
-    key: String,
-    plan: ExportPlan,
-    schedule: Schedule,
-    creds: Credentials,
-    due: Due,
-    status: BrazeExportStatus,
-}
-
-impl RunTask {
-    async fn run(self) {
-        let report = self.execute().await;
-        let now = Timestamp::now();
-        let next = if self.obj.spec.suspend {
-            None
-        } else {
-            self.schedule.next_after(now)
-        };
-        let finished = status::finished(
-            &self.status,
-            &report,
-            self.obj.metadata.generation,
-            next,
-            now,
-        );
-        for attempt in 1..=5 {
-            match write_status(&self.api, &self.obj.name_any(), &finished).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(export = %self.key, attempt, error = %e, "cannot write the run's status");
-                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                }
-            }
-        }
-        self.ctx.metrics.record_run(&report, now);
-        let (type_, why) = match report.outcome {
-            Outcome::Succeeded => (EventType::Normal, "RunSucceeded"),
-            Outcome::PartiallySucceeded => (EventType::Warning, "RunPartiallySucceeded"),
-            Outcome::Interrupted => (EventType::Warning, "RunInterrupted"),
-            Outcome::Failed | Outcome::Running => (EventType::Warning, "RunFailed"),
-        };
-        publish(&self.ctx, &self.obj, type_, why, &report.message).await;
-        self.ctx
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
-
-    async fn execute(&self) -> RunReport {
-        let start = Timestamp::now();
-        let permit = tokio::select! {
-            () = self.ctx.shutdown.cancelled() => None,
-            p = Arc::clone(&self.ctx.permits).acquire_owned() => p.ok(),
-        };
-        let Some(_permit) = permit else {
-            let ctx = RunContext {
-                trigger: self.due.trigger,
-                start_time: start,
-                completion_time: Timestamp::now(),
-                dry_run: false,
-            };
-            return report::finish(Tally::default(), None, true, ctx);
-        };
-        let opts = RunOptions::new(self.due.trigger);
-        let opts = RunOptions {
-            cancel: self.ctx.shutdown.child_token(),
-            ..opts
-        };
-        let progress = Arc::clone(&opts.progress);
-        let (api, name, base, interval) = (
-            self.api.clone(),
-            self.obj.name_any(),
-            self.status.clone(),
-            self.ctx.progress_interval,
-        );
-        let reporter = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                let (read, sent) = (
-                    progress.rows_read.load(Ordering::Relaxed),
-                    progress.sent.load(Ordering::Relaxed),
-                );
-                let _ = write_status(&api, &name, &status::progress(&base, read, sent)).await;
-            }
-        });
-        let report = run_export(&self.ctx.services, &self.plan, &self.creds, opts).await;
-        reporter.abort();
-        report
     }
 }

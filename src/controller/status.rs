@@ -4,28 +4,67 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::export::report::{Outcome, RunReport};
-use crate::schedule::Due;
+use crate::schedule::{Due, MAX_RETRIES, Retry};
 use crate::spec::{BrazeExportStatus, RunSummary};
 
 /// Runs kept in `status.history`.
 pub const HISTORY: usize = 10;
 
-/// The `Ready` condition's reasons.
+/// Every reason the operator writes, in conditions and in Events: one list, so dashboards,
+/// alerts and the README can rely on it.
 pub mod reason {
-    /// The last run succeeded.
+    /// `Ready`: the last run succeeded.
     pub const SUCCEEDED: &str = "Succeeded";
-    /// The last run flagged some users but not all.
+    /// `Ready`: the last run flagged some users but not all.
     pub const PARTIALLY_SUCCEEDED: &str = "PartiallySucceeded";
-    /// The last run failed (or was interrupted).
+    /// `Ready`: the last run failed or was interrupted.
     pub const FAILED: &str = "Failed";
-    /// The spec is invalid.
+    /// `Ready` and Event: the spec is invalid, or this operator cannot read it.
     pub const INVALID_SPEC: &str = "InvalidSpec";
-    /// A Secret or key is missing.
+    /// `Ready` and Event: a Secret or key is missing.
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
-    /// Scheduled runs are suspended.
+    /// `Ready` and Event: a Secret cannot be read (API error, permissions).
+    pub const SECRET_UNREADABLE: &str = "SecretUnreadable";
+    /// `Ready`: scheduled runs are suspended.
     pub const SUSPENDED: &str = "Suspended";
-    /// No run yet.
+    /// `Ready`: no run yet.
     pub const PENDING: &str = "Pending";
+    /// `Running`: a run is in progress.
+    pub const RUNNING: &str = "Running";
+    /// `Running`: a run is due and waits for one of the `--max-concurrent-runs` slots.
+    pub const QUEUED: &str = "Queued";
+    /// `Running`: no run in progress or waiting.
+    pub const IDLE: &str = "Idle";
+    /// Event: a run started.
+    pub const RUN_STARTED: &str = "RunStarted";
+    /// Event: a run succeeded.
+    pub const RUN_SUCCEEDED: &str = "RunSucceeded";
+    /// Event: a run flagged some users but not all.
+    pub const RUN_PARTIALLY_SUCCEEDED: &str = "RunPartiallySucceeded";
+    /// Event: a run failed.
+    pub const RUN_FAILED: &str = "RunFailed";
+    /// Event: a run stopped before its end (shutdown, lost leadership, crash).
+    pub const RUN_INTERRUPTED: &str = "RunInterrupted";
+
+    /// All of them.
+    pub const ALL: [&str; 16] = [
+        SUCCEEDED,
+        PARTIALLY_SUCCEEDED,
+        FAILED,
+        INVALID_SPEC,
+        SECRET_NOT_FOUND,
+        SECRET_UNREADABLE,
+        SUSPENDED,
+        PENDING,
+        RUNNING,
+        QUEUED,
+        IDLE,
+        RUN_STARTED,
+        RUN_SUCCEEDED,
+        RUN_PARTIALLY_SUCCEEDED,
+        RUN_FAILED,
+        RUN_INTERRUPTED,
+    ];
 }
 
 /// Sets a condition, keeping its transition time when its status does not change.
@@ -71,19 +110,33 @@ pub fn is_running(status: &BrazeExportStatus) -> bool {
 }
 
 fn set_idle(s: &mut BrazeExportStatus, generation: Option<i64>, now: Timestamp) {
+    s.runner = None;
     set_condition(
         &mut s.conditions,
         "Running",
         "False",
-        "Idle",
+        reason::IDLE,
         "no run in progress".into(),
         generation,
         now,
     );
 }
 
-/// `Ready` as the last run left it.
-fn ready_from_run(s: &mut BrazeExportStatus, generation: Option<i64>, now: Timestamp) {
+/// `Ready` as the last run left it; `retry` says whether a failed or interrupted run starts
+/// again.
+fn ready_from_run(
+    s: &mut BrazeExportStatus,
+    generation: Option<i64>,
+    retry: Retry,
+    now: Timestamp,
+) {
+    let again = match retry {
+        Retry::At(at) => format!("; it is retried at {at}"),
+        Retry::GaveUp => format!(
+            "; not retried again after {MAX_RETRIES} retries in a row ended the same way: the next run is the scheduled one"
+        ),
+        Retry::No => String::new(),
+    };
     let (status, reason, message) = match &s.last_run {
         None => (
             "Unknown",
@@ -95,12 +148,9 @@ fn ready_from_run(s: &mut BrazeExportStatus, generation: Option<i64>, now: Times
             Outcome::PartiallySucceeded => {
                 ("False", reason::PARTIALLY_SUCCEEDED, r.message.clone())
             }
-            Outcome::Failed => ("False", reason::FAILED, r.message.clone()),
-            Outcome::Interrupted => (
-                "False",
-                reason::FAILED,
-                format!("{}; the run will start again", r.message),
-            ),
+            Outcome::Failed | Outcome::Interrupted => {
+                ("False", reason::FAILED, format!("{}{again}", r.message))
+            }
             Outcome::Running => ("Unknown", reason::PENDING, r.message.clone()),
         },
     };
@@ -122,6 +172,7 @@ pub fn idle(
     generation: Option<i64>,
     suspended: bool,
     next: Option<Timestamp>,
+    retry: Retry,
     now: Timestamp,
 ) -> BrazeExportStatus {
     let mut s = previous.clone();
@@ -138,9 +189,37 @@ pub fn idle(
             now,
         );
     } else {
-        ready_from_run(&mut s, generation, now);
+        ready_from_run(&mut s, generation, retry, now);
     }
     set_idle(&mut s, generation, now);
+    s
+}
+
+/// Status of a run that is due but waits for a free run slot: `Running=False`, reason
+/// `Queued`. Nothing of the run is recorded yet, so a shutdown loses nothing: the next
+/// operator finds the run still due.
+pub fn queued(
+    previous: &BrazeExportStatus,
+    generation: Option<i64>,
+    due: &Due,
+    slots: usize,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = previous.clone();
+    s.observed_generation = generation;
+    s.runner = None;
+    set_condition(
+        &mut s.conditions,
+        "Running",
+        "False",
+        reason::QUEUED,
+        format!(
+            "{:?} run waits for one of the {slots} run slots (--max-concurrent-runs)",
+            due.trigger
+        ),
+        generation,
+        now,
+    );
     s
 }
 
@@ -169,15 +248,17 @@ pub fn blocked(
     s
 }
 
-/// Status when a run starts.
+/// Status when a run starts on `runner` (this operator instance).
 pub fn started(
     previous: &BrazeExportStatus,
     generation: Option<i64>,
     due: &Due,
+    runner: &str,
     now: Timestamp,
 ) -> BrazeExportStatus {
     let mut s = previous.clone();
     s.observed_generation = generation;
+    s.runner = Some(runner.to_owned());
     if let Some(at) = due.scheduled_for {
         s.last_schedule_time = Some(at);
     }
@@ -193,7 +274,7 @@ pub fn started(
         &mut s.conditions,
         "Running",
         "True",
-        "Running",
+        reason::RUNNING,
         message,
         generation,
         now,
@@ -221,6 +302,7 @@ pub fn finished(
     report: &RunReport,
     generation: Option<i64>,
     next: Option<Timestamp>,
+    retry: Retry,
     now: Timestamp,
 ) -> BrazeExportStatus {
     let mut s = current.clone();
@@ -242,19 +324,21 @@ pub fn finished(
     if next.is_some() {
         s.next_schedule_time = next;
     }
-    ready_from_run(&mut s, generation, now);
+    ready_from_run(&mut s, generation, retry, now);
     set_idle(&mut s, generation, now);
     s
 }
 
-/// Status of a run left `Running` by an operator that crashed: `Interrupted`, so it starts
-/// again.
+/// Status of a run left `Running` by an operator instance that is gone (it crashed, or lost
+/// its Lease and was fenced): `Interrupted`. Whether it is retried is decided next, like a
+/// failed run.
 pub fn crashed(
     previous: &BrazeExportStatus,
     generation: Option<i64>,
     now: Timestamp,
 ) -> BrazeExportStatus {
     let mut s = previous.clone();
+    let runner = s.runner.take().unwrap_or_else(|| "unknown".into());
     if let Some(r) = s
         .last_run
         .as_mut()
@@ -263,11 +347,11 @@ pub fn crashed(
         r.outcome = Outcome::Interrupted;
         r.completion_time = Some(now);
         r.message = format!(
-            "interrupted: the operator stopped during the run ({} rows read, {} users flagged before)",
+            "interrupted: operator instance {runner} stopped during the run ({} rows read, {} users flagged before)",
             r.counts.rows_read, r.counts.sent
         );
         let report = r.clone();
-        return finished(&s, &report, generation, None, now);
+        return finished(&s, &report, generation, None, Retry::No, now);
     }
     set_idle(&mut s, generation, now);
     s
@@ -277,6 +361,7 @@ pub fn crashed(
 mod tests {
     use super::*;
     use crate::export::report::Trigger;
+    use crate::schedule::Retry;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -302,6 +387,7 @@ mod tests {
             Some(1),
             false,
             Some(ts("2026-11-30T06:00:00Z")),
+            Retry::No,
             ts("2026-11-29T10:00:00Z"),
         );
         let r = cond(&s, "Ready");
@@ -317,6 +403,7 @@ mod tests {
             Some(2),
             true,
             Some(ts("2026-11-30T06:00:00Z")),
+            Retry::No,
             ts("2026-11-29T10:00:00Z"),
         );
         assert_eq!(cond(&sus, "Ready").reason, "Suspended");
@@ -331,7 +418,7 @@ mod tests {
             scheduled_for: None,
             run_request: Some("r1".into()),
         };
-        let s = started(&BrazeExportStatus::default(), Some(3), &due, now);
+        let s = started(&BrazeExportStatus::default(), Some(3), &due, "pod-a", now);
         assert!(is_running(&s));
         assert_eq!(s.last_handled_run_request.as_deref(), Some("r1"));
         assert_eq!(s.last_run.as_ref().unwrap().outcome, Outcome::Running);
@@ -346,6 +433,7 @@ mod tests {
             ),
             Some(3),
             Some(ts("2026-11-30T06:00:00Z")),
+            Retry::No,
             ts("2026-11-29T06:00:30Z"),
         );
         let ready = cond(&f, "Ready");
@@ -383,6 +471,7 @@ mod tests {
                 &done(outcome, 1, "m"),
                 None,
                 None,
+                Retry::No,
                 ts("2026-11-29T07:00:00Z"),
             );
             let r = cond(&f, "Ready");
@@ -407,6 +496,7 @@ mod tests {
                 &done(Outcome::Succeeded, i, "ok"),
                 None,
                 None,
+                Retry::No,
                 ts("2026-11-29T07:00:00Z") + jiff::SignedDuration::from_secs(i as i64),
             );
         }
@@ -454,6 +544,7 @@ mod tests {
                 None,
                 false,
                 Some(ts(next)),
+                Retry::No,
                 now,
             );
             if running {
@@ -465,6 +556,7 @@ mod tests {
                         scheduled_for: None,
                         run_request: None,
                     },
+                    "pod-a",
                     now,
                 );
             }
@@ -481,8 +573,10 @@ mod tests {
         assert_eq!(crate::controller::overdue_count(exports.iter(), now), 1);
         // The same count reaches /metrics, with the exports by Ready status.
         let metrics = crate::ops::metrics::Metrics::new();
-        let shared: Vec<std::sync::Arc<BrazeExport>> =
-            exports.into_iter().map(std::sync::Arc::new).collect();
+        let shared: Vec<std::sync::Arc<crate::controller::watched::Watched>> = exports
+            .into_iter()
+            .map(|e| std::sync::Arc::new(crate::controller::watched::Watched::Decoded(e)))
+            .collect();
         crate::controller::refresh_gauges(&metrics, &shared, now);
         let text = metrics.encode();
         assert!(text.contains("braze_export_overdue 1\n"), "{text}");
@@ -504,6 +598,7 @@ mod tests {
                 &BrazeExportStatus::default(),
                 Some(1),
                 &due,
+                "pod-a",
                 ts("2026-11-29T06:00:00Z"),
             ),
             10,

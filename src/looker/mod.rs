@@ -3,6 +3,7 @@
 pub mod body;
 pub mod cap;
 pub mod client;
+pub mod hosts;
 pub mod json_detail;
 
 use reqwest::{StatusCode, Url};

@@ -98,6 +98,8 @@ pub struct Metrics {
     retries: Counter,
     rate_limited: Counter,
     reconcile_errors: Family<ReasonLabel, Counter>,
+    watch_errors: Family<ReasonLabel, Counter>,
+    leader: Gauge,
     exports: Family<ReadyLabel, Gauge>,
     overdue: Gauge,
     last_success: Family<ExportLabel, Gauge>,
@@ -155,6 +157,18 @@ impl Metrics {
             "Reconcile failures, by reason",
             reconcile_errors.clone(),
         );
+        let watch_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Errors watching BrazeExports (and objects this version cannot decode), by reason",
+            watch_errors.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this instance holds the Lease and runs exports, else 0",
+            leader.clone(),
+        );
         let exports = Family::<ReadyLabel, Gauge>::default();
         registry.register(
             "exports",
@@ -200,6 +214,8 @@ impl Metrics {
             retries,
             rate_limited,
             reconcile_errors,
+            watch_errors,
+            leader,
             exports,
         }
     }
@@ -232,6 +248,20 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// Counts a watch error or an undecodable object.
+    pub fn watch_error(&self, reason: &str) {
+        self.watch_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Whether this instance leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
     }
 
     /// Replaces the per-status export counts with `counts` of (Ready status, reason).

@@ -1,0 +1,200 @@
+//! Leader election on a `coordination.k8s.io` Lease, with fencing.
+//!
+//! Written here rather than taken from kube-lease-manager because of one property it lacks: a
+//! holder that cannot renew (an apiserver partition) keeps reporting itself leader there while
+//! its renewals fail, so its runs go on after another pod has taken the Lease. Here the holder
+//! counts its own deadline from the moment it *sent* its last successful renewal, and gives
+//! up leadership a margin before any other pod can see the Lease expire, so its runs stop
+//! first. Candidates judge expiry from when they last saw the Lease change (as client-go
+//! does), so clocks need not agree.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Lease-based leader election settings.
+#[derive(Clone, Debug)]
+pub struct LeaderElection {
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Name of the Lease (one per release: shards never share one).
+    pub lease_name: String,
+    /// This operator instance's identity (pod name and a per-process suffix).
+    pub identity: String,
+    /// How long the Lease stays valid without renewal.
+    pub duration: Duration,
+}
+
+impl LeaderElection {
+    /// How often the holder renews (a third of the duration).
+    fn renew_every(&self) -> Duration {
+        self.duration / 3
+    }
+
+    /// How long before others may take the Lease the holder stops: a fifth of the duration.
+    fn fence_margin(&self) -> Duration {
+        self.duration / 5
+    }
+}
+
+/// What one attempt found.
+enum Attempt {
+    /// We hold the Lease (acquired or renewed).
+    Held,
+    /// Another live holder has it.
+    Other,
+}
+
+/// What a candidate last saw of the Lease, to judge its expiry by its own clock.
+struct Seen {
+    record: (Option<String>, Option<MicroTime>),
+    since: Instant,
+}
+
+/// Runs the election until `stop`; the channel says whether this instance leads. When it
+/// stops as holder, it releases the Lease so a standby takes over at once.
+pub fn spawn(
+    client: Client,
+    le: LeaderElection,
+    stop: CancellationToken,
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let api: Api<Lease> = Api::namespaced(client, &le.namespace);
+        let mut seen: Option<Seen> = None;
+        let mut fence_at: Option<Instant> = None;
+        loop {
+            let sent = Instant::now();
+            // Never wait on the apiserver past our own deadline: that is the fence.
+            let limit =
+                fence_at.map_or(sent + le.renew_every(), |f| f.min(sent + le.renew_every()));
+            let attempt = tokio::select! {
+                () = stop.cancelled() => break,
+                r = tokio::time::timeout_at(limit, attempt(&api, &le, &mut seen)) => r,
+            };
+            match attempt {
+                Ok(Ok(Attempt::Held)) => {
+                    fence_at = Some(sent + le.duration - le.fence_margin());
+                }
+                Ok(Ok(Attempt::Other)) => fence_at = None,
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %le.lease_name, error = %e, "cannot read or renew the Lease");
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %le.lease_name, "the Lease request timed out");
+                }
+            }
+            if fence_at.is_some_and(|f| Instant::now() >= f) {
+                tracing::warn!(lease = %le.lease_name, "the Lease could not be renewed in time: stopping runs before another replica may take it");
+                fence_at = None;
+            }
+            tx.send_if_modified(|leading| {
+                let now = fence_at.is_some();
+                std::mem::replace(leading, now) != now
+            });
+            let wait = if fence_at.is_some() {
+                le.renew_every()
+            } else {
+                // Candidates look often enough to take over soon after expiry.
+                (le.duration / 5).max(Duration::from_millis(200))
+            };
+            let wake = fence_at.map_or(Instant::now() + wait, |f| f.min(Instant::now() + wait));
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        if fence_at.is_some() {
+            let _ = tx.send(false);
+            let released = tokio::time::timeout(Duration::from_secs(5), release(&api, &le)).await;
+            if !matches!(released, Ok(Ok(()))) {
+                tracing::warn!(lease = %le.lease_name, "could not release the Lease; it expires on its own");
+            }
+        }
+    });
+    (rx, task)
+}
+
+fn lease_spec(le: &LeaderElection, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
+    let now = MicroTime(Timestamp::now());
+    LeaseSpec {
+        holder_identity: Some(le.identity.clone()),
+        lease_duration_seconds: Some(le.duration.as_secs().max(1) as i32),
+        acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+        renew_time: Some(now),
+        lease_transitions: Some(transitions),
+        ..LeaseSpec::default()
+    }
+}
+
+/// One look at the Lease: create it, renew it, take it over when expired, or leave it.
+/// Writes are compare-and-swap on `resourceVersion`, so two candidates never both win.
+async fn attempt(
+    api: &Api<Lease>,
+    le: &LeaderElection,
+    seen: &mut Option<Seen>,
+) -> Result<Attempt, kube::Error> {
+    let Some(mut lease) = api.get_opt(&le.lease_name).await? else {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(le.lease_name.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(lease_spec(le, 0, None)),
+        };
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(Attempt::Held),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Other),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = lease.spec.clone().unwrap_or_default();
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+    let record = (holder.clone(), spec.renew_time.clone());
+    let now = Instant::now();
+    if seen.as_ref().is_none_or(|s| s.record != record) {
+        *seen = Some(Seen { record, since: now });
+    }
+    let mine = holder.as_deref() == Some(le.identity.as_str());
+    let valid_for = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
+    let expired = seen.as_ref().is_some_and(|s| now >= s.since + valid_for);
+    if !mine && holder.is_some() && !expired {
+        return Ok(Attempt::Other);
+    }
+    let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
+    let acquired = mine.then(|| spec.acquire_time.clone()).flatten();
+    lease.spec = Some(lease_spec(le, transitions, acquired));
+    match api
+        .replace(&le.lease_name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(Attempt::Held),
+        // Someone else wrote first: look again next time.
+        Err(kube::Error::Api(e)) if e.code == 409 && !mine => Ok(Attempt::Other),
+        Err(e) => Err(e),
+    }
+}
+
+/// Gives the Lease up so a standby can take it at once.
+async fn release(api: &Api<Lease>, le: &LeaderElection) -> Result<(), kube::Error> {
+    let Some(mut lease) = api.get_opt(&le.lease_name).await? else {
+        return Ok(());
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(le.identity.as_str()) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    api.replace(&lease.name_any(), &PostParams::default(), &lease)
+        .await
+        .map(|_| ())
+}

@@ -1,0 +1,232 @@
+//! A run in its own task: wait for a slot, check on a fresh read that the run is still due,
+//! record its start (compare-and-swap), run it with progress writes, and record how it ended
+//! after the last progress write has landed.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::api::Api;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::reconcile::publish;
+use super::status::{self, reason};
+use super::step::{self, Facts, Note, Start, Then};
+use super::writer::RunWriter;
+use super::{Context, Error};
+use crate::export::report::{Outcome, RunReport};
+use crate::export::{Credentials, RunOptions, run_export};
+use crate::schedule::{Inputs, retry};
+use crate::spec::BrazeExport;
+
+/// A run to carry out, owning what it needs.
+pub struct RunTask {
+    /// Shared state.
+    pub ctx: Arc<Context>,
+    /// The export as last written by the reconcile (its status and `resourceVersion`).
+    pub export: BrazeExport,
+    /// `namespace/name`.
+    pub key: String,
+    /// The run.
+    pub start: Start,
+    /// Its credentials.
+    pub creds: Credentials,
+}
+
+impl RunTask {
+    /// Runs, then leaves the export to the reconcile again.
+    pub async fn run(mut self, permit: Option<OwnedSemaphorePermit>) {
+        let permit = match permit {
+            Some(p) => Some(p),
+            None => self.wait_for_slot().await,
+        };
+        if let Some(_permit) = permit {
+            if let Err(e) = self.carry_out().await {
+                tracing::warn!(export = %self.key, error = %e, "the run's status could not be recorded");
+            }
+        }
+        self.ctx.lock_active().remove(&self.key);
+    }
+
+    /// Waits for a slot, then re-reads the export and re-decides: while it waited, another
+    /// instance may have run it, or its spec may have changed. `None` on shutdown (a run that
+    /// never started records nothing) or when the run is no longer due.
+    async fn wait_for_slot(&mut self) -> Option<OwnedSemaphorePermit> {
+        let permit = tokio::select! {
+            () = self.ctx.stop.cancelled() => return None,
+            p = Arc::clone(&self.ctx.permits).acquire_owned() => p.ok()?,
+        };
+        let api = self.api();
+        let fresh = api.get_opt(&self.export.name_any()).await.ok()??;
+        if fresh.uid() != self.export.uid() {
+            return None;
+        }
+        let next = step::step(
+            &fresh,
+            &Facts {
+                active: false,
+                allowed_hosts: &self.ctx.allowed_hosts,
+                retry_base: self.ctx.retry_base,
+                now: self.ctx.now(),
+            },
+        );
+        match next.then {
+            Then::Start(start) => {
+                self.start = *start;
+                self.export = fresh;
+                Some(permit)
+            }
+            // Something else to record: the reconcile does it on its next look.
+            _ => None,
+        }
+    }
+
+    fn api(&self) -> Api<BrazeExport> {
+        Api::namespaced(
+            self.ctx.client.clone(),
+            &self.export.namespace().unwrap_or_default(),
+        )
+    }
+
+    async fn carry_out(&self) -> Result<(), Error> {
+        let ctx = &self.ctx;
+        let generation = self.export.metadata.generation;
+        let now = ctx.now();
+        let due = &self.start.due;
+        let started = status::started(&self.start.base, generation, due, &ctx.identity, now);
+        let writer = Arc::new(RunWriter::new(self.api(), &self.export, &ctx.identity));
+        // A conflict here means the decision was made on an outdated object: no run.
+        writer.start(&started).await?;
+        if let Some(at) = due.scheduled_for {
+            ctx.metrics
+                .record_start_delay(now.duration_since(at).as_secs_f64());
+        }
+        // No times in the note: repeated starts then aggregate into one Event series.
+        let note = Note {
+            warning: false,
+            reason: reason::RUN_STARTED,
+            message: format!("{:?} run started", due.trigger),
+        };
+        publish(ctx, &self.export, &note).await;
+
+        let cancel = ctx.stop.child_token();
+        let opts = RunOptions {
+            cancel: cancel.clone(),
+            ..RunOptions::new(due.trigger)
+        };
+        let stop_progress = CancellationToken::new();
+        let progress = tokio::spawn(write_progress(
+            Arc::clone(&writer),
+            started.clone(),
+            Arc::clone(&opts.progress),
+            ctx.progress_interval,
+            stop_progress.clone(),
+            cancel.clone(),
+        ));
+        let report = run_export(&ctx.services, &self.start.plan, &self.creds, opts).await;
+        // The final status must land after every progress write, never before one.
+        stop_progress.cancel();
+        let _ = progress.await;
+        self.finish(&writer, &started, &report).await
+    }
+
+    async fn finish(
+        &self,
+        writer: &RunWriter,
+        started: &crate::spec::BrazeExportStatus,
+        report: &RunReport,
+    ) -> Result<(), Error> {
+        let ctx = &self.ctx;
+        let now = ctx.now();
+        let spec = &self.export.spec;
+        let next = (!spec.suspend)
+            .then(|| self.start.schedule.next_after(now))
+            .flatten();
+        let mut finished = status::finished(
+            started,
+            report,
+            self.export.metadata.generation,
+            next,
+            crate::schedule::Retry::No,
+            now,
+        );
+        // Ready's message says whether and when a failed run is retried.
+        let inputs = Inputs {
+            schedule: &self.start.schedule,
+            suspend: spec.suspend,
+            starting_deadline_seconds: spec.starting_deadline_seconds,
+            created: now,
+            status: &finished,
+            run_request: None,
+            running: false,
+            retry_base: ctx.retry_base,
+            now,
+        };
+        finished = status::idle(
+            &finished,
+            self.export.metadata.generation,
+            spec.suspend,
+            next,
+            retry(&inputs),
+            now,
+        );
+        let mut written = Err(Error::Timeout("writing the status"));
+        for attempt in 1..=5u32 {
+            written = writer.write(&finished).await;
+            match &written {
+                Ok(()) | Err(Error::Lost | Error::Gone) => break,
+                Err(e) => {
+                    tracing::warn!(export = %self.key, attempt, error = %e, "cannot write the run's status");
+                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+                }
+            }
+        }
+        ctx.metrics.record_run(report, now);
+        let (warning, why) = match report.outcome {
+            Outcome::Succeeded => (false, reason::RUN_SUCCEEDED),
+            Outcome::PartiallySucceeded => (true, reason::RUN_PARTIALLY_SUCCEEDED),
+            Outcome::Interrupted => (true, reason::RUN_INTERRUPTED),
+            Outcome::Failed | Outcome::Running => (true, reason::RUN_FAILED),
+        };
+        let note = Note {
+            warning,
+            reason: why,
+            message: report.message.clone(),
+        };
+        publish(ctx, &self.export, &note).await;
+        written
+    }
+}
+
+/// Writes the counts so far every `interval` until `stop`. A write finding the run taken
+/// over by another instance (or the export gone) cancels the run.
+async fn write_progress(
+    writer: Arc<RunWriter>,
+    started: crate::spec::BrazeExportStatus,
+    progress: Arc<crate::export::Progress>,
+    interval: Duration,
+    stop: CancellationToken,
+    cancel_run: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let (read, sent) = (
+            progress.rows_read.load(Ordering::Relaxed),
+            progress.sent.load(Ordering::Relaxed),
+        );
+        match writer.write(&status::progress(&started, read, sent)).await {
+            Err(Error::Lost | Error::Gone) => {
+                tracing::warn!("the export was deleted, recreated or taken over: stopping the run");
+                cancel_run.cancel();
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot write the run's progress"),
+            Ok(()) => {}
+        }
+    }
+}
