@@ -30,7 +30,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* Leader election is on with more than one replica. */}}
-{{- define "bzx.leaderElection" -}}
-{{- if gt (int .Values.replicas) 1 -}}true{{- end -}}
+{{/* The watched namespaces, comma-separated (watchNamespace, then watchNamespaces); empty: all. */}}
+{{- define "bzx.watchNamespaces" -}}
+{{- $all := .Values.watchNamespaces | default list -}}
+{{- with .Values.watchNamespace }}{{ $all = prepend $all . }}{{ end -}}
+{{- $all | uniq | join "," -}}
 {{- end -}}
