@@ -326,17 +326,19 @@ impl BrazeExportSpec {
             ));
         }
         if let Some(d) = self.starting_deadline_seconds
-            && d < 0
+            && !(0..=31_622_400).contains(&d)
         {
             errors.push(FieldError::new(
                 "spec.startingDeadlineSeconds",
-                "must be 0 or more",
+                "must be 0 to 31622400 (one year)",
             ));
         }
-        if self.max_rows == Some(0) {
+        if let Some(n) = self.max_rows
+            && !(1..=1_000_000_000_000).contains(&n)
+        {
             errors.push(FieldError::new(
                 "spec.maxRows",
-                "must be at least 1 when set",
+                "must be 1 to 1000000000000 when set",
             ));
         }
         self.looker.validate(&mut errors);
@@ -440,16 +442,16 @@ impl BrazeSpec {
             ));
         }
         if let Some(r) = &self.rate_limit {
-            if r.requests == 0 {
+            if !(1..=1_000_000).contains(&r.requests) {
                 errors.push(FieldError::new(
                     "spec.braze.rateLimit.requests",
-                    "must be at least 1",
+                    "must be 1 to 1000000",
                 ));
             }
-            if r.period_seconds == 0 {
+            if !(1..=86_400).contains(&r.period_seconds) {
                 errors.push(FieldError::new(
                     "spec.braze.rateLimit.periodSeconds",
-                    "must be at least 1",
+                    "must be 1 to 86400",
                 ));
             }
         }

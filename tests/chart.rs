@@ -721,3 +721,23 @@ fn kustomize_renders_the_gitops_exports_valid_against_the_crd() {
     }
     assert_eq!(names, ["churn-risk", "vip-customers"]);
 }
+
+/// The args the Deployment renders, default and full, are flags the binary knows, with
+/// values it accepts: the binary parses them (then prints its help and exits 0).
+#[test]
+fn the_rendered_args_parse_with_the_binary() {
+    for values in ["", FULL] {
+        let r = render(values);
+        let mut args: Vec<&str> = r.args();
+        args.push("--help");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_braze-export-operator"))
+            .args(&args)
+            .output()
+            .expect("the binary runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -3,167 +3,18 @@
 
 #[path = "support/apiserver.rs"]
 mod apiserver;
+#[path = "support/operator.rs"]
+mod operator;
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use apiserver::{EVENTS, EXPORTS, FakeApiServer};
-use braze_export_operator::controller::{self, Config, LeaderElection};
-use braze_export_operator::ops::metrics::Metrics;
+use apiserver::{EXPORTS, FakeApiServer};
+use braze_export_operator::controller::Config;
 use braze_export_operator::sandbox::{Fault, Generator, Look};
-use serde_json::{Value, json};
+use operator::*;
+use serde_json::json;
 use support::*;
-use tokio_util::sync::CancellationToken;
-
-const NS: &str = "marketing";
-
-struct Operator {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), controller::Error>>,
-}
-
-impl Operator {
-    fn start(api: &FakeApiServer, config: Config) -> Self {
-        let shutdown = CancellationToken::new();
-        let client = api.client();
-        let s = shutdown.clone();
-        let task = tokio::spawn(async move {
-            controller::run(
-                client,
-                config,
-                Arc::new(Metrics::new()),
-                Arc::new(AtomicBool::new(false)),
-                Arc::default(),
-                s,
-            )
-            .await
-        });
-        Self { shutdown, task }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("the controller stops")
-            .expect("joins")
-            .expect("no error");
-    }
-}
-
-fn config() -> Config {
-    Config {
-        progress_interval: Duration::from_millis(200),
-        retry_base: jiff::SignedDuration::from_secs(1),
-        ..Config::default()
-    }
-}
-
-fn secrets(api: &FakeApiServer) {
-    api.put_secret(
-        NS,
-        "looker-api",
-        &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)],
-    );
-    api.put_secret(NS, "braze-api", &[("api_key", API_KEY)]);
-}
-
-fn put_export(
-    api: &FakeApiServer,
-    w: &World,
-    name: &str,
-    look: &str,
-    extra_braze: &str,
-    extra_spec: &str,
-) {
-    let yaml = w
-        .yaml(look, extra_braze, extra_spec)
-        .replace("name: test-export", &format!("name: {name}"));
-    let object: Value = serde_saphyr::from_str(&yaml).expect("yaml");
-    api.put(EXPORTS, object);
-}
-
-fn run_now(api: &FakeApiServer, name: &str, value: &str) {
-    api.patch(
-        EXPORTS,
-        NS,
-        name,
-        json!({"metadata": {"annotations": {"looker-braze.dev/run-now": value}}}),
-    );
-}
-
-fn status(api: &FakeApiServer, name: &str) -> Value {
-    api.get(EXPORTS, NS, name)
-        .and_then(|o| o.get("status").cloned())
-        .unwrap_or(Value::Null)
-}
-
-fn condition(status: &Value, type_: &str) -> Value {
-    status["conditions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["type"] == type_)
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-/// Polls until `check` returns `Some`, or fails with what was last seen.
-async fn wait_for<T>(what: &str, seconds: u64, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_ready(api: &FakeApiServer, name: &str, reason: &str, seconds: u64) -> Value {
-    wait_for(&format!("{name} Ready reason {reason}"), seconds, || {
-        let s = status(api, name);
-        (condition(&s, "Ready")["reason"] == reason
-            && condition(&s, "Running")["status"] == "False")
-            .then_some(s)
-    })
-    .await
-}
-
-/// "trigger outcome" of each run in `status.history`, newest first.
-fn history(status: &Value) -> Vec<String> {
-    status["history"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|h| {
-            format!(
-                "{} {}",
-                h["trigger"].as_str().unwrap_or(""),
-                h["outcome"].as_str().unwrap_or("")
-            )
-        })
-        .collect()
-}
-
-fn events(api: &FakeApiServer, name: &str) -> Vec<(String, String, String)> {
-    api.list(EVENTS)
-        .into_iter()
-        .filter(|e| e["regarding"]["name"] == name)
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap_or("").into(),
-                e["reason"].as_str().unwrap_or("").into(),
-                e["note"].as_str().unwrap_or("").into(),
-            )
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn run_now_runs_once_and_reports_in_status() {
@@ -240,27 +91,40 @@ async fn a_scheduled_run_fires_at_its_time() {
     let (api, w) = (FakeApiServer::start().await, World::start().await);
     w.looker.add_look("42", Look::users(20, Generator::Clean));
     secrets(&api);
-    put_export(&api, &w, "minutely", "42", "", "");
-    api.patch(
-        EXPORTS,
-        NS,
-        "minutely",
-        json!({"spec": {"schedule": "* * * * *"}}),
+    // The operator's clock runs 1.5 s before a minute boundary: no waiting for a real one.
+    let real = jiff::Timestamp::now();
+    let boundary = jiff::Timestamp::from_second(real.as_second() - real.as_second().rem_euclid(60) + 120)
+        .unwrap();
+    let offset = boundary.duration_since(real) - jiff::SignedDuration::from_millis(1500);
+    let shifted_now = (real + offset).round(jiff::Unit::Second).unwrap();
+    let mut object = export_object(&w, "minutely", "42", "", "");
+    object["spec"]["schedule"] = json!("* * * * *");
+    // Created "now" by the operator's clock: the tick before it is not due.
+    object["metadata"]["creationTimestamp"] = json!(shifted_now.to_string());
+    api.put(EXPORTS, object);
+    let op = Operator::start(
+        &api,
+        Config {
+            clock_offset: offset,
+            ..config()
+        },
     );
-    let op = Operator::start(&api, config());
-    let s = wait_for("a scheduled run", 75, || {
+    let pending = wait_ready(&api, "minutely", "Pending", 10).await;
+    assert_eq!(pending["nextScheduleTime"], json!(boundary.to_string()));
+    let s = wait_for("a scheduled run", 15, || {
         let s = status(&api, "minutely");
         (s["lastRun"]["outcome"] == "Succeeded").then_some(s)
     })
     .await;
     let due: jiff::Timestamp = s["lastScheduleTime"].as_str().unwrap().parse().unwrap();
     let started: jiff::Timestamp = s["lastRun"]["startTime"].as_str().unwrap().parse().unwrap();
-    assert_eq!(due.as_second() % 60, 0, "due on the minute: {due}");
+    assert_eq!(due, boundary, "due on the minute");
     assert!(
-        started.duration_since(due) < jiff::SignedDuration::from_secs(2),
+        started >= due && started.duration_since(due) < jiff::SignedDuration::from_secs(2),
         "started on time: due {due}, started {started}"
     );
     assert_eq!(s["lastRun"]["trigger"], "Schedule");
+    assert_eq!(history(&s), ["Schedule Succeeded"], "the tick before creation did not run");
     let next: jiff::Timestamp = s["nextScheduleTime"].as_str().unwrap().parse().unwrap();
     assert_eq!(
         next.duration_since(due),
@@ -483,15 +347,6 @@ async fn with_leader_election_two_operators_run_each_export_once() {
     w.looker.add_look("42", Look::users(150, Generator::Clean));
     secrets(&api);
     put_export(&api, &w, "shared", "42", "", "");
-    let elected = |identity: &str| Config {
-        leader_election: Some(LeaderElection {
-            namespace: "default".into(),
-            lease_name: "braze-export-operator".into(),
-            identity: identity.into(),
-            duration: Duration::from_secs(3),
-        }),
-        ..config()
-    };
     let a = Operator::start(&api, elected("replica-a"));
     let b = Operator::start(&api, elected("replica-b"));
     for i in 0..3 {

@@ -155,3 +155,41 @@ fn the_schema_validates_what_it_can() {
         "structural schemas may not forbid extra properties"
     );
 }
+
+/// Every integer in the spec has a maximum (a number this version cannot hold is refused by
+/// the apiserver, not by a failing decode), and `conditions` is a map keyed by `type`, so
+/// server-side apply merges conditions by type.
+#[test]
+fn numbers_have_maximums_and_conditions_are_a_map() {
+    fn integers(path: &str, schema: &Value, out: &mut Vec<(String, Value)>) {
+        if schema["type"] == "integer" {
+            out.push((path.to_owned(), schema.clone()));
+        }
+        if let Some(props) = schema["properties"].as_object() {
+            for (k, v) in props {
+                integers(&format!("{path}.{k}"), v, out);
+            }
+        }
+        if schema["items"].is_object() {
+            integers(&format!("{path}[]"), &schema["items"], out);
+        }
+    }
+    let c = crd();
+    let root = &c["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let mut found = Vec::new();
+    integers("spec", &root["properties"]["spec"], &mut found);
+    assert!(found.len() >= 7, "{found:?}");
+    for (path, schema) in &found {
+        assert!(
+            schema["maximum"].is_number(),
+            "{path} has no maximum: {schema}"
+        );
+    }
+    let conditions = &root["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+    assert!(
+        root["properties"]["status"]["properties"]["runner"].is_object(),
+        "the runner is part of the status"
+    );
+}

@@ -125,7 +125,10 @@ impl RunTask {
             stop_progress.clone(),
             cancel.clone(),
         ));
-        let report = run_export(&ctx.services, &self.start.plan, &self.creds, opts).await;
+        let mut report = run_export(&ctx.services, &self.start.plan, &self.creds, opts).await;
+        // The status's times are the controller's clock (offset in tests).
+        report.start_time = now;
+        report.completion_time = Some(ctx.now());
         // The final status must land after every progress write, never before one.
         stop_progress.cancel();
         let _ = progress.await;
