@@ -179,7 +179,12 @@ pub struct FakeApiServer {
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
         self.task.abort();
-        for t in self.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for t in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             t.abort();
         }
     }
@@ -822,7 +827,13 @@ async fn handle(
     Response::from_parts(parts, Body::from_stream(gated))
 }
 
-fn serve(state: &Arc<ApiState>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+fn serve(
+    state: &Arc<ApiState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let query: HashMap<String, String> =
         url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
             .into_owned()
@@ -1057,11 +1068,7 @@ fn conflict(resource: &str, name: &str, why: &str) -> Rejection {
 }
 
 /// The uid and resourceVersion preconditions a body carries.
-fn check_preconditions(
-    req: &WriteRequest,
-    body: &Value,
-    stored: &Value,
-) -> Result<(), Rejection> {
+fn check_preconditions(req: &WriteRequest, body: &Value, stored: &Value) -> Result<(), Rejection> {
     let stored_uid = stored
         .pointer("/metadata/uid")
         .and_then(Value::as_str)
@@ -1156,11 +1163,12 @@ fn apply_write(
     inner: &mut Inner,
     req: WriteRequest,
 ) -> Result<(StatusCode, Value), Rejection> {
-    let key: Key = (req.resource.clone(), req.namespace.clone(), req.name.clone());
-    let crd = inner
-        .crd
-        .clone()
-        .filter(|c| c.resource == req.resource);
+    let key: Key = (
+        req.resource.clone(),
+        req.namespace.clone(),
+        req.name.clone(),
+    );
+    let crd = inner.crd.clone().filter(|c| c.resource == req.resource);
     let has_status = crd.is_some();
     let old = inner.objects.get(&key).cloned();
     let kind = kind_of(&req.resource);
@@ -1180,7 +1188,9 @@ fn apply_write(
             return Err(Rejection::new(
                 422,
                 "Invalid",
-                format!("{kind} \"\" is invalid: metadata.name: Required value: name or generateName is required"),
+                format!(
+                    "{kind} \"\" is invalid: metadata.name: Required value: name or generateName is required"
+                ),
             ));
         }
         (Op::Replace | Op::Merge | Op::Strategic | Op::Json, None) => {
@@ -1258,7 +1268,11 @@ fn apply_write(
         Op::Json => {
             let mut o = base.clone();
             json_patch(&mut o, &req.body).map_err(|e| {
-                Rejection::new(422, "Invalid", format!("the JSON patch cannot be applied: {e}"))
+                Rejection::new(
+                    422,
+                    "Invalid",
+                    format!("the JSON patch cannot be applied: {e}"),
+                )
             })?;
             restore_out_of_scope(&mut o, &base, req.scope, has_status);
             o
@@ -1392,7 +1406,9 @@ fn apply_write(
 
 /// RFC 6902 JSON patch: add, remove, replace, move, copy and test.
 fn json_patch(target: &mut Value, ops: &Value) -> Result<(), String> {
-    let ops = ops.as_array().ok_or("a JSON patch is a list of operations")?;
+    let ops = ops
+        .as_array()
+        .ok_or("a JSON patch is a list of operations")?;
     for op in ops {
         let path = op["path"].as_str().ok_or("an operation needs a path")?;
         let value = || op.get("value").cloned().ok_or("an operation needs a value");
@@ -1527,7 +1543,10 @@ fn watch_stream(state: &Arc<ApiState>, t: &Target, query: &HashMap<String, Strin
         status: false,
     };
     let line = |v: Value| Bytes::from(format!("{v}\n"));
-    let respond = |stream: futures_util::stream::BoxStream<'static, Result<Bytes, std::convert::Infallible>>| {
+    let respond = |stream: futures_util::stream::BoxStream<
+        'static,
+        Result<Bytes, std::convert::Infallible>,
+    >| {
         Response::builder()
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/json")
@@ -1565,59 +1584,73 @@ fn watch_stream(state: &Arc<ApiState>, t: &Target, query: &HashMap<String, Strin
     let bookmark = (since == 0 && initial_events).then(|| {
         json!({"type": "BOOKMARK", "object": {"kind": kind_of(&target.resource), "apiVersion": api_version_of(&target.resource), "metadata": {"resourceVersion": inner.rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}}})
     });
-    let last_backlog = if since == 0 { inner.rv } else { backlog.back().map_or(since, |c| c.rv) };
+    let last_backlog = if since == 0 {
+        inner.rv
+    } else {
+        backlog.back().map_or(since, |c| c.rv)
+    };
     drop(inner);
-    let stream = channel_stream(move |tx: mpsc::Sender<Result<Bytes, std::convert::Infallible>>| async move {
-        let deadline = Instant::now() + timeout;
-        let mut sent = since;
-        let mut bookmark = bookmark;
-        loop {
-            let change = match backlog.pop_front() {
-                Some(c) => c,
-                None => {
-                    if let Some(b) = bookmark.take()
-                        && tx.send(Ok(line(b))).await.is_err()
-                    {
-                        return;
-                    }
-                    tokio::select! {
-                        next = live.recv() => match next {
-                            Ok(c) if c.rv > last_backlog => c,
-                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        },
-                        _ = expiry.changed() => {
-                            let oldest = *expiry.borrow_and_update();
-                            let _ = tx.send(Ok(line(gone(sent, oldest)))).await;
+    let stream = channel_stream(
+        move |tx: mpsc::Sender<Result<Bytes, std::convert::Infallible>>| async move {
+            let deadline = Instant::now() + timeout;
+            let mut sent = since;
+            let mut bookmark = bookmark;
+            loop {
+                let change = match backlog.pop_front() {
+                    Some(c) => c,
+                    None => {
+                        if let Some(b) = bookmark.take()
+                            && tx.send(Ok(line(b))).await.is_err()
+                        {
                             return;
                         }
-                        () = tokio::time::sleep_until(deadline) => return,
+                        tokio::select! {
+                            next = live.recv() => match next {
+                                Ok(c) if c.rv > last_backlog => c,
+                                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                                Err(broadcast::error::RecvError::Closed) => return,
+                            },
+                            _ = expiry.changed() => {
+                                let oldest = *expiry.borrow_and_update();
+                                let _ = tx.send(Ok(line(gone(sent, oldest)))).await;
+                                return;
+                            }
+                            () = tokio::time::sleep_until(deadline) => return,
+                        }
                     }
+                };
+                if !visible(
+                    &change.resource,
+                    &change.namespace,
+                    &change.object,
+                    &target,
+                    &selectors,
+                ) {
+                    continue;
                 }
-            };
-            if !visible(&change.resource, &change.namespace, &change.object, &target, &selectors) {
-                continue;
-            }
-            // A lagging watch cache: the event leaves when it is due.
-            tokio::select! {
-                () = tokio::time::sleep_until(change.due) => {}
-                _ = expiry.changed() => {
-                    let oldest = *expiry.borrow_and_update();
-                    let _ = tx.send(Ok(line(gone(sent, oldest)))).await;
+                // A lagging watch cache: the event leaves when it is due.
+                tokio::select! {
+                    () = tokio::time::sleep_until(change.due) => {}
+                    _ = expiry.changed() => {
+                        let oldest = *expiry.borrow_and_update();
+                        let _ = tx.send(Ok(line(gone(sent, oldest)))).await;
+                        return;
+                    }
+                    () = tokio::time::sleep_until(deadline) => return,
+                }
+                if tx
+                    .send(Ok(line(
+                        json!({"type": change.kind, "object": change.object}),
+                    )))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
-                () = tokio::time::sleep_until(deadline) => return,
+                sent = change.rv;
             }
-            if tx
-                .send(Ok(line(json!({"type": change.kind, "object": change.object}))))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            sent = change.rv;
-        }
-    });
+        },
+    );
     respond(stream.boxed())
 }
 
@@ -1663,7 +1696,10 @@ impl Crd {
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let versions = crd["spec"]["versions"].as_array().cloned().unwrap_or_default();
+        let versions = crd["spec"]["versions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let version = versions
             .iter()
             .find(|v| v["storage"] == true)
@@ -1672,10 +1708,7 @@ impl Crd {
             .expect("the CRD has a version");
         let schema = version["schema"]["openAPIV3Schema"].clone();
         let mut main = schema.clone();
-        if let Some(p) = main
-            .get_mut("properties")
-            .and_then(Value::as_object_mut)
-        {
+        if let Some(p) = main.get_mut("properties").and_then(Value::as_object_mut) {
             p.remove("status");
         }
         let status = match schema.pointer("/properties/status") {
@@ -1708,7 +1741,10 @@ impl Crd {
         let mut r = Rejection::new(
             422,
             "Invalid",
-            format!("{}.{} \"{name}\" is invalid: {joined}", self.kind, self.group),
+            format!(
+                "{}.{} \"{name}\" is invalid: {joined}",
+                self.kind, self.group
+            ),
         );
         r.status["details"] = json!({
             "name": name,
@@ -1773,7 +1809,12 @@ impl Crd {
                     .and_then(Value::as_str)
                     .unwrap_or("object")
                     .to_owned();
-                errors.push(FieldError::cel(&e.field_path, &type_name, &e.message, e.reason.as_deref()));
+                errors.push(FieldError::cel(
+                    &e.field_path,
+                    &type_name,
+                    &e.message,
+                    e.reason.as_deref(),
+                ));
             }
         }
         if let Some(old_view) = &old_view {
@@ -1903,9 +1944,11 @@ impl FieldError {
     /// A failed CEL rule, as the apiserver reports it.
     fn cel(path: &str, type_name: &str, message: &str, reason: Option<&str>) -> Self {
         match reason {
-            Some("FieldValueRequired") => {
-                Self::new(path, "FieldValueRequired", format!("Required value: {message}"))
-            }
+            Some("FieldValueRequired") => Self::new(
+                path,
+                "FieldValueRequired",
+                format!("Required value: {message}"),
+            ),
             Some("FieldValueForbidden") => {
                 Self::new(path, "FieldValueForbidden", format!("Forbidden: {message}"))
             }
@@ -2127,7 +2170,11 @@ fn validate(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>)
         if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
             && (n > max || (exclusive_max && n == max))
         {
-            let how = if exclusive_max { "less than" } else { "less than or equal to" };
+            let how = if exclusive_max {
+                "less than"
+            } else {
+                "less than or equal to"
+            };
             errors.push(FieldError::invalid(
                 path,
                 v,
