@@ -728,6 +728,28 @@ async fn invalid_exports_are_refused_in_the_apiservers_words() {
         .unwrap();
     assert!(api.get(EXPORTS, NS, "x").unwrap().get("status").is_none());
 
+    // A list keyed by type (as a newer CRD may declare `conditions`) refuses duplicate keys.
+    let mut crd = serde_json::to_value(BrazeExport::crd()).unwrap();
+    let conditions = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        ["properties"]["conditions"];
+    conditions["x-kubernetes-list-type"] = json!("map");
+    conditions["x-kubernetes-list-map-keys"] = json!(["type"]);
+    api.set_crd(crd);
+    let condition = |type_: &str| json!({"type": type_, "status": "True", "reason": "R", "message": "", "lastTransitionTime": "2026-01-01T06:00:00Z"});
+    let twice = json!({"status": {"conditions": [condition("Ready"), condition("Running"), condition("Ready")]}});
+    let e = api_error(
+        exports
+            .patch_status("x", &PatchParams::default(), &Patch::Merge(&twice))
+            .await,
+    );
+    assert_eq!(
+        e.message,
+        format!(
+            "{}status.conditions[2]: Duplicate value: map[string]interface {{}}{{\"type\":\"Ready\"}}",
+            prefix("x")
+        )
+    );
+
     // Custom resources take no strategic merge patch.
     let e = api_error(
         exports
