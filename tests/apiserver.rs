@@ -610,7 +610,8 @@ async fn exports_are_pruned_and_defaulted_like_the_apiserver_does() {
 async fn invalid_exports_are_refused_in_the_apiservers_words() {
     let api = FakeApiServer::start().await;
     let prefix = |name: &str| format!("BrazeExport.looker-braze.dev \"{name}\" is invalid: ");
-    let cases: Vec<(&str, fn(&mut Value), &str)> = vec![
+    type Case = (&'static str, fn(&mut Value), &'static str);
+    let cases: Vec<Case> = vec![
         (
             "batch",
             |o| o["spec"]["braze"]["batchSize"] = json!(80),
@@ -865,11 +866,7 @@ fn rules(schema: &Value, path: &str, out: &mut Vec<(String, String)>) {
         out.push((path.to_owned(), r["message"].as_str().unwrap().to_owned()));
     }
     for (k, s) in schema["properties"].as_object().into_iter().flatten() {
-        rules(
-            s,
-            &format!("{path}.{k}").trim_start_matches('.').to_owned(),
-            out,
-        );
+        rules(s, format!("{path}.{k}").trim_start_matches('.'), out);
     }
     if let Some(items) = schema.get("items") {
         rules(items, &format!("{path}[]"), out);
