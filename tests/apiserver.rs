@@ -331,6 +331,33 @@ async fn server_side_apply_removes_what_its_manager_no_longer_sets() {
     assert!(after["spec"].get("maxRows").is_none(), "{after}");
     assert_eq!(after["status"], status_before);
 
+    // An apply names its manager; force is for applies only.
+    let req = |ct: &str, query: &str| {
+        axum::http::Request::patch(format!("/apis/{AV}/namespaces/{NS}/brazeexports/x?{query}"))
+            .header("content-type", ct)
+            .body(export("x").to_string().into_bytes())
+            .unwrap()
+    };
+    let client = api.client();
+    let e = api_error(
+        client
+            .request::<DynamicObject>(req("application/apply-patch+yaml", ""))
+            .await,
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            422,
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"
+        )
+    );
+    let e = api_error(
+        client
+            .request::<DynamicObject>(req("application/merge-patch+json", "force=true"))
+            .await,
+    );
+    assert_eq!(e.code, 422);
+
     // Conflicts with another manager stay, unless forced.
     let mut other = export("x");
     other["spec"]["schedule"] = json!("0 7 * * *");

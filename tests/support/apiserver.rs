@@ -910,11 +910,18 @@ fn serve(
             force,
             body: body.clone(),
         });
-        if op == Op::Apply && manager.is_none() {
+        let options_error = if op == Op::Apply && manager.is_none() {
+            Some("fieldManager: Required value: is required for apply patch")
+        } else if method == Method::PATCH && op != Op::Apply && query.contains_key("force") {
+            Some("force: Forbidden: may not be specified for non-apply patch")
+        } else {
+            None
+        };
+        if let Some(e) = options_error {
             return status_error(
-                400,
-                "BadRequest",
-                "PATCH /apply requires fieldManager to be set".into(),
+                422,
+                "Invalid",
+                format!("PatchOptions.meta.k8s.io \"\" is invalid: {e}"),
             );
         }
         let result = apply_write(
