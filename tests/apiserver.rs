@@ -331,6 +331,33 @@ async fn server_side_apply_removes_what_its_manager_no_longer_sets() {
     assert!(after["spec"].get("maxRows").is_none(), "{after}");
     assert_eq!(after["status"], status_before);
 
+    // An apply names its manager; force is for applies only.
+    let req = |ct: &str, query: &str| {
+        axum::http::Request::patch(format!("/apis/{AV}/namespaces/{NS}/brazeexports/x?{query}"))
+            .header("content-type", ct)
+            .body(export("x").to_string().into_bytes())
+            .unwrap()
+    };
+    let client = api.client();
+    let e = api_error(
+        client
+            .request::<DynamicObject>(req("application/apply-patch+yaml", ""))
+            .await,
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            422,
+            "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"
+        )
+    );
+    let e = api_error(
+        client
+            .request::<DynamicObject>(req("application/merge-patch+json", "force=true"))
+            .await,
+    );
+    assert_eq!(e.code, 422);
+
     // Conflicts with another manager stay, unless forced.
     let mut other = export("x");
     other["spec"]["schedule"] = json!("0 7 * * *");
@@ -610,7 +637,8 @@ async fn exports_are_pruned_and_defaulted_like_the_apiserver_does() {
 async fn invalid_exports_are_refused_in_the_apiservers_words() {
     let api = FakeApiServer::start().await;
     let prefix = |name: &str| format!("BrazeExport.looker-braze.dev \"{name}\" is invalid: ");
-    let cases: Vec<(&str, fn(&mut Value), &str)> = vec![
+    type Case = (&'static str, fn(&mut Value), &'static str);
+    let cases: Vec<Case> = vec![
         (
             "batch",
             |o| o["spec"]["braze"]["batchSize"] = json!(80),
@@ -728,6 +756,28 @@ async fn invalid_exports_are_refused_in_the_apiservers_words() {
         .unwrap();
     assert!(api.get(EXPORTS, NS, "x").unwrap().get("status").is_none());
 
+    // A list keyed by type (as a newer CRD may declare `conditions`) refuses duplicate keys.
+    let mut crd = serde_json::to_value(BrazeExport::crd()).unwrap();
+    let conditions = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        ["properties"]["conditions"];
+    conditions["x-kubernetes-list-type"] = json!("map");
+    conditions["x-kubernetes-list-map-keys"] = json!(["type"]);
+    api.set_crd(crd);
+    let condition = |type_: &str| json!({"type": type_, "status": "True", "reason": "R", "message": "", "lastTransitionTime": "2026-01-01T06:00:00Z"});
+    let twice = json!({"status": {"conditions": [condition("Ready"), condition("Running"), condition("Ready")]}});
+    let e = api_error(
+        exports
+            .patch_status("x", &PatchParams::default(), &Patch::Merge(&twice))
+            .await,
+    );
+    assert_eq!(
+        e.message,
+        format!(
+            "{}status.conditions[2]: Duplicate value: map[string]interface {{}}{{\"type\":\"Ready\"}}",
+            prefix("x")
+        )
+    );
+
     // Custom resources take no strategic merge patch.
     let e = api_error(
         exports
@@ -843,11 +893,7 @@ fn rules(schema: &Value, path: &str, out: &mut Vec<(String, String)>) {
         out.push((path.to_owned(), r["message"].as_str().unwrap().to_owned()));
     }
     for (k, s) in schema["properties"].as_object().into_iter().flatten() {
-        rules(
-            s,
-            &format!("{path}.{k}").trim_start_matches('.').to_owned(),
-            out,
-        );
+        rules(s, format!("{path}.{k}").trim_start_matches('.'), out);
     }
     if let Some(items) = schema.get("items") {
         rules(items, &format!("{path}[]"), out);

@@ -91,26 +91,34 @@ pub struct Rejection {
     pub code: u16,
     pub reason: String,
     pub message: String,
-    /// The whole `Status` object (with `details.causes` for a 422).
-    pub status: Value,
+    /// `details` of the `Status` (with `causes` for a 422).
+    details: Option<Box<Value>>,
 }
 
 impl Rejection {
     fn new(code: u16, reason: &str, message: String) -> Self {
-        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
         Self {
             code,
             reason: reason.to_owned(),
             message,
-            status,
+            details: None,
         }
+    }
+
+    /// The whole `Status` object the server answered.
+    pub fn status(&self) -> Value {
+        let mut status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message, "reason": self.reason, "code": self.code});
+        if let Some(d) = &self.details {
+            status["details"] = (**d).clone();
+        }
+        status
     }
 
     fn response(&self) -> Response {
         (
             StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             [(header::CONTENT_TYPE, "application/json")],
-            self.status.to_string(),
+            self.status().to_string(),
         )
             .into_response()
     }
@@ -902,11 +910,18 @@ fn serve(
             force,
             body: body.clone(),
         });
-        if op == Op::Apply && manager.is_none() {
+        let options_error = if op == Op::Apply && manager.is_none() {
+            Some("fieldManager: Required value: is required for apply patch")
+        } else if method == Method::PATCH && op != Op::Apply && query.contains_key("force") {
+            Some("force: Forbidden: may not be specified for non-apply patch")
+        } else {
+            None
+        };
+        if let Some(e) = options_error {
             return status_error(
-                400,
-                "BadRequest",
-                "PATCH /apply requires fieldManager to be set".into(),
+                422,
+                "Invalid",
+                format!("PatchOptions.meta.k8s.io \"\" is invalid: {e}"),
             );
         }
         let result = apply_write(
@@ -1208,11 +1223,10 @@ fn apply_write(
             "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml".into(),
         ));
     }
-    if req.preconditions
-        && let Some(old) = &old
-        && req.op != Op::Create
-    {
-        check_preconditions(&req, &req.body, old)?;
+    if req.preconditions && req.op != Op::Create {
+        // An apply that creates the object checks its preconditions against nothing.
+        let nothing = json!({"metadata": {}});
+        check_preconditions(&req, &req.body, old.as_ref().unwrap_or(&nothing))?;
     }
     if let (Some(crd), Op::Replace, true) = (&crd, req.op, req.from_client)
         && req
@@ -1252,10 +1266,11 @@ fn apply_write(
         }
         Op::Replace => {
             let mut o = req.body.clone();
-            if req.scope == Scope::Whole && o.get("status").is_none() {
-                if let Some(s) = base.get("status") {
-                    o["status"] = s.clone();
-                }
+            if req.scope == Scope::Whole
+                && o.get("status").is_none()
+                && let Some(s) = base.get("status")
+            {
+                o["status"] = s.clone();
             }
             restore_out_of_scope(&mut o, &base, req.scope, has_status);
             o
@@ -1746,12 +1761,12 @@ impl Crd {
                 self.kind, self.group
             ),
         );
-        r.status["details"] = json!({
+        r.details = Some(Box::new(json!({
             "name": name,
             "group": self.group,
             "kind": self.kind,
             "causes": errors.iter().map(|e| json!({"reason": e.reason, "message": e.body, "field": e.path})).collect::<Vec<_>>(),
-        });
+        })));
         r
     }
 
@@ -2253,6 +2268,50 @@ fn validate(schema: &Value, v: &Value, path: &str, errors: &mut Vec<FieldError>)
             for (i, item) in items.iter().enumerate() {
                 validate(item_schema, item, &format!("{path}[{i}]"), errors);
             }
+        }
+        match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+            Some("map") => {
+                let keys: Vec<&str> = schema
+                    .get("x-kubernetes-list-map-keys")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                let mut seen = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let key: Vec<(&str, Value)> = keys
+                        .iter()
+                        .map(|k| (*k, item.get(*k).cloned().unwrap_or(Value::Null)))
+                        .collect();
+                    if seen.contains(&key) {
+                        let shown: Vec<String> =
+                            key.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+                        errors.push(FieldError::new(
+                            &format!("{path}[{i}]"),
+                            "FieldValueDuplicate",
+                            format!(
+                                "Duplicate value: map[string]interface {{}}{{{}}}",
+                                shown.join(", ")
+                            ),
+                        ));
+                    } else {
+                        seen.push(key);
+                    }
+                }
+            }
+            Some("set") => {
+                for (i, item) in items.iter().enumerate() {
+                    if items[..i].contains(item) {
+                        errors.push(FieldError::new(
+                            &format!("{path}[{i}]"),
+                            "FieldValueDuplicate",
+                            format!("Duplicate value: {}", go_value(item)),
+                        ));
+                    }
+                }
+            }
+            _ => {}
         }
     }
     if let Some(m) = v.as_object() {
