@@ -287,7 +287,7 @@ async fn an_expired_looker_token_means_one_new_login() {
     w.looker.expire_next_tokens_after(Duration::ZERO);
     let r = w.run(&w.yaml("1", "", "")).await;
     assert_eq!(r.outcome, Outcome::Failed, "only one new login");
-    assert!(r.message.contains("answered 401"), "{}", r.message);
+    assert!(r.message.contains("answered HTTP 401"), "{}", r.message);
 }
 
 #[tokio::test]
