@@ -169,7 +169,7 @@ async fn execute(
         Err(e) => return Ended::failed(e),
     };
     let looker = LookerClient::new(
-        services.http.get(plan.verify_tls).clone(),
+        services.http.looker(plan.verify_tls).clone(),
         plan.looker_api.clone(),
         creds.looker_client_id.clone(),
         creds.looker_client_secret.clone(),
