@@ -3,11 +3,13 @@
 pub mod body;
 pub mod cap;
 pub mod client;
+pub mod hosts;
 pub mod json_detail;
 
 use reqwest::{StatusCode, Url};
 
 pub use client::LookerClient;
+pub use hosts::AllowedHosts;
 
 /// The API path every Looker call is made under.
 pub const API_PREFIX: &str = "api/4.0";
