@@ -289,8 +289,9 @@ pub fn looker_message(body: &[u8]) -> Option<String> {
     (!message.is_empty()).then_some(message)
 }
 
-/// A 3xx, reported rather than followed. The Location's host is named when it is another
-/// host (it says where the redirect went); its path and query are not (they may carry data).
+/// A 3xx, reported rather than followed. The Location's host (and port) is named when it is
+/// another origin (it says where the redirect went); its path and query are not (they may
+/// carry data).
 fn redirect_error(
     method: &'static str,
     url: &Url,
@@ -302,8 +303,14 @@ fn redirect_error(
         .get(LOCATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| url.join(v).ok())
-        .filter(|target| target.host() != url.host())
-        .and_then(|target| target.host_str().map(|h| clean(h, 100)));
+        .filter(|target| target.origin() != url.origin())
+        .and_then(|target| {
+            let host = target.host_str()?;
+            Some(match target.port() {
+                Some(port) => clean(&format!("{host}:{port}"), 100),
+                None => clean(host, 100),
+            })
+        });
     LookerError::Redirect {
         look_id: look_id.to_owned(),
         method,
@@ -327,6 +334,58 @@ mod tests {
         assert_eq!(
             LookerClient::run_url(&api, "a/b c", ResultsMode::All).as_str(),
             "https://acme.cloud.looker.com/api/4.0/looks/a%2Fb%20c/run/json_detail?apply_formatting=false&apply_vis=false&generate_drill_links=false&limit=-1"
+        );
+    }
+
+    #[test]
+    fn a_redirect_names_only_another_origin_s_host() {
+        let url = Url::parse("https://acme.looker.com/api/4.0/login").unwrap();
+        let toward = |location: Option<&str>| {
+            let mut answer = axum::http::Response::builder().status(302);
+            if let Some(l) = location {
+                answer = answer.header(LOCATION, l);
+            }
+            let response = Response::from(answer.body(Vec::<u8>::new()).unwrap());
+            match redirect_error("POST", &url, &response, "42") {
+                LookerError::Redirect { location_host, .. } => location_host,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(toward(None), None);
+        assert_eq!(toward(Some("/login?next=tok-LEAK")), None, "same origin");
+        assert_eq!(toward(Some("https://ACME.looker.com:443/x")), None);
+        assert_eq!(toward(Some("http://[::1")), None, "unparsable");
+        assert_eq!(
+            toward(Some(
+                "https://user:tok-LEAK@evil.example/a?tok-LEAK#tok-LEAK"
+            )),
+            Some("evil.example".into())
+        );
+        assert_eq!(
+            toward(Some("https://acme.looker.com:8443/")),
+            Some("acme.looker.com:8443".into())
+        );
+        assert_eq!(
+            toward(Some("http://acme.looker.com/")),
+            Some("acme.looker.com".into()),
+            "to plain http"
+        );
+        let e = redirect_error(
+            "POST",
+            &url,
+            &Response::from(
+                axum::http::Response::builder()
+                    .status(301)
+                    .header(LOCATION, "https://evil.example/tok-LEAK")
+                    .body(Vec::<u8>::new())
+                    .unwrap(),
+            ),
+            "42",
+        );
+        assert_eq!(e.reason(), "LookerRedirect");
+        assert_eq!(
+            e.to_string(),
+            "Look 42: Looker answered a redirect (HTTP 301) to POST /api/4.0/login toward host evil.example; redirects are not followed: spec.looker.baseUrl must be the Looker API host itself"
         );
     }
 

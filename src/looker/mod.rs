@@ -75,7 +75,7 @@ pub enum LookerError {
         method: &'static str,
         path: String,
         status: StatusCode,
-        /// The host the redirect pointed to, when it is another host.
+        /// The host (and port) the redirect pointed to, when it is another origin.
         location_host: Option<String>,
     },
     /// A success status whose body is not what the endpoint returns (`what` says how).
