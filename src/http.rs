@@ -1,5 +1,6 @@
-//! The process's HTTP clients (one pool each for verified and unverified TLS) and the
-//! loopback rule that lets tests and sandboxes use plain `http`.
+//! The process's HTTP clients (one pool each for verified and unverified TLS, and for Looker
+//! a pair that never follows redirects) and the loopback rule that lets tests and sandboxes
+//! use plain `http`.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -12,10 +13,19 @@ use url::Host;
 pub struct HttpClients {
     verified: reqwest::Client,
     unverified: OnceLockClient,
+    looker_verified: OnceLockClient,
+    looker_unverified: OnceLockClient,
 }
 
 #[derive(Clone, Debug, Default)]
 struct OnceLockClient(std::sync::Arc<OnceLock<reqwest::Client>>);
+
+impl OnceLockClient {
+    fn get_or_build(&self, build: impl FnOnce() -> reqwest::ClientBuilder) -> &reqwest::Client {
+        self.0
+            .get_or_init(|| build().build().expect("HTTP client builds"))
+    }
+}
 
 impl HttpClients {
     /// Builds the clients (TLS via rustls with the ring provider).
@@ -24,20 +34,32 @@ impl HttpClients {
         Self {
             verified: builder().build().expect("HTTP client builds"),
             unverified: OnceLockClient::default(),
+            looker_verified: OnceLockClient::default(),
+            looker_unverified: OnceLockClient::default(),
         }
     }
 
-    /// The client to use: certificate checks on unless `verify_tls` is false.
+    /// The client for Braze (and the tests' own calls): certificate checks on unless
+    /// `verify_tls` is false; redirects followed as reqwest does by default.
     pub fn get(&self, verify_tls: bool) -> &reqwest::Client {
         if verify_tls {
             &self.verified
         } else {
-            self.unverified.0.get_or_init(|| {
-                builder()
-                    .tls_danger_accept_invalid_certs(true)
-                    .build()
-                    .expect("HTTP client builds")
-            })
+            self.unverified
+                .get_or_build(|| builder().tls_danger_accept_invalid_certs(true))
+        }
+    }
+
+    /// The client for Looker: like [`HttpClients::get`], but a 3xx is returned as it is,
+    /// never followed. `baseUrl` is checked (and may be limited to allowed hosts); a redirect
+    /// would carry the credentials and the request to a host nobody checked.
+    pub fn looker(&self, verify_tls: bool) -> &reqwest::Client {
+        let no_redirects = || builder().redirect(reqwest::redirect::Policy::none());
+        if verify_tls {
+            self.looker_verified.get_or_build(no_redirects)
+        } else {
+            self.looker_unverified
+                .get_or_build(|| no_redirects().tls_danger_accept_invalid_certs(true))
         }
     }
 }

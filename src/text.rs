@@ -24,9 +24,88 @@ pub fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// Makes text from outside (another service's error message, a field name) fit for a
+/// status, an Event or a log line: control and bidirectional-override characters become
+/// spaces, runs of white space one space, and the result is cut to `max` characters.
+pub fn clean(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max * 4 + 4));
+    let mut chars = 0;
+    let mut pending_space = false;
+    for c in s.chars() {
+        if c.is_whitespace() || is_hidden(c) {
+            pending_space = true;
+            continue;
+        }
+        if chars == max {
+            out.push('…');
+            return out;
+        }
+        if pending_space && !out.is_empty() {
+            if chars + 1 == max {
+                out.push('…');
+                return out;
+            }
+            out.push(' ');
+            chars += 1;
+        }
+        pending_space = false;
+        out.push(c);
+        chars += 1;
+    }
+    out
+}
+
+/// Names from outside (a Look's field names) for a message: each [`clean`]ed and cut to 80
+/// characters, at most `shown` of them, the rest counted.
+pub fn name_list<S: AsRef<str>>(names: &[S], shown: usize) -> String {
+    let mut out: Vec<String> = names
+        .iter()
+        .take(shown)
+        .map(|n| clean(n.as_ref(), 80))
+        .collect();
+    if names.len() > shown {
+        out.push(format!("{} more", names.len() - shown));
+    }
+    out.join(", ")
+}
+
+/// Characters that hide or reorder text on a terminal: C0/C1 controls and the Unicode
+/// direction marks and overrides.
+fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_removes_controls_and_cuts() {
+        assert_eq!(clean("  a\n\tb\u{0}c \u{202E}d  ", 100), "a b c d");
+        assert_eq!(clean("\u{1b}[31mred\u{1b}[0m", 100), "[31mred [0m");
+        assert_eq!(clean("abcdef", 3), "abc…");
+        assert_eq!(clean("ab cdef", 3), "ab…", "a cut never ends on a space");
+        assert_eq!(clean("abc", 3), "abc");
+        assert_eq!(clean("abc   ", 3), "abc");
+        assert_eq!(clean("ééé", 2), "éé…");
+        assert_eq!(clean("", 5), "");
+        assert_eq!(clean("\r\n", 5), "");
+    }
+
+    #[test]
+    fn name_lists_are_bounded() {
+        assert_eq!(name_list(&["a", "b"], 5), "a, b");
+        assert_eq!(name_list(&["a", "b\nc", "d"], 2), "a, b c, 1 more");
+        assert_eq!(
+            name_list(&["x".repeat(100)], 1),
+            format!("{}…", "x".repeat(80))
+        );
+        assert_eq!(name_list::<&str>(&[], 3), "");
+    }
 
     #[test]
     fn truncate_marks_the_cut() {

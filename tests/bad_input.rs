@@ -63,6 +63,46 @@ fn corrupted_json_detail_bodies_give_errors_not_panics() {
 }
 
 #[test]
+fn parse_errors_never_quote_the_body() {
+    // Any service may answer in Looker's place: an error may say where parsing failed, never
+    // what the text there was.
+    let base = include_str!("data/looker-json-detail-example.json");
+    let spots: Vec<usize> = base
+        .char_indices()
+        .filter(|(_, c)| matches!(c, ':' | '[' | ','))
+        .map(|(i, _)| i + 1)
+        .collect();
+    let marks = [
+        r#""tok-LEAK""#,
+        r#""tok-LEAK", "#,
+        "tok-LEAK",
+        r#"{"tok-LEAK": 1}"#,
+        r#"["tok-LEAK"]"#,
+        "<b>tok-LEAK</b>",
+        r#""tok-LEAK, expected a sequence at line 1 column 2""#,
+    ];
+    let mut rng = fastrand::Rng::with_seed(13);
+    let mut errors = 0;
+    for _ in 0..3000 {
+        let at = spots[rng.usize(..spots.len())];
+        let mark = marks[rng.usize(..marks.len())];
+        // Either insert the mark or let it replace what follows, up to the next comma.
+        let end = if rng.bool() {
+            at
+        } else {
+            at + base[at..].find(',').unwrap_or(0)
+        };
+        let body = format!("{}{mark}{}", &base[..at], &base[end..]);
+        if let Err(e) = json_detail::parse(body.as_bytes(), &mut Keep) {
+            let message = e.to_string();
+            assert!(!message.contains("tok-LEAK"), "{message}");
+            errors += 1;
+        }
+    }
+    assert!(errors > 1000, "{errors} errors");
+}
+
+#[test]
 fn corrupted_braze_answers_are_classified() {
     let url = "https://rest.iad-01.braze.com/users/track".parse().unwrap();
     let base = br#"{"message":"success","errors":[{"type":"x","input_array":"attributes","index":1},{"type":"y","input_array":"attributes","index":2}]}"#;

@@ -69,7 +69,7 @@ async fn a_leader_that_cannot_renew_stops_its_runs_before_another_takes_over() {
     w.looker.add_look("42", Look::users(3000, Generator::Clean));
     w.braze.set_latency(Duration::from_millis(40), Duration::ZERO);
     secrets(&api);
-    put_export(&api, &w, "partitioned", "42", "batchSize: 10\n    concurrency: 1", "");
+    put_export(&api, &w, "partitioned", "42", "batchSize: 10\nconcurrency: 1", "");
     let (cut_client, partition) = api.partitionable_client();
     let a = Operator::start_with(cut_client, elected("pod-a"));
     wait_for("pod-a to lead", 10, || (holder(&api).as_deref() == Some("pod-a")).then_some(())).await;
@@ -186,7 +186,7 @@ async fn waiting_for_a_slot_shows_queued_not_running() {
     secrets(&api);
     let names = ["q1", "q2", "q3", "q4"];
     for name in names {
-        put_export(&api, &w, name, "42", "batchSize: 10\n    concurrency: 1", "");
+        put_export(&api, &w, name, "42", "batchSize: 10\nconcurrency: 1", "");
     }
     let op = Operator::start(
         &api,
@@ -283,7 +283,7 @@ async fn a_run_never_writes_onto_a_recreated_namesake() {
     w.looker.add_look("42", Look::users(3000, Generator::Clean));
     w.braze.set_latency(Duration::from_millis(30), Duration::ZERO);
     secrets(&api);
-    put_export(&api, &w, "reborn", "42", "batchSize: 10\n    concurrency: 1", "");
+    put_export(&api, &w, "reborn", "42", "batchSize: 10\nconcurrency: 1", "");
     let op = Operator::start(&api, config());
     run_now(&api, "reborn", "r1");
     wait_for("sending", 10, || (w.braze.request_count() > 3).then_some(())).await;

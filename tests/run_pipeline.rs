@@ -6,8 +6,8 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use braze_export_operator::export::{Outcome, RunOptions, Trigger};
-use braze_export_operator::sandbox::{Fault, Generator, Look, Rows};
+use braze_export_operator::export::{Outcome, RunOptions, RunReport, Trigger};
+use braze_export_operator::sandbox::{Fault, Generator, Look, LookerAnswer, LookerSandbox, Rows};
 use serde_json::{Value, json};
 use support::*;
 
@@ -287,7 +287,7 @@ async fn an_expired_looker_token_means_one_new_login() {
     w.looker.expire_next_tokens_after(Duration::ZERO);
     let r = w.run(&w.yaml("1", "", "")).await;
     assert_eq!(r.outcome, Outcome::Failed, "only one new login");
-    assert!(r.message.contains("answered 401"), "{}", r.message);
+    assert!(r.message.contains("answered HTTP 401"), "{}", r.message);
 }
 
 #[tokio::test]
@@ -516,4 +516,195 @@ async fn looker_s_own_json_detail_example_with_id_field() {
     want.sort();
     assert_eq!(w.delivered(), want);
     assert_eq!(months[0], "2017-07");
+}
+
+/// A 500 body an internal service might send: a token and other text that must stay there.
+fn leaky_body() -> Value {
+    json!({"access_token": "tok-LEAK", "token_type": "Bearer", "detail": "internal SECRET-TEXT"})
+}
+
+/// The report as the status and `run --output json` carry it.
+fn report_json(r: &RunReport) -> String {
+    serde_json::to_string(r).expect("report serialises")
+}
+
+fn assert_nothing_leaked(r: &RunReport) {
+    let text = report_json(r);
+    for secret in ["tok-LEAK", "SECRET-TEXT", "<html", "Bearer"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+}
+
+#[tokio::test]
+async fn an_unexpected_answer_s_body_never_reaches_the_report() {
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+
+    // Login answered 500 with a token in the body.
+    w.looker
+        .answer_login_with(Some(LookerAnswer::json(500, &leaky_body())));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_nothing_leaked(&r);
+    assert_eq!(
+        (r.outcome, r.errors[0].reason.as_str()),
+        (Outcome::Failed, "LookerError")
+    );
+    assert_eq!(
+        r.message,
+        "Look 42: Looker answered HTTP 500 to POST /api/4.0/login (body not shown); 0 users flagged"
+    );
+    w.looker.answer_login_with(None);
+
+    // The run request answered 500 with the same body.
+    w.looker
+        .answer_run_with(Some(LookerAnswer::json(500, &leaky_body())));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_nothing_leaked(&r);
+    assert_eq!(
+        r.message,
+        "Look 42: Looker answered HTTP 500 to GET /api/4.0/looks/42/run/json_detail (body not shown); 0 users flagged"
+    );
+
+    // An HTML error page (a proxy, or another service) is not echoed either.
+    w.looker.answer_run_with(Some(LookerAnswer::html(
+        502,
+        "<html><head><title>502 Bad Gateway</title></head><body>upstream tok-LEAK SECRET-TEXT</body></html>",
+    )));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_nothing_leaked(&r);
+    assert_eq!(
+        r.message,
+        "Look 42: Looker answered HTTP 502 to GET /api/4.0/looks/42/run/json_detail (body not shown); 0 users flagged"
+    );
+
+    // A 200 that is not json_detail: the parse error says where, not what.
+    w.looker.answer_run_with(Some(LookerAnswer::json(
+        200,
+        &json!({"fields": "tok-LEAK SECRET-TEXT"}),
+    )));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_nothing_leaked(&r);
+    assert_eq!(r.errors[0].reason, "LookerBodyInvalid");
+    assert_eq!(
+        r.message,
+        "the result of Look 42 is not readable json_detail: the body is malformed after 0 complete rows (at line 1, column 32: not json_detail, found a string where a fields object was expected); 0 users flagged"
+    );
+}
+
+#[tokio::test]
+async fn looker_s_own_error_message_is_shown_cleaned_and_cut() {
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+    let mut body = leaky_body();
+    body["message"] = json!("Query timed out:\n\u{1b}[31mwarehouse busy");
+    body["documentation_url"] = json!("https://cloud.google.com/looker/docs/r/err/4.0/500");
+    w.looker
+        .answer_run_with(Some(LookerAnswer::json(500, &body)));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_nothing_leaked(&r);
+    assert_eq!(
+        r.message,
+        "Look 42: Looker answered HTTP 500 to GET /api/4.0/looks/42/run/json_detail, saying \"Query timed out: [31mwarehouse busy\"; 0 users flagged"
+    );
+
+    w.looker.answer_run_with(Some(LookerAnswer::json(
+        400,
+        &json!({"message": format!("{}tok-LEAK", "x".repeat(300))}),
+    )));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_nothing_leaked(&r);
+    assert!(
+        r.message
+            .contains(&format!(", saying \"{}…\"", "x".repeat(200))),
+        "cut at 200 characters: {}",
+        r.message
+    );
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed() {
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+    // Another Looker that would accept the same credentials, on another host name.
+    let elsewhere = LookerSandbox::start(CLIENT_ID, CLIENT_SECRET)
+        .await
+        .expect("second sandbox");
+    elsewhere.add_look("42", Look::users(5, Generator::Clean));
+    let other = elsewhere.url.replace("127.0.0.1", "localhost");
+    let other_host = other.trim_start_matches("http://").to_owned();
+    let refused = |method_path: &str, status: u16| {
+        format!(
+            "Look 42: Looker answered a redirect (HTTP {status}) to {method_path} toward host {other_host}; redirects are not followed: spec.looker.baseUrl must be the Looker API host itself; 0 users flagged"
+        )
+    };
+
+    // A 307 on login would send the client id and secret to the other host.
+    w.looker.answer_login_with(Some(LookerAnswer::redirect(
+        307,
+        &format!("{other}/api/4.0/login?next=tok-LEAK"),
+    )));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_eq!(elsewhere.requests(), [], "the other host received nothing");
+    assert_nothing_leaked(&r);
+    assert_eq!(r.errors[0].reason, "LookerRedirect", "{}", r.message);
+    assert_eq!(r.message, refused("POST /api/4.0/login", 307));
+    w.looker.answer_login_with(None);
+
+    // A 302 on the run request would take the request (and the Look's rows) elsewhere.
+    w.looker.answer_run_with(Some(LookerAnswer::redirect(
+        302,
+        &format!("{other}/api/4.0/looks/42/run/json_detail?steal=tok-LEAK"),
+    )));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_eq!(elsewhere.requests(), [], "the other host received nothing");
+    assert_nothing_leaked(&r);
+    assert_eq!(
+        r.message,
+        refused("GET /api/4.0/looks/42/run/json_detail", 302)
+    );
+
+    // A redirect within the same origin names no host.
+    w.looker
+        .answer_run_with(Some(LookerAnswer::redirect(301, "/login?tok-LEAK")));
+    let r = w.run(&w.yaml("42", "", "")).await;
+    assert_nothing_leaked(&r);
+    assert!(
+        r.message.starts_with(
+            "Look 42: Looker answered a redirect (HTTP 301) to GET /api/4.0/looks/42/run/json_detail; redirects"
+        ),
+        "{}",
+        r.message
+    );
+    assert_eq!(w.braze.request_count(), 0);
+}
+
+#[tokio::test]
+async fn the_binary_shows_no_body_in_its_text_json_or_logs() {
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+    w.looker
+        .answer_run_with(Some(LookerAnswer::json(500, &leaky_body())));
+    let yaml = w.yaml("42", "", "");
+    let (json_run, spec) = cli_run(&yaml, &[]).await;
+    let text_run = cli_spec(&spec, &[], &[], &[("RUST_LOG", "trace")]).await;
+    for (name, run) in [("json", &json_run), ("text", &text_run)] {
+        assert_eq!(run.code, 1, "{name}: {}", run.stderr);
+        for out in [&run.stdout, &run.stderr] {
+            assert!(
+                !out.contains("tok-LEAK") && !out.contains("SECRET-TEXT"),
+                "{name} output leaked the body:\n{out}"
+            );
+        }
+    }
+    assert_eq!(
+        json_run.report()["message"],
+        "Look 42: Looker answered HTTP 500 to GET /api/4.0/looks/42/run/json_detail (body not shown); 0 users flagged"
+    );
+    assert!(
+        text_run.stdout.contains(
+            "Looker answered HTTP 500 to GET /api/4.0/looks/42/run/json_detail (body not shown)"
+        ),
+        "{}",
+        text_run.stdout
+    );
 }

@@ -193,15 +193,16 @@ pub fn validate(
                 });
             }
         });
-    if let Err(message) = allowed_hosts.check(&export.spec.looker.base_url) {
-        errors.push(FieldError {
-            field: "spec.looker.baseUrl".into(),
-            message,
-        });
-    }
-    match (plan, schedule) {
-        (Ok(plan), Ok(schedule)) if errors.is_empty() => Ok((plan, schedule)),
-        _ => Err(join_errors(&errors)),
+    // The allowlist's message names the field itself.
+    let host = allowed_hosts.check(&export.spec.looker.base_url);
+    match (plan, schedule, host) {
+        (Ok(plan), Ok(schedule), Ok(())) if errors.is_empty() => Ok((plan, schedule)),
+        (_, _, host) => Err([Some(join_errors(&errors)), host.err()]
+            .into_iter()
+            .flatten()
+            .filter(|m| !m.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")),
     }
 }
 

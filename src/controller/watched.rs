@@ -29,7 +29,8 @@ pub struct Undecodable {
     pub metadata: ObjectMeta,
     /// Where and why decoding failed.
     pub error: DecodeError,
-    /// Its status, when that part still decodes (so writing `InvalidSpec` keeps the history).
+    /// Its status (empty when it has none yet), or `None` when this version cannot read it:
+    /// then nothing is written, since a write would erase its history.
     pub status: Option<BrazeExportStatus>,
 }
 
@@ -68,9 +69,11 @@ pub fn decode(value: Value) -> Result<Watched, serde_json::Error> {
         Some(m) => ObjectMeta::deserialize(m)?,
         None => ObjectMeta::default(),
     };
-    let status = value
-        .get("status")
-        .and_then(|s| BrazeExportStatus::deserialize(s).ok());
+    // No status yet is an empty one; a status this version cannot read is none.
+    let status = match value.get("status") {
+        None | Some(Value::Null) => Some(BrazeExportStatus::default()),
+        Some(s) => BrazeExportStatus::deserialize(s).ok(),
+    };
     match serde_path_to_error::deserialize::<_, BrazeExport>(value) {
         Ok(export) => Ok(Watched::Decoded(export)),
         Err(e) => {

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
+use crate::text::{clean, name_list};
 
 /// The tag that marks the identifier field.
 pub const ID_TAG: &str = "braze_id";
@@ -44,21 +45,22 @@ pub enum ColumnError {
     )]
     NoIdField,
     /// Several fields are tagged `braze_id`.
-    #[error("fields {} are all tagged braze_id: keep the tag on one, or set spec.looker.idField", .0.join(", "))]
+    #[error("fields {} are all tagged braze_id: keep the tag on one, or set spec.looker.idField", name_list(.0, 5))]
     AmbiguousIdField(Vec<String>),
     /// `idField` names a field the Look does not have.
-    #[error("spec.looker.idField {field} is not a field of the Look (its fields: {})", .available.join(", "))]
+    #[error("spec.looker.idField {} is not a field of the Look (its fields: {})", clean(.field, 80), name_list(.available, 20))]
     IdFieldNotFound {
         field: String,
         available: Vec<String>,
     },
     /// A `braze[NAME]` tag would overwrite the identifier, the update-only flag or the flag.
     #[error(
-        "field {field} is tagged braze[{name}], but {name} is reserved (identifier keys, _update_existing_only and the export attribute)"
+        "field {} is tagged braze[{}], but {} is reserved (identifier keys, _update_existing_only and the export attribute)",
+        clean(.field, 80), clean(.name, 80), clean(.name, 80)
     )]
     ReservedAttribute { field: String, name: String },
     /// Two fields write the same attribute.
-    #[error("fields {first} and {second} are both tagged braze[{name}]")]
+    #[error("fields {} and {} are both tagged braze[{}]", clean(.first, 80), clean(.second, 80), clean(.name, 80))]
     DuplicateAttribute {
         name: String,
         first: String,

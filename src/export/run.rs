@@ -25,6 +25,7 @@ use crate::http::HttpClients;
 use crate::looker::body::{self, Transfer, WaitBudget};
 use crate::looker::json_detail::{self, BadRow, Cell, DetailError, Fields, RowSink, Stop};
 use crate::looker::{LookerClient, LookerError};
+use crate::text::clean;
 
 /// What every run in the process shares: HTTP clients, Braze limiters, retry policy.
 #[derive(Debug, Default)]
@@ -169,7 +170,7 @@ async fn execute(
         Err(e) => return Ended::failed(e),
     };
     let looker = LookerClient::new(
-        services.http.get(plan.verify_tls).clone(),
+        services.http.looker(plan.verify_tls).clone(),
         plan.looker_api.clone(),
         creds.looker_client_id.clone(),
         creds.looker_client_secret.clone(),
@@ -469,7 +470,8 @@ impl RowSink for ExportSink {
     fn fields(&mut self, fields: &Fields) -> Result<Vec<String>, Stop> {
         for f in &fields.all {
             for t in f.tags.iter().filter(|t| near_miss_tag(t)) {
-                tracing::warn!(field = %f.name, tag = %t, "tag is not of the form braze[NAME] and is ignored");
+                // Names come from the answer: cleaned, so a log line stays one short line.
+                tracing::warn!(field = %clean(&f.name, 80), tag = %clean(t, 80), "tag is not of the form braze[NAME] and is ignored");
             }
         }
         match mapping::resolve_columns(

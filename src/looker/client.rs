@@ -1,6 +1,12 @@
 //! Looker API 4.0 client: log in with client credentials, run a Look as `json_detail`.
+//!
+//! `baseUrl` is chosen by whoever may create an export, and the operator calls it from inside
+//! the cluster. So an unexpected answer is described by its status and, at most, Looker's own
+//! error `message` (cleaned, cut to [`MAX_MESSAGE_CHARS`]); its body is never echoed, and a
+//! redirect is reported instead of followed (the HTTP client must not follow them: see
+//! [`crate::http::HttpClients::looker`]).
 
-use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::header::{AUTHORIZATION, HeaderValue, LOCATION};
 use reqwest::{Response, StatusCode, Url};
 use serde::Deserialize;
 
@@ -8,7 +14,14 @@ use super::LookerError;
 use super::body::{OutOfTime, WaitBudget};
 use crate::secret::Secret;
 use crate::spec::ResultsMode;
-use crate::text::{error_chain, truncate};
+use crate::text::{clean, error_chain};
+
+/// Longest Looker error message carried into a status, an Event or a log line, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 200;
+
+/// Most bytes read of an error answer (or of a login answer): enough for any JSON error Looker
+/// sends; a longer body is not read to its end, and no message is taken from it.
+const MAX_SMALL_BODY: usize = 64 * 1024;
 
 /// A client for one Looker instance and one set of API credentials.
 #[derive(Clone, Debug)]
@@ -23,11 +36,6 @@ pub struct LookerClient {
 #[derive(Deserialize)]
 struct AccessToken {
     access_token: String,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    message: Option<String>,
 }
 
 impl LookerClient {
@@ -92,6 +100,9 @@ impl LookerClient {
         let status = response.status();
         match status {
             StatusCode::OK => {}
+            s if s.is_redirection() => {
+                return Err(redirect_error("POST", &url, &response, look_id));
+            }
             StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 return Err(LookerError::AuthFailed {
                     url: url.to_string(),
@@ -109,13 +120,20 @@ impl LookerClient {
                     .await);
             }
         }
-        let body = self.read_small(response, budget, &url, look_id).await?;
-        let token: AccessToken = serde_json::from_slice(&body).map_err(|e| LookerError::Http {
+        let bad = |what| LookerError::BadAnswer {
+            look_id: look_id.to_owned(),
             method: "POST",
-            url: url.to_string(),
+            path: url.path().to_owned(),
             status,
-            message: format!("the answer is not an AccessToken ({e})"),
-        })?;
+            what,
+        };
+        let body = self
+            .read_small(response, budget, &url, look_id)
+            .await?
+            .ok_or_else(|| bad("with an answer too large to be an access token"))?;
+        // The parse error is not kept: it may quote the body.
+        let token: AccessToken =
+            serde_json::from_slice(&body).map_err(|_| bad("without an access token"))?;
         Ok(Secret::new(token.access_token))
     }
 
@@ -133,11 +151,12 @@ impl LookerClient {
             let token = self.login(budget, look_id).await?;
             let mut auth =
                 HeaderValue::from_str(&format!("token {}", token.expose())).map_err(|_| {
-                    LookerError::Http {
+                    LookerError::BadAnswer {
+                        look_id: look_id.to_owned(),
                         method: "POST",
-                        url: self.login_url().to_string(),
+                        path: self.login_url().path().to_owned(),
                         status: StatusCode::OK,
-                        message: "the access token is not a valid header value".into(),
+                        what: "with an access token that is not a valid header value",
                     }
                 })?;
             auth.set_sensitive(true);
@@ -148,6 +167,9 @@ impl LookerClient {
             let response = self.send(budget, request, &url, look_id).await?;
             match response.status() {
                 s if s.is_success() => return Ok(response),
+                s if s.is_redirection() => {
+                    return Err(redirect_error("GET", &url, &response, look_id));
+                }
                 StatusCode::UNAUTHORIZED if !relogged => {
                     tracing::info!(
                         look_id,
@@ -200,23 +222,36 @@ impl LookerClient {
         }
     }
 
+    /// Reads a short answer; `None` when it is longer than [`MAX_SMALL_BODY`].
     async fn read_small(
         &self,
-        response: Response,
+        mut response: Response,
         budget: &mut WaitBudget,
         url: &Url,
         look_id: &str,
-    ) -> Result<bytes::Bytes, LookerError> {
-        match budget.wait(response.bytes()).await {
-            Err(OutOfTime) => Err(self.timeout(look_id)),
-            Ok(Err(e)) => Err(LookerError::Unreachable {
-                url: url.to_string(),
-                detail: error_chain(&e.without_url()),
-            }),
-            Ok(Ok(b)) => Ok(b),
+    ) -> Result<Option<Vec<u8>>, LookerError> {
+        let mut body = Vec::new();
+        loop {
+            match budget.wait(response.chunk()).await {
+                Err(OutOfTime) => return Err(self.timeout(look_id)),
+                Ok(Err(e)) => {
+                    return Err(LookerError::Unreachable {
+                        url: url.to_string(),
+                        detail: error_chain(&e.without_url()),
+                    });
+                }
+                Ok(Ok(None)) => return Ok(Some(body)),
+                Ok(Ok(Some(chunk))) => {
+                    if body.len() + chunk.len() > MAX_SMALL_BODY {
+                        return Ok(None);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+            }
         }
     }
 
+    /// An unexpected status, with Looker's own error message if the body carries one.
     async fn http_error(
         &self,
         method: &'static str,
@@ -226,19 +261,62 @@ impl LookerClient {
         look_id: &str,
     ) -> LookerError {
         let status = response.status();
+        // A body that cannot be read in time only loses the message: the status says enough.
         let message = match self.read_small(response, budget, url, look_id).await {
-            Ok(body) => match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(ErrorBody { message: Some(m) }) => truncate(&m, 300),
-                _ => truncate(String::from_utf8_lossy(&body).trim(), 200),
-            },
-            Err(e) => e.to_string(),
+            Ok(Some(body)) => looker_message(&body),
+            Ok(None) | Err(_) => None,
         };
         LookerError::Http {
+            look_id: look_id.to_owned(),
             method,
-            url: url.to_string(),
+            path: url.path().to_owned(),
             status,
             message,
         }
+    }
+}
+
+/// Looker's own error message: the `message` string of a JSON error body such as
+/// `{"message": "Not found", "documentation_url": "…"}`, cleaned and cut to
+/// [`MAX_MESSAGE_CHARS`]. Anything else (HTML, plain text, other JSON) gives `None`.
+pub fn looker_message(body: &[u8]) -> Option<String> {
+    // A `Value`, not a struct: serde would also read a struct from an array such as `["…"]`.
+    let parsed: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let message = clean(
+        parsed.as_object()?.get("message")?.as_str()?,
+        MAX_MESSAGE_CHARS,
+    );
+    (!message.is_empty()).then_some(message)
+}
+
+/// A 3xx, reported rather than followed. The Location's host (and port) is named when it is
+/// another origin (it says where the redirect went); its path and query are not (they may
+/// carry data).
+fn redirect_error(
+    method: &'static str,
+    url: &Url,
+    response: &Response,
+    look_id: &str,
+) -> LookerError {
+    let location_host = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| url.join(v).ok())
+        .filter(|target| target.origin() != url.origin())
+        .and_then(|target| {
+            let host = target.host_str()?;
+            Some(match target.port() {
+                Some(port) => clean(&format!("{host}:{port}"), 100),
+                None => clean(host, 100),
+            })
+        });
+    LookerError::Redirect {
+        look_id: look_id.to_owned(),
+        method,
+        path: url.path().to_owned(),
+        status: response.status(),
+        location_host,
     }
 }
 
@@ -257,5 +335,92 @@ mod tests {
             LookerClient::run_url(&api, "a/b c", ResultsMode::All).as_str(),
             "https://acme.cloud.looker.com/api/4.0/looks/a%2Fb%20c/run/json_detail?apply_formatting=false&apply_vis=false&generate_drill_links=false&limit=-1"
         );
+    }
+
+    #[test]
+    fn a_redirect_names_only_another_origin_s_host() {
+        let url = Url::parse("https://acme.looker.com/api/4.0/login").unwrap();
+        let toward = |location: Option<&str>| {
+            let mut answer = axum::http::Response::builder().status(302);
+            if let Some(l) = location {
+                answer = answer.header(LOCATION, l);
+            }
+            let response = Response::from(answer.body(Vec::<u8>::new()).unwrap());
+            match redirect_error("POST", &url, &response, "42") {
+                LookerError::Redirect { location_host, .. } => location_host,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(toward(None), None);
+        assert_eq!(toward(Some("/login?next=tok-LEAK")), None, "same origin");
+        assert_eq!(toward(Some("https://ACME.looker.com:443/x")), None);
+        assert_eq!(toward(Some("http://[::1")), None, "unparsable");
+        assert_eq!(
+            toward(Some(
+                "https://user:tok-LEAK@evil.example/a?tok-LEAK#tok-LEAK"
+            )),
+            Some("evil.example".into())
+        );
+        assert_eq!(
+            toward(Some("https://acme.looker.com:8443/")),
+            Some("acme.looker.com:8443".into())
+        );
+        assert_eq!(
+            toward(Some("http://acme.looker.com/")),
+            Some("acme.looker.com".into()),
+            "to plain http"
+        );
+        let e = redirect_error(
+            "POST",
+            &url,
+            &Response::from(
+                axum::http::Response::builder()
+                    .status(301)
+                    .header(LOCATION, "https://evil.example/tok-LEAK")
+                    .body(Vec::<u8>::new())
+                    .unwrap(),
+            ),
+            "42",
+        );
+        assert_eq!(e.reason(), "LookerRedirect");
+        assert_eq!(
+            e.to_string(),
+            "Look 42: Looker answered a redirect (HTTP 301) to POST /api/4.0/login toward host evil.example; redirects are not followed: spec.looker.baseUrl must be the Looker API host itself"
+        );
+    }
+
+    #[test]
+    fn only_looker_s_own_message_is_taken_from_a_body() {
+        let m = |b: &str| looker_message(b.as_bytes());
+        assert_eq!(
+            m(
+                r#"{"message": "Not found", "documentation_url": "https://cloud.google.com/looker/docs/"}"#
+            ),
+            Some("Not found".into())
+        );
+        assert_eq!(
+            m("{\"message\": \" line one\\n\\u001b[2Jline two \"}"),
+            Some("line one [2Jline two".into()),
+            "control characters removed"
+        );
+        let long = m(&format!(r#"{{"message": "{}"}}"#, "x".repeat(500))).unwrap();
+        assert_eq!(
+            long.chars().count(),
+            MAX_MESSAGE_CHARS + 1,
+            "cut and marked"
+        );
+        for other in [
+            r#"{"access_token": "tok-LEAK", "error": "boom"}"#,
+            r#"{"message": {"access_token": "tok-LEAK"}}"#,
+            r#"{"message": 5}"#,
+            r#"{"message": "   "}"#,
+            r#"[{"message": "tok-LEAK"}]"#,
+            r#"["tok-LEAK"]"#,
+            "<html><body>tok-LEAK</body></html>",
+            "tok-LEAK",
+            "",
+        ] {
+            assert_eq!(m(other), None, "{other}");
+        }
     }
 }

@@ -13,7 +13,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_json::Value;
 
 use super::cap;
-use crate::text::truncate;
+use super::client::MAX_MESSAGE_CHARS;
+use crate::text::{clean, name_list};
 
 /// One field of the result: its name (`view.field`) and LookML tags.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,7 +142,59 @@ fn classify(e: serde_json::Error, rows: u64) -> DetailError {
     } else {
         "the body is malformed"
     };
-    DetailError::Syntax(format!("{what} after {rows} complete rows ({e})"))
+    DetailError::Syntax(format!(
+        "{what} after {rows} complete rows ({})",
+        where_and_why(&e)
+    ))
+}
+
+/// Where parsing failed and what was expected there, without quoting the body: serde's own
+/// messages quote the offending text (`invalid type: string "…"`), and the body may be any
+/// internal service's answer.
+fn where_and_why(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let at = format!("at line {}, column {}", e.line(), e.column());
+    match e.classify() {
+        Category::Eof => format!("{at}: the JSON text is incomplete"),
+        Category::Syntax => format!("{at}: not valid JSON"),
+        Category::Data => match unquoted_reason(&e.to_string()) {
+            Some(why) => format!("{at}: not json_detail, {why}"),
+            None => format!("{at}: not json_detail"),
+        },
+        Category::Io => at,
+    }
+}
+
+/// Rebuilds the safe part of a serde data error: the kind of value found (never the value)
+/// and what was expected (the parser's own words), or a missing field's name.
+fn unquoted_reason(message: &str) -> Option<String> {
+    // serde_json appends " at line L column C"; the parts before are serde's.
+    let message = match message.rfind(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    if let Some(field) = message.strip_prefix("missing field `") {
+        let field = field.strip_suffix('`')?;
+        return Some(format!("missing field {}", clean(field, 40)));
+    }
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))?;
+    // The found value comes first and may itself contain ", expected ": split at the last.
+    let (found, expected) = rest.rsplit_once(", expected ")?;
+    let kind = match found.split([' ', ',']).next()? {
+        "string" => "a string",
+        "integer" | "floating" => "a number",
+        "boolean" => "a boolean",
+        "map" => "an object",
+        "sequence" => "an array",
+        "unit" | "null" => "null",
+        _ => "a value",
+    };
+    Some(format!(
+        "found {kind} where {} was expected",
+        clean(expected, 60)
+    ))
 }
 
 #[derive(Default)]
@@ -193,7 +246,7 @@ impl<'de, S: RowSink> Visitor<'de> for Document<'_, S> {
                             fields.pivots.iter().map(|f| f.name.as_str()).collect();
                         return Err(state.fail(DetailError::Pivoted(format!(
                             "pivoted on {}",
-                            names.join(", ")
+                            name_list(&names, 5)
                         ))));
                     }
                     match sink.fields(&fields) {
@@ -223,7 +276,10 @@ impl<'de, S: RowSink> Visitor<'de> for Document<'_, S> {
                 }
                 TopKey::Errors => {
                     let v: Value = map.next_value()?;
-                    state.query_errors.extend(error_messages(&v));
+                    // A body repeating the key must not grow the message without end.
+                    if state.query_errors.is_empty() {
+                        state.query_errors = error_messages(&v);
+                    }
                 }
                 TopKey::Other => {
                     map.next_value::<IgnoredAny>()?;
@@ -234,24 +290,32 @@ impl<'de, S: RowSink> Visitor<'de> for Document<'_, S> {
     }
 }
 
-/// Messages of Looker's `errors` array (each entry's `message`, else the entry itself),
-/// shortened so a status stays readable.
+/// Messages of Looker's `errors` array: each entry's `message`, cleaned and cut so a status
+/// stays readable, at most [`MAX_QUERY_ERRORS`] of them. An entry without one is not quoted
+/// (it could be anything the answering service sent).
 fn error_messages(v: &Value) -> Vec<String> {
     let Some(items) = v.as_array() else {
         return Vec::new();
     };
-    items
+    let mut messages: Vec<String> = items
         .iter()
-        .map(|e| {
-            let e = unmark_all(e.clone());
-            let text = match e.get("message").and_then(Value::as_str) {
-                Some(m) => m.to_owned(),
-                None => e.to_string(),
-            };
-            truncate(&text, 300)
+        .take(MAX_QUERY_ERRORS)
+        .map(|e| match e.get("message").and_then(Value::as_str) {
+            Some(m) if !clean(m, 1).is_empty() => clean(m, MAX_MESSAGE_CHARS),
+            _ => "an error without a message".to_owned(),
         })
-        .collect()
+        .collect();
+    if items.len() > MAX_QUERY_ERRORS {
+        messages.push(format!(
+            "and {} more errors",
+            items.len() - MAX_QUERY_ERRORS
+        ));
+    }
+    messages
 }
+
+/// Query errors quoted in a message; the rest are counted.
+const MAX_QUERY_ERRORS: usize = 3;
 
 enum TopKey {
     Fields,
@@ -284,6 +348,7 @@ impl<'de> Deserialize<'de> for TopKey {
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a fields object")]
 struct RawFields {
     #[serde(default)]
     dimensions: Option<Vec<RawField>>,
@@ -300,6 +365,7 @@ struct RawFields {
 }
 
 #[derive(Deserialize)]
+#[serde(expecting = "a field object")]
 struct RawField {
     name: String,
     #[serde(default)]
@@ -783,6 +849,90 @@ mod tests {
             let (_, r) = collect(bad, &[]);
             assert!(matches!(r, Err(DetailError::Syntax(_))), "{bad}: {r:?}");
         }
+    }
+
+    #[test]
+    fn parse_errors_say_where_but_never_quote_the_body() {
+        let cases = [
+            (
+                r#"{"fields": "tok-LEAK"}"#,
+                "the body is malformed after 0 complete rows (at line 1, column 21: not json_detail, found a string where a fields object was expected)",
+            ),
+            (
+                r#"{"fields": {"dimensions": "tok-LEAK, expected x"}}"#,
+                "the body is malformed after 0 complete rows (at line 1, column 48: not json_detail, found a string where a sequence was expected)",
+            ),
+            (
+                r#"{"fields": {"dimensions": [{"name": 7}]}}"#,
+                "the body is malformed after 0 complete rows (at line 1, column 38: not json_detail, found a number where a string was expected)",
+            ),
+            (
+                r#"{"fields": {"dimensions": [{"tags": ["tok-LEAK"]}]}}"#,
+                "the body is malformed after 0 complete rows (at line 1, column 49: not json_detail, missing field name)",
+            ),
+            (
+                r#"{"fields": {"dimensions": [true]}}"#,
+                "the body is malformed after 0 complete rows (at line 1, column 31: not json_detail, found a boolean where a field object was expected)",
+            ),
+            (
+                "<html><title>tok-LEAK</title></html>",
+                "the body is malformed after 0 complete rows (at line 1, column 1: not valid JSON)",
+            ),
+            (
+                r#"{"access_token": "tok-LEAK"} tok-LEAK"#,
+                "the body is malformed after 0 complete rows (at line 1, column 30: not valid JSON)",
+            ),
+            (
+                r#"{"access_token": "tok-LEAK"#,
+                "the body ended early after 0 complete rows (at line 1, column 26: the JSON text is incomplete)",
+            ),
+        ];
+        for (body, want) in cases {
+            let (_, r) = collect(body, &[]);
+            let msg = r.unwrap_err().to_string();
+            assert_eq!(msg, want, "{body}");
+            assert!(!msg.contains("tok-LEAK"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn query_errors_quote_only_looker_s_messages() {
+        let many: Vec<Value> = (0..10)
+            .map(|i| json!({"message": format!("e{i}")}))
+            .collect();
+        let (_, r) = collect(
+            &json!({"fields": {}, "data": [], "errors": many}).to_string(),
+            &[],
+        );
+        assert_eq!(r.unwrap_err().to_string(), "e0; e1; e2; and 7 more errors");
+        let (_, r) = collect(
+            &json!({"fields": {}, "data": [], "errors": [
+                {"access_token": "tok-LEAK"},
+                {"message": "bad\nSQL\u{1b}[0m ".to_owned() + &"x".repeat(300)},
+            ]})
+            .to_string(),
+            &[],
+        );
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.starts_with("an error without a message; bad SQL [0m xxx"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("tok-LEAK") && msg.chars().count() < 260,
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn pivot_names_are_bounded() {
+        let pivots: Vec<Value> = (0..9).map(|i| json!({"name": format!("p{i}\n")})).collect();
+        let body = json!({"fields": {"dimensions": [], "pivots": pivots}, "data": []});
+        let (_, r) = collect(&body.to_string(), &[]);
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "pivoted on p0, p1, p2, p3, p4, 4 more"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod json_detail;
 use reqwest::{StatusCode, Url};
 
 pub use client::LookerClient;
+pub use hosts::AllowedHosts;
 
 /// The API path every Looker call is made under.
 pub const API_PREFIX: &str = "api/4.0";
@@ -28,7 +29,9 @@ pub fn api_base(raw: &str) -> Result<Url, String> {
 }
 
 /// What can go wrong on the Looker side of a run. Each variant has a [`LookerError::reason`]
-/// for conditions and metrics; no message carries a credential or a row's data.
+/// for conditions and metrics; no message carries a credential, a row's data, or any part of
+/// an answer's body but Looker's own error `message` (cleaned and cut): `baseUrl` is chosen
+/// by whoever may create an export, so a body could be any internal service's answer.
 #[derive(Debug, thiserror::Error)]
 pub enum LookerError {
     /// Looker could not be reached (DNS, TCP, TLS).
@@ -47,13 +50,42 @@ pub enum LookerError {
     /// Looker answered 429.
     #[error("Looker rate-limited the request (GET {url} answered 429)")]
     RateLimited { url: String },
-    /// Any other unexpected answer.
-    #[error("Looker answered {status} to {method} {url}: {message}")]
+    /// Any other unexpected status. `message` is Looker's own error message, if its body
+    /// was a JSON error carrying one; the body itself is never shown.
+    #[error(
+        "Look {look_id}: Looker answered HTTP {} to {method} {path}{}",
+        .status.as_u16(),
+        said(.message)
+    )]
     Http {
+        look_id: String,
         method: &'static str,
-        url: String,
+        path: String,
         status: StatusCode,
-        message: String,
+        message: Option<String>,
+    },
+    /// A 3xx. Redirects are not followed: they would lead to a host nobody allowed.
+    #[error(
+        "Look {look_id}: Looker answered a redirect (HTTP {}) to {method} {path}{}; redirects are not followed: spec.looker.baseUrl must be the Looker API host itself",
+        .status.as_u16(),
+        toward(.location_host)
+    )]
+    Redirect {
+        look_id: String,
+        method: &'static str,
+        path: String,
+        status: StatusCode,
+        /// The host (and port) the redirect pointed to, when it is another origin.
+        location_host: Option<String>,
+    },
+    /// A success status whose body is not what the endpoint returns (`what` says how).
+    #[error("Look {look_id}: Looker answered HTTP {} to {method} {path} {what} (body not shown)", .status.as_u16())]
+    BadAnswer {
+        look_id: String,
+        method: &'static str,
+        path: String,
+        status: StatusCode,
+        what: &'static str,
     },
     /// The query ran but the database reported errors.
     #[error("Look {look_id} failed in Looker: {message}")]
@@ -71,6 +103,20 @@ pub enum LookerError {
     Pivoted { look_id: String, detail: String },
 }
 
+fn said(message: &Option<String>) -> String {
+    match message {
+        Some(m) => format!(", saying \"{m}\""),
+        None => " (body not shown)".into(),
+    }
+}
+
+fn toward(host: &Option<String>) -> String {
+    match host {
+        Some(h) => format!(" toward host {h}"),
+        None => String::new(),
+    }
+}
+
 impl LookerError {
     /// Short CamelCase reason for conditions, metrics and report errors.
     pub fn reason(&self) -> &'static str {
@@ -79,7 +125,8 @@ impl LookerError {
             Self::AuthFailed { .. } => "LookerAuthFailed",
             Self::LookNotFound { .. } => "LookNotFound",
             Self::RateLimited { .. } => "LookerRateLimited",
-            Self::Http { .. } => "LookerError",
+            Self::Http { .. } | Self::BadAnswer { .. } => "LookerError",
+            Self::Redirect { .. } => "LookerRedirect",
             Self::QueryError { .. } => "LookerQueryError",
             Self::Timeout { .. } => "LookerTimeout",
             Self::Body { .. } => "LookerBodyInvalid",

@@ -1,6 +1,8 @@
 //! Sandbox Looker API 4.0: `POST /login` and `GET /looks/{id}/run/json_detail`, streamed in
 //! the shape of a real result, for any number of generated rows, with optional latency and
-//! bodies that slow down or stall midway.
+//! bodies that slow down or stall midway. Login and the run can be made to give any answer
+//! (a status, a JSON or HTML body, a redirect), and requests to any other path are recorded
+//! too (answered 404), so a test can show that nothing was sent somewhere it should not be.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -11,7 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -136,6 +138,68 @@ fn generated_row(i: u64, generator: Generator, out: &mut String) {
     );
 }
 
+/// An answer the sandbox Looker gives instead of its own (see
+/// [`LookerSandbox::answer_login_with`] and [`LookerSandbox::answer_run_with`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LookerAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// `Content-Type`, if any.
+    pub content_type: Option<String>,
+    /// `Location`, if any.
+    pub location: Option<String>,
+    /// The body, sent as is.
+    pub body: String,
+}
+
+impl LookerAnswer {
+    /// A JSON body.
+    pub fn json(status: u16, body: &Value) -> Self {
+        Self {
+            status,
+            content_type: Some("application/json".into()),
+            location: None,
+            body: body.to_string(),
+        }
+    }
+
+    /// An HTML page, as a proxy or load balancer in front of a service sends.
+    pub fn html(status: u16, page: &str) -> Self {
+        Self {
+            status,
+            content_type: Some("text/html; charset=utf-8".into()),
+            location: None,
+            body: page.into(),
+        }
+    }
+
+    /// A redirect to `location`, with a small HTML body as servers send.
+    pub fn redirect(status: u16, location: &str) -> Self {
+        Self {
+            status,
+            content_type: Some("text/html".into()),
+            location: Some(location.into()),
+            body: format!("<a href=\"{location}\">moved</a>"),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let mut builder = Response::builder().status(self.status);
+        if let Some(t) = self.content_type {
+            builder = builder.header(header::CONTENT_TYPE, t);
+        }
+        if let Some(l) = self.location {
+            builder = builder.header(header::LOCATION, l);
+        }
+        builder.body(Body::from(self.body)).unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "sandbox failed to build the set answer",
+            )
+        })
+    }
+}
+
 /// One request the sandbox Looker received.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookerRequest {
@@ -163,6 +227,8 @@ struct LookerState {
     requests: Mutex<Vec<LookerRequest>>,
     issued: AtomicU64,
     latency: Mutex<Duration>,
+    login_answer: Mutex<Option<LookerAnswer>>,
+    run_answer: Mutex<Option<LookerAnswer>>,
 }
 
 /// A running sandbox Looker.
@@ -196,10 +262,14 @@ impl LookerSandbox {
             requests: Mutex::default(),
             issued: AtomicU64::new(0),
             latency: Mutex::default(),
+            login_answer: Mutex::default(),
+            run_answer: Mutex::default(),
         });
         let router = Router::new()
             .route("/api/4.0/login", post(login))
             .route("/api/4.0/looks/{look_id}/run/{format}", get(run_look))
+            .fallback(unknown)
+            .method_not_allowed_fallback(unknown)
             .with_state(Arc::clone(&state));
         let (addr, task) = super::serve(router).await?;
         Ok(Self {
@@ -224,7 +294,18 @@ impl LookerSandbox {
         *lock(&self.state.latency) = fixed;
     }
 
-    /// Every request so far.
+    /// Every login is answered with `answer` (whatever the credentials), until `None`.
+    pub fn answer_login_with(&self, answer: Option<LookerAnswer>) {
+        *lock(&self.state.login_answer) = answer;
+    }
+
+    /// Every run request is answered with `answer` (whatever the token and Look), until
+    /// `None`.
+    pub fn answer_run_with(&self, answer: Option<LookerAnswer>) {
+        *lock(&self.state.run_answer) = answer;
+    }
+
+    /// Every request so far (also those to paths the sandbox does not serve).
     pub fn requests(&self) -> Vec<LookerRequest> {
         lock(&self.state.requests).clone()
     }
@@ -298,6 +379,9 @@ async fn login(
         form.clone(),
     );
     latency(&state).await;
+    if let Some(answer) = lock(&state.login_answer).clone() {
+        return answer.into_response();
+    }
     let get = |k: &str| {
         form.iter()
             .find(|(key, _)| key == k)
@@ -323,6 +407,24 @@ async fn login(
         .into_response()
 }
 
+/// Any other path or method: recorded, then 404 as Looker answers.
+async fn unknown(
+    State(state): State<Arc<LookerState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    record(
+        &state,
+        method.as_str(),
+        uri.path().to_owned(),
+        uri.query().unwrap_or(""),
+        &headers,
+        vec![],
+    );
+    error(StatusCode::NOT_FOUND, "Not found")
+}
+
 async fn run_look(
     State(state): State<Arc<LookerState>>,
     Path((look_id, format)): Path<(String, String)>,
@@ -339,6 +441,9 @@ async fn run_look(
         vec![],
     );
     latency(&state).await;
+    if let Some(answer) = lock(&state.run_answer).clone() {
+        return answer.into_response();
+    }
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

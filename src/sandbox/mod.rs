@@ -6,7 +6,7 @@ pub mod braze;
 pub mod looker;
 
 pub use braze::{BrazeSandbox, Fault, ResetForm, TrackRequest};
-pub use looker::{Generator, Look, LookerRequest, LookerSandbox, Rows};
+pub use looker::{Generator, Look, LookerAnswer, LookerRequest, LookerSandbox, Rows};
 
 use std::net::SocketAddr;
 
