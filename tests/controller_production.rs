@@ -350,3 +350,42 @@ async fn a_run_that_keeps_crashing_is_not_retried_in_a_loop() {
     );
     op.stop().await;
 }
+
+/// With `--looker-allowed-hosts`, an export pointing elsewhere is `InvalidSpec` naming the
+/// field, the host and the list, and its Looker is never called; allowed ones run.
+#[tokio::test]
+async fn looker_hosts_outside_the_allowlist_are_never_called() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "outside", "42", "", "");
+    let op = Operator::start(
+        &api,
+        Config {
+            allowed_hosts: braze_export_operator::looker::AllowedHosts::parse(
+                "*.looker.com,*.cloud.looker.com",
+            )
+            .unwrap(),
+            ..config()
+        },
+    );
+    run_now(&api, "outside", "r1");
+    let s = wait_ready(&api, "outside", "InvalidSpec", 10).await;
+    assert_eq!(
+        condition(&s, "Ready")["message"],
+        "spec.looker.baseUrl: host 127.0.0.1 is not allowed by this operator (--looker-allowed-hosts *.looker.com,*.cloud.looker.com)"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(w.looker.requests().is_empty(), "Looker was called");
+    op.stop().await;
+
+    let op = Operator::start(
+        &api,
+        Config {
+            allowed_hosts: braze_export_operator::looker::AllowedHosts::parse("127.0.0.1").unwrap(),
+            ..config()
+        },
+    );
+    assert_eq!(wait_ready(&api, "outside", "Succeeded", 20).await["lastRun"]["sent"], 5);
+    op.stop().await;
+}
