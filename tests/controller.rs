@@ -93,8 +93,9 @@ async fn a_scheduled_run_fires_at_its_time() {
     secrets(&api);
     // The operator's clock runs 1.5 s before a minute boundary: no waiting for a real one.
     let real = jiff::Timestamp::now();
-    let boundary = jiff::Timestamp::from_second(real.as_second() - real.as_second().rem_euclid(60) + 120)
-        .unwrap();
+    let boundary =
+        jiff::Timestamp::from_second(real.as_second() - real.as_second().rem_euclid(60) + 120)
+            .unwrap();
     let offset = boundary.duration_since(real) - jiff::SignedDuration::from_millis(1500);
     let shifted_now = (real + offset).round(jiff::Unit::Second).unwrap();
     let mut object = export_object(&w, "minutely", "42", "", "");
@@ -124,7 +125,11 @@ async fn a_scheduled_run_fires_at_its_time() {
         "started on time: due {due}, started {started}"
     );
     assert_eq!(s["lastRun"]["trigger"], "Schedule");
-    assert_eq!(history(&s), ["Schedule Succeeded"], "the tick before creation did not run");
+    assert_eq!(
+        history(&s),
+        ["Schedule Succeeded"],
+        "the tick before creation did not run"
+    );
     let next: jiff::Timestamp = s["nextScheduleTime"].as_str().unwrap().parse().unwrap();
     assert_eq!(
         next.duration_since(due),

@@ -29,7 +29,10 @@ async fn a_rolling_update_runs_each_export_once() {
     secrets(&api);
     put_export(&api, &w, "rollout", "42", "concurrency: 2", "");
     let old = Operator::start(&api, elected("old-pod"));
-    wait_for("the old pod to lead", 10, || (holder(&api).as_deref() == Some("old-pod")).then_some(())).await;
+    wait_for("the old pod to lead", 10, || {
+        (holder(&api).as_deref() == Some("old-pod")).then_some(())
+    })
+    .await;
     let new = Operator::start(&api, elected("new-pod"));
     run_now(&api, "rollout", "during-the-overlap");
     wait_for("the run on the old pod", 10, || {
@@ -67,15 +70,29 @@ async fn a_rolling_update_runs_each_export_once() {
 async fn a_leader_that_cannot_renew_stops_its_runs_before_another_takes_over() {
     let (api, w) = (FakeApiServer::start().await, World::start().await);
     w.looker.add_look("42", Look::users(3000, Generator::Clean));
-    w.braze.set_latency(Duration::from_millis(40), Duration::ZERO);
+    w.braze
+        .set_latency(Duration::from_millis(40), Duration::ZERO);
     secrets(&api);
-    put_export(&api, &w, "partitioned", "42", "batchSize: 10\nconcurrency: 1", "");
+    put_export(
+        &api,
+        &w,
+        "partitioned",
+        "42",
+        "batchSize: 10\nconcurrency: 1",
+        "",
+    );
     let (cut_client, partition) = api.partitionable_client();
     let a = Operator::start_with(cut_client, elected("pod-a"));
-    wait_for("pod-a to lead", 10, || (holder(&api).as_deref() == Some("pod-a")).then_some(())).await;
+    wait_for("pod-a to lead", 10, || {
+        (holder(&api).as_deref() == Some("pod-a")).then_some(())
+    })
+    .await;
     let b = Operator::start(&api, elected("pod-b"));
     run_now(&api, "partitioned", "r1");
-    wait_for("sending", 10, || (w.braze.request_count() > 5).then_some(())).await;
+    wait_for("sending", 10, || {
+        (w.braze.request_count() > 5).then_some(())
+    })
+    .await;
 
     partition.cut();
     let cut_at = tokio::time::Instant::now();
@@ -151,12 +168,23 @@ async fn an_export_this_version_cannot_read_affects_only_itself() {
     let (api, w) = (FakeApiServer::start().await, World::start().await);
     w.looker.add_look("42", Look::users(30, Generator::Clean));
     secrets(&api);
-    let mut newer = serde_json::to_value(<braze_export_operator::spec::BrazeExport as kube::CustomResourceExt>::crd()).unwrap();
-    newer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["braze"]["properties"]["audienceMode"] =
+    let mut newer = serde_json::to_value(
+        <braze_export_operator::spec::BrazeExport as kube::CustomResourceExt>::crd(),
+    )
+    .unwrap();
+    newer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["braze"]["properties"]["audienceMode"] =
         json!({"type": "string", "enum": ["Keep", "Mirror"]});
     api.set_crd(newer);
     put_export(&api, &w, "healthy", "42", "", "");
-    put_export(&api, &w, "from-the-future", "42", "audienceMode: Mirror", "");
+    put_export(
+        &api,
+        &w,
+        "from-the-future",
+        "42",
+        "audienceMode: Mirror",
+        "",
+    );
     put_export(&api, &w, "also-healthy", "42", "", "");
     let op = Operator::start(&api, config());
     for name in ["healthy", "from-the-future", "also-healthy"] {
@@ -170,9 +198,16 @@ async fn an_export_this_version_cannot_read_affects_only_itself() {
         "spec.braze.audienceMode: unknown field `audienceMode`: this operator version cannot read the export; a newer operator may be needed"
     );
     for name in ["healthy", "also-healthy"] {
-        assert_eq!(wait_ready(&api, name, "Succeeded", 20).await["lastRun"]["sent"], 30);
+        assert_eq!(
+            wait_ready(&api, name, "Succeeded", 20).await["lastRun"]["sent"],
+            30
+        );
     }
-    assert!(op.metric("braze_export_watch_errors_total{reason=\"UndecodableObject\"}").unwrap_or(0.0) >= 1.0);
+    assert!(
+        op.metric("braze_export_watch_errors_total{reason=\"UndecodableObject\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
     op.stop().await;
 }
 
@@ -182,7 +217,8 @@ async fn an_export_this_version_cannot_read_affects_only_itself() {
 async fn waiting_for_a_slot_shows_queued_not_running() {
     let (api, w) = (FakeApiServer::start().await, World::start().await);
     w.looker.add_look("42", Look::users(40, Generator::Clean));
-    w.braze.set_latency(Duration::from_millis(300), Duration::ZERO);
+    w.braze
+        .set_latency(Duration::from_millis(300), Duration::ZERO);
     secrets(&api);
     let names = ["q1", "q2", "q3", "q4"];
     for name in names {
@@ -213,11 +249,17 @@ async fn waiting_for_a_slot_shows_queued_not_running() {
         });
         statuses
             .iter()
-            .all(|s| s["lastRun"]["outcome"] == "Succeeded" && condition(s, "Running")["status"] == "False")
+            .all(|s| {
+                s["lastRun"]["outcome"] == "Succeeded"
+                    && condition(s, "Running")["status"] == "False"
+            })
             .then_some(())
     })
     .await;
-    assert_eq!(most_running, 1, "only the run holding the slot shows Running");
+    assert_eq!(
+        most_running, 1,
+        "only the run holding the slot shows Running"
+    );
     assert!(saw_queued, "the others showed Queued");
     let mut spans: Vec<(jiff::Timestamp, jiff::Timestamp)> = names
         .iter()
@@ -266,7 +308,10 @@ async fn shutdown_does_not_record_queued_runs_as_interrupted() {
     op.stop().await;
     let s = status(&api, "waiting");
     assert!(s["lastRun"].is_null(), "no run recorded: {s}");
-    assert!(s["lastHandledRunRequest"].is_null(), "the request is still open: {s}");
+    assert!(
+        s["lastHandledRunRequest"].is_null(),
+        "the request is still open: {s}"
+    );
     assert_eq!(history(&status(&api, "busy")), ["Manual Interrupted"]);
 
     let op = Operator::start(&api, config());
@@ -281,26 +326,35 @@ async fn shutdown_does_not_record_queued_runs_as_interrupted() {
 async fn a_run_never_writes_onto_a_recreated_namesake() {
     let (api, w) = (FakeApiServer::start().await, World::start().await);
     w.looker.add_look("42", Look::users(3000, Generator::Clean));
-    w.braze.set_latency(Duration::from_millis(30), Duration::ZERO);
+    w.braze
+        .set_latency(Duration::from_millis(30), Duration::ZERO);
     secrets(&api);
-    put_export(&api, &w, "reborn", "42", "batchSize: 10\nconcurrency: 1", "");
+    put_export(
+        &api,
+        &w,
+        "reborn",
+        "42",
+        "batchSize: 10\nconcurrency: 1",
+        "",
+    );
     let op = Operator::start(&api, config());
     run_now(&api, "reborn", "r1");
-    wait_for("sending", 10, || (w.braze.request_count() > 3).then_some(())).await;
+    wait_for("sending", 10, || {
+        (w.braze.request_count() > 3).then_some(())
+    })
+    .await;
     api.delete(EXPORTS, NS, "reborn");
     put_export(&api, &w, "reborn", "42", "", "");
-    api.patch(
-        EXPORTS,
-        NS,
-        "reborn",
-        json!({"spec": {"suspend": true}}),
-    );
+    api.patch(EXPORTS, NS, "reborn", json!({"spec": {"suspend": true}}));
     let s = wait_ready(&api, "reborn", "Suspended", 10).await;
     assert!(s["lastRun"].is_null(), "the new object has no run: {s}");
     let sent = w.braze.request_count();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = status(&api, "reborn");
-    assert!(s["lastRun"].is_null() && s["history"].as_array().is_none_or(Vec::is_empty), "{s}");
+    assert!(
+        s["lastRun"].is_null() && s["history"].as_array().is_none_or(Vec::is_empty),
+        "{s}"
+    );
     assert!(
         w.braze.request_count() - sent <= 2,
         "the old run stopped: {} more requests",
@@ -317,10 +371,9 @@ async fn a_run_that_keeps_crashing_is_not_retried_in_a_loop() {
     w.looker.add_look("42", Look::users(10, Generator::Clean));
     secrets(&api);
     put_export(&api, &w, "crashy", "42", "", "");
-    let t = |secs: i64| (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs)).to_string();
-    let summary = |trigger: &str, outcome: &str, ago: i64| {
-        json!({"startTime": t(ago), "trigger": trigger, "outcome": outcome, "sent": 0, "durationSeconds": 1.0})
-    };
+    let t =
+        |secs: i64| (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs)).to_string();
+    let summary = |trigger: &str, outcome: &str, ago: i64| json!({"startTime": t(ago), "trigger": trigger, "outcome": outcome, "sent": 0, "durationSeconds": 1.0});
     api.patch(
         EXPORTS,
         NS,
@@ -338,11 +391,19 @@ async fn a_run_that_keeps_crashing_is_not_retried_in_a_loop() {
     let s2 = status(&api, "crashy");
     assert_eq!(
         history(&s2),
-        ["Retry Interrupted", "Retry Interrupted", "Retry Interrupted", "Manual Interrupted"],
+        [
+            "Retry Interrupted",
+            "Retry Interrupted",
+            "Retry Interrupted",
+            "Manual Interrupted"
+        ],
         "not retried a fourth time"
     );
     assert_eq!(w.looker.requests_to("/run/json_detail").len(), 0);
-    let message = condition(&s, "Ready")["message"].as_str().unwrap().to_owned();
+    let message = condition(&s, "Ready")["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(
         message.contains("not retried again after 3 retries in a row")
             && message.contains("the next run is the scheduled one"),
@@ -386,6 +447,9 @@ async fn looker_hosts_outside_the_allowlist_are_never_called() {
             ..config()
         },
     );
-    assert_eq!(wait_ready(&api, "outside", "Succeeded", 20).await["lastRun"]["sent"], 5);
+    assert_eq!(
+        wait_ready(&api, "outside", "Succeeded", 20).await["lastRun"]["sent"],
+        5
+    );
     op.stop().await;
 }

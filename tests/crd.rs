@@ -187,7 +187,10 @@ fn numbers_have_maximums_and_conditions_are_a_map() {
     }
     let conditions = &root["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
-    assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+    assert_eq!(
+        conditions["x-kubernetes-list-map-keys"],
+        serde_json::json!(["type"])
+    );
     assert!(
         root["properties"]["status"]["properties"]["runner"].is_object(),
         "the runner is part of the status"

@@ -42,10 +42,10 @@ impl RunTask {
             Some(p) => Some(p),
             None => self.wait_for_slot().await,
         };
-        if let Some(_permit) = permit {
-            if let Err(e) = self.carry_out().await {
-                tracing::warn!(export = %self.key, error = %e, "the run's status could not be recorded");
-            }
+        if let Some(_permit) = permit
+            && let Err(e) = self.carry_out().await
+        {
+            tracing::warn!(export = %self.key, error = %e, "the run's status could not be recorded");
         }
         self.ctx.lock_active().remove(&self.key);
     }

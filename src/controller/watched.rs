@@ -14,6 +14,9 @@ use crate::spec::{BrazeExport, BrazeExportStatus};
 use crate::text::truncate;
 
 /// One watched object.
+// Nearly every object is `Decoded`, and the cache keeps each behind an `Arc`: boxing the
+// common case would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Watched {
     /// This version reads it.

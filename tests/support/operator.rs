@@ -40,9 +40,10 @@ impl Operator {
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
         let (s, m, r) = (shutdown.clone(), Arc::clone(&metrics), Arc::clone(&ready));
-        let task = tokio::spawn(async move {
-            controller::run(client, config, m, r, Arc::default(), s).await
-        });
+        let task =
+            tokio::spawn(
+                async move { controller::run(client, config, m, r, Arc::default(), s).await },
+            );
         Self {
             shutdown,
             task,
@@ -124,11 +125,20 @@ pub fn put_export(
     extra_braze: &str,
     extra_spec: &str,
 ) {
-    api.put(EXPORTS, export_object(w, name, look, extra_braze, extra_spec));
+    api.put(
+        EXPORTS,
+        export_object(w, name, look, extra_braze, extra_spec),
+    );
 }
 
 /// The object [`put_export`] creates.
-pub fn export_object(w: &World, name: &str, look: &str, extra_braze: &str, extra_spec: &str) -> Value {
+pub fn export_object(
+    w: &World,
+    name: &str,
+    look: &str,
+    extra_braze: &str,
+    extra_spec: &str,
+) -> Value {
     let yaml = w
         .yaml(look, extra_braze, extra_spec)
         .replace("name: test-export", &format!("name: {name}"));
@@ -183,13 +193,17 @@ pub async fn wait_ready(api: &FakeApiServer, name: &str, reason: &str, seconds: 
     let mut last = Value::Null;
     let found = tokio::time::timeout(
         Duration::from_secs(seconds),
-        wait_for(&format!("{name} Ready reason {reason}"), seconds + 1, || {
-            let s = status(api, name);
-            last = s.clone();
-            (condition(&s, "Ready")["reason"] == reason
-                && condition(&s, "Running")["status"] == "False")
-                .then_some(s)
-        }),
+        wait_for(
+            &format!("{name} Ready reason {reason}"),
+            seconds + 1,
+            || {
+                let s = status(api, name);
+                last = s.clone();
+                (condition(&s, "Ready")["reason"] == reason
+                    && condition(&s, "Running")["status"] == "False")
+                    .then_some(s)
+            },
+        ),
     )
     .await;
     match found {
