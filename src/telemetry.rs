@@ -15,9 +15,9 @@ pub enum LogFormat {
 }
 
 /// kube's client logs the whole body of an answer it cannot decode at warn: a Secret's
-/// included. That target is held to errors whatever `RUST_LOG` says; the operator logs its
-/// own warnings naming the object and the field instead.
-pub const QUIET_BODIES: &str = "kube_client::client=error";
+/// included. That target is silenced whatever `RUST_LOG` says; the operator reports every
+/// API failure itself, naming the object and the field instead.
+pub const QUIET_BODIES: &str = "kube_client::client=off";
 
 /// Installs the global subscriber. `RUST_LOG` wins over `default_filter`, except for
 /// [`QUIET_BODIES`].
