@@ -211,3 +211,181 @@ pub fn wait_until(at: Timestamp, now: Timestamp) -> Duration {
     let wait = at.duration_since(now).as_secs_f64().max(0.0) + 0.05;
     Duration::from_secs_f64(wait).clamp(Duration::from_millis(50), MAX_REQUEUE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::report::{Outcome, Trigger};
+
+    const NOW: &str = "2026-11-29T10:00:00Z";
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn export(extra: serde_json::Value) -> BrazeExport {
+        let mut v = serde_json::json!({
+            "apiVersion": "looker-braze.dev/v1alpha1", "kind": "BrazeExport",
+            "metadata": {"name": "churn", "namespace": "m", "generation": 2, "creationTimestamp": "2026-11-01T00:00:00Z"},
+            "spec": {
+                "schedule": "0 6 * * *",
+                "looker": {"baseUrl": "https://acme.looker.com", "lookId": "42", "credentialsSecretRef": {"name": "l"}},
+                "braze": {"endpoint": "https://rest.iad-01.braze.com", "apiKeySecretRef": {"name": "b"}}
+            }
+        });
+        merge(&mut v, &extra);
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// RFC 7386 merge, for spec variants.
+    fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        match (target, patch) {
+            (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+                for (k, v) in p {
+                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (t, p) => *t = p.clone(),
+        }
+    }
+
+    fn facts(hosts: &AllowedHosts) -> Facts<'_> {
+        Facts {
+            active: false,
+            allowed_hosts: hosts,
+            retry_base: crate::schedule::RETRY_BASE,
+            now: ts(NOW),
+        }
+    }
+
+    fn ready(s: &BrazeExportStatus) -> (String, String, String) {
+        let c = status::ready(s).unwrap();
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn a_new_export_is_pending_until_its_next_tick() {
+        let any = AllowedHosts::any();
+        let mut e = export(serde_json::json!({}));
+        e.status = Some(BrazeExportStatus {
+            last_schedule_time: Some(ts("2026-11-29T06:00:00Z")),
+            ..BrazeExportStatus::default()
+        });
+        let s = step(&e, &facts(&any));
+        let next = s.status.expect("a status to write");
+        assert_eq!(ready(&next).1, "Pending");
+        assert_eq!(next.observed_generation, Some(2));
+        assert_eq!(next.next_schedule_time, Some(ts("2026-11-30T06:00:00Z")));
+        assert!(s.notes.is_empty());
+        assert!(matches!(s.then, Then::Requeue(d) if d == Duration::from_secs(3600)));
+
+        e.status = Some(next);
+        let again = step(&e, &facts(&any));
+        assert!(again.status.is_none(), "nothing changed: nothing to write");
+    }
+
+    #[test]
+    fn an_export_with_a_task_here_is_left_to_it() {
+        let any = AllowedHosts::any();
+        let e = export(
+            serde_json::json!({"metadata": {"annotations": {"looker-braze.dev/run-now": "r1"}}}),
+        );
+        let s = step(
+            &e,
+            &Facts {
+                active: true,
+                ..facts(&any)
+            },
+        );
+        assert!(s.status.is_none() && s.notes.is_empty());
+        assert!(matches!(s.then, Then::Requeue(d) if d == RUN_POLL));
+    }
+
+    #[test]
+    fn run_now_starts_a_manual_run() {
+        let any = AllowedHosts::any();
+        let e = export(
+            serde_json::json!({"metadata": {"annotations": {"looker-braze.dev/run-now": "r1"}}}),
+        );
+        let s = step(&e, &facts(&any));
+        let Then::Start(start) = s.then else {
+            panic!("no start")
+        };
+        assert_eq!(start.due.trigger, Trigger::Manual);
+        assert_eq!(start.due.run_request.as_deref(), Some("r1"));
+        assert!(s.status.is_none(), "the start is written by the run task");
+    }
+
+    #[test]
+    fn a_run_left_by_a_gone_runner_is_interrupted_and_retried_after_a_minute() {
+        let any = AllowedHosts::any();
+        let mut e = export(serde_json::json!({}));
+        let due = crate::schedule::Due {
+            trigger: Trigger::Schedule,
+            scheduled_for: Some(ts("2026-11-29T06:00:00Z")),
+            run_request: None,
+        };
+        e.status = Some(status::progress(
+            &status::started(
+                &BrazeExportStatus::default(),
+                Some(2),
+                &due,
+                "pod-a_1",
+                ts("2026-11-29T09:59:00Z"),
+            ),
+            40,
+            30,
+        ));
+        let s = step(&e, &facts(&any));
+        let next = s.status.expect("a status");
+        let last = next.last_run.as_ref().unwrap();
+        assert_eq!((last.outcome, last.counts.sent), (Outcome::Interrupted, 30));
+        assert!(next.runner.is_none());
+        assert!(!status::is_running(&next));
+        let (st, why, message) = ready(&next);
+        assert_eq!((st.as_str(), why.as_str()), ("False", "Failed"));
+        assert!(
+            message.ends_with("; it is retried at 2026-11-29T10:01:00Z"),
+            "{message}"
+        );
+        assert_eq!(s.notes.len(), 1);
+        assert_eq!(s.notes[0].reason, reason::RUN_INTERRUPTED);
+        assert!(
+            s.notes[0]
+                .message
+                .contains("operator instance pod-a_1 stopped during the run")
+        );
+        assert!(
+            matches!(s.then, Then::Requeue(d) if d > Duration::from_secs(59) && d < Duration::from_secs(61))
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_or_host_is_blocked_with_one_event() {
+        let any = AllowedHosts::any();
+        let e = export(serde_json::json!({"spec": {"timeZone": "Mars/Olympus"}}));
+        let s = step(&e, &facts(&any));
+        let next = s.status.expect("a status");
+        let (st, why, message) = ready(&next);
+        assert_eq!((st.as_str(), why.as_str()), ("False", "InvalidSpec"));
+        assert!(
+            message.starts_with("spec.timeZone: unknown time zone"),
+            "{message}"
+        );
+        assert_eq!(s.notes.len(), 1);
+        assert!(matches!(s.then, Then::AwaitChange));
+        let mut e2 = e.clone();
+        e2.status = Some(next);
+        assert!(
+            step(&e2, &facts(&any)).notes.is_empty(),
+            "the Event is not repeated"
+        );
+
+        let looker_only = AllowedHosts::parse("*.cloud.looker.com").unwrap();
+        let s = step(&export(serde_json::json!({})), &facts(&looker_only));
+        assert_eq!(
+            ready(&s.status.unwrap()).2,
+            "spec.looker.baseUrl: host acme.looker.com is not allowed by this operator (--looker-allowed-hosts *.cloud.looker.com)"
+        );
+    }
+}
