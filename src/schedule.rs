@@ -114,9 +114,10 @@ pub enum Retry {
     No,
     /// Retried at this time.
     At(Timestamp),
-    /// Not retried: [`MAX_RETRIES`] retries ended the same way, or the next scheduled run
-    /// comes first.
+    /// Not retried: [`MAX_RETRIES`] retries in a row ended the same way.
     GaveUp,
+    /// Not retried: the next scheduled run comes first.
+    Superseded,
 }
 
 /// Decides whether a run starts now: a new run-now value first (even when suspended), then
@@ -140,12 +141,16 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
     let retry = retry(i);
     if i.suspend {
-        // An interrupted or failed manual run is still retried while suspended.
+        // An interrupted or failed manual run is still retried while suspended: the chain of
+        // retries started with a manual run (the newest run that was not a retry).
         let manual = i
             .status
             .last_run
-            .as_ref()
-            .is_some_and(|r| r.trigger == Trigger::Manual);
+            .iter()
+            .map(|r| r.trigger)
+            .chain(i.status.history.iter().map(|h| h.trigger))
+            .find(|t| *t != Trigger::Retry)
+            == Some(Trigger::Manual);
         return match retry {
             Retry::At(at) if manual && at <= i.now => Decision::Run(retry_due()),
             Retry::At(at) if manual => Decision::Wait(Some(at)),
@@ -168,7 +173,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     match retry {
         Retry::At(at) if at <= i.now => Decision::Run(retry_due()),
         Retry::At(at) => Decision::Wait(Some(next.map_or(at, |n| n.min(at)))),
-        Retry::No | Retry::GaveUp => Decision::Wait(next),
+        Retry::No | Retry::GaveUp | Retry::Superseded => Decision::Wait(next),
     }
 }
 
@@ -218,7 +223,7 @@ pub fn retry(i: &Inputs<'_>) -> Retry {
     };
     let at = end + i.retry_base * (1i32 << done);
     match i.schedule.next_after(run.start_time) {
-        Some(tick) if at >= tick && !i.suspend => Retry::GaveUp,
+        Some(tick) if at >= tick && !i.suspend => Retry::Superseded,
         _ => Retry::At(at),
     }
 }

@@ -58,6 +58,14 @@ async fn a_rolling_update_runs_each_export_once() {
     old.stop().await;
     let s = wait_ready(&api, "rollout", "Succeeded", 30).await;
     assert_eq!(history(&s), ["Retry Succeeded", "Manual Interrupted"]);
+    let crash_notes: Vec<_> = events(&api, "rollout")
+        .into_iter()
+        .filter(|(_, _, note)| note.contains("operator instance"))
+        .collect();
+    assert!(
+        crash_notes.is_empty(),
+        "the old pod recorded its own interruption; nobody took it for a crash: {crash_notes:?}"
+    );
     assert_eq!(holder(&api).as_deref(), Some("new-pod"));
     assert_eq!(w.looker.requests_to("/run/json_detail").len(), 2);
     assert_eq!(w.delivered_set().len(), 600);
@@ -87,7 +95,14 @@ async fn a_leader_that_cannot_renew_stops_its_runs_before_another_takes_over() {
         (holder(&api).as_deref() == Some("pod-a")).then_some(())
     })
     .await;
-    let b = Operator::start(&api, elected("pod-b"));
+    // pod-b waits 3 s before retrying: the quiet window below is pod-a's alone.
+    let b = Operator::start(
+        &api,
+        Config {
+            retry_base: jiff::SignedDuration::from_secs(3),
+            ..elected("pod-b")
+        },
+    );
     run_now(&api, "partitioned", "r1");
     wait_for("sending", 10, || {
         (w.braze.request_count() > 5).then_some(())
@@ -107,7 +122,7 @@ async fn a_leader_that_cannot_renew_stops_its_runs_before_another_takes_over() {
     // From the takeover, neither pod sends for a while: pod-a stopped before it, and pod-b
     // waits the retry backoff (1 s here) before running again.
     let at_takeover = w.braze.request_count();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         w.braze.request_count(),
         at_takeover,
@@ -128,6 +143,48 @@ async fn a_leader_that_cannot_renew_stops_its_runs_before_another_takes_over() {
         ["Retry Succeeded", "Manual Interrupted"]
     );
     assert_eq!(w.delivered_set().len(), 3000);
+    assert_eq!(
+        w.braze.max_in_flight(),
+        1,
+        "one request at a time per run: never two runners at once"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The Lease deleted mid-run (a common "unstick" move): the holder stops at once, and nobody
+/// takes the new Lease before a whole duration has passed, so two runners never overlap.
+#[tokio::test]
+async fn a_deleted_lease_never_makes_two_leaders() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(2000, Generator::Clean));
+    w.braze
+        .set_latency(Duration::from_millis(30), Duration::ZERO);
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "unstuck",
+        "42",
+        "batchSize: 10\nconcurrency: 1",
+        "",
+    );
+    let a = Operator::start(&api, elected("pod-a"));
+    wait_for("pod-a to lead", 10, || {
+        (holder(&api).as_deref() == Some("pod-a")).then_some(())
+    })
+    .await;
+    let b = Operator::start(&api, elected("pod-b"));
+    run_now(&api, "unstuck", "r1");
+    wait_for("sending", 10, || {
+        (w.braze.request_count() > 5).then_some(())
+    })
+    .await;
+    api.delete(apiserver::LEASES, "default", "braze-export-operator");
+    let s = wait_ready(&api, "unstuck", "Succeeded", 60).await;
+    assert_eq!(history(&s), ["Retry Succeeded", "Manual Interrupted"]);
+    assert_eq!(w.delivered_set().len(), 2000);
+    assert_eq!(w.braze.max_in_flight(), 1, "never two runners at once");
     a.stop().await;
     b.stop().await;
 }

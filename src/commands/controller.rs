@@ -89,12 +89,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         duration: Duration::from_secs(args.lease_duration_seconds),
     });
     let config = Config {
-        namespaces: args
-            .namespace
-            .iter()
-            .filter(|n| !n.is_empty())
-            .cloned()
-            .collect(),
+        namespaces: namespaces(&args.namespace),
         selector: args.selector.clone(),
         max_concurrent_runs: usize::from(args.max_concurrent_runs),
         leader_election,
@@ -137,6 +132,18 @@ pub async fn controller(args: ControllerArgs) -> i32 {
     }
 }
 
+/// The namespaces to watch: trimmed, without empty entries or repeats (two watches of one
+/// namespace would reconcile each export twice).
+fn namespaces(args: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for n in args.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_owned());
+        }
+    }
+    out
+}
+
 /// Cancels `shutdown` on SIGTERM or Ctrl-C.
 async fn stop_on_signal(shutdown: CancellationToken) {
     #[cfg(unix)]
@@ -159,4 +166,16 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     tokio::time::sleep(Duration::from_secs(30)).await;
     tracing::warn!("shutdown took too long; exiting");
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn namespaces_are_trimmed_and_unique() {
+        let args: Vec<String> = ["crm", " marketing", "", "crm", "sales "]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        assert_eq!(super::namespaces(&args), ["crm", "marketing", "sales"]);
+    }
 }

@@ -8,6 +8,8 @@
 //! first. Candidates judge expiry from when they last saw the Lease change (as client-go
 //! does), so clocks need not agree.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -58,68 +60,119 @@ struct Seen {
     since: Instant,
 }
 
-/// Runs the election until `stop`; the channel says whether this instance leads. When it
-/// stops as holder, it releases the Lease so a standby takes over at once.
+/// The election's handle: stop it, and say whether to release the Lease when it stops.
+pub struct Elector {
+    /// Stops the election.
+    pub stop: CancellationToken,
+    /// Release the Lease on stop (only once every run is recorded; otherwise it expires).
+    pub release: Arc<AtomicBool>,
+    /// The election task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the election; the channel says whether this instance leads. `ready` is set after the
+/// first successful look at the Lease (leading or not): a pod that cannot reach its Lease is
+/// not Ready.
 pub fn spawn(
     client: Client,
     le: LeaderElection,
-    stop: CancellationToken,
-) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
+    ready: Arc<AtomicBool>,
+) -> (watch::Receiver<bool>, Elector) {
     let (tx, rx) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        let api: Api<Lease> = Api::namespaced(client, &le.namespace);
-        let mut seen: Option<Seen> = None;
-        let mut fence_at: Option<Instant> = None;
-        loop {
-            let sent = Instant::now();
-            // Never wait on the apiserver past our own deadline: that is the fence.
-            let limit =
-                fence_at.map_or(sent + le.renew_every(), |f| f.min(sent + le.renew_every()));
-            let attempt = tokio::select! {
-                () = stop.cancelled() => break,
-                r = tokio::time::timeout_at(limit, attempt(&api, &le, &mut seen)) => r,
-            };
-            match attempt {
-                Ok(Ok(Attempt::Held)) => {
-                    fence_at = Some(sent + le.duration - le.fence_margin());
-                }
-                Ok(Ok(Attempt::Other)) => fence_at = None,
-                Ok(Err(e)) => {
-                    tracing::warn!(lease = %le.lease_name, error = %e, "cannot read or renew the Lease");
-                }
-                Err(_) => {
-                    tracing::warn!(lease = %le.lease_name, "the Lease request timed out");
-                }
+    let stop = CancellationToken::new();
+    let release = Arc::new(AtomicBool::new(true));
+    let task = tokio::spawn(elect(
+        client,
+        le,
+        ready,
+        tx,
+        stop.clone(),
+        Arc::clone(&release),
+    ));
+    (
+        rx,
+        Elector {
+            stop,
+            release,
+            task,
+        },
+    )
+}
+
+async fn elect(
+    client: Client,
+    le: LeaderElection,
+    ready: Arc<AtomicBool>,
+    tx: watch::Sender<bool>,
+    stop: CancellationToken,
+    release: Arc<AtomicBool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &le.namespace);
+    let mut seen: Option<Seen> = None;
+    let mut fence_at: Option<Instant> = None;
+    loop {
+        let sent = Instant::now();
+        // Never wait on the apiserver past our own deadline: that is the fence.
+        let limit = fence_at.map_or(sent + le.renew_every(), |f| f.min(sent + le.renew_every()));
+        let attempt = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            r = tokio::time::timeout_at(limit, attempt(&api, &le, &mut seen)) => r,
+        };
+        let failed = match attempt {
+            Ok(Ok(Attempt::Held)) => {
+                fence_at = Some(sent + le.duration - le.fence_margin());
+                false
             }
-            if fence_at.is_some_and(|f| Instant::now() >= f) {
-                tracing::warn!(lease = %le.lease_name, "the Lease could not be renewed in time: stopping runs before another replica may take it");
+            Ok(Ok(Attempt::Other)) => {
                 fence_at = None;
+                false
             }
-            tx.send_if_modified(|leading| {
-                let now = fence_at.is_some();
-                std::mem::replace(leading, now) != now
-            });
-            let wait = if fence_at.is_some() {
-                le.renew_every()
-            } else {
-                // Candidates look often enough to take over soon after expiry.
-                (le.duration / 5).max(Duration::from_millis(200))
-            };
-            let wake = fence_at.map_or(Instant::now() + wait, |f| f.min(Instant::now() + wait));
-            tokio::select! {
-                () = stop.cancelled() => break,
-                () = tokio::time::sleep_until(wake) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %le.lease_name, error = %e, "cannot read or renew the Lease");
+                true
             }
+            Err(_) => {
+                tracing::warn!(lease = %le.lease_name, "the Lease request timed out");
+                true
+            }
+        };
+        if !failed {
+            ready.store(true, Ordering::Relaxed);
         }
-        if fence_at.is_some() {
-            let _ = tx.send(false);
-            let released = tokio::time::timeout(Duration::from_secs(5), release(&api, &le)).await;
-            if !matches!(released, Ok(Ok(()))) {
-                tracing::warn!(lease = %le.lease_name, "could not release the Lease; it expires on its own");
-            }
+        if fence_at.is_some_and(|f| Instant::now() >= f) {
+            tracing::warn!(lease = %le.lease_name, "the Lease could not be renewed in time: stopping runs before another replica may take it");
+            fence_at = None;
         }
-    });
-    (rx, task)
+        tx.send_if_modified(|leading| {
+            let now = fence_at.is_some();
+            std::mem::replace(leading, now) != now
+        });
+        let wait = match (fence_at.is_some(), failed) {
+            // A holder retries soon after a failure: one slow answer must not fence it.
+            (true, true) => (le.renew_every() / 3).min(Duration::from_secs(1)),
+            (true, false) => le.renew_every(),
+            // Candidates look often enough to take over soon after expiry.
+            (false, _) => (le.duration / 5).max(Duration::from_millis(200)),
+        };
+        let wake = fence_at.map_or(Instant::now() + wait, |f| f.min(Instant::now() + wait));
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    if fence_at.is_some() {
+        let _ = tx.send(false);
+        if !release.load(Ordering::Relaxed) {
+            tracing::warn!(lease = %le.lease_name, "runs were not all recorded: leaving the Lease to expire, so the next leader finds them");
+            return;
+        }
+        let released = tokio::time::timeout(Duration::from_secs(5), release_lease(&api, &le)).await;
+        if !matches!(released, Ok(Ok(()))) {
+            tracing::warn!(lease = %le.lease_name, "could not release the Lease; it expires on its own");
+        }
+    }
 }
 
 fn lease_spec(le: &LeaderElection, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
@@ -142,6 +195,19 @@ async fn attempt(
     seen: &mut Option<Seen>,
 ) -> Result<Attempt, kube::Error> {
     let Some(mut lease) = api.get_opt(&le.lease_name).await? else {
+        // An absent Lease is a record too: a holder whose Lease was deleted stops at once,
+        // and a candidate creates it only once it has been absent for a whole duration, so
+        // a holder that has not noticed yet has stopped first.
+        let now = Instant::now();
+        if seen.as_ref().is_none_or(|s| s.record != (None, None)) {
+            *seen = Some(Seen {
+                record: (None, None),
+                since: now,
+            });
+        }
+        if seen.as_ref().is_some_and(|s| now < s.since + le.duration) {
+            return Ok(Attempt::Other);
+        }
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(le.lease_name.clone()),
@@ -150,7 +216,11 @@ async fn attempt(
             spec: Some(lease_spec(le, 0, None)),
         };
         return match api.create(&PostParams::default(), &lease).await {
-            Ok(_) => Ok(Attempt::Held),
+            Ok(_) => {
+                // What we saw before is history: an absence from now on counts from now.
+                *seen = None;
+                Ok(Attempt::Held)
+            }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Other),
             Err(e) => Err(e),
         };
@@ -175,15 +245,19 @@ async fn attempt(
         .replace(&le.lease_name, &PostParams::default(), &lease)
         .await
     {
-        Ok(_) => Ok(Attempt::Held),
-        // Someone else wrote first: look again next time.
-        Err(kube::Error::Api(e)) if e.code == 409 && !mine => Ok(Attempt::Other),
+        Ok(_) => {
+            *seen = None;
+            Ok(Attempt::Held)
+        }
+        // Someone else wrote first. For a holder that means another took the Lease (or it
+        // was rewritten): stop leading at once rather than at the deadline.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Other),
         Err(e) => Err(e),
     }
 }
 
 /// Gives the Lease up so a standby can take it at once.
-async fn release(api: &Api<Lease>, le: &LeaderElection) -> Result<(), kube::Error> {
+async fn release_lease(api: &Api<Lease>, le: &LeaderElection) -> Result<(), kube::Error> {
     let Some(mut lease) = api.get_opt(&le.lease_name).await? else {
         return Ok(());
     };

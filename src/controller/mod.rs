@@ -103,6 +103,9 @@ pub enum Error {
     /// An API call took too long.
     #[error("timed out {0}")]
     Timeout(&'static str),
+    /// The leader election task stopped.
+    #[error("leader election stopped")]
+    Election,
 }
 
 impl Error {
@@ -124,6 +127,7 @@ impl Error {
             Self::Gone => "Gone",
             Self::Lost => "Lost",
             Self::Timeout(_) => "Timeout",
+            Self::Election => "Election",
         }
     }
 }
@@ -144,12 +148,13 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Publishes Events.
     pub recorder: Recorder,
-    /// Bounds runs in progress.
+    /// Bounds runs in progress (process-wide: a term's late tasks count too).
     pub permits: Arc<Semaphore>,
     /// How many permits there are.
     pub slots: usize,
-    /// Exports (namespace/name) with a run task in this process, running or queued.
-    pub active: Mutex<HashSet<String>>,
+    /// Exports (namespace/name) with a run task in this process, running or queued; shared by
+    /// every term, so a new term never takes the last term's live task for a crash.
+    pub active: Arc<Mutex<HashSet<String>>>,
     /// Run tasks, awaited at the end of the term.
     pub tasks: TaskTracker,
     /// Cancelled on shutdown or lost leadership: stops runs and reconciles.
@@ -176,9 +181,35 @@ impl Context {
         self.lock_active().contains(key)
     }
 
+    /// Marks `key` active; `None` when it already is. The guard clears it when dropped, a
+    /// panicking task included.
+    pub fn claim(&self, key: &str) -> Option<ActiveGuard> {
+        self.lock_active()
+            .insert(key.to_owned())
+            .then(|| ActiveGuard {
+                active: Arc::clone(&self.active),
+                key: key.to_owned(),
+            })
+    }
+
     /// Now, by the controller's clock.
     pub fn now(&self) -> Timestamp {
         Timestamp::now() + self.clock_offset
+    }
+}
+
+/// An export marked active by [`Context::claim`].
+pub struct ActiveGuard {
+    active: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -251,6 +282,8 @@ struct Shared {
     services: Arc<Services>,
     metrics: Arc<Metrics>,
     store_slot: StoreSlot,
+    permits: Arc<Semaphore>,
+    active: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Runs the controller until `shutdown`. The process is Ready at once, leader or not. With
@@ -266,12 +299,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     crate::http::install_crypto_provider();
-    ready.store(true, Ordering::Relaxed);
     let shared = Shared {
         client: client.clone(),
         services: Arc::new(Services::default()),
         metrics: Arc::clone(&metrics),
         store_slot,
+        permits: Arc::new(Semaphore::new(config.max_concurrent_runs.max(1))),
+        active: Arc::default(),
         config: config.clone(),
     };
     tracing::info!(
@@ -280,51 +314,58 @@ pub async fn run(
         "controller started"
     );
     let Some(le) = config.leader_election.clone() else {
+        ready.store(true, Ordering::Relaxed);
         metrics.set_leader(true);
         serve_term(&shared, shutdown.child_token()).await;
         tracing::info!("controller stopped");
         return Ok(());
     };
-    // The Lease outlives each term: released only after the last term's runs are recorded.
-    let lease_stop = CancellationToken::new();
-    let (mut leading, elector) = lease::spawn(client, le.clone(), lease_stop.clone());
+    // The Lease outlives each term: released only once the last term's runs are recorded.
+    let (mut leading, elector) = lease::spawn(client, le.clone(), ready);
     tracing::info!(lease = %le.lease_name, identity = %le.identity, "standing by for leadership");
+    let mut result = Ok(());
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            r = leading.wait_for(|l| *l) => if r.is_err() { break },
+            r = leading.wait_for(|l| *l) => if r.is_err() {
+                result = Err(Error::Election);
+                break;
+            },
         }
         metrics.set_leader(true);
         tracing::info!(lease = %le.lease_name, identity = %le.identity, "leadership acquired: running exports");
         let term = shutdown.child_token();
         let fence = {
-            let (term, mut leading) = (term.clone(), leading.clone());
+            let (term, mut leading, metrics) =
+                (term.clone(), leading.clone(), Arc::clone(&metrics));
             tokio::spawn(async move {
                 let _ = leading.wait_for(|l| !*l).await;
+                metrics.set_leader(false);
                 if !term.is_cancelled() {
                     tracing::warn!("leadership lost: stopping runs");
                     term.cancel();
                 }
             })
         };
-        serve_term(&shared, term).await;
+        let recorded = serve_term(&shared, term).await;
         fence.abort();
         metrics.set_leader(false);
+        elector.release.store(recorded, Ordering::Relaxed);
         if shutdown.is_cancelled() {
             break;
         }
         tracing::info!(lease = %le.lease_name, "standing by for leadership again");
     }
-    lease_stop.cancel();
-    let _ = elector.await;
+    elector.stop.cancel();
+    let _ = elector.task.await;
     metrics.set_leader(false);
     tracing::info!("controller stopped");
-    Ok(())
+    result
 }
 
 /// One term: a Controller per watched namespace until `term` is cancelled, then up to the
-/// shutdown grace for run tasks to record how they ended.
-async fn serve_term(shared: &Shared, term: CancellationToken) {
+/// shutdown grace for run tasks to record how they ended. True when they all did.
+async fn serve_term(shared: &Shared, term: CancellationToken) -> bool {
     let config = &shared.config;
     let reporter = Reporter {
         controller: CONTROLLER_NAME.into(),
@@ -336,9 +377,9 @@ async fn serve_term(shared: &Shared, term: CancellationToken) {
         services: Arc::clone(&shared.services),
         metrics: Arc::clone(&shared.metrics),
         recorder: Recorder::new(shared.client.clone(), reporter),
-        permits: Arc::new(Semaphore::new(slots)),
+        permits: Arc::clone(&shared.permits),
         slots,
-        active: Mutex::default(),
+        active: Arc::clone(&shared.active),
         tasks: TaskTracker::new(),
         stop: term.clone(),
         progress_interval: config.progress_interval,
@@ -397,14 +438,15 @@ async fn serve_term(shared: &Shared, term: CancellationToken) {
         .unwrap_or_else(|e| e.into_inner())
         .clear();
     ctx.tasks.close();
-    if tokio::time::timeout(config.shutdown_grace, ctx.tasks.wait())
+    let recorded = tokio::time::timeout(config.shutdown_grace, ctx.tasks.wait())
         .await
-        .is_err()
-    {
+        .is_ok();
+    if !recorded {
         tracing::warn!(
             "runs did not finish within the shutdown grace period; the next leader marks them Interrupted"
         );
     }
+    recorded
 }
 
 /// Watch errors at warn, counted, without bodies; reconcile errors were handled by the error

@@ -20,6 +20,8 @@ use crate::text::truncate;
 
 /// Wait before looking again at an export whose Secret is missing or unreadable.
 const SECRET_RETRY: Duration = Duration::from_secs(30);
+/// Longest wait for a read or an Event: a hung call must not hold a reconcile slot.
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reconciles one export, in its own span.
 pub async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -55,13 +57,19 @@ async fn apply(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error
     if let Some(next) = &step.status {
         write(ctx, export, next).await?;
     }
-    for note in &step.notes {
-        publish(ctx, export, note).await;
-    }
     match step.then {
-        Then::Requeue(after) => Ok(Action::requeue(after)),
-        Then::AwaitChange => Ok(Action::await_change()),
-        Then::Start(start) => start_run(export, *start, ctx).await,
+        // A crash found on the way to a start is told once the start is recorded: under a
+        // lagging watch the start may be refused, and then nothing was interrupted.
+        Then::Start(start) => start_run(export, *start, step.notes, ctx).await,
+        then => {
+            for note in &step.notes {
+                publish(ctx, export, note).await;
+            }
+            Ok(match then {
+                Then::Requeue(after) => Action::requeue(after),
+                _ => Action::await_change(),
+            })
+        }
     }
 }
 
@@ -70,10 +78,11 @@ async fn apply(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error
 async fn start_run(
     export: &BrazeExport,
     start: Start,
+    notes: Vec<Note>,
     ctx: &Arc<Context>,
 ) -> Result<Action, Error> {
     let generation = export.metadata.generation;
-    let creds = match secrets::credentials(&ctx.client, &namespace(export), &export.spec).await {
+    let creds = match read_credentials(ctx, export).await? {
         Ok(c) => c,
         Err(e) => {
             let message = e.to_string();
@@ -90,6 +99,14 @@ async fn start_run(
             return Ok(Action::requeue(SECRET_RETRY));
         }
     };
+    // The term may have ended (shutdown, lost Lease) while the Secrets were read.
+    if ctx.stop.is_cancelled() {
+        return Ok(Action::await_change());
+    }
+    let key = key(export);
+    let Some(guard) = ctx.claim(&key) else {
+        return Ok(Action::requeue(step::RUN_POLL));
+    };
     let permit = Arc::clone(&ctx.permits).try_acquire_owned().ok();
     let mut base = export.clone();
     if permit.is_none() {
@@ -99,26 +116,48 @@ async fn start_run(
     } else {
         base.status = Some(start.base.clone());
     }
-    let key = key(export);
-    ctx.lock_active().insert(key.clone());
     let task = RunTask {
         ctx: Arc::clone(ctx),
         export: base,
         key,
         start,
         creds,
+        notes,
+        _active: guard,
     };
     ctx.tasks
         .spawn(task.run(permit).instrument(tracing::Span::current()));
     Ok(Action::requeue(step::RUN_POLL))
 }
 
+/// The credentials, or why not; `Err` only when the API does not answer in time.
+pub async fn read_credentials(
+    ctx: &Context,
+    export: &BrazeExport,
+) -> Result<Result<crate::export::Credentials, secrets::SecretError>, Error> {
+    tokio::time::timeout(
+        API_TIMEOUT,
+        secrets::credentials(&ctx.client, &namespace(export), &export.spec),
+    )
+    .await
+    .map_err(|_| Error::Timeout("reading the export's Secrets"))
+}
+
 /// An export this version cannot decode: `Ready=False`, `InvalidSpec`, naming the field.
 async fn undecodable(u: &Undecodable, ctx: &Context) -> Result<Action, Error> {
     let message = u.error.message();
-    ctx.metrics.watch_error("UndecodableObject");
-    tracing::warn!(error = %message, "cannot decode the export");
+    let key = format!(
+        "{}/{}",
+        u.metadata.namespace.as_deref().unwrap_or_default(),
+        u.metadata.name.as_deref().unwrap_or_default()
+    );
+    if ctx.is_active(&key) {
+        // Its run goes on with the spec it started with, and records its own end.
+        return Ok(Action::requeue(step::RUN_POLL));
+    }
     let Some(current) = &u.status else {
+        ctx.metrics.watch_error("UndecodableObject");
+        tracing::warn!(error = %message, "cannot decode the export (nor its status)");
         // Its status is unreadable too: writing one would erase its history.
         return Ok(Action::await_change());
     };
@@ -130,7 +169,10 @@ async fn undecodable(u: &Undecodable, ctx: &Context) -> Result<Action, Error> {
         ctx.now(),
     );
     if &next != current {
-        let api: Api<BrazeExport> = Api::namespaced(
+        // Counted and logged once per change, not on every look.
+        ctx.metrics.watch_error("UndecodableObject");
+        tracing::warn!(error = %message, "cannot decode the export");
+        let api: Api<Watched> = Api::namespaced(
             ctx.client.clone(),
             u.metadata.namespace.as_deref().unwrap_or_default(),
         );
@@ -178,7 +220,7 @@ pub async fn write(
     export: &BrazeExport,
     next: &crate::spec::BrazeExportStatus,
 ) -> Result<String, Error> {
-    let api: Api<BrazeExport> = Api::namespaced(ctx.client.clone(), &namespace(export));
+    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &namespace(export));
     writer::apply(
         &api,
         &export.name_any(),
@@ -202,7 +244,12 @@ pub async fn publish(ctx: &Context, export: &BrazeExport, note: &Note) {
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &export.object_ref(&())).await {
-        tracing::debug!(error = %e, "cannot publish an event");
+    let published = tokio::time::timeout(
+        API_TIMEOUT,
+        ctx.recorder.publish(&event, &export.object_ref(&())),
+    )
+    .await;
+    if !matches!(published, Ok(Ok(()))) {
+        tracing::debug!("cannot publish an event");
     }
 }

@@ -11,9 +11,10 @@ use kube::api::Api;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use super::reconcile::publish;
+use super::reconcile::{API_TIMEOUT, publish, read_credentials};
 use super::status::{self, reason};
 use super::step::{self, Facts, Note, Start, Then};
+use super::watched::Watched;
 use super::writer::RunWriter;
 use super::{Context, Error};
 use crate::export::report::{Outcome, RunReport};
@@ -33,6 +34,10 @@ pub struct RunTask {
     pub start: Start,
     /// Its credentials.
     pub creds: Credentials,
+    /// Events found on the way (a crash), published once the start is recorded.
+    pub notes: Vec<Note>,
+    /// Keeps the export active in this process until the task ends, even by a panic.
+    pub _active: super::ActiveGuard,
 }
 
 impl RunTask {
@@ -47,7 +52,6 @@ impl RunTask {
         {
             tracing::warn!(export = %self.key, error = %e, "the run's status could not be recorded");
         }
-        self.ctx.lock_active().remove(&self.key);
     }
 
     /// Waits for a slot, then re-reads the export and re-decides: while it waited, another
@@ -55,11 +59,16 @@ impl RunTask {
     /// never started records nothing) or when the run is no longer due.
     async fn wait_for_slot(&mut self) -> Option<OwnedSemaphorePermit> {
         let permit = tokio::select! {
+            biased;
             () = self.ctx.stop.cancelled() => return None,
             p = Arc::clone(&self.ctx.permits).acquire_owned() => p.ok()?,
         };
         let api = self.api();
-        let fresh = api.get_opt(&self.export.name_any()).await.ok()??;
+        let name = self.export.name_any();
+        let read = tokio::time::timeout(API_TIMEOUT, api.get_opt(&name));
+        let Watched::Decoded(fresh) = read.await.ok()?.ok()?? else {
+            return None;
+        };
         if fresh.uid() != self.export.uid() {
             return None;
         }
@@ -74,7 +83,10 @@ impl RunTask {
         );
         match next.then {
             Then::Start(start) => {
+                // Secrets too may have changed while it waited.
+                self.creds = read_credentials(&self.ctx, &fresh).await.ok()?.ok()?;
                 self.start = *start;
+                self.notes = next.notes;
                 self.export = fresh;
                 Some(permit)
             }
@@ -83,7 +95,7 @@ impl RunTask {
         }
     }
 
-    fn api(&self) -> Api<BrazeExport> {
+    fn api(&self) -> Api<Watched> {
         Api::namespaced(
             self.ctx.client.clone(),
             &self.export.namespace().unwrap_or_default(),
@@ -92,6 +104,11 @@ impl RunTask {
 
     async fn carry_out(&self) -> Result<(), Error> {
         let ctx = &self.ctx;
+        // A term that ended (shutdown, lost Lease) starts nothing: a run never started is
+        // never recorded as interrupted.
+        if ctx.stop.is_cancelled() {
+            return Ok(());
+        }
         let generation = self.export.metadata.generation;
         let now = ctx.now();
         let due = &self.start.due;
@@ -99,6 +116,9 @@ impl RunTask {
         let writer = Arc::new(RunWriter::new(self.api(), &self.export, &ctx.identity));
         // A conflict here means the decision was made on an outdated object: no run.
         writer.start(&started).await?;
+        for note in &self.notes {
+            publish(ctx, &self.export, note).await;
+        }
         if let Some(at) = due.scheduled_for {
             ctx.metrics
                 .record_start_delay(now.duration_since(at).as_secs_f64());
@@ -175,18 +195,27 @@ impl RunTask {
             retry(&inputs),
             now,
         );
-        let mut written = Err(Error::Timeout("writing the status"));
-        for attempt in 1..=5u32 {
-            written = writer.write(&finished).await;
-            match &written {
-                Ok(()) | Err(Error::Lost | Error::Gone) => break,
-                Err(e) => {
-                    tracing::warn!(export = %self.key, attempt, error = %e, "cannot write the run's status");
-                    tokio::time::sleep(Duration::from_millis(500) * attempt).await;
+        // The export stays active here until its end is recorded: given up too early, this
+        // process would take its own finished run for a crash and run it again. Only a term
+        // that ended (its successor judges) or a run that is no longer ours stops the retries.
+        let mut attempt = 0u32;
+        let written = loop {
+            attempt += 1;
+            match writer.write(&finished).await {
+                Err(e @ (Error::Kube(_) | Error::Timeout(_) | Error::Conflict(_)))
+                    if !(ctx.stop.is_cancelled() && attempt >= 3) =>
+                {
+                    tracing::warn!(export = %self.key, attempt, error = %e, "cannot write the run's status; retrying");
+                    tokio::time::sleep(Duration::from_millis(500) * attempt.min(10)).await;
                 }
+                other => break other,
             }
-        }
+        };
         ctx.metrics.record_run(report, now);
+        if matches!(written, Err(Error::Lost | Error::Gone)) {
+            // Another instance, or a new object, owns the status now: no Event about it.
+            return written;
+        }
         let (warning, why) = match report.outcome {
             Outcome::Succeeded => (false, reason::RUN_SUCCEEDED),
             Outcome::PartiallySucceeded => (true, reason::RUN_PARTIALLY_SUCCEEDED),

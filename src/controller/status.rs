@@ -135,6 +135,7 @@ fn ready_from_run(
         Retry::GaveUp => format!(
             "; not retried again after {MAX_RETRIES} retries in a row ended the same way: the next run is the scheduled one"
         ),
+        Retry::Superseded => "; not retried: the next scheduled run comes first".to_owned(),
         Retry::No => String::new(),
     };
     let (status, reason, message) = match &s.last_run {

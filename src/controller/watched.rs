@@ -37,7 +37,8 @@ pub struct Undecodable {
     pub status: Option<BrazeExportStatus>,
 }
 
-/// Why an object cannot be decoded: the field's path and serde's reason, never a value.
+/// Why an object cannot be decoded: the field's path and serde's reason (which may quote a
+/// number or a short enum value of the spec; never a Secret, which is not in the object).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeError {
     /// Path such as `spec.braze` (the parent, for an unknown field).

@@ -13,6 +13,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
+use super::watched::Watched;
 use super::{CONTROLLER_NAME, Error};
 use crate::spec::{API_VERSION, BrazeExport, BrazeExportStatus, KIND};
 
@@ -20,9 +21,10 @@ use crate::spec::{API_VERSION, BrazeExport, BrazeExportStatus, KIND};
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Applies `status` to the object `name` if it still has `uid` and `resource_version`;
-/// returns the new `resourceVersion`.
+/// returns the new `resourceVersion`. The answer is read as [`Watched`], so a write to an
+/// export this version cannot decode succeeds as such.
 pub async fn apply(
-    api: &Api<BrazeExport>,
+    api: &Api<Watched>,
     name: &str,
     uid: &str,
     resource_version: Option<&str>,
@@ -56,7 +58,7 @@ pub async fn apply(
 /// write is retried on the fresh version only while the object is still the same one and its
 /// status still names this runner as running it.
 pub struct RunWriter {
-    api: Api<BrazeExport>,
+    api: Api<Watched>,
     name: String,
     uid: String,
     runner: String,
@@ -65,7 +67,7 @@ pub struct RunWriter {
 
 impl RunWriter {
     /// A writer for `export`, starting from `resource_version`.
-    pub fn new(api: Api<BrazeExport>, export: &BrazeExport, runner: &str) -> Self {
+    pub fn new(api: Api<Watched>, export: &BrazeExport, runner: &str) -> Self {
         Self {
             api,
             name: export.name_any(),
@@ -138,9 +140,13 @@ impl RunWriter {
         Err(Error::Conflict("the export keeps changing".into()))
     }
 
-    fn still_ours(&self, fresh: &BrazeExport) -> bool {
+    fn still_ours(&self, fresh: &Watched) -> bool {
+        let status = match fresh {
+            Watched::Decoded(e) => e.status.as_ref(),
+            Watched::Undecodable(u) => u.status.as_ref(),
+        };
         fresh.uid().as_deref() == Some(self.uid.as_str())
-            && fresh.status.as_ref().is_some_and(|s| {
+            && status.is_some_and(|s| {
                 s.runner.as_deref() == Some(self.runner.as_str()) && super::status::is_running(s)
             })
     }
