@@ -160,6 +160,8 @@ struct Inner {
     /// The resourceVersion of the last `expire_watches` (0: never).
     expired_at: u64,
     crd: Option<Arc<Crd>>,
+    /// Skip schema admission (benchmarks).
+    no_admission: bool,
 }
 
 struct ApiState {
@@ -694,6 +696,12 @@ impl FakeApiServer {
     /// one with an extra field while the operator under test is older.
     pub fn set_crd(&self, crd: Value) {
         self.lock().crd = Some(Arc::new(Crd::new(&crd)));
+    }
+
+    /// No schema admission at all (benchmarks: the fake's own CEL evaluation is test
+    /// machinery, not the controller's cost).
+    pub fn without_admission(&self) {
+        self.lock().no_admission = true;
     }
 }
 
@@ -1397,7 +1405,7 @@ fn apply_write(
         }
     }
     owners.retain(|p, _| object.pointer(p).is_some());
-    if let (Some(crd), true) = (&crd, req.admission) {
+    if let (Some(crd), true) = (&crd, req.admission && !inner.no_admission) {
         object = crd.admit(object, old.as_ref(), req.scope, &req.name)?;
     }
     if let Some(old) = &old
