@@ -47,8 +47,8 @@ impl RunTask {
             Some(p) => Some(p),
             None => self.wait_for_slot().await,
         };
-        if let Some(_permit) = permit
-            && let Err(e) = self.carry_out().await
+        if let Some(permit) = permit
+            && let Err(e) = self.carry_out(permit).await
         {
             tracing::warn!(export = %self.key, error = %e, "the run's status could not be recorded");
         }
@@ -102,7 +102,9 @@ impl RunTask {
         )
     }
 
-    async fn carry_out(&self) -> Result<(), Error> {
+    /// The slot is held from the start write to the run's end, not while the end is
+    /// recorded: the next run need not wait for this one's bookkeeping.
+    async fn carry_out(&self, permit: OwnedSemaphorePermit) -> Result<(), Error> {
         let ctx = &self.ctx;
         // A term that ended (shutdown, lost Lease) starts nothing: a run never started is
         // never recorded as interrupted.
@@ -116,20 +118,24 @@ impl RunTask {
         let writer = Arc::new(RunWriter::new(self.api(), &self.export, &ctx.identity));
         // A conflict here means the decision was made on an outdated object: no run.
         writer.start(&started).await?;
-        for note in &self.notes {
-            publish(ctx, &self.export, note).await;
-        }
         if let Some(at) = due.scheduled_for {
             ctx.metrics
                 .record_start_delay(now.duration_since(at).as_secs_f64());
         }
         // No times in the note: repeated starts then aggregate into one Event series.
-        let note = Note {
+        let mut notes = self.notes.clone();
+        notes.push(Note {
             warning: false,
             reason: reason::RUN_STARTED,
             message: format!("{:?} run started", due.trigger),
-        };
-        publish(ctx, &self.export, &note).await;
+        });
+        // Told beside the run, not before it: a slow Events API must not delay the start.
+        let (events_ctx, export) = (Arc::clone(ctx), self.export.clone());
+        tokio::spawn(async move {
+            for note in &notes {
+                publish(&events_ctx, &export, note).await;
+            }
+        });
 
         let cancel = ctx.stop.child_token();
         let opts = RunOptions {
@@ -149,6 +155,7 @@ impl RunTask {
         // The status's times are the controller's clock (offset in tests).
         report.start_time = now;
         report.completion_time = Some(ctx.now());
+        drop(permit);
         // The final status must land after every progress write, never before one.
         stop_progress.cancel();
         let _ = progress.await;

@@ -45,38 +45,43 @@ impl SecretError {
     }
 }
 
-async fn value(
+/// One Secret, read once.
+async fn fetch(
     api: &Api<KubeSecret>,
     namespace: &str,
     name: &str,
-    key: &str,
     field: &'static str,
-) -> Result<Secret, SecretError> {
+) -> Result<KubeSecret, SecretError> {
     let secret = api.get_opt(name).await.map_err(|source| SecretError::Api {
         namespace: namespace.into(),
         name: name.into(),
         source,
     })?;
-    let Some(secret) = secret else {
-        return Err(SecretError::NotFound {
-            namespace: namespace.into(),
-            name: name.into(),
-            field,
-        });
-    };
-    let bytes = secret
+    secret.ok_or_else(|| SecretError::NotFound {
+        namespace: namespace.into(),
+        name: name.into(),
+        field,
+    })
+}
+
+/// The trimmed, non-empty value of `key` in `secret`.
+fn value(
+    secret: &KubeSecret,
+    namespace: &str,
+    key: &str,
+    field: &'static str,
+) -> Result<Secret, SecretError> {
+    let text = secret
         .data
         .as_ref()
         .and_then(|d| d.get(key))
-        .map(|b| b.0.clone());
-    let text = bytes
-        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
         .map(|s| s.trim().to_owned());
     match text {
         Some(t) if !t.is_empty() => Ok(Secret::new(t)),
         _ => Err(SecretError::MissingKey {
             namespace: namespace.into(),
-            name: name.into(),
+            name: secret.metadata.name.clone().unwrap_or_default(),
             key: key.into(),
             field,
         }),
@@ -92,30 +97,18 @@ pub async fn credentials(
     let api: Api<KubeSecret> = Api::namespaced(client.clone(), namespace);
     let l = &spec.looker.credentials_secret_ref;
     let b = &spec.braze.api_key_secret_ref;
-    let client_id = value(
-        &api,
-        namespace,
-        &l.name,
-        &l.client_id_key,
-        "spec.looker.credentialsSecretRef",
+    const LOOKER: &str = "spec.looker.credentialsSecretRef";
+    const BRAZE: &str = "spec.braze.apiKeySecretRef";
+    // Both Secrets at once (each read once): 1,000 exports due together wait on fewer calls.
+    let (looker, braze) = futures_util::future::join(
+        fetch(&api, namespace, &l.name, LOOKER),
+        fetch(&api, namespace, &b.name, BRAZE),
     )
-    .await?;
-    let client_secret = value(
-        &api,
-        namespace,
-        &l.name,
-        &l.client_secret_key,
-        "spec.looker.credentialsSecretRef",
-    )
-    .await?;
-    let api_key = value(
-        &api,
-        namespace,
-        &b.name,
-        &b.key,
-        "spec.braze.apiKeySecretRef",
-    )
-    .await?;
+    .await;
+    let looker = looker?;
+    let client_id = value(&looker, namespace, &l.client_id_key, LOOKER)?;
+    let client_secret = value(&looker, namespace, &l.client_secret_key, LOOKER)?;
+    let api_key = value(&braze?, namespace, &b.key, BRAZE)?;
     Ok(Credentials {
         looker_client_id: client_id.expose().to_owned(),
         looker_client_secret: client_secret,

@@ -160,7 +160,7 @@ struct Inner {
     /// The resourceVersion of the last `expire_watches` (0: never).
     expired_at: u64,
     crd: Option<Arc<Crd>>,
-    /// Skip schema admission (benchmarks).
+    /// Benchmarks: skip schema admission and write records.
     no_admission: bool,
 }
 
@@ -698,9 +698,9 @@ impl FakeApiServer {
         self.lock().crd = Some(Arc::new(Crd::new(&crd)));
     }
 
-    /// No schema admission at all (benchmarks: the fake's own CEL evaluation is test
-    /// machinery, not the controller's cost).
-    pub fn without_admission(&self) {
+    /// Benchmarks: no schema admission and no record of write bodies (the fake's own CEL
+    /// evaluation and bookkeeping are test machinery, not the controller's cost).
+    pub fn lightweight(&self) {
         self.lock().no_admission = true;
     }
 }
@@ -906,18 +906,20 @@ fn serve(
         let manager = query.get("fieldManager").cloned();
         let force = query.get("force").is_some_and(|f| f == "true");
         let mut inner = state.lock();
-        inner.writes.push(Write {
-            method: method.to_string(),
-            resource: t.resource.clone(),
-            namespace: namespace.clone(),
-            name: name.clone(),
-            status: t.status,
-            content_type: content_type.clone(),
-            query: uri.query().unwrap_or("").to_owned(),
-            field_manager: manager.clone(),
-            force,
-            body: body.clone(),
-        });
+        if !inner.no_admission {
+            inner.writes.push(Write {
+                method: method.to_string(),
+                resource: t.resource.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                status: t.status,
+                content_type: content_type.clone(),
+                query: uri.query().unwrap_or("").to_owned(),
+                field_manager: manager.clone(),
+                force,
+                body: body.clone(),
+            });
+        }
         let options_error = if op == Op::Apply && manager.is_none() {
             Some("fieldManager: Required value: is required for apply patch")
         } else if method == Method::PATCH && op != Op::Apply && query.contains_key("force") {
