@@ -106,6 +106,7 @@ fn main() {
         let braze = BrazeSandbox::start(API_KEY).await.expect("braze sandbox");
         looker.add_look("bench", Look::users(rows, Generator::Clean));
         braze.set_recording(false);
+        braze.set_storing(false);
         (looker, braze)
     });
     let dir = tempfile::tempdir().expect("temp dir");
