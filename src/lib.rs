@@ -6,6 +6,7 @@
 //! retries) → [`export::report`]. The [`sandbox`] serves fake Looker and Braze APIs for
 //! tests and the `demo` command.
 
+pub mod audience;
 pub mod braze;
 pub mod commands;
 pub mod controller;

@@ -390,7 +390,7 @@ impl Dedup {
 
 /// Hasher for keys that are already hashes.
 #[derive(Default)]
-struct Prehashed(u64);
+pub(crate) struct Prehashed(u64);
 
 impl Hasher for Prehashed {
     fn finish(&self) -> u64 {
