@@ -6,7 +6,7 @@ pub mod report;
 pub mod run;
 
 pub use plan::{Credentials, ExportPlan};
-pub use report::{Outcome, RunReport, Trigger};
+pub use report::{Outcome, RunReport, SyncMode, Trigger};
 pub use run::{Progress, RunOptions, Services, run_export};
 
 use crate::braze::BrazeError;
