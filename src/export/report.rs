@@ -327,13 +327,14 @@ impl RunReport {
         } else {
             "removed"
         };
+        let nonzero = |n: Option<u64>| n.filter(|n| *n > 0);
         let audience = [
             ("unchanged", unchanged),
             ("added", added),
             (removed_label, removed),
-            ("rm rejected", removal_rejected),
-            ("rm failed", removal_failed),
-            ("rm withheld", removal_withheld),
+            ("rm rejected", nonzero(removal_rejected)),
+            ("rm failed", nonzero(removal_failed)),
+            ("rm withheld", nonzero(removal_withheld)),
         ];
         for (label, n) in audience {
             if let Some(n) = n {
@@ -638,10 +639,7 @@ pub fn counts_phrase(t: &Counts, dry_run: bool) -> String {
     if let Some(n) = t.unchanged {
         parts.push(format!("{n} unchanged"));
     }
-    if let Some(n) = t
-        .removed
-        .filter(|n| *n > 0 || t.removal_candidates.unwrap_or(0) == 0)
-    {
+    if let Some(n) = t.removed.filter(|n| *n > 0) {
         parts.push(if dry_run {
             format!("{n} would be removed")
         } else {
