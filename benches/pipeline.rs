@@ -6,8 +6,14 @@
 //! rows/s) with Braze 80 ms or 250 ms away. A last scenario feeds one 20 MiB cell: peak RSS
 //! stays under the same bar.
 //!
-//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited]`; set `BENCH_BINARY`
-//! to measure another build of the binary (for a before/after comparison on one machine).
+//! Audience sync (`removal: Remove`, `--state`): a stored audience of N users against a new
+//! Look of N rows with 10% churn (N/10 users leave, N/10 join), with the limit off and with
+//! the default limit, and as a delta run. Bars: peak RSS ≤ 64 MiB; with the limit on, time
+//! within 10% of what Braze's rate limit allows for the objects sent (adds and removals).
+//!
+//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited --only-audience]`; set
+//! `BENCH_BINARY` to measure another build of the binary (for a before/after comparison on
+//! one machine).
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -40,11 +46,16 @@ fn spec(looker: &str, braze: &str, rate_limit: &str) -> String {
 }
 
 /// Runs the binary once and measures it (peak RSS from wait4's rusage).
+fn run_binary(spec_path: &str) -> Measured {
+    run_binary_with(spec_path, &[])
+}
+
+/// Like [`run_binary`], with `extra` arguments (`--state FILE`).
 #[expect(
     clippy::zombie_processes,
     reason = "the child is reaped by wait4, which also gives its peak RSS"
 )]
-fn run_binary(spec_path: &str) -> Measured {
+fn run_binary_with(spec_path: &str, extra: &[&str]) -> Measured {
     let start = Instant::now();
     // BENCH_BINARY runs another build (say, the last release) against the same sandboxes,
     // for a comparison on the same machine at the same time.
@@ -52,6 +63,7 @@ fn run_binary(spec_path: &str) -> Measured {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_braze-export-operator").to_owned());
     let mut child = Command::new(binary)
         .args(["run", "--file", spec_path, "--output", "json"])
+        .args(extra)
         .env("LOOKERSDK_CLIENT_ID", CLIENT_ID)
         .env("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
         .env("BRAZE_API_KEY", API_KEY)
@@ -95,6 +107,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let runs: usize = arg("--runs").and_then(|v| v.parse().ok()).unwrap_or(3);
     let skip_limited = std::env::args().any(|a| a == "--skip-limited");
+    let only_audience = std::env::args().any(|a| a == "--only-audience");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,6 +118,10 @@ fn main() {
             .expect("looker sandbox");
         let braze = BrazeSandbox::start(API_KEY).await.expect("braze sandbox");
         looker.add_look("bench", Look::users(rows, Generator::Clean));
+        looker.add_look(
+            "bench-churn",
+            Look::users(rows, Generator::Shifted(rows / 10)),
+        );
         braze.set_recording(false);
         braze.set_storing(false);
         (looker, braze)
@@ -115,6 +132,12 @@ fn main() {
         "run over {rows} generated rows, 75 objects per request ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+
+    if only_audience {
+        ok &= audience(&looker, &braze, rows, dir.path(), skip_limited);
+        drop((looker, braze));
+        std::process::exit(if ok { 0 } else { 1 });
+    }
 
     // Limit off: the sandbox does not limit, and the export's own ceiling is out of reach.
     braze.set_rate_limit(None);
@@ -229,8 +252,104 @@ fn main() {
         pass(m.peak_rss_mib <= 64.0)
     );
     ok &= m.peak_rss_mib <= 64.0;
+    ok &= audience(&looker, &braze, rows, dir.path(), skip_limited);
     drop((looker, braze));
     if !ok {
         std::process::exit(1);
     }
+}
+
+/// The audience scenarios: a stored audience of `rows` users (written by a first run of the
+/// plain Look), then the churned Look (10% leave, 10% join) run with `removal: Remove`, with
+/// the limit off, with the default limit, and as a delta run.
+fn audience(
+    looker: &LookerSandbox,
+    braze: &BrazeSandbox,
+    rows: u64,
+    dir: &std::path::Path,
+    skip_limited: bool,
+) -> bool {
+    let pass = |b: bool| if b { "ok" } else { "MISSED" };
+    let churn = rows / 10;
+    let mut ok = true;
+    let write = |name: &str, look: &str, braze_lines: &str| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            spec(&looker.url, &braze.url, braze_lines)
+                .replace("lookId: \"bench\"", &format!("lookId: \"{look}\"")),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let off = "    rateLimit: {requests: 100000000, periodSeconds: 1}\n    concurrency: 16\n";
+    let remove = "    removal: Remove\n";
+    let scenarios: Vec<(&str, String, bool)> = {
+        let mut v = vec![("limit off", format!("{off}{remove}"), false)];
+        if !skip_limited {
+            v.push(("default limit", remove.to_owned(), false));
+            v.push((
+                "default limit, delta",
+                format!("{remove}    delta: true\n"),
+                true,
+            ));
+        }
+        v
+    };
+    for (label, lines, delta) in scenarios {
+        braze.set_rate_limit(None);
+        let state = dir.join(format!("state-{}", label.replace([' ', ','], "-")));
+        let state = state.to_str().unwrap().to_owned();
+        let _ = std::fs::remove_file(&state);
+        // The stored audience: a first run of the plain Look, not measured.
+        let first = write("audience-first.yaml", "bench", &format!("{off}{lines}"));
+        let m = run_binary_with(&first, &["--state", &state]);
+        assert_eq!(
+            m.report["sent"], rows,
+            "the first run flags everyone: {}",
+            m.report
+        );
+        let stored = std::fs::metadata(&state).map_or(0, |m| m.len());
+        if label != "limit off" {
+            braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
+        }
+        let second = write("audience-second.yaml", "bench-churn", &lines);
+        let m = run_binary_with(&second, &["--state", &state]);
+        let r = &m.report;
+        assert_eq!(r["removed"], churn, "10% removed: {r}");
+        assert_eq!(r["added"], churn, "10% added: {r}");
+        let sent = r["sent"].as_u64().unwrap_or(0);
+        let expected_sent = if delta { churn } else { rows };
+        assert_eq!(sent, expected_sent, "{r}");
+        if delta {
+            assert_eq!(r["unchanged"], rows - churn, "{r}");
+        }
+        let objects = sent + churn;
+        let requests = r["requests"].as_u64().unwrap_or(0);
+        // What the limit allows: 3,000 requests per 3 s (the client paces at 98%).
+        let floor = requests as f64 / 1000.0;
+        let timing = if label == "limit off" {
+            format!("{:.0} objects/s", objects as f64 / m.seconds)
+        } else {
+            let within = m.seconds <= floor * 1.1 + 1.0;
+            ok &= rows < 1_000_000 || within;
+            format!(
+                "{:.0} objects/s, {requests} requests: the limit alone needs {floor:.1} s (bar within 10% + 1 s: {})",
+                objects as f64 / m.seconds,
+                pass(within)
+            )
+        };
+        println!(
+            "audience {rows} users, 10% churn, {label}: {:.2} s, {sent} sent, {} removed, {} unchanged, {timing}; peak RSS {:.1} MiB (bar ≤ 64: {}); stored audience {:.1} MiB",
+            m.seconds,
+            r["removed"],
+            r.get("unchanged").unwrap_or(&serde_json::Value::from(0)),
+            m.peak_rss_mib,
+            pass(m.peak_rss_mib <= 64.0),
+            stored as f64 / (1 << 20) as f64
+        );
+        ok &= m.peak_rss_mib <= 64.0;
+    }
+    braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
+    ok
 }
