@@ -33,8 +33,14 @@ const END: u8 = 0xFF;
 /// Writes members into a compressed body, in memory.
 pub struct BodyWriter {
     zlib: ZlibEncoder<Vec<u8>>,
+    /// Members not yet compressed: the compressor is fed in large slices (one call per
+    /// member would cost more than the compression itself).
+    staged: Vec<u8>,
     count: u64,
 }
+
+/// Bytes staged before they are compressed.
+const STAGE_BYTES: usize = 64 * 1024;
 
 impl std::fmt::Debug for BodyWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -49,6 +55,7 @@ impl BodyWriter {
     pub fn new(level: u32) -> Self {
         Self {
             zlib: ZlibEncoder::new(Vec::new(), Compression::new(level.min(9))),
+            staged: Vec::with_capacity(STAGE_BYTES + MAX_ID_BYTES + 11),
             count: 0,
         }
     }
@@ -60,10 +67,18 @@ impl BodyWriter {
         let mut head = [0u8; 11];
         head[0] = state as u8;
         let n = 1 + varint(bytes.len() as u64, &mut head[1..]);
-        // Writing into a Vec cannot fail.
-        let _ = self.zlib.write_all(&head[..n]);
-        let _ = self.zlib.write_all(bytes);
+        self.staged.extend_from_slice(&head[..n]);
+        self.staged.extend_from_slice(bytes);
         self.count += 1;
+        if self.staged.len() >= STAGE_BYTES {
+            self.compress_staged();
+        }
+    }
+
+    fn compress_staged(&mut self) {
+        // Writing into a Vec cannot fail.
+        let _ = self.zlib.write_all(&self.staged);
+        self.staged.clear();
     }
 
     /// Members written so far.
@@ -76,7 +91,8 @@ impl BodyWriter {
         let mut tail = [0u8; 11];
         tail[0] = END;
         let n = 1 + varint(self.count, &mut tail[1..]);
-        let _ = self.zlib.write_all(&tail[..n]);
+        self.staged.extend_from_slice(&tail[..n]);
+        self.compress_staged();
         let body = self.zlib.finish().unwrap_or_default();
         (body, self.count)
     }

@@ -136,6 +136,12 @@ pub(super) async fn prepare(
             .map_err(RunError::AudienceUnreadable)?
         }
     };
+    tracing::debug!(
+        members = seen.previous_len(),
+        rename,
+        full,
+        "stored audience loaded"
+    );
     let sink = SinkSync {
         track: true,
         delta_skip: plan.delta && !full,
@@ -192,6 +198,11 @@ pub(super) async fn settle(
             .count();
     ended.tally.counts.added = Some(sync.pushed_new.saturating_sub(lost_new as u64));
     let complete = ended.failure.is_none() && !ended.interrupted;
+    tracing::debug!(
+        present = seen.present_count(),
+        new = seen.new_count(),
+        "adds settled"
+    );
     let removal = if plan.removal == RemovalMode::Remove {
         let c = &mut ended.tally.counts;
         for field in [
@@ -253,13 +264,21 @@ pub(super) async fn settle(
         rename: prep.rename,
         keep_leavers: plan.removal == RemovalMode::Keep,
     };
+    tracing::debug!("removals settled");
     let previous = prep.previous.clone();
     let current = sync.current;
     let built =
         tokio::task::spawn_blocking(move || state.build(header, current, previous.as_deref()))
             .await;
     match built {
-        Ok(Ok(encoded)) => AudienceUpdate::Replace(encoded),
+        Ok(Ok(encoded)) => {
+            tracing::debug!(
+                members = encoded.header().members,
+                bytes = encoded.len_bytes(),
+                "new stored audience built"
+            );
+            AudienceUpdate::Replace(encoded)
+        }
         Ok(Err(e)) => {
             fail(ended, RunError::AudienceUnreadable(e));
             AudienceUpdate::Keep
