@@ -51,6 +51,7 @@ fn main() {
         let looker = LookerSandbox::start("bench-id", "bench-secret").await.unwrap();
         let braze = BrazeSandbox::start("bench-key").await.unwrap();
         braze.set_recording(false);
+        braze.set_storing(false);
         looker.add_look("42", Look::users(10, Generator::Clean));
         api.put_secret("bench", "looker-api", &[("client_id", "bench-id"), ("client_secret", "bench-secret")]);
         api.put_secret("bench", "braze-api", &[("api_key", "bench-key")]);

@@ -6,8 +6,14 @@
 //! rows/s) with Braze 80 ms or 250 ms away. A last scenario feeds one 20 MiB cell: peak RSS
 //! stays under the same bar.
 //!
-//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited]`; set `BENCH_BINARY`
-//! to measure another build of the binary (for a before/after comparison on one machine).
+//! Audience sync (`removal: Remove`, `--state`): a stored audience of N users against a new
+//! Look of N rows with 10% churn (N/10 users leave, N/10 join), with the limit off and with
+//! the default limit, and as a delta run. Bars: peak RSS ≤ 64 MiB; with the limit on, time
+//! within 10% of what Braze's rate limit allows for the objects sent (adds and removals).
+//!
+//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited --only-audience]`; set
+//! `BENCH_BINARY` to measure another build of the binary (for a before/after comparison on
+//! one machine); `BENCH_RUST_LOG` sets the runs' `RUST_LOG` and shows their logs.
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -40,11 +46,16 @@ fn spec(looker: &str, braze: &str, rate_limit: &str) -> String {
 }
 
 /// Runs the binary once and measures it (peak RSS from wait4's rusage).
+fn run_binary(spec_path: &str) -> Measured {
+    run_binary_with(spec_path, &[])
+}
+
+/// Like [`run_binary`], with `extra` arguments (`--state FILE`).
 #[expect(
     clippy::zombie_processes,
     reason = "the child is reaped by wait4, which also gives its peak RSS"
 )]
-fn run_binary(spec_path: &str) -> Measured {
+fn run_binary_with(spec_path: &str, extra: &[&str]) -> Measured {
     let start = Instant::now();
     // BENCH_BINARY runs another build (say, the last release) against the same sandboxes,
     // for a comparison on the same machine at the same time.
@@ -52,19 +63,29 @@ fn run_binary(spec_path: &str) -> Measured {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_braze-export-operator").to_owned());
     let mut child = Command::new(binary)
         .args(["run", "--file", spec_path, "--output", "json"])
+        .args(extra)
         .env("LOOKERSDK_CLIENT_ID", CLIENT_ID)
         .env("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
         .env("BRAZE_API_KEY", API_KEY)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary starts");
     let pid = child.id() as libc::pid_t;
     let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let errors = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
         s
     });
     let mut status = 0;
@@ -74,9 +95,14 @@ fn run_binary(spec_path: &str) -> Measured {
     let seconds = start.elapsed().as_secs_f64();
     assert_eq!(waited, pid, "wait4 failed");
     let out = reader.join().expect("stdout reader");
+    let err = errors.join().expect("stderr reader");
     let code = std::process::ExitStatus::from_raw(status).code();
-    let report: serde_json::Value = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("report is not JSON ({e}), exit {code:?}: {out}"));
+    if std::env::var_os("BENCH_RUST_LOG").is_some() {
+        eprint!("{err}");
+    }
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!("report is not JSON ({e}), exit {code:?}: {out}\nstderr: {err}")
+    });
     Measured {
         seconds,
         peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
@@ -95,6 +121,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let runs: usize = arg("--runs").and_then(|v| v.parse().ok()).unwrap_or(3);
     let skip_limited = std::env::args().any(|a| a == "--skip-limited");
+    let only_audience = std::env::args().any(|a| a == "--only-audience");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,7 +132,12 @@ fn main() {
             .expect("looker sandbox");
         let braze = BrazeSandbox::start(API_KEY).await.expect("braze sandbox");
         looker.add_look("bench", Look::users(rows, Generator::Clean));
+        looker.add_look(
+            "bench-churn",
+            Look::users(rows, Generator::Shifted(rows / 10)),
+        );
         braze.set_recording(false);
+        braze.set_storing(false);
         (looker, braze)
     });
     let dir = tempfile::tempdir().expect("temp dir");
@@ -114,6 +146,12 @@ fn main() {
         "run over {rows} generated rows, 75 objects per request ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+
+    if only_audience {
+        ok &= audience(&looker, &braze, rows, dir.path(), skip_limited);
+        drop((looker, braze));
+        std::process::exit(if ok { 0 } else { 1 });
+    }
 
     // Limit off: the sandbox does not limit, and the export's own ceiling is out of reach.
     braze.set_rate_limit(None);
@@ -192,6 +230,10 @@ fn main() {
         braze.set_latency(Duration::ZERO, Duration::ZERO);
     }
 
+    // Before the 20 MiB cell inflates this process: a child's ru_maxrss can include the
+    // parent's resident set when it was spawned.
+    ok &= audience(&looker, &braze, rows, dir.path(), skip_limited);
+
     // One cell of 20 MiB among 1,000 ordinary rows: it is cut while streaming, never held.
     let mut cells: Vec<serde_json::Value> = Vec::new();
     for i in 0..1000u32 {
@@ -232,4 +274,116 @@ fn main() {
     if !ok {
         std::process::exit(1);
     }
+}
+
+/// The audience scenarios: a stored audience of `rows` users (written by a first run of the
+/// plain Look), then the churned Look (10% leave, 10% join) run with `removal: Remove`, with
+/// the limit off, with the default limit, and as a delta run.
+fn audience(
+    looker: &LookerSandbox,
+    braze: &BrazeSandbox,
+    rows: u64,
+    dir: &std::path::Path,
+    skip_limited: bool,
+) -> bool {
+    let pass = |b: bool| if b { "ok" } else { "MISSED" };
+    let churn = rows / 10;
+    let mut ok = true;
+    let write = |name: &str, look: &str, braze_lines: &str| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            spec(&looker.url, &braze.url, braze_lines)
+                .replace("lookId: \"bench\"", &format!("lookId: \"{look}\"")),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let off = "    rateLimit: {requests: 100000000, periodSeconds: 1}\n    concurrency: 16\n";
+    let remove = "    removal: Remove\n";
+    let scenarios: Vec<(&str, bool, bool)> = if skip_limited {
+        vec![("limit off", false, false)]
+    } else {
+        vec![
+            ("limit off", false, false),
+            ("default limit", true, false),
+            ("default limit, delta", true, true),
+        ]
+    };
+    for (label, limited, delta) in scenarios {
+        let lines = if delta {
+            format!("{remove}    delta: true\n")
+        } else {
+            remove.to_owned()
+        };
+        braze.set_rate_limit(None);
+        let state = dir.join(format!("state-{}", label.replace([' ', ','], "-")));
+        let state = state.to_str().unwrap().to_owned();
+        let _ = std::fs::remove_file(&state);
+        // The stored audience: a first run of the plain Look, not measured.
+        let first = write("audience-first.yaml", "bench", &format!("{off}{lines}"));
+        let m = run_binary_with(&first, &["--state", &state]);
+        assert_eq!(
+            m.report["sent"], rows,
+            "the first run flags everyone: {}",
+            m.report
+        );
+        let stored = std::fs::metadata(&state).map_or(0, |m| m.len());
+        println!(
+            "  (the first run, writing the stored audience: {:.2} s, peak RSS {:.1} MiB)",
+            m.seconds, m.peak_rss_mib
+        );
+        let second = if limited {
+            braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
+            write("audience-second.yaml", "bench-churn", &lines)
+        } else {
+            write(
+                "audience-second.yaml",
+                "bench-churn",
+                &format!("{off}{lines}"),
+            )
+        };
+        let m = run_binary_with(&second, &["--state", &state]);
+        let r = &m.report;
+        assert_eq!(r["removed"], churn, "10% removed: {r}");
+        assert_eq!(r["added"], churn, "10% added: {r}");
+        let sent = r["sent"].as_u64().unwrap_or(0);
+        let expected_sent = if delta { churn } else { rows };
+        assert_eq!(sent, expected_sent, "{r}");
+        if delta {
+            assert_eq!(r["unchanged"], rows - churn, "{r}");
+        }
+        let objects = sent + churn;
+        let requests = r["requests"].as_u64().unwrap_or(0);
+        // What the limit allows: 3,000 requests per 3 s (the client paces at 98%).
+        let floor = requests as f64 / 1000.0;
+        let timing = if !limited {
+            format!("{:.0} objects/s", objects as f64 / m.seconds)
+        } else if delta {
+            // Few requests: reading the Look, not Braze, sets the pace.
+            format!(
+                "{requests} requests (the limit alone needs {floor:.1} s; the Look is read in full)"
+            )
+        } else {
+            let within = m.seconds <= floor * 1.1 + 1.0;
+            ok &= rows < 1_000_000 || within;
+            format!(
+                "{:.0} objects/s, {requests} requests: the limit alone needs {floor:.1} s (bar within 10% + 1 s: {})",
+                objects as f64 / m.seconds,
+                pass(within)
+            )
+        };
+        println!(
+            "audience {rows} users, 10% churn, {label}: {:.2} s, {sent} sent, {} removed, {} unchanged, {timing}; peak RSS {:.1} MiB (bar ≤ 64: {}); stored audience {:.2} MiB",
+            m.seconds,
+            r["removed"],
+            r.get("unchanged").unwrap_or(&serde_json::Value::from(0)),
+            m.peak_rss_mib,
+            pass(m.peak_rss_mib <= 64.0),
+            stored as f64 / f64::from(1u32 << 20)
+        );
+        ok &= m.peak_rss_mib <= 64.0;
+    }
+    braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
+    ok
 }

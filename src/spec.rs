@@ -18,7 +18,7 @@ pub const KIND: &str = "BrazeExport";
 
 /// A recurring export of a Looker Look to Braze user flags: on each run, every user in the
 /// Look gets `exportName` appended to the array attribute `attribute`.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "looker-braze.dev",
     version = "v1alpha1",
@@ -36,9 +36,11 @@ pub const KIND: &str = "BrazeExport";
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name": "Status", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
-    printcolumn = r#"{"name": "Next Run", "type": "date", "jsonPath": ".status.nextScheduleTime", "priority": 1}"#
+    printcolumn = r#"{"name": "Next Run", "type": "date", "jsonPath": ".status.nextScheduleTime", "priority": 1}"#,
+    printcolumn = r#"{"name": "Removed", "type": "integer", "jsonPath": ".status.lastRun.removed", "priority": 1}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("!has(self.cleanupOnDelete) || !self.cleanupOnDelete || (has(self.braze.removal) && self.braze.removal == 'Remove')").message("cleanupOnDelete needs braze.removal: Remove"))]
 pub struct BrazeExportSpec {
     /// 5-field cron expression, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
     #[schemars(length(min = 1))]
@@ -61,6 +63,10 @@ pub struct BrazeExportSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1_000_000_000_000u64))]
     pub max_rows: Option<u64>,
+    /// With `braze.removal: Remove`: deleting the export first removes its flag from its
+    /// audience.
+    #[serde(default)]
+    pub cleanup_on_delete: bool,
 }
 
 /// The Looker side of an export.
@@ -154,6 +160,52 @@ pub struct BrazeSpec {
     /// Client-side ceiling on requests to this workspace (shared by every run using it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// `Keep`: flags are only added. `Remove`: users flagged by the previous run and absent
+    /// from this run's Look lose the flag (needs the stored audience).
+    #[serde(default)]
+    pub removal: RemovalMode,
+    /// With `Remove`: a run that would remove a larger share of the previous audience (in
+    /// percent) removes nobody; default 20.
+    #[serde(default = "default_removal_limit_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub removal_limit_percent: u32,
+    /// True: users flagged by the last successful run are not sent again (needs the stored
+    /// audience).
+    #[serde(default)]
+    pub delta: bool,
+    /// With `delta`: how often everyone is sent again (a full resync), such as `168h` (the
+    /// default, 7 days), `36h` or `1h30m`.
+    #[serde(default = "default_full_resync_interval")]
+    #[schemars(length(min = 2), regex(pattern = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"))]
+    pub full_resync_interval: String,
+}
+
+/// What happens to users who leave the Look.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RemovalMode {
+    /// They keep the flag (flags are only added).
+    #[default]
+    Keep,
+    /// They lose it: the run removes the export's name from their array.
+    Remove,
+}
+
+/// Parses a duration written like `168h`, `36h`, `90m` or `1h30m` (hours, minutes and
+/// seconds); it must be longer than zero.
+pub fn parse_interval(text: &str) -> Result<jiff::SignedDuration, String> {
+    let t = text.trim();
+    let shaped = !t.is_empty()
+        && t.bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'h' | b'm' | b's'))
+        && t.bytes().next().is_some_and(|b| b.is_ascii_digit());
+    let d: jiff::SignedDuration =
+        t.parse().ok().filter(|_| shaped).ok_or_else(|| {
+            format!("{text:?} is not a duration: write it like 168h, 36h or 1h30m")
+        })?;
+    if d.is_zero() || d.is_negative() {
+        return Err(format!("{text:?} must be longer than zero"));
+    }
+    Ok(d)
 }
 
 /// A key in a Secret.
@@ -343,6 +395,12 @@ impl BrazeExportSpec {
         }
         self.looker.validate(&mut errors);
         self.braze.validate(&mut errors);
+        if self.cleanup_on_delete && self.braze.removal != RemovalMode::Remove {
+            errors.push(FieldError::new(
+                "spec.cleanupOnDelete",
+                "needs spec.braze.removal: Remove (with Keep the export never removes its flag)",
+            ));
+        }
         errors
     }
 }
@@ -441,6 +499,15 @@ impl BrazeSpec {
                 "must be between 1 and 1024",
             ));
         }
+        if self.removal_limit_percent > 100 {
+            errors.push(FieldError::new(
+                "spec.braze.removalLimitPercent",
+                "must be between 0 and 100",
+            ));
+        }
+        if let Err(e) = parse_interval(&self.full_resync_interval) {
+            errors.push(FieldError::new("spec.braze.fullResyncInterval", e));
+        }
         if let Some(r) = &self.rate_limit {
             if !(1..=1_000_000).contains(&r.requests) {
                 errors.push(FieldError::new(
@@ -502,6 +569,12 @@ fn default_batch_size() -> u32 {
 fn default_concurrency() -> u32 {
     512
 }
+fn default_removal_limit_percent() -> u32 {
+    20
+}
+fn default_full_resync_interval() -> String {
+    "168h".into()
+}
 
 /// Accepts `lookId: 42` as well as `lookId: "42"`: Looker ids are strings, YAML makes
 /// numbers of them easily.
@@ -557,6 +630,11 @@ braze:
         assert_eq!(s.braze.batch_size, 75);
         assert!(!s.suspend);
         assert_eq!(s.max_rows, None);
+        assert_eq!(s.braze.removal, RemovalMode::Keep);
+        assert_eq!(s.braze.removal_limit_percent, 20);
+        assert!(!s.braze.delta);
+        assert_eq!(s.braze.full_resync_interval, "168h");
+        assert!(!s.cleanup_on_delete);
         assert!(s.validate().is_empty(), "{:?}", s.validate());
     }
 
@@ -612,5 +690,36 @@ braze:
             errs[1].to_string(),
             "spec.braze.attribute: must not start with $"
         );
+    }
+
+    #[test]
+    fn audience_fields_are_checked() {
+        let mut s = spec(MINIMAL);
+        s.braze.removal_limit_percent = 101;
+        s.braze.full_resync_interval = "7d".into();
+        s.cleanup_on_delete = true;
+        let errs: Vec<String> = s.validate().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errs,
+            [
+                "spec.braze.removalLimitPercent: must be between 0 and 100",
+                "spec.braze.fullResyncInterval: \"7d\" is not a duration: write it like 168h, 36h or 1h30m",
+                "spec.cleanupOnDelete: needs spec.braze.removal: Remove (with Keep the export never removes its flag)",
+            ]
+        );
+        s.braze.removal = RemovalMode::Remove;
+        s.braze.removal_limit_percent = 100;
+        s.braze.full_resync_interval = "1h30m".into();
+        assert!(s.validate().is_empty(), "{:?}", s.validate());
+        for ok in ["168h", "36h", "90m", "1h30m", "45s"] {
+            assert!(parse_interval(ok).is_ok(), "{ok}");
+        }
+        assert_eq!(
+            parse_interval("168h").unwrap(),
+            jiff::SignedDuration::from_hours(168)
+        );
+        for bad in ["", "0h", "h", "-1h", "1 hour", "PT1H", "1d", "1.5h"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -89,6 +89,7 @@ fn printer_columns_follow_the_contract() {
         ),
         ("AGE", ".metadata.creationTimestamp", 0),
         ("NEXT RUN", ".status.nextScheduleTime", 1),
+        ("REMOVED", ".status.lastRun.removed", 1),
     ];
     let want: Vec<(String, String, i64)> = want
         .iter()
@@ -129,6 +130,27 @@ fn the_schema_validates_what_it_can() {
         rules
             .iter()
             .any(|r| r["message"] == "aliasLabel is required when identifier is user_alias")
+    );
+    assert_eq!(
+        braze["properties"]["removal"]["enum"],
+        serde_json::json!(["Keep", "Remove"])
+    );
+    assert_eq!(braze["properties"]["removal"]["default"], "Keep");
+    assert_eq!(braze["properties"]["removalLimitPercent"]["default"], 20);
+    assert_eq!(
+        braze["properties"]["removalLimitPercent"]["maximum"].as_f64(),
+        Some(100.0)
+    );
+    assert_eq!(braze["properties"]["delta"]["default"], false);
+    assert_eq!(braze["properties"]["fullResyncInterval"]["default"], "168h");
+    assert!(braze["properties"]["fullResyncInterval"]["pattern"].is_string());
+    assert_eq!(spec["properties"]["cleanupOnDelete"]["default"], false);
+    assert!(
+        spec["x-kubernetes-validations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["message"] == "cleanupOnDelete needs braze.removal: Remove")
     );
     let looker = &spec["properties"]["looker"];
     assert_eq!(

@@ -449,3 +449,63 @@ async fn looker_latency_applies_to_login_and_run() {
     let (seen, _) = run_timed(&c, &looker, &token).await;
     assert!(seen[0] >= Duration::from_millis(200), "{seen:?}");
 }
+
+#[tokio::test]
+async fn braze_applies_add_and_remove_to_stored_arrays() {
+    let (b, c) = braze().await;
+    b.set_array("u9", "looker_export", &["OTHER"]);
+    let add = json!({"attributes": [
+        {"external_id": "u1", "_update_existing_only": true, "looker_export": {"add": ["A"]}},
+        {"external_id": "u2", "looker_export": {"add": ["A", "B"]}},
+        {"external_id": "u9", "looker_export": {"add": ["A"]}},
+        {"braze_id": "b1", "looker_export": {"add": ["A"]}},
+        {"user_alias": {"alias_name": "al", "alias_label": "looker"}, "looker_export": {"add": ["A"]}},
+    ]});
+    assert_eq!(track(&c, &b, KEY, &add).await.status, 201);
+    let all: Vec<&str> = vec!["al", "b1", "u1", "u2", "u9"];
+    assert_eq!(
+        b.segment("looker_export", "A"),
+        all.iter().map(|s| s.to_string()).collect()
+    );
+    assert_eq!(b.array("u9", "looker_export").unwrap(), ["OTHER", "A"]);
+    let remove = json!({"attributes": [
+        {"external_id": "u1", "_update_existing_only": true, "looker_export": {"remove": ["A"]}},
+        {"external_id": "u9", "looker_export": {"remove": ["A"]}},
+        {"external_id": "u2", "looker_export": {"add": ["A"]}},
+    ]});
+    assert_eq!(track(&c, &b, KEY, &remove).await.status, 201);
+    let left: Vec<String> = b.segment("looker_export", "A").into_iter().collect();
+    assert_eq!(left, ["al", "b1", "u2"]);
+    assert_eq!(b.array("u9", "looker_export").unwrap(), ["OTHER"]);
+    assert_eq!(
+        b.array("u2", "looker_export").unwrap(),
+        ["B", "A"],
+        "re-adding moves it to the end"
+    );
+    assert_eq!(
+        b.array("u1", "looker_export").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(b.requests().len(), 2, "requests are still recorded");
+
+    // Rejected objects, refused requests and failing identifiers change nothing.
+    b.reject_id("u1");
+    let rejected = json!({"attributes": [
+        {"external_id": "u1", "looker_export": {"add": ["A"]}},
+        {"external_id": "u3", "looker_export": {"add": ["A"]}},
+    ]});
+    assert_eq!(track(&c, &b, KEY, &rejected).await.status, 201);
+    b.set_failing_ids(&["u4"]);
+    let failing = json!({"attributes": [
+        {"external_id": "u4", "looker_export": {"add": ["A"]}},
+        {"external_id": "u5", "looker_export": {"add": ["A"]}},
+    ]});
+    assert_eq!(track(&c, &b, KEY, &failing).await.status, 503);
+    b.inject([Fault::Status(500)]);
+    assert_eq!(track(&c, &b, KEY, &failing).await.status, 500);
+    let left: Vec<String> = b.segment("looker_export", "A").into_iter().collect();
+    assert_eq!(left, ["al", "b1", "u2", "u3"]);
+    b.set_failing_ids(&[]);
+    assert_eq!(track(&c, &b, KEY, &failing).await.status, 201);
+    assert!(b.segment("looker_export", "A").contains("u4"));
+}

@@ -1,5 +1,6 @@
 //! One `/users/track` request's worth of attributes objects, kept serialized, with the row
-//! number each came from.
+//! number each came from and a key per object (the user's keyed hash, so that a run with a
+//! stored audience knows whose objects failed without keeping identifiers).
 
 use serde::Serialize;
 
@@ -14,6 +15,7 @@ pub struct Batch {
     bytes: Vec<u8>,
     ends: Vec<usize>,
     rows: Vec<u64>,
+    keys: Vec<u64>,
 }
 
 impl Batch {
@@ -23,14 +25,30 @@ impl Batch {
             bytes: Vec::with_capacity(n * 128),
             ends: Vec::with_capacity(n),
             rows: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
         }
     }
 
     /// Appends an object that came from row `row`.
     pub fn push<T: Serialize>(&mut self, row: u64, object: &T) -> serde_json::Result<()> {
-        serde_json::to_writer(&mut self.bytes, object)?;
+        self.push_keyed(row, 0, object)
+    }
+
+    /// Appends an object that came from row `row`, for the user with key `key`.
+    pub fn push_keyed<T: Serialize>(
+        &mut self,
+        row: u64,
+        key: u64,
+        object: &T,
+    ) -> serde_json::Result<()> {
+        let start = self.bytes.len();
+        if let Err(e) = serde_json::to_writer(&mut self.bytes, object) {
+            self.bytes.truncate(start);
+            return Err(e);
+        }
         self.ends.push(self.bytes.len());
         self.rows.push(row);
+        self.keys.push(key);
         Ok(())
     }
 
@@ -60,15 +78,22 @@ impl Batch {
         last.bytes.extend_from_slice(&self.bytes[start..]);
         last.ends.push(last.bytes.len());
         last.rows.push(self.rows[n - 1]);
+        last.keys.push(self.keys[n - 1]);
         self.bytes.truncate(start);
         self.ends.pop();
         self.rows.pop();
+        self.keys.pop();
         last
     }
 
     /// Row number of each object, in order.
     pub fn rows(&self) -> &[u64] {
         &self.rows
+    }
+
+    /// Key of each object, in order (0 when pushed without one).
+    pub fn keys(&self) -> &[u64] {
+        &self.keys
     }
 
     fn object(&self, i: usize) -> &[u8] {
@@ -97,6 +122,7 @@ impl Batch {
             out.bytes.extend_from_slice(self.object(i));
             out.ends.push(out.bytes.len());
             out.rows.push(self.rows[i]);
+            out.keys.push(self.keys[i]);
         }
         out
     }
@@ -172,9 +198,24 @@ mod tests {
             (vec!["u0".to_string(), "u1".into()], vec!["u2".to_string()])
         );
         assert_eq!(last.rows(), [12]);
+        assert_eq!(last.keys(), [0]);
         assert_eq!(b.body_len(), b.body().len());
         let mut one = batch(1);
         assert_eq!(one.pop_last().rows(), [10]);
         assert!(one.is_empty() && one.pop_last().is_empty());
+    }
+
+    #[test]
+    fn keys_follow_their_objects() {
+        let mut b = Batch::with_capacity(4);
+        for i in 0..4u64 {
+            b.push_keyed(i + 1, 100 + i, &json!({"external_id": format!("u{i}")}))
+                .unwrap();
+        }
+        let (l, r) = b.split();
+        assert_eq!((l.keys(), r.keys()), (&[100, 101][..], &[102, 103][..]));
+        assert_eq!(b.select(|i| i == 3).keys(), [103]);
+        assert_eq!(b.pop_last().keys(), [103]);
+        assert_eq!(b.keys(), [100, 101, 102]);
     }
 }

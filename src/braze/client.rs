@@ -80,15 +80,22 @@ pub struct Delivery {
     pub rate_limited: u64,
     /// An answer that stops the run.
     pub fatal: Option<BrazeError>,
+    /// Keys of the rejected objects ([`Batch::keys`]).
+    pub rejected_keys: Vec<u64>,
+    /// Keys of the objects not delivered.
+    pub failed_keys: Vec<u64>,
 }
 
 impl Delivery {
-    fn reject(&mut self, kind: &str, rows: impl IntoIterator<Item = u64>) {
+    /// Records object `i` of `batch` as rejected, under Braze's error type `kind`.
+    fn reject(&mut self, kind: &str, batch: &Batch, i: usize) {
         let kind = truncate(kind, 200);
+        let row = batch.rows()[i];
         match self.rejected.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, r)) => r.extend(rows),
-            None => self.rejected.push((kind, rows.into_iter().collect())),
+            Some((_, r)) => r.push(row),
+            None => self.rejected.push((kind, vec![row])),
         }
+        self.rejected_keys.push(batch.keys()[i]);
     }
 
     /// Marks a batch's objects as not delivered.
@@ -98,6 +105,7 @@ impl Delivery {
             reason.describe(attempts),
             batch.rows().to_vec(),
         ));
+        self.failed_keys.extend_from_slice(batch.keys());
     }
 }
 
@@ -457,12 +465,12 @@ fn settle(batch: Batch, verdict: Verdict, out: &mut Delivery, work: &mut Vec<Bat
         Verdict::Accepted(rejected) => {
             out.sent += (batch.len() - rejected.len()) as u64;
             for (i, kind) in rejected {
-                out.reject(&kind, [batch.rows()[i]]);
+                out.reject(&kind, &batch, i);
             }
         }
         Verdict::RejectSome(rejected) => {
             for (i, kind) in &rejected {
-                out.reject(kind, [batch.rows()[*i]]);
+                out.reject(kind, &batch, *i);
             }
             // Braze processed none of the others: send them again without the bad ones.
             let rest = batch.select(|i| !rejected.iter().any(|(r, _)| *r == i));
@@ -470,20 +478,23 @@ fn settle(batch: Batch, verdict: Verdict, out: &mut Delivery, work: &mut Vec<Bat
                 work.push(rest);
             }
         }
-        Verdict::RejectAll(message) => out.reject(
-            &format!("400 Bad Request: {message}"),
-            batch.rows().iter().copied(),
-        ),
+        Verdict::RejectAll(message) => {
+            let kind = format!("400 Bad Request: {message}");
+            for i in 0..batch.len() {
+                out.reject(&kind, &batch, i);
+            }
+        }
         Verdict::Split if batch.len() > 1 => {
             let (a, b) = batch.split();
             // `work` is a stack: push the second half first so rows go out in order.
             work.push(b);
             work.push(a);
         }
-        Verdict::Split => out.reject(
-            "the object alone is too large for Braze (413)",
-            batch.rows().iter().copied(),
-        ),
+        Verdict::Split => {
+            for i in 0..batch.len() {
+                out.reject("the object alone is too large for Braze (413)", &batch, i);
+            }
+        }
         Verdict::Fatal(e) => {
             out.fail(&batch, &FailReason::Stopped(e.reason(), e.to_string()), 1);
             out.fatal = Some(e);

@@ -1,12 +1,18 @@
 //! `braze-export-operator demo`: the sandbox Looker and Braze on loopback, the example export
-//! run through the real pipeline, and what Braze received.
+//! run twice through the real pipeline with `removal: Remove`, what Braze received, and the
+//! segment after each run (users leaving it after the second).
 
 use serde_json::Value;
 
 use super::load::load_export;
-use crate::export::{Credentials, ExportPlan, RunOptions, Services, Trigger, run_export};
+use crate::audience::Owner;
+use crate::export::{
+    AudienceInput, AudienceUpdate, Credentials, ExportPlan, RunOptions, Services, Trigger,
+    run_export_synced,
+};
 use crate::sandbox::{BrazeSandbox, Fault, Generator, Look, LookerSandbox};
 use crate::secret::Secret;
+use crate::spec::RemovalMode;
 
 /// The example export shipped in `examples/`, which the demo runs.
 pub const EXAMPLE: &str = include_str!("../../examples/churn-risk.yaml");
@@ -37,15 +43,21 @@ async fn try_demo(rows: u64) -> Result<i32, String> {
     braze.inject([Fault::Status(503), Fault::RateLimited { retry_after: 1 }]);
     doc.spec.looker.base_url = looker.url.clone();
     doc.spec.braze.endpoint = braze.url.clone();
+    // The demo mirrors the Look: users who leave it lose the flag.
+    doc.spec.braze.removal = RemovalMode::Remove;
     let name = doc.metadata.name.clone().unwrap_or_default();
     let plan = ExportPlan::new(&name, &doc.spec).map_err(|e| crate::spec::join_errors(&e))?;
+    let (attribute, flag) = (plan.shape.attribute.clone(), plan.shape.export_name.clone());
     println!(
         "Sandbox Looker at {} serves Look {} with {rows} users (some dirty rows: duplicates, null ids).",
         looker.url, plan.look_id
     );
     println!(
-        "Sandbox Braze at {} will fail one request with 503 and rate-limit one with 429.\n",
+        "Sandbox Braze at {} will fail one request with 503 and rate-limit one with 429.",
         braze.url
+    );
+    println!(
+        "The export runs with removal: Remove, twice: users who leave the Look lose the flag.\n"
     );
     let creds = Credentials {
         looker_client_id: "demo-client-id".into(),
@@ -53,12 +65,19 @@ async fn try_demo(rows: u64) -> Result<i32, String> {
         braze_api_key: Some(Secret::new("demo-api-key")),
     };
     let services = Services::default();
-    let report = run_export(&services, &plan, &creds, RunOptions::new(Trigger::Cli)).await;
-    print!(
-        "{}",
-        report.to_text(&format!("Export {name} (Look {})", plan.look_id))
-    );
+    let owner = Owner {
+        namespace: doc.metadata.namespace.clone(),
+        name: name.clone(),
+    };
+    let title = format!("Export {name} (Look {})", plan.look_id);
 
+    println!("== Run 1 ==");
+    let input = AudienceInput {
+        owner: owner.clone(),
+        previous: None,
+    };
+    let first = run_export_synced(&services, &plan, &creds, opts(), Some(input)).await;
+    print!("{}", first.report.to_text(&title));
     let requests = braze.requests();
     let accepted = braze.accepted();
     println!(
@@ -77,22 +96,92 @@ async fn try_demo(rows: u64) -> Result<i32, String> {
             "\nThe first accepted request (Authorization: Bearer <redacted>, Content-Type: {}):",
             first.content_type.as_deref().unwrap_or("")
         );
-        let mut body = first.body.clone();
-        if let Some(list) = body["attributes"].as_array_mut() {
-            let more = list.len().saturating_sub(2);
-            list.truncate(2);
-            if more > 0 {
-                list.push(Value::String(format!("… {more} more objects")));
-            }
-        }
+        println!("{}", shortened(&first.body));
+    }
+    let before = braze.segment(&attribute, &flag);
+    println!(
+        "\nThe segment `{attribute} includes {flag}` now holds {} users.",
+        before.len()
+    );
+    let AudienceUpdate::Replace(state) = first.audience else {
+        println!("The run kept no audience; the second run is skipped.");
+        return Ok(first.report.outcome.exit_code());
+    };
+    println!(
+        "The stored audience: {} users, {} bytes compressed.\n",
+        state.header().members,
+        state.len_bytes()
+    );
+
+    // The Look moves on: its first 5% of users leave, as many new ones join.
+    let shift = (rows / 20).max(1);
+    looker.add_look(&plan.look_id, Look::users(rows, Generator::Shifted(shift)));
+    println!("== Run 2: the Look moved on by {shift} users ==");
+    let seen = braze.requests().len();
+    let input = AudienceInput {
+        owner,
+        previous: Some(state),
+    };
+    let second = run_export_synced(&services, &plan, &creds, opts(), Some(input)).await;
+    print!("{}", second.report.to_text(&title));
+    let removal = braze.requests()[seen..]
+        .iter()
+        .find(|r| r.status < 300 && r.body.to_string().contains("\"remove\""))
+        .map(|r| r.body.clone());
+    if let Some(body) = removal {
+        println!("\nA removal request:\n{}", shortened(&body));
+    }
+    let after = braze.segment(&attribute, &flag);
+    let left: Vec<&String> = before.difference(&after).collect();
+    let joined: Vec<&String> = after.difference(&before).collect();
+    println!(
+        "\nThe segment `{attribute} includes {flag}` now holds {} users: {} left it ({}), {} joined ({}).",
+        after.len(),
+        left.len(),
+        sample(&left),
+        joined.len(),
+        sample(&joined)
+    );
+    if let Some(gone) = left.first() {
         println!(
-            "{}",
-            serde_json::to_string_pretty(&body).unwrap_or_default()
+            "{gone} in Braze: {attribute} = {:?}",
+            braze.array(gone, &attribute).unwrap_or_default()
         );
     }
     println!(
-        "\nReport as JSON (what `run --output json` prints):\n{}",
-        serde_json::to_string_pretty(&report).unwrap_or_default()
+        "\nReport of run 2 as JSON (what `run --output json` prints):\n{}",
+        serde_json::to_string_pretty(&second.report).unwrap_or_default()
     );
-    Ok(report.outcome.exit_code())
+    let code = first
+        .report
+        .outcome
+        .exit_code()
+        .max(second.report.outcome.exit_code());
+    Ok(code)
+}
+
+fn opts() -> RunOptions {
+    RunOptions::new(Trigger::Cli)
+}
+
+/// A request body with its attributes cut to two, for printing.
+fn shortened(body: &Value) -> String {
+    let mut body = body.clone();
+    if let Some(list) = body["attributes"].as_array_mut() {
+        let more = list.len().saturating_sub(2);
+        list.truncate(2);
+        if more > 0 {
+            list.push(Value::String(format!("… {more} more objects")));
+        }
+    }
+    serde_json::to_string_pretty(&body).unwrap_or_default()
+}
+
+/// The first three of a list, and how many more.
+fn sample(ids: &[&String]) -> String {
+    let mut s: Vec<String> = ids.iter().take(3).map(|i| (*i).clone()).collect();
+    if ids.len() > 3 {
+        s.push(format!("… {} more", ids.len() - 3));
+    }
+    s.join(", ")
 }

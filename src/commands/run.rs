@@ -9,9 +9,11 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::load::load_export;
+use crate::audience::{self, Encoded, Owner};
 use crate::braze::PayloadDump;
 use crate::export::{
-    Credentials, ExportPlan, Progress, RunOptions, RunReport, Services, Trigger, run_export,
+    AudienceInput, AudienceUpdate, Credentials, ExportPlan, Progress, RunOptions, RunReport,
+    Services, Trigger, run_export_synced,
 };
 use crate::secret::Secret;
 
@@ -50,11 +52,32 @@ pub struct RunArgs {
     /// Write each request body to this file, one JSON line per request.
     #[arg(long, value_name = "PATH")]
     pub dump_payloads: Option<PathBuf>,
+    /// Keep the export's audience (the users it flagged) in this file between runs:
+    /// created by the first run, replaced atomically after each. Needed by
+    /// `removal: Remove` and `delta: true`. It holds user identifiers: keep it private.
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// With `delta: true`: send everyone this run (a full resync), whatever
+    /// `fullResyncInterval` says.
+    #[arg(long)]
+    pub full_resync: bool,
+    /// With `removal: Remove`: remove users who left even beyond `removalLimitPercent` (or
+    /// everyone, when the Look returned nothing), for this run only.
+    #[arg(long)]
+    pub allow_removal: bool,
 }
 
 /// Bad input, reported before anything runs.
 #[derive(Debug)]
 pub struct BadInput(pub String);
+
+/// Everything `run` checked before running.
+struct Prepared {
+    plan: ExportPlan,
+    creds: Credentials,
+    dump: Option<Arc<PayloadDump>>,
+    audience: Option<AudienceInput>,
+}
 
 /// Runs the command; returns the process exit code (0, 3, 1 or 2).
 pub async fn run(args: RunArgs) -> i32 {
@@ -63,13 +86,16 @@ pub async fn run(args: RunArgs) -> i32 {
             eprintln!("error: {message}");
             EXIT_BAD_INPUT
         }
-        Ok((plan, creds, dump)) => {
-            let report = execute(&plan, &creds, &args, dump).await;
-            print_report(
-                &report,
-                &report_title(&plan.name, &plan.look_id),
-                args.output,
-            );
+        Ok(p) => {
+            let title = report_title(&p.plan.name, &p.plan.look_id);
+            let (report, update) = execute(p, &args).await;
+            print_report(&report, &title, args.output);
+            if let (Some(path), AudienceUpdate::Replace(encoded)) = (&args.state, &update)
+                && let Err(e) = audience::write_file(path, encoded)
+            {
+                eprintln!("error: cannot write the state file {}: {e}", path.display());
+                return 1;
+            }
             report.outcome.exit_code()
         }
     }
@@ -91,9 +117,7 @@ pub fn print_report(report: &RunReport, title: &str, output: Output) {
     }
 }
 
-fn prepare(
-    args: &RunArgs,
-) -> Result<(ExportPlan, Credentials, Option<Arc<PayloadDump>>), BadInput> {
+fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
     let file = args.file.display();
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| BadInput(format!("cannot read {file}: {e}")))?;
@@ -107,6 +131,11 @@ fn prepare(
         let lines: Vec<String> = errors.iter().map(|e| format!("  {e}")).collect();
         BadInput(format!("{file}: invalid spec:\n{}", lines.join("\n")))
     })?;
+    let owner = Owner {
+        namespace: doc.metadata.namespace.clone(),
+        name,
+    };
+    let audience = load_state(args, &plan, owner)?;
     let creds = credentials_from_env(args.dry_run)?;
     let dump = match &args.dump_payloads {
         Some(p) => {
@@ -116,7 +145,46 @@ fn prepare(
         }
         None => None,
     };
-    Ok((plan, creds, dump))
+    Ok(Prepared {
+        plan,
+        creds,
+        dump,
+        audience,
+    })
+}
+
+/// Reads and checks `--state`: a file of another export or identifier type, or a damaged
+/// one, is refused (never used, never overwritten).
+fn load_state(
+    args: &RunArgs,
+    plan: &ExportPlan,
+    owner: Owner,
+) -> Result<Option<AudienceInput>, BadInput> {
+    let Some(path) = &args.state else {
+        if plan.needs_audience() {
+            return Err(BadInput(format!(
+                "{}: spec.braze.removal: Remove and spec.braze.delta: true need --state FILE: the file keeps the export's audience (the users it flagged) between runs, so that users who leave the Look lose the flag and users already flagged are not sent again",
+                args.file.display()
+            )));
+        }
+        return Ok(None);
+    };
+    let refuse = |why: String| {
+        BadInput(format!(
+            "the state file {} cannot be used: {why}",
+            path.display()
+        ))
+    };
+    let previous: Option<Encoded> = audience::read_file(path).map_err(|e| refuse(e.to_string()))?;
+    if let Some(p) = &previous {
+        let alias = (plan.shape.identifier == crate::spec::IdentifierKind::UserAlias)
+            .then_some(plan.shape.alias_label.as_str());
+        p.header()
+            .check(&owner, plan.shape.identifier, alias)
+            .map_err(refuse)?;
+        p.verify().map_err(|e| refuse(e.to_string()))?;
+    }
+    Ok(Some(AudienceInput { owner, previous }))
 }
 
 /// Reads the credentials from the environment; a dry run needs no Braze key.
@@ -142,16 +210,13 @@ pub fn credentials_from_env(dry_run: bool) -> Result<Credentials, BadInput> {
     })
 }
 
-async fn execute(
-    plan: &ExportPlan,
-    creds: &Credentials,
-    args: &RunArgs,
-    dump: Option<Arc<PayloadDump>>,
-) -> RunReport {
+async fn execute(p: Prepared, args: &RunArgs) -> (RunReport, AudienceUpdate) {
     let services = Services::default();
     let mut opts = RunOptions::new(Trigger::Cli);
     opts.dry_run = args.dry_run;
-    opts.dump = dump;
+    opts.dump = p.dump;
+    opts.full_resync = args.full_resync;
+    opts.allow_removal_over_limit = args.allow_removal;
     let cancel = opts.cancel.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -160,9 +225,9 @@ async fn execute(
         }
     });
     let bar = progress_bar(Arc::clone(&opts.progress));
-    let report = run_export(&services, plan, creds, opts).await;
+    let result = run_export_synced(&services, &p.plan, &p.creds, opts, p.audience).await;
     bar.finish_and_clear();
-    report
+    (result.report, result.audience)
 }
 
 /// A spinner with elapsed time and a message on stderr, drawn only when stderr is a terminal

@@ -357,6 +357,51 @@ fn too_long(text: &str) -> bool {
     text.len() > MAX_ATTRIBUTE_CHARS && text.chars().nth(MAX_ATTRIBUTE_CHARS).is_some()
 }
 
+/// The object that takes the flag off a user who left the Look:
+/// `{"<identifier>": …, "_update_existing_only": true, "<attribute>": {"remove": ["<exportName>"]}}`.
+/// Always for existing users only: a removal must never create one.
+#[derive(Debug)]
+pub struct RemovalObject<'a> {
+    /// Identifier kind.
+    pub identifier: IdentifierKind,
+    /// Alias label (for `user_alias`).
+    pub alias_label: &'a str,
+    /// The array attribute.
+    pub attribute: &'a str,
+    /// The value removed from it.
+    pub export_name: &'a str,
+    /// The identifier.
+    pub id: &'a str,
+}
+
+impl Serialize for RemovalObject<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(3))?;
+        match self.identifier {
+            IdentifierKind::UserAlias => map.serialize_entry(
+                "user_alias",
+                &Alias {
+                    name: self.id,
+                    label: self.alias_label,
+                },
+            )?,
+            kind => map.serialize_entry(kind.key(), self.id)?,
+        }
+        map.serialize_entry("_update_existing_only", &true)?;
+        map.serialize_entry(self.attribute, &Remove([self.export_name]))?;
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct Remove<'a>(#[serde(serialize_with = "remove")] [&'a str; 1]);
+
+fn remove<S: Serializer>(values: &[&str; 1], s: S) -> Result<S::Ok, S::Error> {
+    let mut map = s.serialize_map(Some(1))?;
+    map.serialize_entry("remove", values)?;
+    map.end()
+}
+
 #[derive(Serialize)]
 struct Alias<'a> {
     #[serde(rename = "alias_name")]
@@ -392,7 +437,7 @@ impl Dedup {
 
 /// Hasher for keys that are already hashes.
 #[derive(Default)]
-struct Prehashed(u64);
+pub(crate) struct Prehashed(u64);
 
 impl Hasher for Prehashed {
     fn finish(&self) -> u64 {
@@ -685,6 +730,29 @@ mod tests {
         let cells = [v(json!("u1")), v(json!(null)), v(json!(null))];
         let o = serde_json::to_value(map_row(&c, &s, &cells).unwrap()).unwrap();
         assert_eq!(o["_update_existing_only"], false);
+    }
+
+    #[test]
+    fn removal_objects_take_the_value_off_existing_users_only() {
+        let r = |identifier, id| {
+            serde_json::to_string(&RemovalObject {
+                identifier,
+                alias_label: "looker",
+                attribute: "looker_export",
+                export_name: "CHURN",
+                id,
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            r(IdentifierKind::ExternalId, "u1"),
+            r#"{"external_id":"u1","_update_existing_only":true,"looker_export":{"remove":["CHURN"]}}"#
+        );
+        assert_eq!(
+            r(IdentifierKind::UserAlias, "a\"b"),
+            r#"{"user_alias":{"alias_name":"a\"b","alias_label":"looker"},"_update_existing_only":true,"looker_export":{"remove":["CHURN"]}}"#
+        );
+        assert!(r(IdentifierKind::BrazeId, "b1").starts_with(r#"{"braze_id":"b1","#));
     }
 
     #[test]

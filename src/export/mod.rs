@@ -4,11 +4,14 @@ pub mod mapping;
 pub mod plan;
 pub mod report;
 pub mod run;
+pub mod sync;
 
 pub use plan::{Credentials, ExportPlan};
-pub use report::{Outcome, RunReport, Trigger};
-pub use run::{Progress, RunOptions, Services, run_export};
+pub use report::{Outcome, RunReport, SyncMode, Trigger};
+pub use run::{Progress, RunOptions, Services, run_export, run_export_synced};
+pub use sync::{AudienceInput, AudienceUpdate, RunResult};
 
+use crate::audience::AudienceError;
 use crate::braze::BrazeError;
 use crate::looker::LookerError;
 use mapping::ColumnError;
@@ -31,6 +34,17 @@ pub enum RunError {
     /// A bug: a task of the pipeline died.
     #[error("internal error: {0}")]
     Internal(String),
+    /// `removal: Remove` or `delta: true` without a stored audience.
+    #[error(
+        "spec.braze.removal: Remove and spec.braze.delta: true need the export's stored audience, and this run has none"
+    )]
+    AudienceRequired,
+    /// The stored audience belongs to another export or identifier type.
+    #[error("the stored audience cannot be used: {0}")]
+    AudienceMismatch(String),
+    /// The stored audience is damaged.
+    #[error("the stored audience cannot be read: {0}")]
+    AudienceUnreadable(AudienceError),
 }
 
 impl RunError {
@@ -41,6 +55,9 @@ impl RunError {
             Self::Columns { source, .. } => source.reason(),
             Self::Braze(e) => e.reason(),
             Self::Internal(_) => "InternalError",
+            Self::AudienceRequired => "AudienceRequired",
+            Self::AudienceMismatch(_) => "AudienceMismatch",
+            Self::AudienceUnreadable(_) => "AudienceUnreadable",
         }
     }
 }

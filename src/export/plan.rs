@@ -6,7 +6,7 @@ use reqwest::Url;
 
 use super::mapping::ObjectShape;
 use crate::secret::Secret;
-use crate::spec::{BrazeExportSpec, FieldError, RateLimitSpec, ResultsMode};
+use crate::spec::{BrazeExportSpec, FieldError, RateLimitSpec, RemovalMode, ResultsMode};
 
 /// The credentials of a run, read from Secrets or the environment.
 #[derive(Clone, Debug)]
@@ -48,6 +48,14 @@ pub struct ExportPlan {
     pub rate_limit: RateLimitSpec,
     /// Rows beyond this are skipped.
     pub max_rows: Option<u64>,
+    /// Whether users who leave the Look lose the flag.
+    pub removal: RemovalMode,
+    /// A run removing a larger share of the audience (percent) removes nobody.
+    pub removal_limit_percent: u32,
+    /// Users flagged by the last successful run are not sent again.
+    pub delta: bool,
+    /// How often a delta export sends everyone again.
+    pub full_resync_interval: jiff::SignedDuration,
 }
 
 impl ExportPlan {
@@ -67,6 +75,8 @@ impl ExportPlan {
             .map_err(|e| invalid("spec.looker.baseUrl", e))?;
         let track_url = crate::braze::endpoint::track_url(&spec.braze.endpoint)
             .map_err(|e| invalid("spec.braze.endpoint", e))?;
+        let full_resync_interval = crate::spec::parse_interval(&spec.braze.full_resync_interval)
+            .map_err(|e| invalid("spec.braze.fullResyncInterval", e))?;
         Ok(Self {
             name: name.to_owned(),
             looker_api,
@@ -87,7 +97,16 @@ impl ExportPlan {
             concurrency: spec.braze.concurrency as usize,
             rate_limit: spec.braze.rate_limit.unwrap_or_default(),
             max_rows: spec.max_rows,
+            removal: spec.braze.removal,
+            removal_limit_percent: spec.braze.removal_limit_percent,
+            delta: spec.braze.delta,
+            full_resync_interval,
         })
+    }
+
+    /// Whether runs need the stored audience (`removal: Remove` or `delta: true`).
+    pub fn needs_audience(&self) -> bool {
+        self.removal == RemovalMode::Remove || self.delta
     }
 
     /// The Looker timeout as a duration.

@@ -89,12 +89,45 @@ pub struct Counts {
     pub failed: u64,
     /// Rows beyond `maxRows`.
     pub skipped: u64,
+    /// With `delta: true`: rows of users already flagged by the last successful run, not
+    /// sent again (part of the rows' invariant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged: Option<u64>,
+    /// With a stored audience: users newly flagged compared with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added: Option<u64>,
+    /// With `removal: Remove`: users of the previous audience whose flag the run was to
+    /// remove (`removed + removalRejected + removalFailed + removalWithheld`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_candidates: Option<u64>,
+    /// With `removal: Remove`: users whose flag Braze removed (in a dry run: would remove).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed: Option<u64>,
+    /// With `removal: Remove`: removals Braze listed in a response's `errors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_rejected: Option<u64>,
+    /// With `removal: Remove`: removals never acknowledged (they stay in the stored audience,
+    /// and a later run removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_failed: Option<u64>,
+    /// With `removal: Remove`: removals not attempted because the run would have removed more
+    /// than `removalLimitPercent` of the audience (error group `RemovalLimitExceeded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_withheld: Option<u64>,
     /// HTTP requests to Braze.
     pub requests: u64,
     /// Requests that were retries.
     pub retries: u64,
     /// 429 answers from Braze.
     pub rate_limited: u64,
+}
+
+/// Adds two counts that may not apply (`None` + `None` stays `None`).
+fn add_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (None, None) => None,
+        _ => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+    }
 }
 
 impl Counts {
@@ -108,6 +141,13 @@ impl Counts {
             rejected,
             failed,
             skipped,
+            unchanged,
+            added,
+            removal_candidates,
+            removed,
+            removal_rejected,
+            removal_failed,
+            removal_withheld,
             requests,
             retries,
             rate_limited,
@@ -119,12 +159,19 @@ impl Counts {
         self.rejected += rejected;
         self.failed += failed;
         self.skipped += skipped;
+        self.unchanged = add_opt(self.unchanged, unchanged);
+        self.added = add_opt(self.added, added);
+        self.removal_candidates = add_opt(self.removal_candidates, removal_candidates);
+        self.removed = add_opt(self.removed, removed);
+        self.removal_rejected = add_opt(self.removal_rejected, removal_rejected);
+        self.removal_failed = add_opt(self.removal_failed, removal_failed);
+        self.removal_withheld = add_opt(self.removal_withheld, removal_withheld);
         self.requests += requests;
         self.retries += retries;
         self.rate_limited += rate_limited;
     }
 
-    /// Rows accounted for: sent, duplicate, invalid, rejected, failed or skipped.
+    /// Rows accounted for: sent, duplicate, invalid, rejected, failed, skipped or unchanged.
     pub fn accounted(&self) -> u64 {
         let Counts {
             rows_read: _,
@@ -134,17 +181,49 @@ impl Counts {
             rejected,
             failed,
             skipped,
+            unchanged,
+            added: _,
+            removal_candidates: _,
+            removed: _,
+            removal_rejected: _,
+            removal_failed: _,
+            removal_withheld: _,
             requests: _,
             retries: _,
             rate_limited: _,
         } = *self;
-        sent + duplicates + invalid + rejected + failed + skipped
+        sent + duplicates + invalid + rejected + failed + skipped + unchanged.unwrap_or(0)
     }
 
-    /// True when every row read is accounted for exactly once.
+    /// Removals accounted for: removed, rejected, failed or withheld.
+    pub fn removals_accounted(&self) -> u64 {
+        [
+            self.removed,
+            self.removal_rejected,
+            self.removal_failed,
+            self.removal_withheld,
+        ]
+        .iter()
+        .map(|n| n.unwrap_or(0))
+        .sum()
+    }
+
+    /// True when every row read is accounted for exactly once, and so is every removal
+    /// candidate.
     pub fn balanced(&self) -> bool {
         self.rows_read == self.accounted()
+            && self.removal_candidates.unwrap_or(0) == self.removals_accounted()
     }
+}
+
+/// Which users a run sent (with `delta: true`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum SyncMode {
+    /// Only users not flagged by the last successful run.
+    Delta,
+    /// Everyone in the Look (the first run, every `fullResyncInterval`, on demand, or after
+    /// `exportName` or `attribute` changed).
+    Full,
 }
 
 /// What one run did. Also what `run --output json` prints.
@@ -170,6 +249,9 @@ pub struct RunReport {
     /// True when nothing was sent to Braze on purpose.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// With `delta: true`: whether this run sent only what changed or everyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_mode: Option<SyncMode>,
 }
 
 impl RunReport {
@@ -188,6 +270,7 @@ impl RunReport {
             errors: Vec::new(),
             message: format!("running: {rows_read} rows read, {sent} users flagged so far"),
             dry_run: false,
+            sync_mode: None,
         }
     }
 
@@ -216,6 +299,13 @@ impl RunReport {
             rejected,
             failed,
             skipped,
+            unchanged,
+            added,
+            removal_candidates: _,
+            removed,
+            removal_rejected,
+            removal_failed,
+            removal_withheld,
             requests,
             retries,
             rate_limited,
@@ -231,6 +321,32 @@ impl RunReport {
         ];
         for (label, n) in rows {
             out.push_str(&format!("  {label:<12}{n}\n"));
+        }
+        let removed_label = if self.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        let nonzero = |n: Option<u64>| n.filter(|n| *n > 0);
+        let audience = [
+            ("unchanged", unchanged),
+            ("added", added),
+            (removed_label, removed),
+            ("rm rejected", nonzero(removal_rejected)),
+            ("rm failed", nonzero(removal_failed)),
+            ("rm withheld", nonzero(removal_withheld)),
+        ];
+        for (label, n) in audience {
+            if let Some(n) = n {
+                out.push_str(&format!("  {label:<12}{n}\n"));
+            }
+        }
+        if let Some(mode) = self.sync_mode {
+            let kind = match mode {
+                SyncMode::Delta => "delta",
+                SyncMode::Full => "full resync",
+            };
+            out.push_str(&format!("  {:<12}{kind}\n", "sync"));
         }
         out.push_str(&format!(
             "  {:<12}{} ({} retries, {} rate-limited)\n  {:<12}{seconds:.1} s\n",
@@ -265,6 +381,12 @@ pub enum RowReason {
     /// Not delivered, under the reason of what stopped them (`BrazeServerError`,
     /// `RateLimited`, `Interrupted`, `BrazeForbidden`, `InternalError`, …).
     NotDelivered(&'static str),
+    /// Removals Braze listed in `errors` (detail: Braze's error type).
+    RemovalRejected,
+    /// Removals not delivered, under the reason of what stopped them.
+    RemovalNotDelivered(&'static str),
+    /// Removals withheld by the removal limit (detail: the whole sentence).
+    RemovalLimitExceeded,
 }
 
 impl RowReason {
@@ -277,7 +399,9 @@ impl RowReason {
             Self::AttributeTooLong => "AttributeTooLong",
             Self::MaxRowsExceeded => "MaxRowsExceeded",
             Self::BrazeRejected => "BrazeRejected",
-            Self::NotDelivered(reason) => reason,
+            Self::NotDelivered(reason) | Self::RemovalNotDelivered(reason) => reason,
+            Self::RemovalRejected => "RemovalRejected",
+            Self::RemovalLimitExceeded => "RemovalLimitExceeded",
         }
     }
 }
@@ -379,17 +503,38 @@ pub fn finish(
     interrupted: bool,
     ctx: RunContext,
 ) -> RunReport {
-    let undelivered = tally.counts.failed + tally.counts.rejected;
+    finish_synced(tally, failure, interrupted, ctx, None)
+}
+
+/// [`finish`] for a run with a stored audience: `sync_mode` (with `delta: true`) is written
+/// in the report and at the start of its message.
+pub fn finish_synced(
+    tally: Tally,
+    failure: Option<RunFailure>,
+    interrupted: bool,
+    ctx: RunContext,
+    sync_mode: Option<SyncMode>,
+) -> RunReport {
+    let c = &tally.counts;
+    let undelivered = c.failed + c.rejected;
+    let removals_left = c.removal_rejected.unwrap_or(0)
+        + c.removal_failed.unwrap_or(0)
+        + c.removal_withheld.unwrap_or(0);
     let outcome = if interrupted {
         Outcome::Interrupted
-    } else if failure.is_some() || (tally.counts.sent == 0 && undelivered > 0) {
+    } else if failure.is_some() || (c.sent == 0 && undelivered > 0 && c.removed.unwrap_or(0) == 0) {
         Outcome::Failed
-    } else if undelivered + tally.counts.skipped > 0 {
+    } else if undelivered + c.skipped + removals_left > 0 {
         Outcome::PartiallySucceeded
     } else {
         Outcome::Succeeded
     };
-    let counts = counts_phrase(&tally.counts, ctx.dry_run);
+    let mut counts = counts_phrase(&tally.counts, ctx.dry_run);
+    match sync_mode {
+        Some(SyncMode::Delta) => counts = format!("delta run: {counts}"),
+        Some(SyncMode::Full) => counts = format!("full resync: {counts}"),
+        None => {}
+    }
     let message = match (&failure, outcome) {
         (_, Outcome::Interrupted) => format!("interrupted by shutdown: {counts}"),
         (Some(f), _) => format!("{}; {counts}", f.message),
@@ -435,6 +580,7 @@ pub fn finish(
         errors,
         message,
         dry_run: ctx.dry_run,
+        sync_mode,
     }
 }
 
@@ -445,11 +591,27 @@ pub fn ensure_balanced(mut report: RunReport) -> RunReport {
     if report.balanced() {
         return report;
     }
-    let accounted = report.counts.accounted();
-    let read = report.counts.rows_read;
-    let message = format!(
-        "internal error: the counts do not add up ({read} rows read, {accounted} accounted for); please report it"
-    );
+    let c = &report.counts;
+    let (read, accounted) = (c.rows_read, c.accounted());
+    let (message, read, accounted) = if read == accounted {
+        let candidates = c.removal_candidates.unwrap_or(0);
+        let settled = c.removals_accounted();
+        (
+            format!(
+                "internal error: the removals do not add up ({candidates} candidates, {settled} accounted for); please report it"
+            ),
+            candidates,
+            settled,
+        )
+    } else {
+        (
+            format!(
+                "internal error: the counts do not add up ({read} rows read, {accounted} accounted for); please report it"
+            ),
+            read,
+            accounted,
+        )
+    };
     tracing::error!("{message}");
     report.outcome = Outcome::Failed;
     report.message = format!("{message}; {}", report.message);
@@ -467,14 +629,23 @@ pub fn ensure_balanced(mut report: RunReport) -> RunReport {
 
 /// "12480 users flagged, 31 duplicates, 2 invalid rows": the non-zero counts.
 pub fn counts_phrase(t: &Counts, dry_run: bool) -> String {
-    let mut parts = vec![if dry_run {
-        format!(
-            "{} would be flagged (dry run)",
-            plural(t.sent, "user", "users")
-        )
-    } else {
-        format!("{} flagged", plural(t.sent, "user", "users"))
+    let users = plural(t.sent, "user", "users");
+    let mut parts = vec![match (dry_run, t.added) {
+        (true, Some(n)) => format!("{users} would be flagged ({n} new, dry run)"),
+        (true, None) => format!("{users} would be flagged (dry run)"),
+        (false, Some(n)) => format!("{users} flagged ({n} new)"),
+        (false, None) => format!("{users} flagged"),
     }];
+    if let Some(n) = t.unchanged {
+        parts.push(format!("{n} unchanged"));
+    }
+    if let Some(n) = t.removed.filter(|n| *n > 0) {
+        parts.push(if dry_run {
+            format!("{n} would be removed")
+        } else {
+            format!("{n} removed")
+        });
+    }
     for (n, one, many) in [
         (t.duplicates, "duplicate", "duplicates"),
         (t.invalid, "invalid row", "invalid rows"),
@@ -484,6 +655,21 @@ pub fn counts_phrase(t: &Counts, dry_run: bool) -> String {
             t.skipped,
             "row skipped beyond maxRows",
             "rows skipped beyond maxRows",
+        ),
+        (
+            t.removal_rejected.unwrap_or(0),
+            "removal rejected by Braze",
+            "removals rejected by Braze",
+        ),
+        (
+            t.removal_failed.unwrap_or(0),
+            "removal not delivered",
+            "removals not delivered",
+        ),
+        (
+            t.removal_withheld.unwrap_or(0),
+            "removal withheld by the removal limit",
+            "removals withheld by the removal limit",
         ),
     ] {
         if n > 0 {
@@ -558,6 +744,15 @@ fn describe(g: &Group) -> String {
             }
         ),
         RowReason::NotDelivered(_) => format!("{subject} not delivered: {d}"),
+        RowReason::RemovalRejected => format!(
+            "Braze rejected {}: {d}",
+            plural(g.count, "removal", "removals")
+        ),
+        RowReason::RemovalNotDelivered(_) => format!(
+            "{} not delivered (the users stay in the stored audience, and a later run removes them): {d}",
+            plural(g.count, "removal", "removals")
+        ),
+        RowReason::RemovalLimitExceeded => d.clone(),
     }
 }
 
@@ -757,5 +952,98 @@ mod tests {
         );
         assert_eq!(a.groups[0].count, 3);
         assert_eq!(a.groups[0].rows, [1, 2, 3]);
+    }
+
+    #[test]
+    fn audience_counts_have_their_own_invariant_and_appear_only_when_they_apply() {
+        let plain = finish(tally(3, 0, 0, 0, 0, 0), None, false, ctx());
+        let json = serde_json::to_value(&plain).unwrap();
+        for k in [
+            "added",
+            "unchanged",
+            "removed",
+            "removalRejected",
+            "removalFailed",
+            "removalWithheld",
+            "removalCandidates",
+            "syncMode",
+        ] {
+            assert!(json.get(k).is_none(), "{k} only when it applies");
+        }
+
+        let mut t = tally(10, 0, 0, 0, 0, 0);
+        t.counts.rows_read += 90;
+        t.counts.unchanged = Some(90);
+        t.counts.added = Some(4);
+        t.counts.removal_candidates = Some(7);
+        t.counts.removed = Some(5);
+        t.counts.removal_rejected = Some(0);
+        t.counts.removal_failed = Some(2);
+        t.counts.removal_withheld = Some(0);
+        t.note_n(
+            RowReason::RemovalNotDelivered("BrazeServerError"),
+            "Braze answered 503 on all 6 attempts",
+            2,
+            &[1, 2],
+        );
+        let r = finish_synced(t.clone(), None, false, ctx(), Some(SyncMode::Delta));
+        assert!(r.balanced());
+        assert_eq!(r.outcome, Outcome::PartiallySucceeded, "a removal failed");
+        assert_eq!(
+            r.message,
+            "delta run: 10 users flagged (4 new), 90 unchanged, 5 removed, 2 removals not delivered"
+        );
+        assert_eq!(
+            r.errors[0].message,
+            "2 removals not delivered (the users stay in the stored audience, and a later run removes them): Braze answered 503 on all 6 attempts"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            (
+                &json["syncMode"],
+                &json["unchanged"],
+                &json["removed"],
+                &json["removalFailed"]
+            ),
+            (
+                &serde_json::json!("Delta"),
+                &serde_json::json!(90),
+                &serde_json::json!(5),
+                &serde_json::json!(2)
+            )
+        );
+        let text = r.to_text("Export x (Look 1)");
+        assert!(
+            text.contains("  unchanged   90\n") && text.contains("  sync        delta\n"),
+            "{text}"
+        );
+
+        // Unbalanced on the removal side: Failed, and says which side.
+        let mut off = t.clone();
+        off.counts.removed = Some(6);
+        let r = ensure_balanced(finish(off, None, false, ctx()));
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert!(
+            r.message.starts_with(
+                "internal error: the removals do not add up (7 candidates, 8 accounted for)"
+            ),
+            "{}",
+            r.message
+        );
+
+        // Withheld removals alone make a partial success.
+        let mut held = tally(10, 0, 0, 0, 0, 0);
+        held.counts.removal_candidates = Some(30);
+        held.counts.removed = Some(0);
+        held.counts.removal_withheld = Some(30);
+        let r = finish(held, None, false, ctx());
+        assert_eq!(
+            (r.outcome, r.balanced()),
+            (Outcome::PartiallySucceeded, true)
+        );
+        assert_eq!(
+            r.message,
+            "10 users flagged, 30 removals withheld by the removal limit"
+        );
     }
 }

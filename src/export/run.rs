@@ -14,9 +14,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::mapping::{self, Columns, Dedup, near_miss_tag};
+use super::mapping::{self, Columns, near_miss_tag};
 use super::report::{self, RowReason, RunContext, RunFailure, Tally};
+use super::sync::{self, AudienceInput, AudienceUpdate, Prepared, RunResult, SinkSync};
 use super::{Credentials, ExportPlan, RunError, RunReport, Trigger};
+use crate::audience::MemberState;
+use crate::audience::seen::{Offer, Seen};
 use crate::braze::batch::MAX_REQUEST_BYTES;
 use crate::braze::{
     Batch, BrazeClient, BrazeError, Delivery, FailReason, LimiterRegistry, PayloadDump, RetryPolicy,
@@ -45,6 +48,8 @@ pub struct Progress {
     pub rows_read: AtomicU64,
     /// Objects accepted so far.
     pub sent: AtomicU64,
+    /// Users whose flag was removed so far (set when the removals end).
+    pub removed: AtomicU64,
 }
 
 /// How to run.
@@ -60,6 +65,12 @@ pub struct RunOptions {
     pub cancel: CancellationToken,
     /// Live counters.
     pub progress: Arc<Progress>,
+    /// Remove even more than `removalLimitPercent` of the audience (or everyone, after a Look
+    /// that returned nothing): the one run allowed to (see
+    /// [`crate::audience::removal_allowed_once`]; `run --allow-removal`).
+    pub allow_removal_over_limit: bool,
+    /// Send everyone, as a full resync does, whatever `fullResyncInterval` says.
+    pub full_resync: bool,
     /// Test hook: makes a part of the pipeline panic, to prove the counts survive it.
     #[doc(hidden)]
     pub failpoint: Failpoint,
@@ -87,6 +98,8 @@ impl RunOptions {
             dump: None,
             cancel: CancellationToken::new(),
             progress: Arc::default(),
+            allow_removal_over_limit: false,
+            full_resync: false,
             failpoint: Failpoint::None,
         }
     }
@@ -94,18 +107,44 @@ impl RunOptions {
 
 /// Runs one export to its end and reports what happened. Never fails: every error ends up
 /// in the report, and every row read is counted exactly once (checked, also in release
-/// builds: a report that does not add up becomes `Failed` and says so).
+/// builds: a report that does not add up becomes `Failed` and says so). An export with
+/// `removal: Remove` or `delta: true` needs its stored audience: use [`run_export_synced`].
 pub async fn run_export(
     services: &Services,
     plan: &ExportPlan,
     creds: &Credentials,
     opts: RunOptions,
 ) -> RunReport {
+    run_export_synced(services, plan, creds, opts, None)
+        .await
+        .report
+}
+
+/// [`run_export`] with the export's stored audience (`None`: none is kept; then an export
+/// with `removal: Remove` or `delta: true` fails with `AudienceRequired`). Returns the report
+/// and the audience to store: users who left the Look lose the flag (`Remove`, within
+/// `removalLimitPercent`), and with `delta: true` users already flagged are counted
+/// `unchanged` instead of being sent again.
+pub async fn run_export_synced(
+    services: &Services,
+    plan: &ExportPlan,
+    creds: &Credentials,
+    opts: RunOptions,
+    audience: Option<AudienceInput>,
+) -> RunResult {
     let span = tracing::info_span!("run", export = %plan.name, look_id = %plan.look_id);
     async {
         let start_time = Timestamp::now();
         tracing::info!(trigger = ?opts.trigger, dry_run = opts.dry_run, "run started");
-        let ended = execute(services, plan, creds, &opts).await;
+        let (ended, mode, update) = match sync::prepare(plan, &opts, audience, start_time).await {
+            Err(e) => (Ended::failed(e), None, AudienceUpdate::Keep),
+            Ok(prepared) => {
+                let mode = prepared.as_ref().and_then(|(p, _, _)| p.mode);
+                let (ended, update) =
+                    execute(services, plan, creds, &opts, prepared, start_time).await;
+                (ended, mode, update)
+            }
+        };
         let failure = ended.failure.map(|e| RunFailure {
             reason: e.reason(),
             message: e.to_string(),
@@ -116,7 +155,7 @@ pub async fn run_export(
             completion_time: Timestamp::now(),
             dry_run: opts.dry_run,
         };
-        let report = report::finish(ended.tally, failure, ended.interrupted, context);
+        let report = report::finish_synced(ended.tally, failure, ended.interrupted, context, mode);
         let report = report::ensure_balanced(report);
         if let Some(d) = &opts.dump
             && let Err(e) = d.flush()
@@ -132,20 +171,27 @@ pub async fn run_export(
             rejected = report.counts.rejected,
             failed = report.counts.failed,
             skipped = report.counts.skipped,
+            unchanged = report.counts.unchanged,
+            removed = report.counts.removed,
             requests = report.counts.requests,
             "run finished: {}",
             report.message
         );
-        report
+        RunResult {
+            report,
+            audience: update,
+        }
     }
     .instrument(span)
     .await
 }
 
-struct Ended {
-    tally: Tally,
-    failure: Option<RunError>,
-    interrupted: bool,
+/// How a run ended: its counts, what failed it, and whether shutdown stopped it.
+#[derive(Debug)]
+pub(super) struct Ended {
+    pub tally: Tally,
+    pub failure: Option<RunError>,
+    pub interrupted: bool,
 }
 
 impl Ended {
@@ -158,16 +204,19 @@ impl Ended {
     }
 }
 
-/// Opens the Look, then streams it through the pipeline.
+/// Opens the Look, streams it through the pipeline, then (with a stored audience) removes
+/// and builds the new audience.
 async fn execute(
     services: &Services,
     plan: &ExportPlan,
     creds: &Credentials,
     opts: &RunOptions,
-) -> Ended {
+    prepared: Option<(Prepared, Seen, SinkSync)>,
+    start_time: Timestamp,
+) -> (Ended, AudienceUpdate) {
     let braze = match braze_client(services, plan, creds, opts.dry_run) {
         Ok(b) => b,
-        Err(e) => return Ended::failed(e),
+        Err(e) => return (Ended::failed(e), AudienceUpdate::Keep),
     };
     let looker = LookerClient::new(
         services.http.looker(plan.verify_tls).clone(),
@@ -178,13 +227,28 @@ async fn execute(
     );
     let mut budget = WaitBudget::new(plan.looker_timeout());
     let response = tokio::select! {
-        () = opts.cancel.cancelled() => return Ended { tally: Tally::default(), failure: None, interrupted: true },
+        () = opts.cancel.cancelled() => {
+            let ended = Ended { tally: Tally::default(), failure: None, interrupted: true };
+            return (ended, AudienceUpdate::Keep);
+        }
         r = looker.run_look(&plan.look_id, plan.results, &mut budget) => r,
     };
-    match response {
-        Ok(r) => stream(r, braze, plan, opts).await,
-        Err(e) => Ended::failed(e.into()),
-    }
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => return (Ended::failed(e.into()), AudienceUpdate::Keep),
+    };
+    let (prep, seen, sync) = match prepared {
+        Some((p, seen, sync)) => (Some(p), seen, sync),
+        None => (None, Seen::new(), SinkSync::default()),
+    };
+    let (mut ended, read) = stream(response, braze.clone(), plan, opts, seen, sync).await;
+    let update = match (prep, read) {
+        (Some(prep), Some(read)) => {
+            sync::settle(prep, read, &mut ended, braze, plan, opts, start_time).await
+        }
+        _ => AudienceUpdate::Keep,
+    };
+    (ended, update)
 }
 
 /// The Braze client of a run that sends; `None` for a dry run.
@@ -208,19 +272,32 @@ fn braze_client(
     Ok(Some(Arc::new(client)))
 }
 
+/// What the read and send sides leave for the audience: who was in the Look, and the keys
+/// of objects Braze did not take.
+#[derive(Debug)]
+pub(super) struct ReadSide {
+    pub seen: Seen,
+    pub sync: SinkSync,
+    pub failed_keys: Vec<u64>,
+    pub rejected_keys: Vec<u64>,
+}
+
 /// Streams Looker's body through the parser thread to the senders, then settles the counts.
 async fn stream(
     response: reqwest::Response,
     braze: Option<Arc<BrazeClient>>,
     plan: &ExportPlan,
     opts: &RunOptions,
-) -> Ended {
+    seen: Seen,
+    sync: SinkSync,
+) -> (Ended, Option<ReadSide>) {
     // `stop` ends the Looker transfer as well as shutdown does: a 401 from Braze must not
     // wait for a slow Looker to send its next chunk.
     let stop = opts.cancel.child_token();
     let (reader, transfer) = body::forward(response, plan.looker_timeout(), stop.clone());
     let (tx, rx) = mpsc::channel::<Batch>(QUEUED_BATCHES);
-    let mut sink = ExportSink::new(plan, tx, Arc::clone(&opts.progress), opts.failpoint);
+    let track = sync.track;
+    let mut sink = ExportSink::new(plan, tx, opts, seen, sync);
     let parser = tokio::task::spawn_blocking(move || {
         let reader = BufReader::with_capacity(64 * 1024, reader);
         // A panic in the parser or the mapping must not lose the counts kept so far.
@@ -229,11 +306,19 @@ async fn stream(
         let panicked = parsed.is_err();
         (sink.finish(panicked), parsed)
     });
-    let sent = send_all(rx, braze, plan.concurrency, opts, &stop).await;
+    let side = if track {
+        Side::Adds
+    } else {
+        Side::AddsUntracked
+    };
+    let sent = send_all(rx, braze, plan.concurrency, opts, &stop, side).await;
     stop.cancel();
     let (read, parsed) = match parser.await {
         Ok(out) => out,
-        Err(e) => return Ended::failed(RunError::Internal(format!("the row reader died: {e}"))),
+        Err(e) => {
+            let e = RunError::Internal(format!("the row reader died: {e}"));
+            return (Ended::failed(e), None);
+        }
     };
     let (transfer, bytes) = transfer
         .await
@@ -255,7 +340,7 @@ fn conclude(
     transfer: &Transfer,
     plan: &ExportPlan,
     opts: &RunOptions,
-) -> Ended {
+) -> (Ended, Option<ReadSide>) {
     let interrupted = opts.cancel.is_cancelled() && sent.fatal.is_none();
     let failure = if let Some(fatal) = sent.fatal.clone() {
         Some(RunError::Braze(fatal))
@@ -278,6 +363,9 @@ fn conclude(
     };
     let mut tally = read.tally;
     tally.merge(sent.tally);
+    let mut failed_keys = sent.failed_keys;
+    let mut sync = read.sync;
+    failed_keys.append(&mut sync.unsent_keys);
     if read.unsent.count > 0 {
         let (reason, why) = match &sent.fatal {
             Some(f) => (f.reason(), f.to_string()),
@@ -292,11 +380,18 @@ fn conclude(
             &read.unsent.rows,
         );
     }
-    Ended {
+    let ended = Ended {
         tally,
         failure,
         interrupted,
-    }
+    };
+    let side = ReadSide {
+        seen: read.seen,
+        sync,
+        failed_keys,
+        rejected_keys: sent.rejected_keys,
+    };
+    (ended, Some(side))
 }
 
 fn detail_error(e: DetailError, transfer: &Transfer, plan: &ExportPlan) -> RunError {
@@ -337,6 +432,8 @@ struct ReadSummary {
     tally: Tally,
     column_error: Option<mapping::ColumnError>,
     unsent: Unsent,
+    seen: Seen,
+    sync: SinkSync,
 }
 
 /// The parser thread's side of a run: rows to objects to batches.
@@ -345,7 +442,8 @@ struct ExportSink {
     shape: Arc<mapping::ObjectShape>,
     columns: Option<Columns>,
     column_error: Option<mapping::ColumnError>,
-    dedup: Dedup,
+    seen: Seen,
+    sync: SinkSync,
     batch: Batch,
     tx: Option<mpsc::Sender<Batch>>,
     tally: Tally,
@@ -360,15 +458,18 @@ impl ExportSink {
     fn new(
         plan: &ExportPlan,
         tx: mpsc::Sender<Batch>,
-        progress: Arc<Progress>,
-        failpoint: Failpoint,
+        opts: &RunOptions,
+        seen: Seen,
+        sync: SinkSync,
     ) -> Self {
+        let (progress, failpoint) = (Arc::clone(&opts.progress), opts.failpoint);
         Self {
             plan: plan.clone(),
             shape: Arc::new(plan.shape.clone()),
             columns: None,
             column_error: None,
-            dedup: Dedup::default(),
+            seen,
+            sync,
             batch: Batch::with_capacity(plan.batch_size),
             tx: Some(tx),
             tally: Tally::default(),
@@ -400,6 +501,9 @@ impl ExportSink {
         };
         self.tx = None;
         self.unsent.count += len;
+        if self.sync.track {
+            self.sync.unsent_keys.extend_from_slice(b.keys());
+        }
         let room = 5usize.saturating_sub(self.unsent.rows.len());
         self.unsent.rows.extend(b.rows().iter().take(room));
         false
@@ -413,6 +517,7 @@ impl ExportSink {
         let accounted = t.counts.duplicates
             + t.counts.invalid
             + t.counts.skipped
+            + self.sync.unchanged
             + self.handed
             + self.unsent.count;
         let (read, lost) = (
@@ -428,17 +533,28 @@ impl ExportSink {
                 &[read],
             );
         }
+        if self.plan.delta && self.sync.track {
+            self.tally.counts.unchanged = Some(self.sync.unchanged);
+        }
         ReadSummary {
             tally: self.tally,
             column_error: self.column_error,
             unsent: self.unsent,
+            seen: self.seen,
+            sync: self.sync,
         }
     }
 
     /// Adds a mapped object to the batch, sending the batch first when the object would
-    /// take its body past the byte budget.
-    fn push(&mut self, number: u64, object: &mapping::BrazeObject<'_>) -> Result<(), Stop> {
-        if self.batch.push(number, object).is_err() {
+    /// take its body past the byte budget. False when the object could not be serialized
+    /// (counted invalid).
+    fn push(
+        &mut self,
+        number: u64,
+        key: u64,
+        object: &mapping::BrazeObject<'_>,
+    ) -> Result<bool, Stop> {
+        if self.batch.push_keyed(number, key, object).is_err() {
             self.tally.counts.invalid += 1;
             let id_field = self
                 .columns
@@ -447,7 +563,7 @@ impl ExportSink {
                 .to_owned();
             let reason = RowReason::Invalid(mapping::Invalid::MalformedCell(0));
             self.tally.note(reason, &id_field, &[number]);
-            return Ok(());
+            return Ok(false);
         }
         if self.batch.body_len() > MAX_REQUEST_BYTES && self.batch.len() > 1 {
             let last = self.batch.pop_last();
@@ -462,7 +578,17 @@ impl ExportSink {
         {
             return Err(Stop);
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// A user in the Look whose row is not sent: with a previous audience, not one to remove.
+    fn mark_present(&mut self, cell: &Cell) {
+        if self.seen.previous_len() > 0
+            && let Ok(id) = mapping::identifier(cell)
+        {
+            let key = self.seen.key(&id);
+            self.seen.mark_present(key);
+        }
     }
 }
 
@@ -514,6 +640,9 @@ impl RowSink for ExportSink {
             self.tally.counts.skipped += 1;
             self.tally
                 .note(RowReason::MaxRowsExceeded, &max.to_string(), &[number]);
+            if let Some(cell) = cells.first() {
+                self.mark_present(cell);
+            }
             return Ok(());
         }
         let Some(columns) = self.columns.take() else {
@@ -556,26 +685,66 @@ impl ExportSink {
                 self.tally.counts.invalid += 1;
                 self.tally
                     .note(RowReason::Invalid(invalid), field, &[number]);
+                if let Some(cell) = cells.first() {
+                    self.mark_present(cell);
+                }
                 Ok(())
             }
             Ok(object) => {
-                if !self.dedup.first(&object.id) {
-                    self.tally.counts.duplicates += 1;
-                    return Ok(());
+                let key = self.seen.key(&object.id);
+                let offer = self.seen.offer(key);
+                match offer {
+                    Offer::Duplicate => {
+                        self.tally.counts.duplicates += 1;
+                        return Ok(());
+                    }
+                    // Delta: flagged by the last run, not sent again.
+                    Offer::Returning { flagged: true, .. } if self.sync.delta_skip => {
+                        self.sync.unchanged += 1;
+                        if let Some(w) = &mut self.sync.current {
+                            w.push(&object.id, MemberState::Flagged);
+                        }
+                        return Ok(());
+                    }
+                    _ => {}
                 }
                 for name in object.too_long_attributes() {
                     self.tally
                         .note(RowReason::AttributeTooLong, name, &[number]);
                 }
-                self.push(number, &object)
+                let pushed = self.push(number, key, &object)?;
+                if pushed && self.sync.track {
+                    if matches!(offer, Offer::New) || self.sync.rename {
+                        self.sync.pushed_new += 1;
+                    }
+                    if let Some(w) = &mut self.sync.current {
+                        w.push(&object.id, MemberState::Flagged);
+                    }
+                }
+                Ok(())
             }
         }
     }
 }
 
-struct SendSummary {
-    tally: Tally,
-    fatal: Option<BrazeError>,
+/// What the senders did: counts, the answer that stopped them, and (when the side is
+/// tracked) the keys of objects Braze rejected or never acknowledged.
+pub(super) struct SendSummary {
+    pub tally: Tally,
+    pub fatal: Option<BrazeError>,
+    pub failed_keys: Vec<u64>,
+    pub rejected_keys: Vec<u64>,
+}
+
+/// Which objects the senders carry: adds (with or without keys to keep) or removals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Side {
+    /// Adds of a run without a stored audience.
+    AddsUntracked,
+    /// Adds of a run with a stored audience: keys are kept.
+    Adds,
+    /// Removals: counted `removed`, `removalRejected`, `removalFailed`; keys are kept.
+    Removals,
 }
 
 /// Total bytes of request bodies in flight for one run: with objects far larger than usual,
@@ -587,7 +756,7 @@ const MAX_IN_FLIGHT_BYTES: usize = 24 << 20;
 #[derive(Default)]
 struct InFlight {
     tasks: JoinSet<Delivery>,
-    rows: HashMap<tokio::task::Id, (Vec<u64>, usize)>,
+    rows: HashMap<tokio::task::Id, (Vec<u64>, Vec<u64>, usize)>,
     bytes: usize,
 }
 
@@ -602,6 +771,7 @@ impl InFlight {
         stop: &CancellationToken,
     ) {
         let rows = batch.rows().to_vec();
+        let keys = batch.keys().to_vec();
         let bytes = batch.body_len();
         let panics = matches!(opts.failpoint, Failpoint::SenderAtRow(r) if rows.contains(&r));
         let client = Arc::clone(client);
@@ -616,7 +786,7 @@ impl InFlight {
             }
             .in_current_span(),
         );
-        self.rows.insert(handle.id(), (rows, bytes));
+        self.rows.insert(handle.id(), (rows, keys, bytes));
         self.bytes += bytes;
     }
 
@@ -626,7 +796,7 @@ impl InFlight {
             Ok((id, d)) => (id, Some(d)),
             Err(e) => (e.id(), None),
         };
-        let (rows, bytes) = self.rows.remove(&id).unwrap_or_default();
+        let (rows, keys, bytes) = self.rows.remove(&id).unwrap_or_default();
         self.bytes -= bytes;
         Some(delivery.unwrap_or_else(|| {
             tracing::error!("a Braze sender failed unexpectedly; its rows are counted failed");
@@ -636,6 +806,7 @@ impl InFlight {
                     "a sender failed unexpectedly (a bug: please report it)".into(),
                     rows,
                 )],
+                failed_keys: keys,
                 ..Delivery::default()
             }
         }))
@@ -649,16 +820,19 @@ impl InFlight {
 /// Receives batches and keeps deliveries in flight: as many as fill the rate limit at the
 /// latency Braze shows (at most `cap`, and at most [`MAX_IN_FLIGHT_BYTES`]). On a fatal
 /// answer or cancellation it stops taking batches and counts those still queued as failed.
-async fn send_all(
+pub(super) async fn send_all(
     mut rx: mpsc::Receiver<Batch>,
     braze: Option<Arc<BrazeClient>>,
     cap: usize,
     opts: &RunOptions,
     stop: &CancellationToken,
+    side: Side,
 ) -> SendSummary {
     let mut out = SendSummary {
         tally: Tally::default(),
         fatal: None,
+        failed_keys: Vec::new(),
+        rejected_keys: Vec::new(),
     };
     let mut inflight = InFlight::default();
     loop {
@@ -670,17 +844,17 @@ async fn send_all(
         });
         if full {
             if let Some(d) = inflight.next().await {
-                absorb_delivery(&mut out, d, &opts.progress);
+                absorb_delivery(&mut out, d, &opts.progress, side);
             }
             continue;
         }
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            Some(d) = inflight.next(), if inflight.len() > 0 => absorb_delivery(&mut out, d, &opts.progress),
+            Some(d) = inflight.next(), if inflight.len() > 0 => absorb_delivery(&mut out, d, &opts.progress, side),
             next = rx.recv() => match (next, &braze) {
                 (None, _) => break,
-                (Some(batch), None) => dry_send(&mut out.tally, &batch, opts),
+                (Some(batch), None) => dry_send(&mut out.tally, &batch, opts, side),
                 (Some(batch), Some(client)) => inflight.spawn(client, batch, opts, stop),
             },
         }
@@ -697,47 +871,73 @@ async fn send_all(
     while let Some(batch) = rx.recv().await {
         let mut d = Delivery::default();
         d.fail(&batch, &reason, 0);
-        absorb_delivery(&mut out, d, &opts.progress);
+        absorb_delivery(&mut out, d, &opts.progress, side);
     }
     while let Some(d) = inflight.next().await {
-        absorb_delivery(&mut out, d, &opts.progress);
+        absorb_delivery(&mut out, d, &opts.progress, side);
     }
     out
 }
 
-fn dry_send(tally: &mut Tally, batch: &Batch, opts: &RunOptions) {
+fn dry_send(tally: &mut Tally, batch: &Batch, opts: &RunOptions, side: Side) {
     if let Some(d) = &opts.dump
         && let Err(e) = d.write(&batch.body())
     {
         tracing::warn!(error = %e, "cannot write to the payload dump");
     }
-    tally.counts.sent += batch.len() as u64;
-    opts.progress
-        .sent
-        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let n = batch.len() as u64;
+    if side == Side::Removals {
+        *tally.counts.removed.get_or_insert(0) += n;
+        return;
+    }
+    tally.counts.sent += n;
+    opts.progress.sent.fetch_add(n, Ordering::Relaxed);
 }
 
-fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress) {
-    progress.sent.fetch_add(d.sent, Ordering::Relaxed);
+fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress, side: Side) {
     let t = &mut out.tally;
-    t.counts.sent += d.sent;
     t.counts.requests += d.requests;
     t.counts.retries += d.retries;
     t.counts.rate_limited += d.rate_limited;
+    let removals = side == Side::Removals;
+    if removals {
+        *t.counts.removed.get_or_insert(0) += d.sent;
+        progress.removed.fetch_add(d.sent, Ordering::Relaxed);
+    } else {
+        t.counts.sent += d.sent;
+        progress.sent.fetch_add(d.sent, Ordering::Relaxed);
+    }
     for (kind, rows) in &d.rejected {
-        t.counts.rejected += rows.len() as u64;
-        t.note(RowReason::BrazeRejected, kind, rows);
+        let n = rows.len() as u64;
+        if removals {
+            *t.counts.removal_rejected.get_or_insert(0) += n;
+            t.note(RowReason::RemovalRejected, kind, rows);
+        } else {
+            t.counts.rejected += n;
+            t.note(RowReason::BrazeRejected, kind, rows);
+        }
     }
     for (reason, description, rows) in &d.failed {
-        t.counts.failed += rows.len() as u64;
+        let n = rows.len() as u64;
         // A delivery stopped because another batch got a fatal answer: say which.
-        match &out.fatal {
-            Some(f) if *reason == "Interrupted" => {
-                let stop = FailReason::Stopped(f.reason(), f.to_string());
-                t.note(RowReason::NotDelivered(f.reason()), &stop.describe(0), rows);
-            }
-            _ => t.note(RowReason::NotDelivered(reason), description, rows),
+        let (reason, description) = match &out.fatal {
+            Some(f) if *reason == "Interrupted" => (
+                f.reason(),
+                FailReason::Stopped(f.reason(), f.to_string()).describe(0),
+            ),
+            _ => (*reason, description.clone()),
+        };
+        if removals {
+            *t.counts.removal_failed.get_or_insert(0) += n;
+            t.note(RowReason::RemovalNotDelivered(reason), &description, rows);
+        } else {
+            t.counts.failed += n;
+            t.note(RowReason::NotDelivered(reason), &description, rows);
         }
+    }
+    if side != Side::AddsUntracked {
+        out.failed_keys.extend_from_slice(&d.failed_keys);
+        out.rejected_keys.extend_from_slice(&d.rejected_keys);
     }
     if out.fatal.is_none() {
         out.fatal = d.fatal;

@@ -57,9 +57,10 @@ struct ExportResultLabel {
 }
 
 /// A run's rows by what became of them, as the `result` label names them.
-pub type RowCounts = [(&'static str, u64); 6];
+pub type RowCounts = [(&'static str, u64); 8];
 
-/// The rows of `r` by result: sent, duplicate, invalid, rejected, failed, skipped.
+/// The rows of `r` by result: sent, duplicate, invalid, rejected, failed, skipped, unchanged
+/// (delta runs), and removed (users whose flag a `removal: Remove` run took off).
 pub fn row_counts(r: &RunReport) -> RowCounts {
     [
         ("sent", r.counts.sent),
@@ -68,6 +69,8 @@ pub fn row_counts(r: &RunReport) -> RowCounts {
         ("rejected", r.counts.rejected),
         ("failed", r.counts.failed),
         ("skipped", r.counts.skipped),
+        ("unchanged", r.counts.unchanged.unwrap_or(0)),
+        ("removed", r.counts.removed.unwrap_or(0)),
     ]
 }
 
@@ -122,7 +125,7 @@ impl Metrics {
         let runs = Family::<OutcomeLabel, Counter>::default();
         registry.register("runs", "Runs finished, by outcome", runs.clone());
         let rows = Family::<ResultLabel, Counter>::default();
-        registry.register("rows", "Rows read, by what became of them (sent, duplicate, invalid, rejected, failed, skipped)", rows.clone());
+        registry.register("rows", "Rows read, by what became of them (sent, duplicate, invalid, rejected, failed, skipped, unchanged), and users whose flag was removed (removed)", rows.clone());
         let duration = Histogram::new([
             1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
         ]);
@@ -355,6 +358,7 @@ mod tests {
         r.counts.rejected = 3;
         r.counts.requests = 2;
         r.counts.rate_limited = 1;
+        r.counts.removed = Some(4);
         m.record_run(&r, now);
         m.set_exports([(("True", "Succeeded"), 4), (("False", "InvalidSpec"), 1)]);
         let text = m.encode();
@@ -362,6 +366,7 @@ mod tests {
             "braze_export_runs_total{outcome=\"PartiallySucceeded\"} 1",
             "braze_export_rows_total{result=\"sent\"} 7",
             "braze_export_rows_total{result=\"rejected\"} 3",
+            "braze_export_rows_total{result=\"removed\"} 4",
             "braze_export_braze_requests_total 2",
             "braze_export_braze_rate_limited_total 1",
             "braze_export_run_duration_seconds_sum 10.0",

@@ -1,8 +1,10 @@
 //! Sandbox Braze `/users/track`: Bearer auth, the 75-object limit, per-object `errors`,
 //! 401/403, 413 (or 400) over 4 MB, per-key fixed-window rate limiting with Braze's headers
-//! (on by default), latency, and injectable faults.
+//! (on by default), latency, and injectable faults. Accepted objects are applied to stored
+//! users: array attributes take `add` and `remove` (and whole arrays), so tests and `demo`
+//! can read a segment (the users whose array holds a value) after each run.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -129,10 +131,13 @@ struct BrazeState {
     latency: Mutex<(Duration, Duration)>,
     faults: Mutex<VecDeque<Fault>>,
     reject_ids: Mutex<HashSet<String>>,
+    failing_ids: Mutex<HashSet<String>>,
     max_body_bytes: AtomicUsize,
     oversize_status: AtomicU16,
     record: AtomicBool,
     requests: Mutex<Vec<TrackRequest>>,
+    store: AtomicBool,
+    users: Mutex<HashMap<UserKey, HashMap<String, Vec<String>>>>,
     request_count: AtomicU64,
     accepted_count: AtomicU64,
     in_flight: AtomicUsize,
@@ -194,10 +199,13 @@ impl BrazeSandbox {
             latency: Mutex::default(),
             faults: Mutex::default(),
             reject_ids: Mutex::default(),
+            failing_ids: Mutex::default(),
             max_body_bytes: AtomicUsize::new(MAX_BODY_BYTES),
             oversize_status: AtomicU16::new(413),
             record: AtomicBool::new(true),
             requests: Mutex::default(),
+            store: AtomicBool::new(true),
+            users: Mutex::default(),
             request_count: AtomicU64::new(0),
             accepted_count: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
@@ -253,6 +261,12 @@ impl BrazeSandbox {
         lock(&self.state.reject_ids).insert(id.into());
     }
 
+    /// Requests holding an object with one of these identifiers get 503, every time (until
+    /// the set is replaced): the whole batch fails after its retries. Replaces the set.
+    pub fn set_failing_ids(&self, ids: &[&str]) {
+        *lock(&self.state.failing_ids) = ids.iter().map(|i| (*i).to_owned()).collect();
+    }
+
     /// Bodies larger than this get the oversize answer (default [`MAX_BODY_BYTES`]).
     pub fn set_max_body_bytes(&self, n: usize) {
         self.state.max_body_bytes.store(n, Ordering::Relaxed);
@@ -272,6 +286,47 @@ impl BrazeSandbox {
     /// Whether to keep every request (off for benchmarks; counters always run).
     pub fn set_recording(&self, on: bool) {
         self.state.record.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether accepted objects are applied to stored users (on by default; off for
+    /// benchmarks of a million users).
+    pub fn set_storing(&self, on: bool) {
+        self.state.store.store(on, Ordering::Relaxed);
+    }
+
+    /// The segment `attribute includes value`: the identifiers (external id, Braze id or
+    /// alias name) of the stored users whose array `attribute` holds `value`.
+    pub fn segment(&self, attribute: &str, value: &str) -> BTreeSet<String> {
+        lock(&self.state.users)
+            .iter()
+            .filter(|(_, attrs)| {
+                attrs
+                    .get(attribute)
+                    .is_some_and(|a| a.iter().any(|v| v == value))
+            })
+            .map(|(k, _)| k.id.clone())
+            .collect()
+    }
+
+    /// The array `attribute` of the user with this external id, as stored (`None` when the
+    /// user or the attribute was never written).
+    pub fn array(&self, external_id: &str, attribute: &str) -> Option<Vec<String>> {
+        lock(&self.state.users)
+            .get(&UserKey::external(external_id))?
+            .get(attribute)
+            .cloned()
+    }
+
+    /// Sets the array `attribute` of the user with this external id, as someone else (a
+    /// marketer in the dashboard, another integration) would.
+    pub fn set_array(&self, external_id: &str, attribute: &str, values: &[&str]) {
+        lock(&self.state.users)
+            .entry(UserKey::external(external_id))
+            .or_default()
+            .insert(
+                attribute.to_owned(),
+                values.iter().map(|v| (*v).to_owned()).collect(),
+            );
     }
 
     /// Every recorded request.
@@ -295,6 +350,84 @@ impl BrazeSandbox {
     /// Objects accepted (recorded or not).
     pub fn accepted_count(&self) -> u64 {
         self.state.accepted_count.load(Ordering::Relaxed)
+    }
+}
+
+/// A stored user: the kind of identifier (`user_alias` with its label) and the id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct UserKey {
+    kind: String,
+    id: String,
+}
+
+impl UserKey {
+    fn external(id: &str) -> Self {
+        Self {
+            kind: "external_id".into(),
+            id: id.into(),
+        }
+    }
+
+    fn of(object: &Value) -> Option<Self> {
+        if let Some(id) = object.get("external_id").and_then(Value::as_str) {
+            return Some(Self::external(id));
+        }
+        if let Some(id) = object.get("braze_id").and_then(Value::as_str) {
+            return Some(Self {
+                kind: "braze_id".into(),
+                id: id.into(),
+            });
+        }
+        let alias = object.get("user_alias")?;
+        Some(Self {
+            kind: format!("user_alias/{}", alias.get("alias_label")?.as_str()?),
+            id: alias.get("alias_name")?.as_str()?.to_owned(),
+        })
+    }
+}
+
+/// Applies the accepted objects of a request to the stored users: an array attribute
+/// given as `{"add": [...], "remove": [...]}` loses the removed values and gains the added
+/// ones (a value is kept once, and re-adding it moves it to the end, as in Braze); an array
+/// replaces the attribute. Other attributes are not stored.
+fn apply(users: &mut HashMap<UserKey, HashMap<String, Vec<String>>>, objects: &[Value]) {
+    const IDS: [&str; 4] = [
+        "external_id",
+        "braze_id",
+        "user_alias",
+        "_update_existing_only",
+    ];
+    for object in objects {
+        let (Some(key), Some(fields)) = (UserKey::of(object), object.as_object()) else {
+            continue;
+        };
+        let user = users.entry(key).or_default();
+        for (name, value) in fields.iter().filter(|(n, _)| !IDS.contains(&n.as_str())) {
+            let strings = |v: Option<&Value>| -> Vec<String> {
+                v.and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            match value {
+                Value::Array(_) => {
+                    user.insert(name.clone(), strings(Some(value)));
+                }
+                Value::Object(ops) => {
+                    let array = user.entry(name.clone()).or_default();
+                    let remove = strings(ops.get("remove"));
+                    array.retain(|v| !remove.contains(v));
+                    for v in strings(ops.get("add")) {
+                        array.retain(|x| *x != v);
+                        array.push(v);
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -396,6 +529,28 @@ async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: B
     )
     .await;
     log.status = response.status().as_u16();
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v == "application/json");
+    // A dropped connection (no JSON answer) was not processed.
+    if state.store.load(Ordering::Relaxed) && (200..300).contains(&log.status) && json {
+        let objects = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|mut b| b.get_mut("attributes").map(Value::take))
+            .and_then(|a| match a {
+                Value::Array(list) => Some(list),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let accepted: Vec<Value> = objects
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !log.rejected.contains(i))
+            .map(|(_, o)| o)
+            .collect();
+        apply(&mut lock(&state.users), &accepted);
+    }
     if state.record.load(Ordering::Relaxed) {
         if log.body.is_null() {
             log.body = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -538,6 +693,20 @@ async fn answer(
             &limit_headers,
         );
     };
+    let failing = lock(&state.failing_ids);
+    if !failing.is_empty()
+        && parsed
+            .attributes
+            .iter()
+            .any(|o| o.identifier().is_ok_and(|id| failing.contains(&id)))
+    {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"message": "Service Unavailable"}),
+            &limit_headers,
+        );
+    }
+    drop(failing);
     if parsed.attributes.len() > MAX_OBJECTS {
         return json_response(
             StatusCode::BAD_REQUEST,

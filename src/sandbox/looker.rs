@@ -39,6 +39,9 @@ pub enum Generator {
     Clean,
     /// Like `Clean`, but every 50th row repeats the previous id and every 125th has no id.
     Dirty,
+    /// Like `Clean`, with ids shifted: row i has id `user-<i + n>` (an audience that moved on
+    /// by n users).
+    Shifted(u64),
 }
 
 /// A Look the sandbox can run.
@@ -124,6 +127,7 @@ fn generated_row(i: u64, generator: Generator, out: &mut String) {
     let id = match generator {
         Generator::Dirty if i.is_multiple_of(125) => None,
         Generator::Dirty if i.is_multiple_of(50) => Some(i - 1),
+        Generator::Shifted(n) => Some(i + n),
         _ => Some(i),
     };
     let name = NAMES[(i % NAMES.len() as u64) as usize];

@@ -7,10 +7,12 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use braze_export_operator::audience::{Encoded, MemberState, Owner};
 use braze_export_operator::braze::RetryPolicy;
 use braze_export_operator::commands::load::load_export;
 use braze_export_operator::export::{
-    Credentials, ExportPlan, RunOptions, RunReport, Services, Trigger, run_export,
+    AudienceInput, AudienceUpdate, Credentials, ExportPlan, RunOptions, RunReport, RunResult,
+    Services, Trigger, run_export, run_export_synced,
 };
 use braze_export_operator::sandbox::{BrazeSandbox, LookerSandbox};
 use braze_export_operator::secret::Secret;
@@ -77,6 +79,23 @@ impl World {
         let report = run_export(services, &plan, &creds(), opts).await;
         assert!(report.balanced(), "rows must add up: {report:#?}");
         report
+    }
+
+    /// Runs the export with its stored audience (`previous`), as the controller will.
+    pub async fn sync(&self, yaml: &str, previous: Option<Encoded>, opts: RunOptions) -> RunResult {
+        let doc = load_export(yaml).expect("test spec parses");
+        let plan = ExportPlan::new("test-export", &doc.spec).expect("test spec is valid");
+        let input = AudienceInput {
+            owner: owner(),
+            previous,
+        };
+        let result = run_export_synced(&fast_services(), &plan, &creds(), opts, Some(input)).await;
+        assert!(
+            result.report.balanced(),
+            "counts must add up: {:#?}",
+            result.report
+        );
+        result
     }
 
     /// The access tokens the sandbox Looker saw (to prove they leak nowhere).
@@ -232,4 +251,31 @@ pub async fn cli_run(yaml: &str, extra: &[&str]) -> (Cli, tempfile::NamedTempFil
     let mut args = vec!["--output", "json"];
     args.extend_from_slice(extra);
     (cli_spec(&spec, &args, &[], &[]).await, spec)
+}
+
+/// The owner of the test exports' audiences (`metadata` of [`World::yaml`]).
+pub fn owner() -> Owner {
+    Owner {
+        namespace: Some("marketing".into()),
+        name: "test-export".into(),
+    }
+}
+
+/// The audience a run left to store (panics when it kept the old one).
+pub fn stored(result: &RunResult) -> Encoded {
+    match &result.audience {
+        AudienceUpdate::Replace(e) => e.clone(),
+        AudienceUpdate::Keep => panic!("the run kept the old audience: {:#?}", result.report),
+    }
+}
+
+/// The members of a stored audience, by identifier.
+pub fn members(e: &Encoded) -> std::collections::BTreeMap<String, MemberState> {
+    let a = braze_export_operator::audience::decode(e.parts().to_vec()).expect("audience decodes");
+    a.members.into_iter().map(|m| (m.id, m.state)).collect()
+}
+
+/// `user-<i>` for each i in `range`, as the users Look names them.
+pub fn users(range: impl IntoIterator<Item = u64>) -> BTreeSet<String> {
+    range.into_iter().map(|i| format!("user-{i:07}")).collect()
 }

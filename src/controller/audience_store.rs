@@ -1,0 +1,332 @@
+//! An export's stored audience in Secrets (identifiers are personal data: Secrets, never
+//! ConfigMaps), owned by the BrazeExport (`ownerReferences`, `controller: true`) so they go
+//! when it goes.
+//!
+//! Layout, for the export `churn-risk` (uid U):
+//!
+//! - `churn-risk-audience-<g>-<i>`: part i of generation g ([`Encoded::parts`], each under
+//!   [`MAX_PART_BYTES`], so under the 1 MiB Secret limit once base64), immutable, labelled
+//!   `looker-braze.dev/audience-of: U` and `looker-braze.dev/audience-generation: g`;
+//! - `churn-risk-audience`: the manifest, written last: the generation in force, and each
+//!   part's name, size and CRC-32.
+//!
+//! A save writes a new generation's parts under new names, then replaces the manifest, then
+//! deletes every other generation. A crash before the manifest is replaced leaves the old
+//! generation in force (the new parts are garbage, deleted by the next save); after it, the
+//! new one. A load never mixes parts of two generations: it reads the parts the manifest
+//! names, and checks their generation, size and checksum.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+
+use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
+use crate::spec::BrazeExport;
+
+/// Label holding the owning export's uid.
+pub const OWNER_LABEL: &str = "looker-braze.dev/audience-of";
+/// Label holding a part's generation.
+pub const GENERATION_LABEL: &str = "looker-braze.dev/audience-generation";
+/// Label telling the manifest from the parts.
+pub const ROLE_LABEL: &str = "looker-braze.dev/audience-role";
+const MANIFEST_KEY: &str = "manifest";
+const PART_KEY: &str = "part";
+
+/// Why an audience could not be loaded or saved. Never names a user.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The Kubernetes API refused or failed.
+    #[error("the audience Secrets: {0}")]
+    Kube(#[from] kube::Error),
+    /// The export has no uid (it was not read from the API server).
+    #[error("the BrazeExport has no uid or namespace")]
+    NoOwner,
+    /// The manifest Secret belongs to another object.
+    #[error("the Secret {0} is not this export's audience (another owner)")]
+    NotOwned(String),
+    /// A part is missing or does not match the manifest.
+    #[error("the stored audience is damaged: {0}")]
+    Damaged(String),
+    /// The parts do not form an audience.
+    #[error("the stored audience cannot be read: {0}")]
+    Audience(#[from] AudienceError),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    version: u32,
+    generation: u64,
+    members: u64,
+    parts: Vec<PartRef>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PartRef {
+    name: String,
+    bytes: usize,
+    crc32: u32,
+}
+
+/// The manifest's name: `<export>-audience` (a long export name is shortened, with a hash).
+pub fn manifest_name(export: &str) -> String {
+    format!("{}-audience", short(export))
+}
+
+fn part_name(export: &str, generation: u64, index: usize) -> String {
+    format!("{}-audience-{generation}-{index}", short(export))
+}
+
+/// Export names up to 200 characters as they are; longer ones cut, with a hash of the whole.
+fn short(name: &str) -> String {
+    if name.len() <= 200 {
+        return name.to_owned();
+    }
+    let cut: String = name.chars().take(180).collect();
+    let cut = cut.trim_end_matches(['-', '.']);
+    format!("{cut}-{:08x}", crc32fast::hash(name.as_bytes()))
+}
+
+struct Owner {
+    name: String,
+    uid: String,
+    reference: OwnerReference,
+}
+
+fn owner(export: &BrazeExport) -> Result<Owner, StoreError> {
+    let uid = export.meta().uid.clone().ok_or(StoreError::NoOwner)?;
+    let name = export.name_any();
+    let reference = OwnerReference {
+        api_version: crate::spec::API_VERSION.into(),
+        kind: crate::spec::KIND.into(),
+        name: name.clone(),
+        uid: uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    };
+    Ok(Owner {
+        name,
+        uid,
+        reference,
+    })
+}
+
+fn labels(o: &Owner, role: &str, generation: Option<u64>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "braze-export-operator".to_owned(),
+        ),
+        (OWNER_LABEL.to_owned(), o.uid.clone()),
+        (ROLE_LABEL.to_owned(), role.to_owned()),
+    ]);
+    if let Some(g) = generation {
+        l.insert(GENERATION_LABEL.to_owned(), g.to_string());
+    }
+    l
+}
+
+fn secret(
+    o: &Owner,
+    name: String,
+    role: &str,
+    generation: Option<u64>,
+    key: &str,
+    bytes: Vec<u8>,
+) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name),
+            labels: Some(labels(o, role, generation)),
+            owner_references: Some(vec![o.reference.clone()]),
+            ..ObjectMeta::default()
+        },
+        type_: Some("Opaque".into()),
+        immutable: generation.map(|_| true),
+        data: Some(BTreeMap::from([(key.to_owned(), ByteString(bytes))])),
+        ..Secret::default()
+    }
+}
+
+/// Loads the export's stored audience from `api` (Secrets in the export's namespace):
+/// `None` when there is none yet.
+pub async fn load_audience(
+    api: &Api<Secret>,
+    export: &BrazeExport,
+) -> Result<Option<Encoded>, StoreError> {
+    let o = owner(export)?;
+    let name = manifest_name(&o.name);
+    let Some(manifest) = api.get_opt(&name).await? else {
+        return Ok(None);
+    };
+    if manifest.labels().get(OWNER_LABEL) != Some(&o.uid) {
+        return Err(StoreError::NotOwned(name));
+    }
+    let m: Manifest = data(&manifest, MANIFEST_KEY)
+        .and_then(|b| serde_json::from_slice(b).ok())
+        .ok_or_else(|| StoreError::Damaged(format!("the manifest {name} is unreadable")))?;
+    let mut parts = Vec::with_capacity(m.parts.len());
+    for p in &m.parts {
+        let s = api
+            .get_opt(&p.name)
+            .await?
+            .ok_or_else(|| StoreError::Damaged(format!("the part {} is missing", p.name)))?;
+        let generation = s.labels().get(GENERATION_LABEL).cloned();
+        if s.labels().get(OWNER_LABEL) != Some(&o.uid)
+            || generation != Some(m.generation.to_string())
+        {
+            return Err(StoreError::Damaged(format!(
+                "the part {} is not of generation {}",
+                p.name, m.generation
+            )));
+        }
+        let bytes = data(&s, PART_KEY)
+            .ok_or_else(|| StoreError::Damaged(format!("the part {} has no data", p.name)))?;
+        if bytes.len() != p.bytes || crc32fast::hash(bytes) != p.crc32 {
+            return Err(StoreError::Damaged(format!(
+                "the part {} does not match its checksum",
+                p.name
+            )));
+        }
+        parts.push(bytes.to_vec());
+    }
+    let encoded = Encoded::from_parts(parts)?;
+    if encoded.header().members != m.members {
+        return Err(StoreError::Damaged(
+            "the manifest and the audience disagree on its size".into(),
+        ));
+    }
+    Ok(Some(encoded))
+}
+
+fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    s.data.as_ref()?.get(key).map(|b| b.0.as_slice())
+}
+
+/// Saves `audience` as the export's stored audience: a new generation of parts, then the
+/// manifest, then the other generations deleted (see the module's header for why a crash
+/// never mixes generations).
+pub async fn save_audience(
+    api: &Api<Secret>,
+    export: &BrazeExport,
+    audience: &Encoded,
+) -> Result<(), StoreError> {
+    let o = owner(export)?;
+    let existing = api
+        .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", o.uid)))
+        .await?;
+    let generation_of = |s: &Secret| {
+        s.labels()
+            .get(GENERATION_LABEL)
+            .and_then(|g| g.parse::<u64>().ok())
+    };
+    let manifest_name = manifest_name(&o.name);
+    let current = api.get_opt(&manifest_name).await?;
+    let in_force = current
+        .as_ref()
+        .and_then(|m| data(m, MANIFEST_KEY))
+        .and_then(|b| serde_json::from_slice::<Manifest>(b).ok())
+        .map_or(0, |m| m.generation);
+    // Above every generation seen, finished or not: a crashed save's parts are never reused.
+    let generation = existing
+        .items
+        .iter()
+        .filter_map(generation_of)
+        .chain([in_force])
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let mut refs = Vec::with_capacity(audience.parts().len());
+    for (i, part) in audience.parts().iter().enumerate() {
+        debug_assert!(part.len() <= MAX_PART_BYTES);
+        let name = part_name(&o.name, generation, i);
+        let s = secret(
+            &o,
+            name.clone(),
+            "part",
+            Some(generation),
+            PART_KEY,
+            part.clone(),
+        );
+        api.create(&PostParams::default(), &s).await?;
+        refs.push(PartRef {
+            name,
+            bytes: part.len(),
+            crc32: crc32fast::hash(part),
+        });
+    }
+    let manifest = Manifest {
+        version: 1,
+        generation,
+        members: audience.header().members,
+        parts: refs,
+    };
+    let body = serde_json::to_vec(&manifest).unwrap_or_default();
+    let mut m = secret(
+        &o,
+        manifest_name.clone(),
+        "manifest",
+        None,
+        MANIFEST_KEY,
+        body,
+    );
+    // The switch to the new generation: one write.
+    match current {
+        Some(c) => {
+            m.metadata.resource_version = c.resource_version();
+            api.replace(&manifest_name, &PostParams::default(), &m)
+                .await?;
+        }
+        None => {
+            api.create(&PostParams::default(), &m).await?;
+        }
+    }
+    for old in existing.items {
+        if generation_of(&old).is_some_and(|g| g != generation) {
+            let name = old.name_any();
+            if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+                // Harmless: the next save deletes it.
+                tracing::warn!(secret = %name, error = %e, "cannot delete an old audience part");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the export's stored audience (after a cleanup on delete, or to start afresh).
+pub async fn delete_audience(api: &Api<Secret>, export: &BrazeExport) -> Result<(), StoreError> {
+    let o = owner(export)?;
+    let all = api
+        .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", o.uid)))
+        .await?;
+    for s in all.items {
+        match api.delete(&s.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_stay_valid_for_long_exports() {
+        assert_eq!(manifest_name("churn-risk"), "churn-risk-audience");
+        assert_eq!(part_name("churn-risk", 3, 0), "churn-risk-audience-3-0");
+        let long = format!("{}.{}", "a".repeat(179), "b".repeat(100));
+        let m = manifest_name(&long);
+        assert!(m.len() <= 253, "{}", m.len());
+        assert!(!m.contains(".-"), "{m}");
+        assert_ne!(manifest_name(&format!("{long}x")), m);
+    }
+}

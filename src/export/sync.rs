@@ -1,0 +1,625 @@
+//! The audience side of a run (a stored audience given): before it, what kind of run it is
+//! (delta or full, a changed `exportName` or `attribute`) and the previous members as keys;
+//! after the adds, the removals (within the removal limit) and the new stored audience.
+//!
+//! Order matters here: removals go out only after every add of the run was settled (a user
+//! never gets an add and a remove of the same value in one request, and a Look read only in
+//! part never removes anyone), and the new audience is written last, from what Braze
+//! acknowledged.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use jiff::Timestamp;
+use tokio::sync::mpsc;
+
+use super::run::{Ended, ReadSide, Side, send_all};
+use super::{ExportPlan, RunError, RunOptions, RunReport, SyncMode};
+use crate::audience::codec::BodyWriter;
+use crate::audience::seen::{KeySet, Seen};
+use crate::audience::{AudienceError, Encoded, Header, MemberState, Owner};
+use crate::braze::{Batch, BrazeClient, FailReason};
+use crate::export::mapping::RemovalObject;
+use crate::export::report::RowReason;
+use crate::spec::{IdentifierKind, RemovalMode};
+
+/// The stored audience handed to a run.
+#[derive(Clone, Debug)]
+pub struct AudienceInput {
+    /// The export it belongs to (checked against the stored header).
+    pub owner: Owner,
+    /// What the last run left; `None` before the first run.
+    pub previous: Option<Encoded>,
+}
+
+/// What to do with the stored audience after a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AudienceUpdate {
+    /// Keep it as it was (a dry run, a run that could not start, or a run that changed
+    /// `exportName` or `attribute` but could not remove the old value).
+    Keep,
+    /// Replace it with this one.
+    Replace(Encoded),
+}
+
+/// A run's report and what became of its stored audience.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// The report.
+    pub report: RunReport,
+    /// The stored audience to keep.
+    pub audience: AudienceUpdate,
+}
+
+/// What is decided before a run with a stored audience.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    pub owner: Owner,
+    pub previous: Option<Arc<Encoded>>,
+    /// `exportName` or `attribute` changed since the previous audience was written.
+    pub rename: bool,
+    /// Everyone is sent (no delta skip).
+    pub full: bool,
+    /// With `delta: true`: which kind of run.
+    pub mode: Option<SyncMode>,
+}
+
+/// What the read side needs to know of the sync.
+#[derive(Debug, Default)]
+pub(super) struct SinkSync {
+    /// A stored audience is kept: objects carry keys, and members are written down.
+    pub track: bool,
+    /// Previous members that surely hold the flag are counted unchanged, not sent.
+    pub delta_skip: bool,
+    /// Every user counts as new (the flag changed).
+    pub rename: bool,
+    /// This run's users, written down as they are taken (not in a dry run).
+    pub current: Option<BodyWriter>,
+    /// Objects handed over for users new to the audience.
+    pub pushed_new: u64,
+    /// Rows counted unchanged.
+    pub unchanged: u64,
+    /// Keys of objects that were never handed to a sender.
+    pub unsent_keys: Vec<u64>,
+}
+
+fn alias_label(plan: &ExportPlan) -> Option<&str> {
+    (plan.shape.identifier == IdentifierKind::UserAlias).then_some(plan.shape.alias_label.as_str())
+}
+
+/// Checks the stored audience and decides the kind of run; loads the previous members as
+/// keys (a blocking pass over the compressed body).
+pub(super) async fn prepare(
+    plan: &ExportPlan,
+    opts: &RunOptions,
+    input: Option<AudienceInput>,
+    now: Timestamp,
+) -> Result<Option<(Prepared, Seen, SinkSync)>, RunError> {
+    let Some(input) = input else {
+        if plan.needs_audience() {
+            return Err(RunError::AudienceRequired);
+        }
+        return Ok(None);
+    };
+    let previous = input.previous.map(Arc::new);
+    if let Some(p) = &previous {
+        p.header()
+            .check(&input.owner, plan.shape.identifier, alias_label(plan))
+            .map_err(RunError::AudienceMismatch)?;
+    }
+    let rename = previous.as_ref().is_some_and(|p| {
+        p.header().attribute != plan.shape.attribute
+            || p.header().export_name != plan.shape.export_name
+    });
+    let resync_due = previous
+        .as_ref()
+        .and_then(|p| p.header().last_full_resync)
+        .is_none_or(|last| {
+            last.checked_add(plan.full_resync_interval)
+                .is_ok_and(|due| due <= now)
+        });
+    let full = previous.is_none() || rename || opts.full_resync || resync_due;
+    let mode = plan.delta.then_some(if full {
+        SyncMode::Full
+    } else {
+        SyncMode::Delta
+    });
+    let seen = match &previous {
+        None => Seen::new(),
+        Some(p) => {
+            let p = Arc::clone(p);
+            tokio::task::spawn_blocking(move || {
+                Seen::with_previous(p.members()?, p.header().members)
+            })
+            .await
+            .map_err(|e| RunError::Internal(format!("loading the stored audience failed: {e}")))?
+            .map_err(RunError::AudienceUnreadable)?
+        }
+    };
+    tracing::debug!(
+        members = seen.previous_len(),
+        rename,
+        full,
+        "stored audience loaded"
+    );
+    let sink = SinkSync {
+        track: true,
+        delta_skip: plan.delta && !full,
+        rename,
+        current: (!opts.dry_run).then(|| BodyWriter::new(1)),
+        ..SinkSync::default()
+    };
+    let prepared = Prepared {
+        owner: input.owner,
+        previous,
+        rename,
+        full,
+        mode,
+    };
+    Ok(Some((prepared, seen, sink)))
+}
+
+/// What became of the removals.
+enum Removal {
+    /// Not attempted: the export keeps flags, or the Look was not read to its end.
+    NotRun,
+    /// Held back by the removal limit.
+    Withheld,
+    /// Done (maybe nothing to do); the keys of removals never acknowledged. Removals Braze
+    /// rejected leave the audience: Braze refused them for good.
+    Done { failed: KeySet },
+}
+
+/// After the adds: counts `added`, removes users who left (or withholds the removals), and
+/// builds the new stored audience.
+pub(super) async fn settle(
+    prep: Prepared,
+    read: ReadSide,
+    ended: &mut Ended,
+    braze: Option<Arc<BrazeClient>>,
+    plan: &ExportPlan,
+    opts: &RunOptions,
+    start_time: Timestamp,
+) -> AudienceUpdate {
+    let ReadSide {
+        seen,
+        sync,
+        failed_keys,
+        rejected_keys,
+    } = read;
+    let seen = Arc::new(seen);
+    let add_failed = Arc::new(KeySet::new(failed_keys));
+    let add_rejected = Arc::new(KeySet::new(rejected_keys));
+    let is_new = |k: u64| prep.rename || seen.index(k).is_none();
+    let lost_new = add_failed.iter().filter(|k| is_new(*k)).count()
+        + add_rejected
+            .iter()
+            .filter(|k| is_new(*k) && !add_failed.contains(*k))
+            .count();
+    ended.tally.counts.added = Some(sync.pushed_new.saturating_sub(lost_new as u64));
+    let complete = ended.failure.is_none() && !ended.interrupted;
+    tracing::debug!(
+        present = seen.present_count(),
+        new = seen.new_count(),
+        "adds settled"
+    );
+    let removal = if plan.removal == RemovalMode::Remove {
+        let c = &mut ended.tally.counts;
+        for field in [
+            &mut c.removal_candidates,
+            &mut c.removed,
+            &mut c.removal_rejected,
+            &mut c.removal_failed,
+            &mut c.removal_withheld,
+        ] {
+            field.get_or_insert(0);
+        }
+        match (&prep.previous, complete) {
+            (Some(previous), true) => {
+                let picker = Picker {
+                    seen: Arc::clone(&seen),
+                    add_failed: Arc::clone(&add_failed),
+                    add_rejected: Arc::clone(&add_rejected),
+                    rename: prep.rename,
+                };
+                remove(previous, picker, ended, braze, plan, opts).await
+            }
+            _ => Removal::NotRun,
+        }
+    } else {
+        Removal::NotRun
+    };
+    if opts.dry_run {
+        return AudienceUpdate::Keep;
+    }
+    // A changed flag whose old value could not be removed keeps the old audience, so that a
+    // later run still knows whom to remove it from.
+    if prep.rename
+        && plan.removal == RemovalMode::Remove
+        && !matches!(removal, Removal::Done { .. })
+    {
+        return AudienceUpdate::Keep;
+    }
+    let last_full_resync = if prep.full && complete {
+        Some(start_time)
+    } else {
+        prep.previous
+            .as_ref()
+            .and_then(|p| p.header().last_full_resync)
+    };
+    let header = Header {
+        export: prep.owner.clone(),
+        identifier: plan.shape.identifier,
+        alias_label: alias_label(plan).map(str::to_owned),
+        attribute: plan.shape.attribute.clone(),
+        export_name: plan.shape.export_name.clone(),
+        last_full_resync,
+        members: 0,
+    };
+    let state = NewState {
+        seen,
+        add_failed,
+        add_rejected,
+        removal,
+        rename: prep.rename,
+        keep_leavers: plan.removal == RemovalMode::Keep,
+    };
+    tracing::debug!("removals settled");
+    let previous = prep.previous.clone();
+    let current = sync.current;
+    let built =
+        tokio::task::spawn_blocking(move || state.build(header, current, previous.as_deref()))
+            .await;
+    match built {
+        Ok(Ok(encoded)) => {
+            tracing::debug!(
+                members = encoded.header().members,
+                bytes = encoded.len_bytes(),
+                "new stored audience built"
+            );
+            AudienceUpdate::Replace(encoded)
+        }
+        Ok(Err(e)) => {
+            fail(ended, RunError::AudienceUnreadable(e));
+            AudienceUpdate::Keep
+        }
+        Err(e) => {
+            fail(
+                ended,
+                RunError::Internal(format!("writing the stored audience failed: {e}")),
+            );
+            AudienceUpdate::Keep
+        }
+    }
+}
+
+fn fail(ended: &mut Ended, e: RunError) {
+    if ended.failure.is_none() {
+        ended.failure = Some(e);
+    }
+}
+
+/// Which previous members lose the flag.
+#[derive(Clone)]
+struct Picker {
+    seen: Arc<Seen>,
+    add_failed: Arc<KeySet>,
+    add_rejected: Arc<KeySet>,
+    rename: bool,
+}
+
+impl Picker {
+    /// Members absent from the Look; after a change of the flag, also the members whose new
+    /// flag Braze accepted (users whose add failed keep the old one).
+    fn picks(&self, i: usize, key: u64) -> bool {
+        !self.seen.is_present(i)
+            || (self.rename
+                && self.seen.is_taken(i)
+                && !self.add_failed.contains(key)
+                && !self.add_rejected.contains(key))
+    }
+}
+
+/// The removal limit, then the removals.
+async fn remove(
+    previous: &Arc<Encoded>,
+    picker: Picker,
+    ended: &mut Ended,
+    braze: Option<Arc<BrazeClient>>,
+    plan: &ExportPlan,
+    opts: &RunOptions,
+) -> Removal {
+    let seen = Arc::clone(&picker.seen);
+    let (before, present) = (seen.previous_len(), seen.present_count());
+    let leaving = before - present;
+    let empty = present == 0 && seen.new_count() == 0;
+    let over = u128::from(leaving) * 100
+        > u128::from(plan.removal_limit_percent) * u128::from(before)
+        || (empty && leaving > 0);
+    let done = || Removal::Done {
+        failed: KeySet::default(),
+    };
+    if leaving == 0 && !picker.rename {
+        return done();
+    }
+    if over && !opts.allow_removal_over_limit {
+        let counted = {
+            let (p, pk) = (Arc::clone(previous), picker.clone());
+            tokio::task::spawn_blocking(move || produce(&p, &pk, plan_shape(&p), usize::MAX, None))
+                .await
+        };
+        let candidates = match counted {
+            Ok(Ok(s)) => s.candidates,
+            Ok(Err(e)) => {
+                fail(ended, RunError::AudienceUnreadable(e));
+                return Removal::NotRun;
+            }
+            Err(e) => {
+                fail(
+                    ended,
+                    RunError::Internal(format!("the removals failed: {e}")),
+                );
+                return Removal::NotRun;
+            }
+        };
+        let c = &mut ended.tally.counts;
+        c.removal_candidates = Some(candidates);
+        c.removal_withheld = Some(candidates);
+        let message = limit_message(leaving, before, plan.removal_limit_percent, empty);
+        tracing::warn!(leaving, audience = before, "{message}");
+        ended
+            .tally
+            .note_n(RowReason::RemovalLimitExceeded, &message, candidates, &[]);
+        return Removal::Withheld;
+    }
+    send_removals(previous, picker, ended, braze, plan, opts).await
+}
+
+/// The sentence of the `RemovalLimitExceeded` group: how many, of how many, how to go ahead.
+fn limit_message(leaving: u64, before: u64, limit: u32, empty: bool) -> String {
+    let how = "To go ahead, raise spec.braze.removalLimitPercent for one run (with `run`, or pass --allow-removal once), or in the cluster run it now with the annotation looker-braze.dev/allow-removal set to the same value as looker-braze.dev/run-now, which allows it once";
+    if empty {
+        format!(
+            "the Look returned no users: removing all {before} users of the stored audience is refused at any removalLimitPercent, and nobody was removed; the stored audience is kept. If the audience really is empty now: {how}"
+        )
+    } else {
+        let share = leaving as f64 * 100.0 / before.max(1) as f64;
+        format!(
+            "this run would remove {leaving} of the {before} users of the stored audience ({share:.1}%), more than removalLimitPercent {limit}%: nobody was removed, and the stored audience is kept. {how}"
+        )
+    }
+}
+
+/// The names the removals use: the previous audience's (the old ones after a change).
+fn plan_shape(previous: &Encoded) -> Names {
+    let h = previous.header();
+    Names {
+        identifier: h.identifier,
+        alias_label: h.alias_label.clone().unwrap_or_default(),
+        attribute: h.attribute.clone(),
+        export_name: h.export_name.clone(),
+    }
+}
+
+struct Names {
+    identifier: IdentifierKind,
+    alias_label: String,
+    attribute: String,
+    export_name: String,
+}
+
+#[derive(Debug, Default)]
+struct Produced {
+    candidates: u64,
+    unsent: u64,
+    unsent_keys: Vec<u64>,
+}
+
+/// Streams the previous members and builds removal batches for those `picker` picks; with
+/// no channel, only counts them. Batches the senders no longer take are counted unsent.
+fn produce(
+    previous: &Encoded,
+    picker: &Picker,
+    names: Names,
+    batch_size: usize,
+    tx: Option<mpsc::Sender<Batch>>,
+) -> Result<Produced, AudienceError> {
+    let mut out = Produced::default();
+    let mut members = previous.members()?;
+    let mut batch = Batch::with_capacity(batch_size.min(75));
+    let mut tx = tx;
+    let hand = |batch: Batch, out: &mut Produced, tx: &mut Option<mpsc::Sender<Batch>>| {
+        if batch.is_empty() {
+            return;
+        }
+        let refused = match tx {
+            Some(t) => t.blocking_send(batch).err().map(|e| e.0),
+            None => Some(batch),
+        };
+        if let Some(b) = refused {
+            *tx = None;
+            out.unsent += b.len() as u64;
+            out.unsent_keys.extend_from_slice(b.keys());
+        }
+    };
+    while let Some((id, _)) = members.next_member()? {
+        let key = picker.seen.key(id);
+        let Some(i) = picker.seen.index(key) else {
+            continue;
+        };
+        if !picker.picks(i, key) {
+            continue;
+        }
+        out.candidates += 1;
+        if tx.is_none() && batch_size == usize::MAX {
+            continue;
+        }
+        let object = RemovalObject {
+            identifier: names.identifier,
+            alias_label: &names.alias_label,
+            attribute: &names.attribute,
+            export_name: &names.export_name,
+            id,
+        };
+        if batch.push_keyed(out.candidates, key, &object).is_err() {
+            continue;
+        }
+        if batch.len() >= batch_size {
+            let full = std::mem::replace(&mut batch, Batch::with_capacity(batch_size));
+            hand(full, &mut out, &mut tx);
+        }
+    }
+    hand(batch, &mut out, &mut tx);
+    Ok(out)
+}
+
+/// Sends the removals, like the adds: in flight within the rate limit, retried, dumped.
+async fn send_removals(
+    previous: &Arc<Encoded>,
+    picker: Picker,
+    ended: &mut Ended,
+    braze: Option<Arc<BrazeClient>>,
+    plan: &ExportPlan,
+    opts: &RunOptions,
+) -> Removal {
+    let stop = opts.cancel.child_token();
+    let (tx, rx) = mpsc::channel::<Batch>(32);
+    let producer = {
+        let p = Arc::clone(previous);
+        let batch_size = plan.batch_size;
+        tokio::task::spawn_blocking(move || {
+            let names = plan_shape(&p);
+            produce(&p, &picker, names, batch_size, Some(tx))
+        })
+    };
+    let sent = send_all(rx, braze, plan.concurrency, opts, &stop, Side::Removals).await;
+    stop.cancel();
+    let produced = match producer.await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            fail(ended, RunError::AudienceUnreadable(e));
+            Produced::default()
+        }
+        Err(e) => {
+            fail(
+                ended,
+                RunError::Internal(format!("the removals failed: {e}")),
+            );
+            Produced::default()
+        }
+    };
+    let mut tally = sent.tally;
+    let mut failed = sent.failed_keys;
+    if produced.unsent > 0 {
+        let r = match &sent.fatal {
+            Some(f) => FailReason::Stopped(f.reason(), f.to_string()),
+            None => FailReason::Stopped("Interrupted", "the operator is shutting down".into()),
+        };
+        *tally.counts.removal_failed.get_or_insert(0) += produced.unsent;
+        tally.note_n(
+            RowReason::RemovalNotDelivered(r.reason()),
+            &r.describe(0),
+            produced.unsent,
+            &[],
+        );
+        failed.extend_from_slice(&produced.unsent_keys);
+    }
+    tally.counts.removal_candidates = Some(produced.candidates);
+    ended.tally.counts.removal_candidates = None;
+    ended.tally.merge(tally);
+    if let Some(fatal) = sent.fatal {
+        fail(ended, RunError::Braze(fatal));
+    } else if opts.cancel.is_cancelled() {
+        ended.interrupted = true;
+    }
+    opts.progress
+        .removed
+        .store(ended.tally.counts.removed.unwrap_or(0), Ordering::Relaxed);
+    Removal::Done {
+        failed: KeySet::new(failed),
+    }
+}
+
+/// Everything the new stored audience is built from.
+struct NewState {
+    seen: Arc<Seen>,
+    add_failed: Arc<KeySet>,
+    add_rejected: Arc<KeySet>,
+    removal: Removal,
+    rename: bool,
+    keep_leavers: bool,
+}
+
+impl NewState {
+    /// This run's users first (flagged, or pending when their add failed; dropped when
+    /// Braze rejected a user new to the audience), then the previous members this run did
+    /// not take: kept in the Look, kept by `Keep`, or as the removals left them.
+    fn build(
+        &self,
+        header: Header,
+        current: Option<BodyWriter>,
+        previous: Option<&Encoded>,
+    ) -> Result<Encoded, AudienceError> {
+        let mut out = BodyWriter::new(6);
+        if let Some(current) = current {
+            let (body, _) = current.finish();
+            let mut r = crate::audience::codec::BodyReader::new(&body[..]);
+            while let Some((id, _)) = r.next_member()? {
+                if let Some(state) = self.current_state(self.seen.key(id)) {
+                    out.push(id, state);
+                }
+            }
+        }
+        if let Some(previous) = previous {
+            let mut r = previous.members()?;
+            while let Some((id, _)) = r.next_member()? {
+                let key = self.seen.key(id);
+                let Some(i) = self.seen.index(key) else {
+                    continue;
+                };
+                if let Some(state) = self.previous_state(i, key) {
+                    out.push(id, state);
+                }
+            }
+        }
+        Ok(Encoded::new(header, out))
+    }
+
+    fn current_state(&self, key: u64) -> Option<MemberState> {
+        if self.add_rejected.contains(key) {
+            let known = !self.rename && self.seen.index(key).is_some();
+            return known.then_some(MemberState::Pending);
+        }
+        if self.add_failed.contains(key) {
+            return Some(MemberState::Pending);
+        }
+        Some(MemberState::Flagged)
+    }
+
+    fn previous_state(&self, i: usize, key: u64) -> Option<MemberState> {
+        let seen = &self.seen;
+        if seen.is_taken(i) {
+            // Written with this run's users.
+            return None;
+        }
+        if seen.is_present(i) {
+            // In the Look, not sent (an invalid row, beyond maxRows): as it was; after a
+            // change of the flag it does not hold the new one yet.
+            return Some(if self.rename {
+                MemberState::Pending
+            } else {
+                seen.previous_state(i)
+            });
+        }
+        if self.keep_leavers {
+            // `Keep`: the flag stays on users who left, so they stay in the audience.
+            return (!self.rename).then(|| seen.previous_state(i));
+        }
+        match &self.removal {
+            Removal::NotRun | Removal::Withheld => Some(seen.previous_state(i)),
+            // Removed, or refused for good by Braze: out; never acknowledged: a later run
+            // removes it.
+            Removal::Done { failed } => failed.contains(key).then_some(MemberState::Pending),
+        }
+    }
+}
