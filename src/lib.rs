@@ -9,8 +9,6 @@
 pub mod audience;
 /// The stored audience in Secrets, for the controller (kept under `src/controller/`, where the
 /// controller will declare it when it wires it in; until then it is reached from here).
-#[path = "controller/audience_store.rs"]
-pub mod audience_store;
 pub mod braze;
 pub mod commands;
 pub mod controller;

@@ -11,6 +11,9 @@ use crate::spec::BrazeExportStatus;
 
 /// The annotation that asks for a run now; its value (any new one) starts one run.
 pub const RUN_NOW_ANNOTATION: &str = "looker-braze.dev/run-now";
+/// With `delta: true`, a run-now whose request this annotation repeats sends everyone again
+/// (a full resync), once.
+pub const FULL_RESYNC_ANNOTATION: &str = "looker-braze.dev/full-resync";
 /// Retries after a run that failed as a whole.
 pub const MAX_RETRIES: u32 = 3;
 /// Wait before the first retry; doubled for each further one.

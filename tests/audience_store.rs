@@ -9,7 +9,7 @@ use apiserver::{FakeApiServer, SECRETS};
 use braze_export_operator::audience::{
     self, Audience, Encoded, Header, Member, MemberState, Owner,
 };
-use braze_export_operator::audience_store::{
+use braze_export_operator::controller::audience_store::{
     OWNER_LABEL, StoreError, delete_audience, load_audience, manifest_name, save_audience,
 };
 use braze_export_operator::spec::{BrazeExport, IdentifierKind};

@@ -220,7 +220,7 @@ fn export_grants() -> Grants {
             &["get", "list", "watch"],
         ),
         ("looker-braze.dev", "brazeexports/status", &["get", "patch"]),
-        ("", "secrets", &["get"]),
+        ("", "secrets", &["get", "create", "update", "delete"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ])
 }

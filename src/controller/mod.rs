@@ -3,6 +3,7 @@
 //! every replica is Ready and only the Lease holder runs exports; a holder that cannot renew
 //! stops its runs before another may take over (see [`lease`]).
 
+pub mod audience_store;
 pub mod freshness;
 pub mod lease;
 pub mod reconcile;

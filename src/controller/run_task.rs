@@ -11,6 +11,7 @@ use kube::api::Api;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
+use super::audience_store;
 use super::reconcile::{API_TIMEOUT, publish, read_credentials};
 use super::status::{self, reason};
 use super::step::{self, Facts, Note, Start, Then};
@@ -18,7 +19,14 @@ use super::watched::Watched;
 use super::writer::RunWriter;
 use super::{Context, Error};
 use crate::export::report::{Outcome, RunReport};
-use crate::export::{Credentials, RunOptions, run_export};
+use crate::export::{
+    AudienceInput, AudienceUpdate, Credentials, RunOptions, run_export, run_export_synced,
+};
+use crate::schedule::FULL_RESYNC_ANNOTATION;
+use k8s_openapi::api::core::v1::Secret;
+
+/// Longest wait for loading or saving a stored audience (a million users: a few MiB).
+const AUDIENCE_TIMEOUT: Duration = Duration::from_secs(120);
 use crate::schedule::{Inputs, retry};
 use crate::spec::BrazeExport;
 
@@ -138,8 +146,18 @@ impl RunTask {
         });
 
         let cancel = ctx.stop.child_token();
+        let annotations = self.export.metadata.annotations.clone().unwrap_or_default();
+        let manual_request = due.run_request.as_deref();
         let opts = RunOptions {
             cancel: cancel.clone(),
+            // Both answer this run-now request only: read before it is recorded handled.
+            allow_removal_over_limit: crate::audience::removal_allowed_once(
+                &self.export.spec,
+                &annotations,
+                Some(&self.start.base),
+            ),
+            full_resync: manual_request.is_some()
+                && annotations.get(FULL_RESYNC_ANNOTATION).map(|v| v.trim()) == manual_request,
             ..RunOptions::new(due.trigger)
         };
         let stop_progress = CancellationToken::new();
@@ -151,7 +169,7 @@ impl RunTask {
             stop_progress.clone(),
             cancel.clone(),
         ));
-        let mut report = run_export(&ctx.services, &self.start.plan, &self.creds, opts).await;
+        let mut report = self.run_synced(opts).await;
         // The status's times are the controller's clock (offset in tests).
         report.start_time = now;
         report.completion_time = Some(ctx.now());
@@ -160,6 +178,81 @@ impl RunTask {
         stop_progress.cancel();
         let _ = progress.await;
         self.finish(&writer, &started, &report).await
+    }
+
+    /// Runs the export; with `removal: Remove` or `delta: true`, against its stored audience,
+    /// saved again before the run's end is recorded.
+    async fn run_synced(&self, opts: RunOptions) -> RunReport {
+        let ctx = &self.ctx;
+        let plan = &self.start.plan;
+        if !plan.needs_audience() {
+            return run_export(&ctx.services, plan, &self.creds, opts).await;
+        }
+        let secrets: Api<Secret> = Api::namespaced(
+            ctx.client.clone(),
+            &self.export.namespace().unwrap_or_default(),
+        );
+        let previous = match tokio::time::timeout(
+            AUDIENCE_TIMEOUT,
+            audience_store::load_audience(&secrets, &self.export),
+        )
+        .await
+        {
+            Ok(Ok(previous)) => previous,
+            Ok(Err(e)) => return self.failed(&opts, "AudienceUnreadable", e.to_string()),
+            Err(_) => {
+                return self.failed(
+                    &opts,
+                    "AudienceUnreadable",
+                    "the stored audience could not be read in time".into(),
+                );
+            }
+        };
+        let owner = crate::audience::Owner {
+            namespace: self.export.namespace(),
+            name: self.export.name_any(),
+        };
+        let input = AudienceInput { owner, previous };
+        let result = run_export_synced(&ctx.services, plan, &self.creds, opts, Some(input)).await;
+        if let AudienceUpdate::Replace(audience) = &result.audience {
+            let saved = tokio::time::timeout(
+                AUDIENCE_TIMEOUT,
+                audience_store::save_audience(&secrets, &self.export, audience),
+            )
+            .await;
+            if !matches!(saved, Ok(Ok(()))) {
+                let why = match saved {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                // The stored audience stays the previous one: the next run adds the users
+                // this one flagged again, and removes nobody it should not.
+                tracing::warn!(export = %self.key, error = %why, "cannot save the audience");
+                let note = Note {
+                    warning: true,
+                    reason: reason::AUDIENCE_NOT_SAVED,
+                    message: format!("the audience of this run could not be saved: {why}"),
+                };
+                publish(ctx, &self.export, &note).await;
+            }
+        }
+        result.report
+    }
+
+    /// A report for a run that failed before it could read Looker.
+    fn failed(&self, opts: &RunOptions, reason: &'static str, message: String) -> RunReport {
+        let now = self.ctx.now();
+        crate::export::report::finish(
+            crate::export::report::Tally::default(),
+            Some(crate::export::report::RunFailure { reason, message }),
+            false,
+            crate::export::report::RunContext {
+                trigger: opts.trigger,
+                start_time: now,
+                completion_time: now,
+                dry_run: false,
+            },
+        )
     }
 
     async fn finish(

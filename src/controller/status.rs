@@ -45,9 +45,11 @@ pub mod reason {
     pub const RUN_FAILED: &str = "RunFailed";
     /// Event: a run stopped before its end (shutdown, lost leadership, crash).
     pub const RUN_INTERRUPTED: &str = "RunInterrupted";
+    /// Event: the audience of a run could not be saved (the previous one stays).
+    pub const AUDIENCE_NOT_SAVED: &str = "AudienceNotSaved";
 
     /// All of them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -64,6 +66,7 @@ pub mod reason {
         RUN_PARTIALLY_SUCCEEDED,
         RUN_FAILED,
         RUN_INTERRUPTED,
+        AUDIENCE_NOT_SAVED,
     ];
 }
 
