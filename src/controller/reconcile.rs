@@ -109,13 +109,7 @@ async fn start_run(
     };
     let permit = Arc::clone(&ctx.permits).try_acquire_owned().ok();
     let mut base = export.clone();
-    if permit.is_none() {
-        let queued = status::queued(&start.base, generation, &start.due, ctx.slots, ctx.now());
-        base.metadata.resource_version = Some(write(ctx, export, &queued).await?);
-        base.status = Some(queued);
-    } else {
-        base.status = Some(start.base.clone());
-    }
+    base.status = Some(start.base.clone());
     let task = RunTask {
         ctx: Arc::clone(ctx),
         export: base,

@@ -12,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::audience_store;
-use super::reconcile::{API_TIMEOUT, publish, read_credentials};
+use super::reconcile::{API_TIMEOUT, publish, read_credentials, write};
 use super::status::{self, reason};
 use super::step::{self, Facts, Note, Start, Then};
 use super::watched::Watched;
@@ -24,6 +24,10 @@ use crate::export::{
 };
 use crate::schedule::FULL_RESYNC_ANNOTATION;
 use k8s_openapi::api::core::v1::Secret;
+
+/// How long a run may wait for a slot before it is shown as `Queued`: a short wait costs no
+/// status write and no fresh read (1,000 exports due at once with enough slots).
+const QUEUE_GRACE: Duration = Duration::from_secs(1);
 
 /// Longest wait for loading or saving a stored audience (a million users: a few MiB).
 const AUDIENCE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -53,13 +57,40 @@ impl RunTask {
     pub async fn run(mut self, permit: Option<OwnedSemaphorePermit>) {
         let permit = match permit {
             Some(p) => Some(p),
-            None => self.wait_for_slot().await,
+            None => self.queue().await,
         };
         if let Some(permit) = permit
             && let Err(e) = self.carry_out(permit).await
         {
             tracing::warn!(export = %self.key, error = %e, "the run's status could not be recorded");
         }
+    }
+
+    /// A slot free within [`QUEUE_GRACE`] starts the run as decided (its start write is still
+    /// conditional on the version the decision read). A longer wait is shown as `Queued`,
+    /// and the run is decided again when its slot comes.
+    async fn queue(&mut self) -> Option<OwnedSemaphorePermit> {
+        let soon = tokio::select! {
+            biased;
+            () = self.ctx.stop.cancelled() => return None,
+            p = tokio::time::timeout(QUEUE_GRACE, Arc::clone(&self.ctx.permits).acquire_owned()) => p,
+        };
+        if let Ok(p) = soon {
+            return p.ok();
+        }
+        let ctx = Arc::clone(&self.ctx);
+        let base = self.start.base.clone();
+        let queued = status::queued(
+            &base,
+            self.export.metadata.generation,
+            &self.start.due,
+            ctx.slots,
+            ctx.now(),
+        );
+        let rv = write(&ctx, &self.export, &queued).await.ok()?;
+        self.export.metadata.resource_version = Some(rv);
+        self.export.status = Some(queued);
+        self.wait_for_slot().await
     }
 
     /// Waits for a slot, then re-reads the export and re-decides: while it waited, another
