@@ -591,8 +591,12 @@ async fn exports_are_pruned_and_defaulted_like_the_apiserver_does() {
             "attribute": "looker_export",
             "batchSize": 75,
             "concurrency": 512,
+            "delta": false,
             "exportName": "LOOKER_EXPORT",
+            "fullResyncInterval": "168h",
             "identifier": "external_id",
+            "removal": "Keep",
+            "removalLimitPercent": 20,
             "updateExistingOnly": true,
         })
     );
@@ -915,6 +919,10 @@ async fn the_crds_cel_rules_are_evaluated() {
         found,
         [
             (
+                "spec".to_owned(),
+                "cleanupOnDelete needs braze.removal: Remove".to_owned()
+            ),
+            (
                 "spec.braze".to_owned(),
                 "aliasLabel is required when identifier is user_alias".to_owned()
             ),
@@ -993,6 +1001,28 @@ async fn the_crds_cel_rules_are_evaluated() {
     assert_eq!(admitted(alias(Some("crm"), "user_alias")), Ok(()));
     assert_eq!(admitted(alias(None, "external_id")), Ok(()));
     assert_eq!(admitted(alias(None, "braze_id")), Ok(()));
+
+    let cleanup = |removal: Option<&str>, on: bool| {
+        with(&|o| {
+            o["spec"]["cleanupOnDelete"] = json!(on);
+            if let Some(r) = removal {
+                o["spec"]["braze"]["removal"] = json!(r);
+            }
+        })
+    };
+    let needs_remove = refused(
+        "spec",
+        "object",
+        "cleanupOnDelete needs braze.removal: Remove",
+    );
+    assert_eq!(
+        admitted(cleanup(None, true)),
+        needs_remove,
+        "Keep by default"
+    );
+    assert_eq!(admitted(cleanup(Some("Keep"), true)), needs_remove);
+    assert_eq!(admitted(cleanup(Some("Remove"), true)), Ok(()));
+    assert_eq!(admitted(cleanup(None, false)), Ok(()));
 
     // Through a client too.
     let e = api_error(create(&api, alias(None, "user_alias")).await);
