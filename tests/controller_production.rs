@@ -18,6 +18,22 @@ use operator::*;
 use serde_json::json;
 use support::*;
 
+/// A world where export `name` runs slowly enough to be caught mid-run: a Look of `users`,
+/// Braze `latency_ms` away, and one 10-user request at a time.
+async fn slow_run(name: &str, users: u64, latency_ms: u64) -> (FakeApiServer, World) {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker
+        .add_look("42", Look::users(users, Generator::Clean));
+    w.braze
+        .set_latency(Duration::from_millis(latency_ms), Duration::ZERO);
+    secrets(&api);
+    put_export(&api, &w, name, "42", ONE_SMALL_BATCH_AT_A_TIME, "");
+    (api, w)
+}
+
+/// `spec.braze` lines for one 10-user request in flight at a time.
+const ONE_SMALL_BATCH_AT_A_TIME: &str = "batchSize: 10\nconcurrency: 1";
+
 /// A rollout: the old pod leads, the new one stands by (and is Ready); the old one gets
 /// SIGTERM mid-run. The run is recorded Interrupted by its own runner and retried once by the
 /// new leader; never two runners, never a run taken for a crash while its runner lives.
@@ -76,19 +92,7 @@ async fn a_rolling_update_runs_each_export_once() {
 /// the Lease; the standby then records the run Interrupted (its runner is gone) and retries.
 #[tokio::test]
 async fn a_leader_that_cannot_renew_stops_its_runs_before_another_takes_over() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(3000, Generator::Clean));
-    w.braze
-        .set_latency(Duration::from_millis(40), Duration::ZERO);
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "partitioned",
-        "42",
-        "batchSize: 10\nconcurrency: 1",
-        "",
-    );
+    let (api, w) = slow_run("partitioned", 3000, 40).await;
     let (cut_client, partition) = api.partitionable_client();
     let a = Operator::start_with(cut_client, elected("pod-a"));
     wait_for("pod-a to lead", 10, || {
@@ -156,19 +160,7 @@ async fn a_leader_that_cannot_renew_stops_its_runs_before_another_takes_over() {
 /// takes the new Lease before a whole duration has passed, so two runners never overlap.
 #[tokio::test]
 async fn a_deleted_lease_never_makes_two_leaders() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(2000, Generator::Clean));
-    w.braze
-        .set_latency(Duration::from_millis(30), Duration::ZERO);
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "unstuck",
-        "42",
-        "batchSize: 10\nconcurrency: 1",
-        "",
-    );
+    let (api, w) = slow_run("unstuck", 2000, 30).await;
     let a = Operator::start(&api, elected("pod-a"));
     wait_for("pod-a to lead", 10, || {
         (holder(&api).as_deref() == Some("pod-a")).then_some(())
@@ -279,7 +271,7 @@ async fn waiting_for_a_slot_shows_queued_not_running() {
     secrets(&api);
     let names = ["q1", "q2", "q3", "q4"];
     for name in names {
-        put_export(&api, &w, name, "42", "batchSize: 10\nconcurrency: 1", "");
+        put_export(&api, &w, name, "42", ONE_SMALL_BATCH_AT_A_TIME, "");
     }
     let op = Operator::start(
         &api,
@@ -381,19 +373,7 @@ async fn shutdown_does_not_record_queued_runs_as_interrupted() {
 /// never writes onto the new object.
 #[tokio::test]
 async fn a_run_never_writes_onto_a_recreated_namesake() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(3000, Generator::Clean));
-    w.braze
-        .set_latency(Duration::from_millis(30), Duration::ZERO);
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "reborn",
-        "42",
-        "batchSize: 10\nconcurrency: 1",
-        "",
-    );
+    let (api, w) = slow_run("reborn", 3000, 30).await;
     let op = Operator::start(&api, config());
     run_now(&api, "reborn", "r1");
     wait_for("sending", 10, || {
