@@ -217,10 +217,14 @@ fn export_grants() -> Grants {
         (
             "looker-braze.dev",
             "brazeexports",
-            &["get", "list", "watch"],
+            &["get", "list", "watch", "patch"],
         ),
         ("looker-braze.dev", "brazeexports/status", &["get", "patch"]),
-        ("", "secrets", &["get", "create", "update", "delete"]),
+        (
+            "",
+            "secrets",
+            &["get", "list", "create", "update", "delete"],
+        ),
         ("events.k8s.io", "events", &["create", "patch"]),
     ])
 }

@@ -8,7 +8,7 @@ mod apiserver;
 mod operator;
 mod support;
 
-use apiserver::{EXPORTS, FakeApiServer, SECRETS};
+use apiserver::{EVENTS, EXPORTS, FakeApiServer, SECRETS};
 use braze_export_operator::sandbox::{Generator, Look};
 use operator::*;
 use serde_json::{Value, json};
@@ -129,5 +129,246 @@ async fn delta_sends_only_new_users() {
     );
     assert_eq!(w.braze.accepted_count() - before, 10);
     assert_eq!(segment(&w), 210);
+    op.stop().await;
+}
+
+fn finalizers(api: &FakeApiServer, name: &str) -> Option<Value> {
+    api.get(EXPORTS, NS, name)
+        .map(|e| e["metadata"]["finalizers"].clone())
+}
+
+/// `cleanupOnDelete: true`: the export holds a finalizer; deleting it removes its flag from
+/// every user of its stored audience (Looker is not read), deletes the audience Secrets, and
+/// only then lets the export go.
+#[tokio::test]
+async fn deleting_an_export_with_cleanup_removes_its_flag_first() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(300, Generator::Clean));
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove",
+        "cleanupOnDelete: true",
+    );
+    let op = Operator::start(&api, config());
+    wait_for("the finalizer", 10, || {
+        (finalizers(&api, "mirror")? == json!(["looker-braze.dev/cleanup"])).then_some(())
+    })
+    .await;
+    run_now(&api, "mirror", "r1");
+    wait_ready(&api, "mirror", "Succeeded", 20).await;
+    assert_eq!(segment(&w), 300);
+    let someone = w
+        .braze
+        .segment("looker_export", "LOOKER_EXPORT")
+        .into_iter()
+        .next()
+        .unwrap();
+    assert!(!audience_secrets(&api, "mirror").is_empty());
+    let uid = api.get(EXPORTS, NS, "mirror").unwrap()["metadata"]["uid"].clone();
+    let looker_calls = w.looker.requests().len();
+
+    api.delete(EXPORTS, NS, "mirror");
+    assert!(
+        api.get(EXPORTS, NS, "mirror").is_some(),
+        "the finalizer holds the deletion"
+    );
+
+    wait_for("the export to go", 20, || {
+        api.get(EXPORTS, NS, "mirror").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(segment(&w), 0, "the flag is off every user");
+    assert_eq!(
+        w.braze.array(&someone, "looker_export"),
+        Some(vec![]),
+        "the user stays in Braze; only the value goes"
+    );
+    assert_eq!(
+        w.looker.requests().len(),
+        looker_calls,
+        "Looker is not read"
+    );
+    let left: Vec<Value> = api
+        .list(SECRETS)
+        .into_iter()
+        .filter(|s| s["metadata"]["labels"]["looker-braze.dev/audience-of"] == uid)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the audience Secrets are deleted: {left:?}"
+    );
+    let cleaned = events(&api, "mirror")
+        .into_iter()
+        .find(|(_, reason, _)| reason == "CleanedUp")
+        .expect("a CleanedUp Event");
+    assert_eq!(cleaned.0, "Normal");
+    assert_eq!(
+        cleaned.2,
+        "removed LOOKER_EXPORT from looker_export for all 300 users of the stored audience"
+    );
+    assert_eq!(
+        op.metric("braze_export_rows_total{result=\"removed\"}"),
+        Some(300.0)
+    );
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
+    op.stop().await;
+}
+
+/// A deletion never hangs: when Braze refuses the key, the finalizer goes at once, and the
+/// Warning says how many users keep the flag, never the key.
+#[tokio::test]
+async fn a_deletion_does_not_wait_on_a_refused_key() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(120, Generator::Clean));
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove",
+        "cleanupOnDelete: true",
+    );
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r1");
+    wait_ready(&api, "mirror", "Succeeded", 20).await;
+    const REVOKED: &str = "revoked-key-5f3a9c";
+    w.braze.forbid_key(REVOKED);
+    api.put_secret(NS, "braze-api", &[("api_key", REVOKED)]);
+
+    let deleted = std::time::Instant::now();
+    api.delete(EXPORTS, NS, "mirror");
+    wait_for("the export to go", 10, || {
+        api.get(EXPORTS, NS, "mirror").is_none().then_some(())
+    })
+    .await;
+    assert!(deleted.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(segment(&w), 120, "nobody lost the flag");
+    let (kind, _, note) = events(&api, "mirror")
+        .into_iter()
+        .find(|(_, reason, _)| reason == "CleanupIncomplete")
+        .expect("a CleanupIncomplete Event");
+    assert_eq!(kind, "Warning");
+    assert!(
+        note.starts_with(
+            "removed LOOKER_EXPORT from looker_export for 0 of the 120 users of the stored audience; 120 keep it ("
+        ),
+        "{note}"
+    );
+    let everything = format!("{:?}", api.list(EVENTS));
+    assert!(
+        !everything.contains(REVOKED),
+        "the key never reaches an Event"
+    );
+    op.stop().await;
+}
+
+/// An export deleted mid-run: the run stops and saves whom it flagged, then the cleanup
+/// removes the flag from them too.
+#[tokio::test]
+async fn deleting_mid_run_cleans_up_what_the_run_flagged() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(400, Generator::Clean));
+    w.braze.set_latency(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::ZERO,
+    );
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove\nbatchSize: 10\nconcurrency: 1",
+        "cleanupOnDelete: true",
+    );
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r1");
+    wait_for("some users flagged", 20, || {
+        (segment(&w) >= 30).then_some(())
+    })
+    .await;
+    api.delete(EXPORTS, NS, "mirror");
+    wait_for("the export to go", 30, || {
+        api.get(EXPORTS, NS, "mirror").is_none().then_some(())
+    })
+    .await;
+    let flagged = segment(&w);
+    assert_eq!(flagged, 0, "every user the run flagged lost the flag");
+    assert!(
+        w.braze.accepted_count() < 400 + 400,
+        "the run stopped: {} objects",
+        w.braze.accepted_count()
+    );
+    assert!(
+        events(&api, "mirror")
+            .iter()
+            .any(|(_, reason, _)| reason == "CleanedUp"),
+        "{:?}",
+        events(&api, "mirror")
+    );
+    op.stop().await;
+}
+
+/// The finalizer follows the spec: turned off, it goes (a deletion is then immediate); and an
+/// export this version cannot decode is never held by it.
+#[tokio::test]
+async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(30, Generator::Clean));
+    secrets(&api);
+    let mut newer = serde_json::to_value(
+        <braze_export_operator::spec::BrazeExport as kube::CustomResourceExt>::crd(),
+    )
+    .unwrap();
+    newer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["braze"]["properties"]["audienceMode"] = json!({"type": "string"});
+    api.set_crd(newer);
+    put_export(
+        &api,
+        &w,
+        "toggled",
+        "42",
+        "removal: Remove",
+        "cleanupOnDelete: true",
+    );
+    let mut unreadable = export_object(
+        &w,
+        "unreadable",
+        "42",
+        "removal: Remove\naudienceMode: Mirror",
+        "cleanupOnDelete: true",
+    );
+    // As an earlier operator version left it.
+    unreadable["metadata"]["finalizers"] = json!(["looker-braze.dev/cleanup"]);
+    api.put(EXPORTS, unreadable);
+    let op = Operator::start(&api, config());
+    wait_for("the finalizer", 10, || {
+        (finalizers(&api, "toggled")? == json!(["looker-braze.dev/cleanup"])).then_some(())
+    })
+    .await;
+    api.patch(
+        EXPORTS,
+        NS,
+        "toggled",
+        json!({"spec": {"cleanupOnDelete": false}}),
+    );
+    wait_for("the finalizer to go", 10, || {
+        (finalizers(&api, "toggled")? == json!([])).then_some(())
+    })
+    .await;
+    api.delete(EXPORTS, NS, "toggled");
+    assert!(api.get(EXPORTS, NS, "toggled").is_none());
+
+    api.delete(EXPORTS, NS, "unreadable");
+    wait_for("the unreadable export to go", 10, || {
+        api.get(EXPORTS, NS, "unreadable").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(w.braze.request_count(), 0);
     op.stop().await;
 }

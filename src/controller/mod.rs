@@ -4,6 +4,7 @@
 //! stops its runs before another may take over (see [`lease`]).
 
 pub mod audience_store;
+pub mod cleanup;
 pub mod freshness;
 pub mod lease;
 pub mod reconcile;
@@ -14,7 +15,7 @@ pub mod step;
 pub mod watched;
 pub mod writer;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,6 +68,9 @@ pub struct Config {
     pub retry_base: SignedDuration,
     /// Added to the clock (tests: a minute boundary without waiting for one).
     pub clock_offset: SignedDuration,
+    /// Longest cleanup of a deleted export (`cleanupOnDelete`): past it the finalizer is
+    /// removed whatever is left, so a deletion never hangs.
+    pub cleanup_timeout: Duration,
 }
 
 impl Default for Config {
@@ -82,6 +86,7 @@ impl Default for Config {
             allowed_hosts: AllowedHosts::any(),
             retry_base: crate::schedule::RETRY_BASE,
             clock_offset: SignedDuration::ZERO,
+            cleanup_timeout: cleanup::TIMEOUT,
         }
     }
 }
@@ -155,7 +160,7 @@ pub struct Context {
     pub slots: usize,
     /// Exports (namespace/name) with a run task in this process, running or queued; shared by
     /// every term, so a new term never takes the last term's live task for a crash.
-    pub active: Arc<Mutex<HashSet<String>>>,
+    pub active: Active,
     /// Run tasks, awaited at the end of the term.
     pub tasks: TaskTracker,
     /// Cancelled on shutdown or lost leadership: stops runs and reconciles.
@@ -170,27 +175,56 @@ pub struct Context {
     pub retry_base: SignedDuration,
     /// See [`Config::clock_offset`].
     pub clock_offset: SignedDuration,
+    /// See [`Config::cleanup_timeout`].
+    pub cleanup_timeout: Duration,
+}
+
+/// The exports with a task in this process, each with its kind and the token that stops it.
+pub type Active = Arc<Mutex<HashMap<String, (TaskKind, CancellationToken)>>>;
+
+/// What an export's task does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    /// A run, running or waiting for a slot.
+    Run,
+    /// The cleanup of a deleted export.
+    Cleanup,
 }
 
 impl Context {
-    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    fn lock_active(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (TaskKind, CancellationToken)>> {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True when this process runs the export now, or waits for a slot to.
     pub fn is_active(&self, key: &str) -> bool {
-        self.lock_active().contains(key)
+        self.lock_active().contains_key(key)
     }
 
-    /// Marks `key` active; `None` when it already is. The guard clears it when dropped, a
-    /// panicking task included.
-    pub fn claim(&self, key: &str) -> Option<ActiveGuard> {
-        self.lock_active()
-            .insert(key.to_owned())
-            .then(|| ActiveGuard {
-                active: Arc::clone(&self.active),
-                key: key.to_owned(),
-            })
+    /// Marks `key` active with a task of `kind`; `None` when it already is. The guard clears
+    /// it when dropped, a panicking task included.
+    pub fn claim(&self, key: &str, kind: TaskKind) -> Option<ActiveGuard> {
+        let mut active = self.lock_active();
+        if active.contains_key(key) {
+            return None;
+        }
+        let stop = self.stop.child_token();
+        active.insert(key.to_owned(), (kind, stop.clone()));
+        Some(ActiveGuard {
+            active: Arc::clone(&self.active),
+            key: key.to_owned(),
+            stop,
+        })
+    }
+
+    /// Stops the run of `key` (its export is being deleted): it records its end as after a
+    /// shutdown. A cleanup goes on.
+    pub fn stop_run(&self, key: &str) {
+        if let Some((TaskKind::Run, stop)) = self.lock_active().get(key) {
+            stop.cancel();
+        }
     }
 
     /// Now, by the controller's clock.
@@ -201,8 +235,16 @@ impl Context {
 
 /// An export marked active by [`Context::claim`].
 pub struct ActiveGuard {
-    active: Arc<Mutex<HashSet<String>>>,
+    active: Active,
     key: String,
+    stop: CancellationToken,
+}
+
+impl ActiveGuard {
+    /// Cancelled when the task must stop: shutdown, a lost Lease, or the export's deletion.
+    pub fn stop(&self) -> &CancellationToken {
+        &self.stop
+    }
 }
 
 impl Drop for ActiveGuard {
@@ -284,7 +326,7 @@ struct Shared {
     metrics: Arc<Metrics>,
     store_slot: StoreSlot,
     permits: Arc<Semaphore>,
-    active: Arc<Mutex<HashSet<String>>>,
+    active: Active,
 }
 
 /// Runs the controller until `shutdown`. The process is Ready at once, leader or not. With
@@ -388,6 +430,7 @@ async fn serve_term(shared: &Shared, term: CancellationToken) -> bool {
         allowed_hosts: config.allowed_hosts.clone(),
         retry_base: config.retry_base,
         clock_offset: config.clock_offset,
+        cleanup_timeout: config.cleanup_timeout,
     });
     let apis: Vec<Api<Watched>> = if config.namespaces.is_empty() {
         vec![Api::all(shared.client.clone())]

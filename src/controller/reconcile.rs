@@ -14,7 +14,7 @@ use super::run_task::RunTask;
 use super::status::{self, reason};
 use super::step::{self, Facts, Note, Start, Then};
 use super::watched::{Undecodable, Watched};
-use super::{Context, Error, secrets, writer};
+use super::{Context, Error, cleanup, secrets, writer};
 use crate::spec::BrazeExport;
 use crate::text::truncate;
 
@@ -44,6 +44,16 @@ pub async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 async fn apply(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error> {
+    if export.metadata.deletion_timestamp.is_some() {
+        return cleanup::on_delete(export, ctx).await;
+    }
+    // The finalizer first, so that an export deleted right after its first run is cleaned
+    // up; its change brings the export back here.
+    let wanted = cleanup::wanted(export);
+    if wanted != cleanup::held(export) {
+        cleanup::set_finalizer(ctx, export, wanted).await?;
+        return Ok(Action::await_change());
+    }
     let key = key(export);
     let step = step::step(
         export,
@@ -104,7 +114,7 @@ async fn start_run(
         return Ok(Action::await_change());
     }
     let key = key(export);
-    let Some(guard) = ctx.claim(&key) else {
+    let Some(guard) = ctx.claim(&key, super::TaskKind::Run) else {
         return Ok(Action::requeue(step::RUN_POLL));
     };
     let permit = Arc::clone(&ctx.permits).try_acquire_owned().ok();
@@ -117,7 +127,7 @@ async fn start_run(
         start,
         creds,
         notes,
-        _active: guard,
+        active: guard,
     };
     ctx.tasks
         .spawn(task.run(permit).instrument(tracing::Span::current()));
@@ -148,6 +158,14 @@ async fn undecodable(u: &Undecodable, ctx: &Context) -> Result<Action, Error> {
     if ctx.is_active(&key) {
         // Its run goes on with the spec it started with, and records its own end.
         return Ok(Action::requeue(step::RUN_POLL));
+    }
+    if u.metadata.deletion_timestamp.is_some() {
+        return cleanup::on_delete_undecodable(
+            ctx,
+            u.metadata.namespace.as_deref().unwrap_or_default(),
+            u.metadata.name.as_deref().unwrap_or_default(),
+        )
+        .await;
     }
     let Some(current) = &u.status else {
         ctx.metrics.watch_error("UndecodableObject");

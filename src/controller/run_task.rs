@@ -49,7 +49,7 @@ pub struct RunTask {
     /// Events found on the way (a crash), published once the start is recorded.
     pub notes: Vec<Note>,
     /// Keeps the export active in this process until the task ends, even by a panic.
-    pub _active: super::ActiveGuard,
+    pub active: super::ActiveGuard,
 }
 
 impl RunTask {
@@ -72,7 +72,7 @@ impl RunTask {
     async fn queue(&mut self) -> Option<OwnedSemaphorePermit> {
         let soon = tokio::select! {
             biased;
-            () = self.ctx.stop.cancelled() => return None,
+            () = self.active.stop().cancelled() => return None,
             p = tokio::time::timeout(QUEUE_GRACE, Arc::clone(&self.ctx.permits).acquire_owned()) => p,
         };
         if let Ok(p) = soon {
@@ -99,7 +99,7 @@ impl RunTask {
     async fn wait_for_slot(&mut self) -> Option<OwnedSemaphorePermit> {
         let permit = tokio::select! {
             biased;
-            () = self.ctx.stop.cancelled() => return None,
+            () = self.active.stop().cancelled() => return None,
             p = Arc::clone(&self.ctx.permits).acquire_owned() => p.ok()?,
         };
         let api = self.api();
@@ -145,9 +145,9 @@ impl RunTask {
     /// recorded: the next run need not wait for this one's bookkeeping.
     async fn carry_out(&self, permit: OwnedSemaphorePermit) -> Result<(), Error> {
         let ctx = &self.ctx;
-        // A term that ended (shutdown, lost Lease) starts nothing: a run never started is
-        // never recorded as interrupted.
-        if ctx.stop.is_cancelled() {
+        // A term that ended (shutdown, lost Lease) or a deleted export starts nothing: a run
+        // never started is never recorded as interrupted.
+        if self.active.stop().is_cancelled() {
             return Ok(());
         }
         let generation = self.export.metadata.generation;
@@ -176,7 +176,7 @@ impl RunTask {
             }
         });
 
-        let cancel = ctx.stop.child_token();
+        let cancel = self.active.stop().child_token();
         let annotations = self.export.metadata.annotations.clone().unwrap_or_default();
         let manual_request = due.run_request.as_deref();
         let opts = RunOptions {

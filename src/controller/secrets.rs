@@ -115,3 +115,20 @@ pub async fn credentials(
         braze_api_key: Some(api_key),
     })
 }
+
+/// Reads only the Braze API key named by `spec` (a cleanup on delete needs nothing else).
+pub async fn braze_key(
+    client: &Client,
+    namespace: &str,
+    spec: &BrazeExportSpec,
+) -> Result<Credentials, SecretError> {
+    let api: Api<KubeSecret> = Api::namespaced(client.clone(), namespace);
+    let b = &spec.braze.api_key_secret_ref;
+    const BRAZE: &str = "spec.braze.apiKeySecretRef";
+    let secret = fetch(&api, namespace, &b.name, BRAZE).await?;
+    Ok(Credentials {
+        looker_client_id: String::new(),
+        looker_client_secret: Secret::new(String::new()),
+        braze_api_key: Some(value(&secret, namespace, &b.key, BRAZE)?),
+    })
+}

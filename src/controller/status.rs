@@ -47,9 +47,15 @@ pub mod reason {
     pub const RUN_INTERRUPTED: &str = "RunInterrupted";
     /// Event: the audience of a run could not be saved (the previous one stays).
     pub const AUDIENCE_NOT_SAVED: &str = "AudienceNotSaved";
+    /// `Running`: a deleted export's flag is being removed from its audience.
+    pub const CLEANING_UP: &str = "CleaningUp";
+    /// Event: a deleted export's flag was removed from its whole audience.
+    pub const CLEANED_UP: &str = "CleanedUp";
+    /// Event: a deleted export went before its flag was removed from everyone.
+    pub const CLEANUP_INCOMPLETE: &str = "CleanupIncomplete";
 
     /// All of them.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 20] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -67,6 +73,9 @@ pub mod reason {
         RUN_FAILED,
         RUN_INTERRUPTED,
         AUDIENCE_NOT_SAVED,
+        CLEANING_UP,
+        CLEANED_UP,
+        CLEANUP_INCOMPLETE,
     ];
 }
 
@@ -280,6 +289,39 @@ pub fn started(
         "True",
         reason::RUNNING,
         message,
+        generation,
+        now,
+    );
+    s
+}
+
+/// Status while a deleted export's `flag` is removed from the `members` of its audience:
+/// `Running=True`, reason `CleaningUp`, and a `lastRun` in progress triggered by the deletion.
+pub fn cleaning(
+    previous: Option<&BrazeExportStatus>,
+    generation: Option<i64>,
+    flag: &str,
+    members: u64,
+    runner: &str,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = previous.cloned().unwrap_or_default();
+    s.observed_generation = generation;
+    s.runner = Some(runner.to_owned());
+    s.last_run = Some(RunReport::in_progress(
+        crate::export::Trigger::Deletion,
+        now,
+        0,
+        0,
+    ));
+    set_condition(
+        &mut s.conditions,
+        "Running",
+        "True",
+        reason::CLEANING_UP,
+        format!(
+            "removing {flag} for the {members} users of the stored audience before the export is deleted"
+        ),
         generation,
         now,
     );

@@ -9,7 +9,7 @@ pub mod sync;
 pub use plan::{Credentials, ExportPlan};
 pub use report::{Outcome, RunReport, SyncMode, Trigger};
 pub use run::{Progress, RunOptions, Services, run_export, run_export_synced};
-pub use sync::{AudienceInput, AudienceUpdate, RunResult};
+pub use sync::{AudienceInput, AudienceUpdate, RunResult, remove_audience};
 
 use crate::audience::AudienceError;
 use crate::braze::BrazeError;

@@ -20,6 +20,8 @@ pub enum Trigger {
     CatchUp,
     /// The `run` command.
     Cli,
+    /// The export's deletion, with `cleanupOnDelete`: the flag is removed from its audience.
+    Deletion,
 }
 
 /// How a run ended.

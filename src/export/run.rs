@@ -195,7 +195,7 @@ pub(super) struct Ended {
 }
 
 impl Ended {
-    fn failed(e: RunError) -> Self {
+    pub(super) fn failed(e: RunError) -> Self {
         Self {
             tally: Tally::default(),
             failure: Some(e),
@@ -252,7 +252,7 @@ async fn execute(
 }
 
 /// The Braze client of a run that sends; `None` for a dry run.
-fn braze_client(
+pub(super) fn braze_client(
     services: &Services,
     plan: &ExportPlan,
     creds: &Credentials,

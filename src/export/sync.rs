@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use jiff::Timestamp;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::run::{Ended, ReadSide, Side, send_all};
 use super::{ExportPlan, RunError, RunOptions, RunReport, SyncMode};
@@ -157,6 +158,103 @@ pub(super) async fn prepare(
         mode,
     };
     Ok(Some((prepared, seen, sink)))
+}
+
+/// Removes the flag from every member of the stored audience, without reading Looker: the
+/// cleanup of a deleted export with `cleanupOnDelete`. The flag removed is the one the
+/// audience records (its `attribute` and `exportName`, as they were flagged); members whose
+/// add had failed get the remove too, which changes nothing for a user without the value.
+/// The deletion asked for everyone, so no removal limit applies. `opts.cancel` stops it,
+/// and the removals not sent are counted `removalFailed`.
+pub async fn remove_audience(
+    services: &super::Services,
+    plan: &ExportPlan,
+    creds: &super::Credentials,
+    opts: RunOptions,
+    input: AudienceInput,
+) -> RunReport {
+    let span = tracing::info_span!("cleanup", export = %plan.name);
+    async {
+        let start_time = Timestamp::now();
+        let mut ended = match clear(services, plan, creds, &opts, input).await {
+            Ok(ended) => ended,
+            Err(e) => Ended::failed(e),
+        };
+        let failure = ended.failure.take().map(|e| super::report::RunFailure {
+            reason: e.reason(),
+            message: e.to_string(),
+        });
+        let context = super::report::RunContext {
+            trigger: opts.trigger,
+            start_time,
+            completion_time: Timestamp::now(),
+            dry_run: opts.dry_run,
+        };
+        let report =
+            super::report::finish_synced(ended.tally, failure, ended.interrupted, context, None);
+        let report = super::report::ensure_balanced(report);
+        tracing::info!(
+            outcome = report.outcome.as_str(),
+            removed = report.counts.removed,
+            "cleanup finished: {}",
+            report.message
+        );
+        report
+    }
+    .instrument(span)
+    .await
+}
+
+async fn clear(
+    services: &super::Services,
+    plan: &ExportPlan,
+    creds: &super::Credentials,
+    opts: &RunOptions,
+    input: AudienceInput,
+) -> Result<Ended, RunError> {
+    let mut ended = Ended {
+        tally: super::report::Tally::default(),
+        failure: None,
+        interrupted: false,
+    };
+    let c = &mut ended.tally.counts;
+    for field in [
+        &mut c.removal_candidates,
+        &mut c.removed,
+        &mut c.removal_rejected,
+        &mut c.removal_failed,
+        &mut c.removal_withheld,
+    ] {
+        field.get_or_insert(0);
+    }
+    let Some(previous) = input.previous else {
+        return Ok(ended);
+    };
+    if previous.header().export != input.owner {
+        return Err(RunError::AudienceMismatch(format!(
+            "it belongs to the export {}, not {}",
+            previous.header().export,
+            input.owner
+        )));
+    }
+    let braze = super::run::braze_client(services, plan, creds, opts.dry_run)?;
+    let previous = Arc::new(previous);
+    // Nobody is marked present: every member is picked.
+    let seen = {
+        let p = Arc::clone(&previous);
+        tokio::task::spawn_blocking(move || Seen::with_previous(p.members()?, p.header().members))
+            .await
+            .map_err(|e| RunError::Internal(format!("loading the stored audience failed: {e}")))?
+            .map_err(RunError::AudienceUnreadable)?
+    };
+    let picker = Picker {
+        seen: Arc::new(seen),
+        add_failed: Arc::default(),
+        add_rejected: Arc::default(),
+        rename: false,
+    };
+    send_removals(&previous, picker, &mut ended, braze, plan, opts).await;
+    Ok(ended)
 }
 
 /// What became of the removals.

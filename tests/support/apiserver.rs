@@ -1,8 +1,9 @@
 //! A small in-process Kubernetes API server on a loopback port, enough for a real
 //! kube-runtime `Controller`: list and watch (with resourceVersion), get, create, replace,
 //! merge / strategic / JSON / apply patches (with server-side-apply conflicts and field
-//! removal), the status subresource, label and field selectors, Secrets, events.k8s.io Events
-//! and coordination Leases.
+//! removal), the status subresource, label and field selectors, finalizers (a DELETE only
+//! sets `deletionTimestamp` until the last one is removed), Secrets, events.k8s.io Events and
+//! coordination Leases.
 //!
 //! It is as hostile as a real apiserver where a controller can trip:
 //! - `metadata.uid` and `metadata.resourceVersion` in a PUT or PATCH body are preconditions
@@ -16,6 +17,7 @@
 //! - knobs: [`FakeApiServer::set_watch_lag`] (a busy watch cache),
 //!   [`FakeApiServer::expire_watches`] (410 Gone, forcing a relist),
 //!   [`FakeApiServer::partitionable_client`] (a network partition for one client),
+//!   [`FakeApiServer::client_with_rules`] (a client held to RBAC rules: 403 otherwise),
 //!   [`FakeApiServer::set_crd`] (another CRD version) and [`FakeApiServer::put_unchecked`].
 
 #![allow(dead_code)]
@@ -162,6 +164,8 @@ struct Inner {
     crd: Option<Arc<Crd>>,
     /// Benchmarks: skip schema admission and write records.
     no_admission: bool,
+    /// Requests refused by RBAC.
+    denied: Vec<String>,
 }
 
 struct ApiState {
@@ -385,11 +389,74 @@ fn fields_match(selector: &str, object: &Value) -> bool {
     })
 }
 
-/// Routes requests to the shared state; `gate` is set on a partitionable client's listener.
+/// Routes requests to the shared state; `gate` is set on a partitionable client's listener,
+/// `rules` on a client held to RBAC rules.
 #[derive(Clone)]
 struct Conn {
     state: Arc<ApiState>,
     gate: Option<watch::Receiver<bool>>,
+    rules: Option<Arc<Vec<Rule>>>,
+}
+
+/// One RBAC policy rule (as a Role's `rules` holds it).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rule {
+    /// API groups (`""` is core).
+    #[serde(default)]
+    pub api_groups: Vec<String>,
+    /// Resources, `plural` or `plural/subresource`.
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// Verbs: get, list, watch, create, update, patch, delete, deletecollection.
+    #[serde(default)]
+    pub verbs: Vec<String>,
+    /// Names the rule is limited to (empty: any).
+    #[serde(default)]
+    pub resource_names: Vec<String>,
+}
+
+impl Rule {
+    fn allows(&self, group: &str, resource: &str, verb: &str, name: Option<&str>) -> bool {
+        let any = |list: &[String], v: &str| list.iter().any(|x| x == v || x == "*");
+        any(&self.api_groups, group)
+            && any(&self.resources, resource)
+            && any(&self.verbs, verb)
+            && (self.resource_names.is_empty()
+                || name.is_some_and(|n| self.resource_names.iter().any(|x| x == n)))
+    }
+}
+
+/// The RBAC verb, group and resource of a request.
+fn rbac_request(
+    method: &Method,
+    t: &Target,
+    query: &HashMap<String, String>,
+) -> (String, String, String) {
+    let verb = match (method, &t.name) {
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None)
+            if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) =>
+        {
+            "watch"
+        }
+        (&Method::GET, None) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, Some(_)) => "delete",
+        (&Method::DELETE, None) => "deletecollection",
+        _ => "unknown",
+    };
+    let parts: Vec<&str> = t.resource.split('/').collect();
+    let group = if parts.len() == 3 { parts[0] } else { "" };
+    let plural = parts.last().copied().unwrap_or_default();
+    let resource = if t.status {
+        format!("{plural}/status")
+    } else {
+        plural.to_owned()
+    };
+    (verb.to_owned(), group.to_owned(), resource)
 }
 
 fn bind(conn: Conn) -> (String, tokio::task::JoinHandle<()>) {
@@ -431,6 +498,7 @@ impl FakeApiServer {
         let (url, task) = bind(Conn {
             state: Arc::clone(&state),
             gate: None,
+            rules: None,
         });
         Self {
             url,
@@ -452,12 +520,33 @@ impl FakeApiServer {
         let (url, task) = bind(Conn {
             state: Arc::clone(&self.state),
             gate: Some(gate),
+            rules: None,
         });
         self.listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(task);
         (client_for(&url), Partition { cut })
+    }
+
+    /// A kube client held to these RBAC rules, as a ServiceAccount is: any other request
+    /// gets 403 `Forbidden` (and is recorded, see [`FakeApiServer::denied`]).
+    pub fn client_with_rules(&self, rules: Vec<Rule>) -> kube::Client {
+        let (url, task) = bind(Conn {
+            state: Arc::clone(&self.state),
+            gate: None,
+            rules: Some(Arc::new(rules)),
+        });
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        client_for(&url)
+    }
+
+    /// The requests RBAC refused, as `verb group/resource`.
+    pub fn denied(&self) -> Vec<String> {
+        self.lock().denied.clone()
     }
 
     /// A kubeconfig file pointing at this server (for the binary).
@@ -598,10 +687,11 @@ impl FakeApiServer {
         crd.admit(object, None, Scope::Whole, &name)
     }
 
-    /// Removes an object.
+    /// Deletes an object as `kubectl delete` would: with finalizers, it only gets its
+    /// `deletionTimestamp` until they are removed.
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
         let mut inner = self.lock();
-        remove(
+        delete_object(
             &self.state,
             &mut inner,
             (resource.to_owned(), namespace.to_owned(), name.to_owned()),
@@ -703,6 +793,46 @@ impl FakeApiServer {
     pub fn lightweight(&self) {
         self.lock().no_admission = true;
     }
+}
+
+fn finalizers(object: &Value) -> Vec<String> {
+    object
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A DELETE: an object with finalizers only gets its `deletionTimestamp` (and a new
+/// generation, as the apiserver gives it) until the last finalizer is removed; any other is
+/// removed at once.
+fn delete_object(state: &ApiState, inner: &mut Inner, key: Key) -> Option<Value> {
+    let object = inner.objects.get(&key)?;
+    if finalizers(object).is_empty() {
+        return remove(state, inner, key);
+    }
+    if object.pointer("/metadata/deletionTimestamp").is_some() {
+        return Some(object.clone());
+    }
+    let mut object = object.clone();
+    let g = object
+        .pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    object["metadata"]["generation"] = json!(g + 1);
+    object["metadata"]["deletionTimestamp"] = json!(
+        jiff::Timestamp::now()
+            .round(jiff::Unit::Second)
+            .unwrap()
+            .to_string()
+    );
+    object["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+    Some(store(state, inner, key, object))
 }
 
 /// Removes an object and tells the watchers.
@@ -814,6 +944,38 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
+/// 403 `Forbidden` in the apiserver's words when no rule allows the request (recorded for
+/// [`FakeApiServer::denied`]).
+fn forbidden(state: &ApiState, rules: &[Rule], method: &Method, uri: &Uri) -> Option<Response> {
+    let t = parse_path(uri.path())?;
+    let query: HashMap<String, String> =
+        url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let (verb, group, resource) = rbac_request(method, &t, &query);
+    if rules
+        .iter()
+        .any(|r| r.allows(&group, &resource, &verb, t.name.as_deref()))
+    {
+        return None;
+    }
+    state
+        .lock()
+        .denied
+        .push(format!("{verb} {group}/{resource}"));
+    let scope = t
+        .namespace
+        .map(|ns| format!(" in the namespace \"{ns}\""))
+        .unwrap_or_else(|| " at the cluster scope".into());
+    Some(status_error(
+        403,
+        "Forbidden",
+        format!(
+            "{resource} is forbidden: User \"system:serviceaccount:operators:braze-export-operator\" cannot {verb} resource \"{resource}\" in API group \"{group}\"{scope}"
+        ),
+    ))
+}
+
 async fn handle(
     State(conn): State<Conn>,
     method: Method,
@@ -821,6 +983,11 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(rules) = &conn.rules
+        && let Some(denied) = forbidden(&conn.state, rules, &method, &uri)
+    {
+        return denied;
+    }
     let Some(mut gate) = conn.gate.clone() else {
         return serve(&conn.state, method, uri, headers, body);
     };
@@ -985,7 +1152,7 @@ fn serve(
         (Method::DELETE, Some(name)) => {
             let key = (t.resource.clone(), namespace, name.clone());
             let mut inner = state.lock();
-            match remove(state, &mut inner, key) {
+            match delete_object(state, &mut inner, key) {
                 Some(o) => ok_json(&o),
                 None => status_error(
                     404,
@@ -1050,6 +1217,8 @@ fn system_path(path: &str) -> bool {
         "/metadata/resourceVersion",
         "/metadata/generation",
         "/metadata/creationTimestamp",
+        "/metadata/deletionTimestamp",
+        "/metadata/deletionGracePeriodSeconds",
         "/metadata/managedFields",
     ]
     .iter()
@@ -1386,7 +1555,13 @@ fn apply_write(
     }
     // Identity is the server's: preconditions were checked, they are not data.
     if let Some(old) = &old {
-        for k in ["uid", "creationTimestamp", "generation"] {
+        for k in [
+            "uid",
+            "creationTimestamp",
+            "generation",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
             match old["metadata"].get(k) {
                 Some(v) => object["metadata"][k] = v.clone(),
                 None => {
@@ -1407,6 +1582,25 @@ fn apply_write(
         }
     }
     owners.retain(|p, _| object.pointer(p).is_some());
+    if let Some(old) = &old
+        && old.pointer("/metadata/deletionTimestamp").is_some()
+    {
+        let before = finalizers(old);
+        let added: Vec<String> = finalizers(&object)
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
+        if !added.is_empty() {
+            return Err(Rejection::new(
+                422,
+                "Invalid",
+                format!(
+                    "{kind} \"{}\" is invalid: metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {added:?}",
+                    req.name
+                ),
+            ));
+        }
+    }
     if let (Some(crd), true) = (&crd, req.admission && !inner.no_admission) {
         object = crd.admit(object, old.as_ref(), req.scope, &req.name)?;
     }
@@ -1420,7 +1614,11 @@ fn apply_write(
         object["metadata"]["generation"] = json!(g + 1);
     }
     let stored = store(state, inner, key.clone(), object);
-    inner.owners.insert(key, owners);
+    inner.owners.insert(key.clone(), owners);
+    if stored.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&stored).is_empty() {
+        // The last finalizer is gone: the deletion completes.
+        remove(state, inner, key);
+    }
     let code = if old.is_none() {
         StatusCode::CREATED
     } else {

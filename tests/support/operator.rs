@@ -12,7 +12,7 @@ use braze_export_operator::ops::metrics::Metrics;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::apiserver::{EVENTS, EXPORTS, FakeApiServer, LEASES};
+use crate::apiserver::{EVENTS, EXPORTS, FakeApiServer, LEASES, Rule};
 use crate::support::{API_KEY, CLIENT_ID, CLIENT_SECRET, World};
 
 /// The namespace of the tests' exports.
@@ -29,9 +29,9 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts an operator with its own client of `api`.
+    /// Starts an operator with its own client of `api`, held to the chart's RBAC rules.
     pub fn start(api: &FakeApiServer, config: Config) -> Self {
-        Self::start_with(api.client(), config)
+        Self::start_with(api.client_with_rules(chart_rules()), config)
     }
 
     /// Starts an operator on `client`.
@@ -74,6 +74,32 @@ impl Operator {
             .expect("joins")
             .expect("no error");
     }
+}
+
+/// The rules the chart grants the operator: its `bzx.exportRules` as written in the
+/// template, and the leader-election Role's (templated names; `tests/chart.rs` checks the
+/// rendered Role).
+pub fn chart_rules() -> Vec<Rule> {
+    #[derive(serde::Deserialize)]
+    struct Rules {
+        rules: Vec<Rule>,
+    }
+    let text = include_str!("../../charts/braze-export-operator/templates/rbac.yaml");
+    let block = text
+        .split_once("{{- define \"bzx.exportRules\" -}}")
+        .and_then(|(_, rest)| rest.split_once("{{- end -}}"))
+        .expect("the chart defines bzx.exportRules")
+        .0;
+    let mut rules = serde_saphyr::from_str::<Rules>(block)
+        .expect("bzx.exportRules is plain YAML")
+        .rules;
+    rules.push(Rule {
+        api_groups: vec!["coordination.k8s.io".into()],
+        resources: vec!["leases".into()],
+        verbs: vec!["get".into(), "update".into(), "create".into()],
+        resource_names: Vec::new(),
+    });
+    rules
 }
 
 /// Test settings: fast progress writes and retries.

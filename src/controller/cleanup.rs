@@ -1,0 +1,346 @@
+//! Deleting an export with `cleanupOnDelete: true` (and `removal: Remove`): a finalizer holds
+//! the deletion while the export's flag is removed from every member of its stored audience
+//! (Looker is not read), then the audience Secrets are deleted and the finalizer removed.
+//!
+//! A deletion never hangs: the finalizer goes when the cleanup ends however it ended (Braze
+//! refusing the key, the Braze Secret already gone, an invalid spec, [`TIMEOUT`]), with a
+//! Warning Event saying how many users keep the flag. Only a term that ends (shutdown, a lost
+//! Lease) leaves it, so that the next leader cleans up; removing a value twice is harmless.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::Instrument;
+
+use super::reconcile::{API_TIMEOUT, key, publish, write};
+use super::status::{self, reason};
+use super::step::{Note, RUN_POLL};
+use super::watched::Watched;
+use super::{ActiveGuard, Context, Error, TaskKind, audience_store, secrets};
+use crate::export::report::{Outcome, RunReport, Trigger};
+use crate::export::{AudienceInput, ExportPlan, RunOptions, remove_audience};
+use crate::spec::{BrazeExport, RemovalMode};
+
+/// The finalizer's name.
+pub const FINALIZER: &str = "looker-braze.dev/cleanup";
+
+/// Default bound of one cleanup ([`super::Config::cleanup_timeout`]): 15 minutes, as long as
+/// a run waits out Braze's rate limit.
+pub const TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// Longest wait for loading the stored audience.
+const AUDIENCE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether the export asks for a cleanup on delete (the CRD's rule makes `cleanupOnDelete`
+/// need `removal: Remove`; checked again here).
+pub fn wanted(export: &BrazeExport) -> bool {
+    export.spec.cleanup_on_delete && export.spec.braze.removal == RemovalMode::Remove
+}
+
+/// Whether the export holds the finalizer.
+pub fn held(export: &BrazeExport) -> bool {
+    export.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds the finalizer, or removes it, as [`wanted`] says: the whole list as read, written
+/// only if the object is still at the version read (another finalizer added meanwhile is
+/// never lost).
+pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Result<(), Error> {
+    let mut finalizers: Vec<String> = export
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if on {
+        finalizers.push(FINALIZER.into());
+    }
+    let patch = json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": export.resource_version(),
+            "uid": export.uid(),
+        }
+    });
+    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &namespace(export));
+    tokio::time::timeout(
+        API_TIMEOUT,
+        api.patch(
+            &export.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        ),
+    )
+    .await
+    .map_err(|_| Error::Timeout("writing the export's finalizers"))??;
+    Ok(())
+}
+
+/// Removes the finalizer from the export as it is now (re-read after a conflict); done when
+/// the export is gone.
+async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Watched> = Api::namespaced(ctx.client.clone(), namespace);
+    for attempt in 1..=5u32 {
+        let fresh = tokio::time::timeout(API_TIMEOUT, api.get_opt(name))
+            .await
+            .map_err(|_| Error::Timeout("reading the export"))??;
+        let Some(fresh) = fresh else { return Ok(()) };
+        if !fresh
+            .meta()
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == FINALIZER)
+        {
+            return Ok(());
+        }
+        let rest: Vec<&String> = fresh
+            .meta()
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != FINALIZER)
+            .collect();
+        let patch = json!({
+            "metadata": {"finalizers": rest, "resourceVersion": fresh.resource_version()}
+        });
+        let patched = tokio::time::timeout(
+            API_TIMEOUT,
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await
+        .map_err(|_| Error::Timeout("removing the finalizer"))?
+        .map_err(Error::from_kube);
+        match patched {
+            Ok(_) | Err(Error::Gone) => return Ok(()),
+            Err(Error::Conflict(_)) => {
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Conflict("the export keeps changing".into()))
+}
+
+/// An export being deleted. With the finalizer: stops its run (which records its end and
+/// saves its audience first), then starts the cleanup.
+pub async fn on_delete(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error> {
+    if !held(export) {
+        return Ok(Action::await_change());
+    }
+    if !wanted(export) {
+        // `cleanupOnDelete` was turned off before the deletion.
+        release(ctx, &namespace(export), &export.name_any()).await?;
+        return Ok(Action::await_change());
+    }
+    let key = key(export);
+    let Some(guard) = ctx.claim(&key, TaskKind::Cleanup) else {
+        ctx.stop_run(&key);
+        return Ok(Action::requeue(RUN_POLL));
+    };
+    let task = Cleanup {
+        ctx: Arc::clone(ctx),
+        export: export.clone(),
+        active: guard,
+    };
+    ctx.tasks
+        .spawn(task.run().instrument(tracing::Span::current()));
+    Ok(Action::await_change())
+}
+
+/// An export this version cannot decode cannot be cleaned up: its finalizer is removed.
+pub async fn on_delete_undecodable(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Action, Error> {
+    tracing::warn!(
+        export = name,
+        "cannot decode the deleted export: it is deleted without a cleanup"
+    );
+    release(ctx, namespace, name).await?;
+    Ok(Action::await_change())
+}
+
+struct Cleanup {
+    ctx: Arc<Context>,
+    export: BrazeExport,
+    active: ActiveGuard,
+}
+
+impl Cleanup {
+    async fn run(self) {
+        let ctx = &self.ctx;
+        let stop = self.active.stop().clone();
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            p = Arc::clone(&ctx.permits).acquire_owned() => p.ok(),
+        };
+        let bound = stop.child_token();
+        let timer = {
+            let (bound, after) = (bound.clone(), ctx.cleanup_timeout);
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                bound.cancel();
+            })
+        };
+        let note = self.clean(bound).await;
+        timer.abort();
+        drop(permit);
+        if stop.is_cancelled() {
+            // The term ended: the finalizer stays, and the next leader cleans up again.
+            return;
+        }
+        publish(ctx, &self.export, &note).await;
+        let (ns, name) = (namespace(&self.export), self.export.name_any());
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let deleted = tokio::time::timeout(
+            AUDIENCE_TIMEOUT,
+            audience_store::delete_audience(&secrets, &self.export),
+        )
+        .await;
+        if !matches!(deleted, Ok(Ok(()))) {
+            // Harmless: they are owned by the export and go with it.
+            tracing::warn!("cannot delete the audience Secrets; they go with the export");
+        }
+        if let Err(e) = release(ctx, &ns, &name).await {
+            // Looked at again by the reconcile's error policy (15 s).
+            tracing::warn!(error = %e, "cannot remove the finalizer");
+        }
+    }
+
+    /// Removes the flag from the stored audience; what to tell about it.
+    async fn clean(&self, bound: tokio_util::sync::CancellationToken) -> Note {
+        let ctx = &self.ctx;
+        let export = &self.export;
+        let ns = namespace(export);
+        let incomplete = |message: String| Note {
+            warning: true,
+            reason: reason::CLEANUP_INCOMPLETE,
+            message,
+        };
+        let plan = match ExportPlan::new(&export.name_any(), &export.spec) {
+            Ok(p) => p,
+            Err(e) => {
+                let fields: Vec<String> = e.iter().map(ToString::to_string).collect();
+                return incomplete(format!(
+                    "deleted without removing the flag: the spec is invalid ({})",
+                    fields.join("; ")
+                ));
+            }
+        };
+        let creds = tokio::time::timeout(
+            API_TIMEOUT,
+            secrets::braze_key(&ctx.client, &ns, &export.spec),
+        )
+        .await;
+        let creds = match creds {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return incomplete(format!("deleted without removing the flag: {e}"));
+            }
+            Err(_) => {
+                return incomplete(
+                    "deleted without removing the flag: the Braze Secret could not be read in time"
+                        .into(),
+                );
+            }
+        };
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+        let loaded = tokio::time::timeout(
+            AUDIENCE_TIMEOUT,
+            audience_store::load_audience(&api, export),
+        )
+        .await;
+        let previous = match loaded {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => {
+                return Note {
+                    warning: false,
+                    reason: reason::CLEANED_UP,
+                    message: "no stored audience: nobody to remove the flag from".into(),
+                };
+            }
+            Ok(Err(e)) => {
+                return incomplete(format!("deleted without removing the flag: {e}"));
+            }
+            Err(_) => {
+                return incomplete(
+                    "deleted without removing the flag: the stored audience could not be read in time"
+                        .into(),
+                );
+            }
+        };
+        let members = previous.header().members;
+        let flag = format!(
+            "{} from {}",
+            previous.header().export_name,
+            previous.header().attribute
+        );
+        let cleaning = status::cleaning(
+            export.status.as_ref(),
+            export.metadata.generation,
+            &flag,
+            members,
+            &ctx.identity,
+            ctx.now(),
+        );
+        // Shown while it lasts; the export is gone soon after, so a refused write is no loss.
+        let _ = write(ctx, export, &cleaning).await;
+        let owner = crate::audience::Owner {
+            namespace: export.namespace(),
+            name: export.name_any(),
+        };
+        let input = AudienceInput {
+            owner,
+            previous: Some(previous),
+        };
+        let opts = RunOptions {
+            cancel: bound.clone(),
+            ..RunOptions::new(Trigger::Deletion)
+        };
+        let started = ctx.now();
+        let mut report = remove_audience(&ctx.services, &plan, &creds, opts, input).await;
+        // The controller's clock (offset in tests), as for runs.
+        report.start_time = started;
+        report.completion_time = Some(ctx.now());
+        ctx.metrics.record_run(&report, ctx.now());
+        outcome_note(&report, &flag, members, bound.is_cancelled())
+    }
+}
+
+/// The Event after a cleanup: how many users lost the flag, and how many keep it.
+fn outcome_note(report: &RunReport, flag: &str, members: u64, stopped: bool) -> Note {
+    let c = &report.counts;
+    let removed = c.removed.unwrap_or(0);
+    let kept = members.saturating_sub(removed);
+    if report.outcome == Outcome::Succeeded {
+        return Note {
+            warning: false,
+            reason: reason::CLEANED_UP,
+            message: format!("removed {flag} for all {removed} users of the stored audience"),
+        };
+    }
+    let why = if stopped {
+        "the cleanup ran out of time".to_owned()
+    } else {
+        report.message.clone()
+    };
+    Note {
+        warning: true,
+        reason: reason::CLEANUP_INCOMPLETE,
+        message: format!(
+            "removed {flag} for {removed} of the {members} users of the stored audience; {kept} keep it ({why})"
+        ),
+    }
+}
+
+fn namespace(export: &BrazeExport) -> String {
+    export.namespace().unwrap_or_default()
+}
