@@ -150,7 +150,8 @@ pub async fn on_delete(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Actio
     };
     ctx.tasks
         .spawn(task.run().instrument(tracing::Span::current()));
-    Ok(Action::await_change())
+    // Looked at again when the cleanup ended: a finalizer it could not remove is retried.
+    Ok(Action::requeue(RUN_POLL))
 }
 
 /// An export this version cannot decode cannot be cleaned up: its finalizer is removed.
@@ -177,11 +178,8 @@ impl Cleanup {
     async fn run(self) {
         let ctx = &self.ctx;
         let stop = self.active.stop().clone();
-        let permit = tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            p = Arc::clone(&ctx.permits).acquire_owned() => p.ok(),
-        };
+        // The bound counts the wait for a run slot too: a deletion must not wait on long runs
+        // of other exports for ever.
         let bound = stop.child_token();
         let timer = {
             let (bound, after) = (bound.clone(), ctx.cleanup_timeout);
@@ -190,7 +188,19 @@ impl Cleanup {
                 bound.cancel();
             })
         };
-        let note = self.clean(bound).await;
+        let permit = tokio::select! {
+            biased;
+            () = bound.cancelled() => None,
+            p = Arc::clone(&ctx.permits).acquire_owned() => p.ok(),
+        };
+        let note = match permit {
+            Some(_) => self.clean(bound).await,
+            None => Note {
+                warning: true,
+                reason: reason::CLEANUP_INCOMPLETE,
+                message: "deleted without removing the flag: no run slot came free in time".into(),
+            },
+        };
         timer.abort();
         drop(permit);
         if stop.is_cancelled() {
@@ -315,7 +325,8 @@ impl Cleanup {
     }
 }
 
-/// The Event after a cleanup: how many users lost the flag, and how many keep it.
+/// The Event after a cleanup: how many users lost the flag, and how many may keep it (a
+/// removal in flight when the cleanup stopped may have reached Braze unconfirmed).
 fn outcome_note(report: &RunReport, flag: &str, members: u64, stopped: bool) -> Note {
     let c = &report.counts;
     let removed = c.removed.unwrap_or(0);
@@ -336,7 +347,7 @@ fn outcome_note(report: &RunReport, flag: &str, members: u64, stopped: bool) -> 
         warning: true,
         reason: reason::CLEANUP_INCOMPLETE,
         message: format!(
-            "removed {flag} for {removed} of the {members} users of the stored audience; {kept} keep it ({why})"
+            "removed {flag} for {removed} of the {members} users of the stored audience; {kept} may keep it ({why})"
         ),
     }
 }
