@@ -351,6 +351,16 @@ async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
         (finalizers(&api, "toggled")? == json!(["looker-braze.dev/cleanup"])).then_some(())
     })
     .await;
+    run_now(&api, "toggled", "r1");
+    wait_ready(&api, "toggled", "Succeeded", 20).await;
+    let stored = audience_secrets(&api, "toggled");
+    assert!(!stored.is_empty());
+    assert!(
+        stored
+            .iter()
+            .all(|s| s["metadata"]["finalizers"] == json!(["looker-braze.dev/cleanup"])),
+        "its audience is held for the cleanup too"
+    );
     api.patch(
         EXPORTS,
         NS,
@@ -358,18 +368,30 @@ async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
         json!({"spec": {"cleanupOnDelete": false}}),
     );
     wait_for("the finalizer to go", 10, || {
-        (finalizers(&api, "toggled")? == json!([])).then_some(())
+        finalizers(&api, "toggled")?.is_null().then_some(())
     })
     .await;
+    assert!(
+        audience_secrets(&api, "toggled")
+            .iter()
+            .all(|s| s["metadata"]["finalizers"].is_null()),
+        "its audience is let go too"
+    );
     api.delete(EXPORTS, NS, "toggled");
     assert!(api.get(EXPORTS, NS, "toggled").is_none());
+    assert!(
+        api.list(SECRETS)
+            .iter()
+            .all(|s| s["metadata"]["labels"]["looker-braze.dev/audience-of"].is_null()),
+        "its audience went with it"
+    );
+    assert_eq!(segment(&w), 30, "turned off: no cleanup");
 
     api.delete(EXPORTS, NS, "unreadable");
     wait_for("the unreadable export to go", 10, || {
         api.get(EXPORTS, NS, "unreadable").is_none().then_some(())
     })
     .await;
-    assert_eq!(w.braze.request_count(), 0);
     op.stop().await;
 }
 
@@ -429,6 +451,41 @@ async fn a_slow_cleanup_is_bounded() {
     assert!(
         kept > 0 && kept <= unconfirmed && unconfirmed < 200,
         "{kept} kept, {unconfirmed} unconfirmed: {note}"
+    );
+    op.stop().await;
+}
+
+/// A foreground deletion (`kubectl delete --cascade=foreground`, Argo CD's prune) deletes
+/// what the export owns first: its audience Secrets stay, held by the same finalizer, until
+/// the cleanup has read them.
+#[tokio::test]
+async fn a_foreground_deletion_still_cleans_up() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(150, Generator::Clean));
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove",
+        "cleanupOnDelete: true",
+    );
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r1");
+    wait_ready(&api, "mirror", "Succeeded", 20).await;
+    assert_eq!(segment(&w), 150);
+    api.delete_foreground(EXPORTS, NS, "mirror");
+    wait_for("the export to go", 20, || {
+        api.get(EXPORTS, NS, "mirror").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(segment(&w), 0);
+    assert!(
+        api.list(SECRETS)
+            .iter()
+            .all(|s| s["metadata"]["labels"]["looker-braze.dev/audience-of"].is_null()),
+        "no audience Secret is left behind"
     );
     op.stop().await;
 }

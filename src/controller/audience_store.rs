@@ -10,6 +10,12 @@
 //! - `churn-risk-audience`: the manifest, written last: the generation in force, and each
 //!   part's name, size and CRC-32.
 //!
+//! With `cleanupOnDelete`, every one of them carries the cleanup finalizer: a foreground
+//! deletion of the export (`kubectl delete --cascade=foreground`, Argo CD's prune) or of its
+//! namespace deletes what the export owns first, and the cleanup still needs to read them.
+//! They are let go only by [`delete_audience`] (or [`release_audience`], when the field is
+//! turned off).
+//!
 //! A save writes a new generation's parts under new names, then replaces the manifest, then
 //! deletes every other generation. A crash before the manifest is replaced leaves the old
 //! generation in force (the new parts are garbage, deleted by the next save); after it, the
@@ -21,10 +27,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
+use super::cleanup::{self, FINALIZER};
 use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
 use crate::spec::BrazeExport;
 
@@ -97,6 +104,8 @@ struct Owner {
     name: String,
     uid: String,
     reference: OwnerReference,
+    /// The export wants a cleanup on delete: its Secrets carry the finalizer.
+    hold: bool,
 }
 
 fn owner(export: &BrazeExport) -> Result<Owner, StoreError> {
@@ -114,6 +123,7 @@ fn owner(export: &BrazeExport) -> Result<Owner, StoreError> {
         name,
         uid,
         reference,
+        hold: cleanup::wanted(export),
     })
 }
 
@@ -145,6 +155,7 @@ fn secret(
             name: Some(name),
             labels: Some(labels(o, role, generation)),
             owner_references: Some(vec![o.reference.clone()]),
+            finalizers: o.hold.then(|| vec![FINALIZER.to_owned()]),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -290,7 +301,7 @@ pub async fn save_audience(
     for old in existing.items {
         if generation_of(&old).is_some_and(|g| g != generation) {
             let name = old.name_any();
-            if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+            if let Err(e) = discard(api, &old).await {
                 // Harmless: the next save deletes it.
                 tracing::warn!(secret = %name, error = %e, "cannot delete an old audience part");
             }
@@ -302,17 +313,55 @@ pub async fn save_audience(
 /// Deletes the export's stored audience (after a cleanup on delete, or to start afresh).
 pub async fn delete_audience(api: &Api<Secret>, export: &BrazeExport) -> Result<(), StoreError> {
     let o = owner(export)?;
-    let all = api
-        .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", o.uid)))
-        .await?;
-    for s in all.items {
-        match api.delete(&s.name_any(), &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
+    for s in owned(api, &o.uid).await? {
+        discard(api, &s).await?;
     }
     Ok(())
+}
+
+/// Takes the cleanup finalizer off the audience of the export `uid` (`cleanupOnDelete`
+/// turned off, or an export deleted without a cleanup): they go with the export again.
+pub async fn release_audience(api: &Api<Secret>, uid: &str) -> Result<(), StoreError> {
+    for s in owned(api, uid).await? {
+        let_go(api, &s).await?;
+    }
+    Ok(())
+}
+
+async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<Secret>, StoreError> {
+    let lp = ListParams::default().labels(&format!("{OWNER_LABEL}={uid}"));
+    Ok(api.list(&lp).await?.items)
+}
+
+/// Removes the finalizer from `s` (if it has it), keeping the object's others.
+async fn let_go(api: &Api<Secret>, s: &Secret) -> Result<(), kube::Error> {
+    if !s.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(());
+    }
+    let rest: Vec<&String> = s.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}
+    });
+    match api
+        .patch(
+            &s.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Lets `s` go, then deletes it.
+async fn discard(api: &Api<Secret>, s: &Secret) -> Result<(), kube::Error> {
+    let_go(api, s).await?;
+    match api.delete(&s.name_any(), &DeleteParams::default()).await {
+        Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 #[cfg(test)]

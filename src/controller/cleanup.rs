@@ -51,6 +51,10 @@ pub fn held(export: &BrazeExport) -> bool {
 /// only if the object is still at the version read (another finalizer added meanwhile is
 /// never lost).
 pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Result<(), Error> {
+    if !on {
+        // Its audience Secrets first, so that none is left holding on.
+        let_audience_go(ctx, &namespace(export), &uid(export)).await?;
+    }
     let mut finalizers: Vec<String> = export
         .finalizers()
         .iter()
@@ -81,24 +85,14 @@ pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Res
     Ok(())
 }
 
-/// Removes the finalizer from the export as it is now (re-read after a conflict); done when
-/// the export is gone.
-async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error> {
+/// Removes the finalizer from the export `uid` as it is now (re-read after a conflict);
+/// done when it is gone, or when the name now belongs to a recreated export.
+async fn release(ctx: &Context, namespace: &str, name: &str, uid: &str) -> Result<(), Error> {
     let api: Api<Watched> = Api::namespaced(ctx.client.clone(), namespace);
     for attempt in 1..=5u32 {
-        let fresh = tokio::time::timeout(API_TIMEOUT, api.get_opt(name))
-            .await
-            .map_err(|_| Error::Timeout("reading the export"))??;
-        let Some(fresh) = fresh else { return Ok(()) };
-        if !fresh
-            .meta()
-            .finalizers
-            .iter()
-            .flatten()
-            .any(|f| f == FINALIZER)
-        {
+        let Some(fresh) = holding(&api, name, uid).await? else {
             return Ok(());
-        }
+        };
         let rest: Vec<&String> = fresh
             .meta()
             .finalizers
@@ -107,7 +101,7 @@ async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error
             .filter(|f| *f != FINALIZER)
             .collect();
         let patch = json!({
-            "metadata": {"finalizers": rest, "resourceVersion": fresh.resource_version()}
+            "metadata": {"finalizers": rest, "resourceVersion": fresh.resource_version(), "uid": uid}
         });
         let patched = tokio::time::timeout(
             API_TIMEOUT,
@@ -127,6 +121,31 @@ async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), Error
     Err(Error::Conflict("the export keeps changing".into()))
 }
 
+/// Takes the finalizer off the audience Secrets of the export `uid`.
+async fn let_audience_go(ctx: &Context, namespace: &str, uid: &str) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    match tokio::time::timeout(API_TIMEOUT, audience_store::release_audience(&api, uid)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(audience_store::StoreError::Kube(e))) => Err(Error::from_kube(e)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot release the audience Secrets");
+            Ok(())
+        }
+        Err(_) => Err(Error::Timeout("releasing the audience Secrets")),
+    }
+}
+
+/// The export `uid` as it is now, if it still holds the finalizer.
+async fn holding(api: &Api<Watched>, name: &str, uid: &str) -> Result<Option<Watched>, Error> {
+    let fresh = tokio::time::timeout(API_TIMEOUT, api.get_opt(name))
+        .await
+        .map_err(|_| Error::Timeout("reading the export"))??;
+    Ok(fresh.filter(|f| {
+        f.uid().as_deref() == Some(uid)
+            && f.meta().finalizers.iter().flatten().any(|x| x == FINALIZER)
+    }))
+}
+
 /// An export being deleted. With the finalizer: stops its run (which records its end and
 /// saves its audience first), then starts the cleanup.
 pub async fn on_delete(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error> {
@@ -135,7 +154,8 @@ pub async fn on_delete(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Actio
     }
     if !wanted(export) {
         // `cleanupOnDelete` was turned off before the deletion.
-        release(ctx, &namespace(export), &export.name_any()).await?;
+        let_audience_go(ctx, &namespace(export), &uid(export)).await?;
+        release(ctx, &namespace(export), &export.name_any(), &uid(export)).await?;
         return Ok(Action::await_change());
     }
     let key = key(export);
@@ -159,12 +179,14 @@ pub async fn on_delete_undecodable(
     ctx: &Context,
     namespace: &str,
     name: &str,
+    uid: &str,
 ) -> Result<Action, Error> {
     tracing::warn!(
         export = name,
         "cannot decode the deleted export: it is deleted without a cleanup"
     );
-    release(ctx, namespace, name).await?;
+    let_audience_go(ctx, namespace, uid).await?;
+    release(ctx, namespace, name, uid).await?;
     Ok(Action::await_change())
 }
 
@@ -177,6 +199,16 @@ struct Cleanup {
 impl Cleanup {
     async fn run(self) {
         let ctx = &self.ctx;
+        let (ns, name, uid) = (
+            namespace(&self.export),
+            self.export.name_any(),
+            uid(&self.export),
+        );
+        // A cache behind the API may show an export this process already let go.
+        let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &ns);
+        if !matches!(holding(&api, &name, &uid).await, Ok(Some(_))) {
+            return;
+        }
         let stop = self.active.stop().clone();
         // The bound counts the wait for a run slot too: a deletion must not wait on long runs
         // of other exports for ever.
@@ -208,7 +240,6 @@ impl Cleanup {
             return;
         }
         publish(ctx, &self.export, &note).await;
-        let (ns, name) = (namespace(&self.export), self.export.name_any());
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let deleted = tokio::time::timeout(
             AUDIENCE_TIMEOUT,
@@ -219,7 +250,7 @@ impl Cleanup {
             // Harmless: they are owned by the export and go with it.
             tracing::warn!("cannot delete the audience Secrets; they go with the export");
         }
-        if let Err(e) = release(ctx, &ns, &name).await {
+        if let Err(e) = release(ctx, &ns, &name, &uid).await {
             // Looked at again by the reconcile's error policy (15 s).
             tracing::warn!(error = %e, "cannot remove the finalizer");
         }
@@ -354,4 +385,8 @@ fn outcome_note(report: &RunReport, flag: &str, members: u64, stopped: bool) -> 
 
 fn namespace(export: &BrazeExport) -> String {
     export.namespace().unwrap_or_default()
+}
+
+fn uid(export: &BrazeExport) -> String {
+    export.uid().unwrap_or_default()
 }

@@ -164,6 +164,7 @@ async fn undecodable(u: &Undecodable, ctx: &Context) -> Result<Action, Error> {
             ctx,
             u.metadata.namespace.as_deref().unwrap_or_default(),
             u.metadata.name.as_deref().unwrap_or_default(),
+            u.metadata.uid.as_deref().unwrap_or_default(),
         )
         .await;
     }

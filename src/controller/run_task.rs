@@ -108,7 +108,8 @@ impl RunTask {
         let Watched::Decoded(fresh) = read.await.ok()?.ok()?? else {
             return None;
         };
-        if fresh.uid() != self.export.uid() {
+        // Recreated, or being deleted: its cleanup (if any) comes instead.
+        if fresh.uid() != self.export.uid() || fresh.metadata.deletion_timestamp.is_some() {
             return None;
         }
         let next = step::step(

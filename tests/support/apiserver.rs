@@ -2,8 +2,8 @@
 //! kube-runtime `Controller`: list and watch (with resourceVersion), get, create, replace,
 //! merge / strategic / JSON / apply patches (with server-side-apply conflicts and field
 //! removal), the status subresource, label and field selectors, finalizers (a DELETE only
-//! sets `deletionTimestamp` until the last one is removed), Secrets, events.k8s.io Events and
-//! coordination Leases.
+//! sets `deletionTimestamp` until the last one is removed), garbage collection of owned
+//! objects (foreground or background), Secrets, events.k8s.io Events and coordination Leases.
 //!
 //! It is as hostile as a real apiserver where a controller can trip:
 //! - `metadata.uid` and `metadata.resourceVersion` in a PUT or PATCH body are preconditions
@@ -695,6 +695,19 @@ impl FakeApiServer {
             &self.state,
             &mut inner,
             (resource.to_owned(), namespace.to_owned(), name.to_owned()),
+            false,
+        );
+    }
+
+    /// [`FakeApiServer::delete`] with `propagationPolicy: Foreground`: what the object owns is
+    /// deleted first, while it still exists.
+    pub fn delete_foreground(&self, resource: &str, namespace: &str, name: &str) {
+        let mut inner = self.lock();
+        delete_object(
+            &self.state,
+            &mut inner,
+            (resource.to_owned(), namespace.to_owned(), name.to_owned()),
+            true,
         );
     }
 
@@ -810,8 +823,17 @@ fn finalizers(object: &Value) -> Vec<String> {
 
 /// A DELETE: an object with finalizers only gets its `deletionTimestamp` (and a new
 /// generation, as the apiserver gives it) until the last finalizer is removed; any other is
-/// removed at once.
-fn delete_object(state: &ApiState, inner: &mut Inner, key: Key) -> Option<Value> {
+/// removed at once. `foreground` (`propagationPolicy: Foreground`, as `kubectl delete
+/// --cascade=foreground` and Argo CD's prune send it) deletes the objects it owns first, while
+/// it still exists; otherwise they are deleted once it is gone (background collection).
+fn delete_object(state: &ApiState, inner: &mut Inner, key: Key, foreground: bool) -> Option<Value> {
+    let object = inner.objects.get(&key)?;
+    if foreground {
+        let uid = object["metadata"]["uid"].clone();
+        for dependent in dependents(inner, &uid) {
+            delete_object(state, inner, dependent, false);
+        }
+    }
     let object = inner.objects.get(&key)?;
     if finalizers(object).is_empty() {
         return remove(state, inner, key);
@@ -835,9 +857,27 @@ fn delete_object(state: &ApiState, inner: &mut Inner, key: Key) -> Option<Value>
     Some(store(state, inner, key, object))
 }
 
+/// The objects whose `ownerReferences` name `uid`.
+fn dependents(inner: &Inner, uid: &Value) -> Vec<Key> {
+    inner
+        .objects
+        .iter()
+        .filter(|(_, o)| {
+            o.pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .is_some_and(|refs| refs.iter().any(|r| &r["uid"] == uid))
+        })
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// Removes an object and tells the watchers.
 fn remove(state: &ApiState, inner: &mut Inner, key: Key) -> Option<Value> {
     let object = inner.objects.remove(&key)?;
+    // The garbage collector: what it owned goes too.
+    for dependent in dependents(inner, &object["metadata"]["uid"]) {
+        delete_object(state, inner, dependent, false);
+    }
     inner.owners.remove(&key);
     inner.rv += 1;
     let mut object = object;
@@ -1151,8 +1191,9 @@ fn serve(
         }
         (Method::DELETE, Some(name)) => {
             let key = (t.resource.clone(), namespace, name.clone());
+            let foreground = body["propagationPolicy"] == "Foreground";
             let mut inner = state.lock();
-            match delete_object(state, &mut inner, key) {
+            match delete_object(state, &mut inner, key, foreground) {
                 Some(o) => ok_json(&o),
                 None => status_error(
                     404,
@@ -1582,6 +1623,15 @@ fn apply_write(
         }
     }
     owners.retain(|p, _| object.pointer(p).is_some());
+    if object
+        .pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+        && let Some(m) = object["metadata"].as_object_mut()
+    {
+        // An empty list is not kept (omitempty).
+        m.remove("finalizers");
+    }
     if let Some(old) = &old
         && old.pointer("/metadata/deletionTimestamp").is_some()
     {
