@@ -223,7 +223,7 @@ fn export_grants() -> Grants {
         (
             "",
             "secrets",
-            &["get", "list", "create", "update", "delete"],
+            &["get", "list", "create", "update", "patch", "delete"],
         ),
         ("events.k8s.io", "events", &["create", "patch"]),
     ])

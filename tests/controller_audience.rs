@@ -132,6 +132,25 @@ async fn delta_sends_only_new_users() {
     op.stop().await;
 }
 
+/// Export `mirror` (`removal: Remove` plus `extra_braze`, `cleanupOnDelete: true`) on a Look of
+/// `users`, run once by an operator with `config`: its audience is stored and flagged.
+async fn flagged_with_cleanup(
+    users: u64,
+    extra_braze: &str,
+    config: braze_export_operator::controller::Config,
+) -> (FakeApiServer, World, Operator) {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker
+        .add_look("42", Look::users(users, Generator::Clean));
+    secrets(&api);
+    let braze = format!("removal: Remove\n{extra_braze}");
+    put_export(&api, &w, "mirror", "42", &braze, "cleanupOnDelete: true");
+    let op = Operator::start(&api, config);
+    run_now(&api, "mirror", "r1");
+    wait_ready(&api, "mirror", "Succeeded", 20).await;
+    (api, w, op)
+}
+
 fn finalizers(api: &FakeApiServer, name: &str) -> Option<Value> {
     api.get(EXPORTS, NS, name)
         .map(|e| e["metadata"]["finalizers"].clone())
@@ -142,24 +161,11 @@ fn finalizers(api: &FakeApiServer, name: &str) -> Option<Value> {
 /// only then lets the export go.
 #[tokio::test]
 async fn deleting_an_export_with_cleanup_removes_its_flag_first() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(300, Generator::Clean));
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "mirror",
-        "42",
-        "removal: Remove",
-        "cleanupOnDelete: true",
+    let (api, w, op) = flagged_with_cleanup(300, "", config()).await;
+    assert_eq!(
+        finalizers(&api, "mirror"),
+        Some(json!(["looker-braze.dev/cleanup"]))
     );
-    let op = Operator::start(&api, config());
-    wait_for("the finalizer", 10, || {
-        (finalizers(&api, "mirror")? == json!(["looker-braze.dev/cleanup"])).then_some(())
-    })
-    .await;
-    run_now(&api, "mirror", "r1");
-    wait_ready(&api, "mirror", "Succeeded", 20).await;
     assert_eq!(segment(&w), 300);
     let someone = w
         .braze
@@ -222,20 +228,7 @@ async fn deleting_an_export_with_cleanup_removes_its_flag_first() {
 /// Warning says how many users keep the flag, never the key.
 #[tokio::test]
 async fn a_deletion_does_not_wait_on_a_refused_key() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(120, Generator::Clean));
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "mirror",
-        "42",
-        "removal: Remove",
-        "cleanupOnDelete: true",
-    );
-    let op = Operator::start(&api, config());
-    run_now(&api, "mirror", "r1");
-    wait_ready(&api, "mirror", "Succeeded", 20).await;
+    let (api, w, op) = flagged_with_cleanup(120, "", config()).await;
     const REVOKED: &str = "revoked-key-5f3a9c";
     w.braze.forbid_key(REVOKED);
     api.put_secret(NS, "braze-api", &[("api_key", REVOKED)]);
@@ -399,26 +392,11 @@ async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
 /// Warning says how many users keep the flag.
 #[tokio::test]
 async fn a_slow_cleanup_is_bounded() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(200, Generator::Clean));
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "mirror",
-        "42",
-        "removal: Remove\nbatchSize: 10\nconcurrency: 1",
-        "cleanupOnDelete: true",
-    );
-    let op = Operator::start(
-        &api,
-        braze_export_operator::controller::Config {
-            cleanup_timeout: std::time::Duration::from_secs(1),
-            ..config()
-        },
-    );
-    run_now(&api, "mirror", "r1");
-    wait_ready(&api, "mirror", "Succeeded", 20).await;
+    let config = braze_export_operator::controller::Config {
+        cleanup_timeout: std::time::Duration::from_secs(1),
+        ..config()
+    };
+    let (api, w, op) = flagged_with_cleanup(200, "batchSize: 10\nconcurrency: 1", config).await;
     w.braze.set_latency(
         std::time::Duration::from_millis(400),
         std::time::Duration::ZERO,
@@ -460,20 +438,7 @@ async fn a_slow_cleanup_is_bounded() {
 /// the cleanup has read them.
 #[tokio::test]
 async fn a_foreground_deletion_still_cleans_up() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(150, Generator::Clean));
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "mirror",
-        "42",
-        "removal: Remove",
-        "cleanupOnDelete: true",
-    );
-    let op = Operator::start(&api, config());
-    run_now(&api, "mirror", "r1");
-    wait_ready(&api, "mirror", "Succeeded", 20).await;
+    let (api, w, op) = flagged_with_cleanup(150, "", config()).await;
     assert_eq!(segment(&w), 150);
     api.delete_foreground(EXPORTS, NS, "mirror");
     wait_for("the export to go", 20, || {

@@ -217,16 +217,7 @@ async fn clear(
         failure: None,
         interrupted: false,
     };
-    let c = &mut ended.tally.counts;
-    for field in [
-        &mut c.removal_candidates,
-        &mut c.removed,
-        &mut c.removal_rejected,
-        &mut c.removal_failed,
-        &mut c.removal_withheld,
-    ] {
-        field.get_or_insert(0);
-    }
+    zero_removals(&mut ended);
     let Some(previous) = input.previous else {
         return Ok(ended);
     };
@@ -302,16 +293,7 @@ pub(super) async fn settle(
         "adds settled"
     );
     let removal = if plan.removal == RemovalMode::Remove {
-        let c = &mut ended.tally.counts;
-        for field in [
-            &mut c.removal_candidates,
-            &mut c.removed,
-            &mut c.removal_rejected,
-            &mut c.removal_failed,
-            &mut c.removal_withheld,
-        ] {
-            field.get_or_insert(0);
-        }
+        zero_removals(&mut ended);
         match (&prep.previous, complete) {
             (Some(previous), true) => {
                 let picker = Picker {
@@ -388,6 +370,20 @@ pub(super) async fn settle(
             );
             AudienceUpdate::Keep
         }
+    }
+}
+
+/// The removal counts are in the report of an export that removes, zero or not.
+fn zero_removals(ended: &mut Ended) {
+    let c = &mut ended.tally.counts;
+    for field in [
+        &mut c.removal_candidates,
+        &mut c.removed,
+        &mut c.removal_rejected,
+        &mut c.removal_failed,
+        &mut c.removal_withheld,
+    ] {
+        field.get_or_insert(0);
     }
 }
 
