@@ -293,7 +293,7 @@ pub(super) async fn settle(
         "adds settled"
     );
     let removal = if plan.removal == RemovalMode::Remove {
-        zero_removals(&mut ended);
+        zero_removals(ended);
         match (&prep.previous, complete) {
             (Some(previous), true) => {
                 let picker = Picker {
