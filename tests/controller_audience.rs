@@ -370,6 +370,34 @@ async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
             .all(|s| s["metadata"]["finalizers"].is_null()),
         "its audience is let go too"
     );
+    // On again: the audience saved meanwhile is held again before any deletion can take it.
+    api.patch(
+        EXPORTS,
+        NS,
+        "toggled",
+        json!({"spec": {"cleanupOnDelete": true}}),
+    );
+    wait_for("the audience held again", 10, || {
+        audience_secrets(&api, "toggled")
+            .iter()
+            .all(|s| s["metadata"]["finalizers"] == json!(["looker-braze.dev/cleanup"]))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        finalizers(&api, "toggled"),
+        Some(json!(["looker-braze.dev/cleanup"]))
+    );
+    api.patch(
+        EXPORTS,
+        NS,
+        "toggled",
+        json!({"spec": {"cleanupOnDelete": false}}),
+    );
+    wait_for("the finalizer to go again", 10, || {
+        finalizers(&api, "toggled")?.is_null().then_some(())
+    })
+    .await;
     api.delete(EXPORTS, NS, "toggled");
     assert!(api.get(EXPORTS, NS, "toggled").is_none());
     assert!(

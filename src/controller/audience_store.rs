@@ -310,22 +310,30 @@ pub async fn save_audience(
     Ok(())
 }
 
-/// Deletes the export's stored audience (after a cleanup on delete, or to start afresh).
+/// Deletes the export's stored audience (after a cleanup on delete, or to start afresh). Goes
+/// through every Secret before it answers the first failure: none is left held for nothing.
 pub async fn delete_audience(api: &Api<Secret>, export: &BrazeExport) -> Result<(), StoreError> {
     let o = owner(export)?;
+    let mut first_error = None;
     for s in owned(api, &o.uid).await? {
-        discard(api, &s).await?;
+        if let Err(e) = discard(api, &s).await {
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), |e| Err(e.into()))
 }
 
-/// Takes the cleanup finalizer off the audience of the export `uid` (`cleanupOnDelete`
-/// turned off, or an export deleted without a cleanup): they go with the export again.
-pub async fn release_audience(api: &Api<Secret>, uid: &str) -> Result<(), StoreError> {
+/// Takes the cleanup finalizer off (`hold: false`; `cleanupOnDelete` turned off, or an export
+/// deleted without a cleanup: they go with the export again) or puts it on (`hold: true`;
+/// `cleanupOnDelete` turned on) the audience Secrets of the export `uid`.
+pub async fn hold_audience(api: &Api<Secret>, uid: &str, hold: bool) -> Result<(), StoreError> {
+    let mut first_error = None;
     for s in owned(api, uid).await? {
-        let_go(api, &s).await?;
+        if let Err(e) = set_held(api, &s, hold).await {
+            first_error.get_or_insert(e);
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), |e| Err(e.into()))
 }
 
 async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<Secret>, StoreError> {
@@ -333,31 +341,49 @@ async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<Secret>, StoreError> 
     Ok(api.list(&lp).await?.items)
 }
 
-/// Removes the finalizer from `s` (if it has it), keeping the object's others.
-async fn let_go(api: &Api<Secret>, s: &Secret) -> Result<(), kube::Error> {
-    if !s.finalizers().iter().any(|f| f == FINALIZER) {
-        return Ok(());
+/// Puts the finalizer on `s` or takes it off, keeping the object's others: the list as read,
+/// written only on that version (read again after a conflict). A Secret being deleted gets
+/// no new finalizer.
+async fn set_held(api: &Api<Secret>, s: &Secret, hold: bool) -> Result<(), kube::Error> {
+    let name = s.name_any();
+    let mut current = s.clone();
+    for attempt in 1..=5u32 {
+        let has = current.finalizers().iter().any(|f| f == FINALIZER);
+        if has == hold || (hold && current.metadata.deletion_timestamp.is_some()) {
+            return Ok(());
+        }
+        let mut list: Vec<&str> = current
+            .finalizers()
+            .iter()
+            .map(String::as_str)
+            .filter(|f| *f != FINALIZER)
+            .collect();
+        if hold {
+            list.push(FINALIZER);
+        }
+        let patch = serde_json::json!({
+            "metadata": {"finalizers": list, "resourceVersion": current.resource_version()}
+        });
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.is_not_found() => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 5 => {
+                match api.get_opt(&name).await? {
+                    Some(fresh) => current = fresh,
+                    None => return Ok(()),
+                }
+            }
+            other => return other.map(|_| ()),
+        }
     }
-    let rest: Vec<&String> = s.finalizers().iter().filter(|f| *f != FINALIZER).collect();
-    let patch = serde_json::json!({
-        "metadata": {"finalizers": rest, "resourceVersion": s.resource_version()}
-    });
-    match api
-        .patch(
-            &s.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
-        other => other.map(|_| ()),
-    }
+    Ok(())
 }
 
 /// Lets `s` go, then deletes it.
 async fn discard(api: &Api<Secret>, s: &Secret) -> Result<(), kube::Error> {
-    let_go(api, s).await?;
+    set_held(api, s, false).await?;
     match api.delete(&s.name_any(), &DeleteParams::default()).await {
         Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
         other => other.map(|_| ()),

@@ -51,10 +51,9 @@ pub fn held(export: &BrazeExport) -> bool {
 /// only if the object is still at the version read (another finalizer added meanwhile is
 /// never lost).
 pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Result<(), Error> {
-    if !on {
-        // Its audience Secrets first, so that none is left holding on.
-        let_audience_go(ctx, &namespace(export), &uid(export)).await?;
-    }
+    // Its audience Secrets first: held before a deletion could take them, or let go so that
+    // none is left holding on.
+    hold_audience(ctx, &namespace(export), &uid(export), on).await?;
     let mut finalizers: Vec<String> = export
         .finalizers()
         .iter()
@@ -121,17 +120,18 @@ async fn release(ctx: &Context, namespace: &str, name: &str, uid: &str) -> Resul
     Err(Error::Conflict("the export keeps changing".into()))
 }
 
-/// Takes the finalizer off the audience Secrets of the export `uid`.
-async fn let_audience_go(ctx: &Context, namespace: &str, uid: &str) -> Result<(), Error> {
+/// Puts the finalizer on the audience Secrets of the export `uid`, or takes it off.
+async fn hold_audience(ctx: &Context, namespace: &str, uid: &str, hold: bool) -> Result<(), Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    match tokio::time::timeout(API_TIMEOUT, audience_store::release_audience(&api, uid)).await {
+    let held = audience_store::hold_audience(&api, uid, hold);
+    match tokio::time::timeout(API_TIMEOUT, held).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(audience_store::StoreError::Kube(e))) => Err(Error::from_kube(e)),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot release the audience Secrets");
+            tracing::warn!(error = %e, "cannot hold or release the audience Secrets");
             Ok(())
         }
-        Err(_) => Err(Error::Timeout("releasing the audience Secrets")),
+        Err(_) => Err(Error::Timeout("holding or releasing the audience Secrets")),
     }
 }
 
@@ -154,7 +154,7 @@ pub async fn on_delete(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Actio
     }
     if !wanted(export) {
         // `cleanupOnDelete` was turned off before the deletion.
-        let_audience_go(ctx, &namespace(export), &uid(export)).await?;
+        hold_audience(ctx, &namespace(export), &uid(export), false).await?;
         release(ctx, &namespace(export), &export.name_any(), &uid(export)).await?;
         return Ok(Action::await_change());
     }
@@ -185,7 +185,7 @@ pub async fn on_delete_undecodable(
         export = name,
         "cannot decode the deleted export: it is deleted without a cleanup"
     );
-    let_audience_go(ctx, namespace, uid).await?;
+    hold_audience(ctx, namespace, uid, false).await?;
     release(ctx, namespace, name, uid).await?;
     Ok(Action::await_change())
 }
@@ -204,10 +204,16 @@ impl Cleanup {
             self.export.name_any(),
             uid(&self.export),
         );
-        // A cache behind the API may show an export this process already let go.
+        // A cache behind the API may show an export this process already let go (its
+        // audience too, unless a crash came between: then let it go now).
         let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &ns);
-        if !matches!(holding(&api, &name, &uid).await, Ok(Some(_))) {
-            return;
+        match holding(&api, &name, &uid).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let _ = hold_audience(ctx, &ns, &uid, false).await;
+                return;
+            }
+            Err(_) => return,
         }
         let stop = self.active.stop().clone();
         // The bound counts the wait for a run slot too: a deletion must not wait on long runs
@@ -246,12 +252,15 @@ impl Cleanup {
             audience_store::delete_audience(&secrets, &self.export),
         )
         .await;
-        if !matches!(deleted, Ok(Ok(()))) {
-            // Harmless: they are owned by the export and go with it.
-            tracing::warn!("cannot delete the audience Secrets; they go with the export");
+        // Secrets still held must not outlive the export: they would be stuck once it is
+        // gone. Let go, the garbage collector deletes them with it; else looked at again
+        // after RUN_POLL.
+        if !matches!(deleted, Ok(Ok(()))) && hold_audience(ctx, &ns, &uid, false).await.is_err() {
+            tracing::warn!("cannot delete or release the audience Secrets; trying again");
+            return;
         }
         if let Err(e) = release(ctx, &ns, &name, &uid).await {
-            // Looked at again by the reconcile's error policy (15 s).
+            // Looked at again after RUN_POLL.
             tracing::warn!(error = %e, "cannot remove the finalizer");
         }
     }

@@ -49,12 +49,17 @@ async fn apply(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error
     }
     // The finalizer first, so that an export deleted right after its first run is cleaned
     // up; its change brings the export back here.
+    let key = key(export);
     let wanted = cleanup::wanted(export);
     if wanted != cleanup::held(export) {
+        if ctx.is_active(&key) {
+            // Its run saves its audience as the spec was when it started: held or let go
+            // once it has ended.
+            return Ok(Action::requeue(step::RUN_POLL));
+        }
         cleanup::set_finalizer(ctx, export, wanted).await?;
         return Ok(Action::await_change());
     }
-    let key = key(export);
     let step = step::step(
         export,
         &Facts {
