@@ -151,6 +151,20 @@ async fn flagged_with_cleanup(
     (api, w, op)
 }
 
+/// Sets `cleanupOnDelete: false` on `name` and waits for its finalizer to go.
+async fn turn_cleanup_off(api: &FakeApiServer, name: &str) {
+    api.patch(
+        EXPORTS,
+        NS,
+        name,
+        json!({"spec": {"cleanupOnDelete": false}}),
+    );
+    wait_for("the finalizer to go", 10, || {
+        finalizers(api, name)?.is_null().then_some(())
+    })
+    .await;
+}
+
 fn finalizers(api: &FakeApiServer, name: &str) -> Option<Value> {
     api.get(EXPORTS, NS, name)
         .map(|e| e["metadata"]["finalizers"].clone())
@@ -354,16 +368,7 @@ async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
             .all(|s| s["metadata"]["finalizers"] == json!(["looker-braze.dev/cleanup"])),
         "its audience is held for the cleanup too"
     );
-    api.patch(
-        EXPORTS,
-        NS,
-        "toggled",
-        json!({"spec": {"cleanupOnDelete": false}}),
-    );
-    wait_for("the finalizer to go", 10, || {
-        finalizers(&api, "toggled")?.is_null().then_some(())
-    })
-    .await;
+    turn_cleanup_off(&api, "toggled").await;
     assert!(
         audience_secrets(&api, "toggled")
             .iter()
@@ -388,16 +393,7 @@ async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
         finalizers(&api, "toggled"),
         Some(json!(["looker-braze.dev/cleanup"]))
     );
-    api.patch(
-        EXPORTS,
-        NS,
-        "toggled",
-        json!({"spec": {"cleanupOnDelete": false}}),
-    );
-    wait_for("the finalizer to go again", 10, || {
-        finalizers(&api, "toggled")?.is_null().then_some(())
-    })
-    .await;
+    turn_cleanup_off(&api, "toggled").await;
     api.delete(EXPORTS, NS, "toggled");
     assert!(api.get(EXPORTS, NS, "toggled").is_none());
     assert!(
@@ -480,5 +476,43 @@ async fn a_foreground_deletion_still_cleans_up() {
             .all(|s| s["metadata"]["labels"]["looker-braze.dev/audience-of"].is_null()),
         "no audience Secret is left behind"
     );
+    op.stop().await;
+}
+
+/// A lagging watch still shows the deleted export (deleting, finalizer held) after the
+/// cleanup let it go: no second cleanup, one Event, the removals counted once.
+#[tokio::test]
+async fn a_lagging_watch_never_cleans_up_twice() {
+    let (api, w, op) = flagged_with_cleanup(100, "", config()).await;
+    api.set_watch_lag(std::time::Duration::from_secs(4));
+    api.delete(EXPORTS, NS, "mirror");
+    wait_for("the export to go", 20, || {
+        api.get(EXPORTS, NS, "mirror").is_none().then_some(())
+    })
+    .await;
+    // Past the next look at the export, and the lag.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let told: Vec<_> = events(&api, "mirror")
+        .into_iter()
+        .filter(|(_, reason, _)| reason.starts_with("Clean"))
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(
+        told[0].2,
+        "removed LOOKER_EXPORT from looker_export for all 100 users of the stored audience"
+    );
+    // A repeat would be told as a series of the same Event.
+    let series: Vec<Value> = api
+        .list(EVENTS)
+        .into_iter()
+        .filter(|e| e["reason"] == "CleanedUp")
+        .map(|e| e["series"].clone())
+        .collect();
+    assert_eq!(series, [Value::Null], "told once");
+    assert_eq!(
+        op.metric("braze_export_rows_total{result=\"removed\"}"),
+        Some(100.0)
+    );
+    assert_eq!(segment(&w), 0);
     op.stop().await;
 }

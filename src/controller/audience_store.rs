@@ -341,9 +341,8 @@ async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<Secret>, StoreError> 
     Ok(api.list(&lp).await?.items)
 }
 
-/// Puts the finalizer on `s` or takes it off, keeping the object's others: the list as read,
-/// written only on that version (read again after a conflict). A Secret being deleted gets
-/// no new finalizer.
+/// Puts the finalizer on `s` or takes it off ([`cleanup::finalizer_patch`]; read again after
+/// a conflict). A Secret being deleted gets no new finalizer.
 async fn set_held(api: &Api<Secret>, s: &Secret, hold: bool) -> Result<(), kube::Error> {
     let name = s.name_any();
     let mut current = s.clone();
@@ -352,18 +351,8 @@ async fn set_held(api: &Api<Secret>, s: &Secret, hold: bool) -> Result<(), kube:
         if has == hold || (hold && current.metadata.deletion_timestamp.is_some()) {
             return Ok(());
         }
-        let mut list: Vec<&str> = current
-            .finalizers()
-            .iter()
-            .map(String::as_str)
-            .filter(|f| *f != FINALIZER)
-            .collect();
-        if hold {
-            list.push(FINALIZER);
-        }
-        let patch = serde_json::json!({
-            "metadata": {"finalizers": list, "resourceVersion": current.resource_version()}
-        });
+        let patch =
+            cleanup::finalizer_patch(current.finalizers(), hold, current.resource_version(), None);
         match api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

@@ -47,29 +47,17 @@ pub fn held(export: &BrazeExport) -> bool {
     export.finalizers().iter().any(|f| f == FINALIZER)
 }
 
-/// Adds the finalizer, or removes it, as [`wanted`] says: the whole list as read, written
-/// only if the object is still at the version read (another finalizer added meanwhile is
-/// never lost).
+/// Adds the finalizer, or removes it, as [`wanted`] says ([`finalizer_patch`]).
 pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Result<(), Error> {
     // Its audience Secrets first: held before a deletion could take them, or let go so that
     // none is left holding on.
     hold_audience(ctx, &namespace(export), &uid(export), on).await?;
-    let mut finalizers: Vec<String> = export
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if on {
-        finalizers.push(FINALIZER.into());
-    }
-    let patch = json!({
-        "metadata": {
-            "finalizers": finalizers,
-            "resourceVersion": export.resource_version(),
-            "uid": export.uid(),
-        }
-    });
+    let patch = finalizer_patch(
+        export.finalizers(),
+        on,
+        export.resource_version(),
+        export.uid().as_deref(),
+    );
     let api: Api<Watched> = Api::namespaced(ctx.client.clone(), &namespace(export));
     tokio::time::timeout(
         API_TIMEOUT,
@@ -84,6 +72,30 @@ pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Res
     Ok(())
 }
 
+/// The merge patch that puts [`FINALIZER`] in `current` (`hold`) or takes it out, keeping
+/// the other finalizers; written only on `resource_version` (and `uid`), so a finalizer
+/// added meanwhile by someone else is never lost.
+pub(super) fn finalizer_patch(
+    current: &[String],
+    hold: bool,
+    resource_version: Option<String>,
+    uid: Option<&str>,
+) -> serde_json::Value {
+    let mut list: Vec<&str> = current
+        .iter()
+        .map(String::as_str)
+        .filter(|f| *f != FINALIZER)
+        .collect();
+    if hold {
+        list.push(FINALIZER);
+    }
+    let mut metadata = json!({"finalizers": list, "resourceVersion": resource_version});
+    if let Some(uid) = uid {
+        metadata["uid"] = json!(uid);
+    }
+    json!({ "metadata": metadata })
+}
+
 /// Removes the finalizer from the export `uid` as it is now (re-read after a conflict);
 /// done when it is gone, or when the name now belongs to a recreated export.
 async fn release(ctx: &Context, namespace: &str, name: &str, uid: &str) -> Result<(), Error> {
@@ -92,16 +104,8 @@ async fn release(ctx: &Context, namespace: &str, name: &str, uid: &str) -> Resul
         let Some(fresh) = holding(&api, name, uid).await? else {
             return Ok(());
         };
-        let rest: Vec<&String> = fresh
-            .meta()
-            .finalizers
-            .iter()
-            .flatten()
-            .filter(|f| *f != FINALIZER)
-            .collect();
-        let patch = json!({
-            "metadata": {"finalizers": rest, "resourceVersion": fresh.resource_version(), "uid": uid}
-        });
+        let current = fresh.meta().finalizers.as_deref().unwrap_or_default();
+        let patch = finalizer_patch(current, false, fresh.resource_version(), Some(uid));
         let patched = tokio::time::timeout(
             API_TIMEOUT,
             api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)),
@@ -270,62 +274,35 @@ impl Cleanup {
         let ctx = &self.ctx;
         let export = &self.export;
         let ns = namespace(export);
-        let incomplete = |message: String| Note {
+        let incomplete = |why: String| Note {
             warning: true,
             reason: reason::CLEANUP_INCOMPLETE,
-            message,
+            message: format!("deleted without removing the flag: {why}"),
         };
         let plan = match ExportPlan::new(&export.name_any(), &export.spec) {
             Ok(p) => p,
             Err(e) => {
                 let fields: Vec<String> = e.iter().map(ToString::to_string).collect();
-                return incomplete(format!(
-                    "deleted without removing the flag: the spec is invalid ({})",
-                    fields.join("; ")
-                ));
+                return incomplete(format!("the spec is invalid ({})", fields.join("; ")));
             }
         };
-        let creds = tokio::time::timeout(
-            API_TIMEOUT,
-            secrets::braze_key(&ctx.client, &ns, &export.spec),
-        )
-        .await;
-        let creds = match creds {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return incomplete(format!("deleted without removing the flag: {e}"));
-            }
-            Err(_) => {
-                return incomplete(
-                    "deleted without removing the flag: the Braze Secret could not be read in time"
-                        .into(),
-                );
-            }
+        let key = secrets::braze_key(&ctx.client, &ns, &export.spec);
+        let creds = match within(API_TIMEOUT, "the Braze Secret", key).await {
+            Ok(c) => c,
+            Err(why) => return incomplete(why),
         };
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let loaded = tokio::time::timeout(
-            AUDIENCE_TIMEOUT,
-            audience_store::load_audience(&api, export),
-        )
-        .await;
-        let previous = match loaded {
-            Ok(Ok(Some(p))) => p,
-            Ok(Ok(None)) => {
+        let loaded = audience_store::load_audience(&api, export);
+        let previous = match within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await {
+            Ok(Some(p)) => p,
+            Ok(None) => {
                 return Note {
                     warning: false,
                     reason: reason::CLEANED_UP,
                     message: "no stored audience: nobody to remove the flag from".into(),
                 };
             }
-            Ok(Err(e)) => {
-                return incomplete(format!("deleted without removing the flag: {e}"));
-            }
-            Err(_) => {
-                return incomplete(
-                    "deleted without removing the flag: the stored audience could not be read in time"
-                        .into(),
-                );
-            }
+            Err(why) => return incomplete(why),
         };
         let members = previous.header().members;
         let flag = format!(
@@ -365,6 +342,18 @@ impl Cleanup {
     }
 }
 
+/// `read`'s answer, or why not (its error, or `what` not read within `limit`).
+async fn within<T, E: std::fmt::Display>(
+    limit: Duration,
+    what: &str,
+    read: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, read).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("{what} could not be read in time")),
+    }
+}
+
 /// The Event after a cleanup: how many users lost the flag, and how many may keep it (a
 /// removal in flight when the cleanup stopped may have reached Braze unconfirmed).
 fn outcome_note(report: &RunReport, flag: &str, members: u64, stopped: bool) -> Note {
@@ -398,4 +387,28 @@ fn namespace(export: &BrazeExport) -> String {
 
 fn uid(export: &BrazeExport) -> String {
     export.uid().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finalizer_patch_keeps_other_finalizers() {
+        let others = vec!["example.com/keep".to_owned()];
+        assert_eq!(
+            finalizer_patch(&others, true, Some("7".into()), Some("u")),
+            json!({"metadata": {"finalizers": ["example.com/keep", FINALIZER], "resourceVersion": "7", "uid": "u"}})
+        );
+        let held = vec![FINALIZER.to_owned(), "example.com/keep".to_owned()];
+        assert_eq!(
+            finalizer_patch(&held, false, Some("8".into()), None),
+            json!({"metadata": {"finalizers": ["example.com/keep"], "resourceVersion": "8"}})
+        );
+        assert_eq!(
+            finalizer_patch(&[FINALIZER.to_owned()], true, Some("9".into()), None),
+            json!({"metadata": {"finalizers": [FINALIZER], "resourceVersion": "9"}}),
+            "never twice"
+        );
+    }
 }

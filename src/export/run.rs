@@ -145,18 +145,7 @@ pub async fn run_export_synced(
                 (ended, mode, update)
             }
         };
-        let failure = ended.failure.map(|e| RunFailure {
-            reason: e.reason(),
-            message: e.to_string(),
-        });
-        let context = RunContext {
-            trigger: opts.trigger,
-            start_time,
-            completion_time: Timestamp::now(),
-            dry_run: opts.dry_run,
-        };
-        let report = report::finish_synced(ended.tally, failure, ended.interrupted, context, mode);
-        let report = report::ensure_balanced(report);
+        let report = ended.conclude(&opts, start_time, mode);
         if let Some(d) = &opts.dump
             && let Err(e) = d.flush()
         {
@@ -187,7 +176,7 @@ pub async fn run_export_synced(
 }
 
 /// How a run ended: its counts, what failed it, and whether shutdown stopped it.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(super) struct Ended {
     pub tally: Tally,
     pub failure: Option<RunError>,
@@ -195,6 +184,27 @@ pub(super) struct Ended {
 }
 
 impl Ended {
+    /// The report (checked to add up), as of now.
+    pub(super) fn conclude(
+        self,
+        opts: &RunOptions,
+        start_time: Timestamp,
+        mode: Option<super::SyncMode>,
+    ) -> RunReport {
+        let failure = self.failure.map(|e| RunFailure {
+            reason: e.reason(),
+            message: e.to_string(),
+        });
+        let context = RunContext {
+            trigger: opts.trigger,
+            start_time,
+            completion_time: Timestamp::now(),
+            dry_run: opts.dry_run,
+        };
+        let report = report::finish_synced(self.tally, failure, self.interrupted, context, mode);
+        report::ensure_balanced(report)
+    }
+
     pub(super) fn failed(e: RunError) -> Self {
         Self {
             tally: Tally::default(),

@@ -176,23 +176,10 @@ pub async fn remove_audience(
     let span = tracing::info_span!("cleanup", export = %plan.name);
     async {
         let start_time = Timestamp::now();
-        let mut ended = match clear(services, plan, creds, &opts, input).await {
-            Ok(ended) => ended,
-            Err(e) => Ended::failed(e),
-        };
-        let failure = ended.failure.take().map(|e| super::report::RunFailure {
-            reason: e.reason(),
-            message: e.to_string(),
-        });
-        let context = super::report::RunContext {
-            trigger: opts.trigger,
-            start_time,
-            completion_time: Timestamp::now(),
-            dry_run: opts.dry_run,
-        };
-        let report =
-            super::report::finish_synced(ended.tally, failure, ended.interrupted, context, None);
-        let report = super::report::ensure_balanced(report);
+        let ended = clear(services, plan, creds, &opts, input)
+            .await
+            .unwrap_or_else(Ended::failed);
+        let report = ended.conclude(&opts, start_time, None);
         tracing::info!(
             outcome = report.outcome.as_str(),
             removed = report.counts.removed,
@@ -212,11 +199,7 @@ async fn clear(
     opts: &RunOptions,
     input: AudienceInput,
 ) -> Result<Ended, RunError> {
-    let mut ended = Ended {
-        tally: super::report::Tally::default(),
-        failure: None,
-        interrupted: false,
-    };
+    let mut ended = Ended::default();
     zero_removals(&mut ended);
     let Some(previous) = input.previous else {
         return Ok(ended);
