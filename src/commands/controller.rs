@@ -78,14 +78,13 @@ pub async fn controller(args: ControllerArgs) -> i32 {
     let pod = args.identity.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| CONTROLLER_NAME.to_owned())
     });
-    let identity = format!("{pod}_{:08x}", fastrand::u32(..));
+    let instance = format!("{pod}_{:08x}", fastrand::u32(..));
     let leader_election = args.leader_election.then(|| LeaderElection {
         namespace: args
             .lease_namespace
             .clone()
             .unwrap_or_else(|| client.default_namespace().to_owned()),
         lease_name: args.lease_name.clone(),
-        identity: identity.clone(),
         duration: Duration::from_secs(args.lease_duration_seconds),
     });
     let config = Config {
@@ -93,7 +92,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         selector: args.selector.clone(),
         max_concurrent_runs: usize::from(args.max_concurrent_runs),
         leader_election,
-        instance: identity,
+        instance,
         allowed_hosts,
         ..Config::default()
     };
@@ -123,7 +122,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         }
     }
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    match controller::run(client, config, metrics, ready, store, shutdown).await {
+    match controller::serve(client, config, metrics, ready, store, shutdown).await {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(error = %e, "the controller stopped");

@@ -13,8 +13,8 @@
 //! With `cleanupOnDelete`, every one of them carries the cleanup finalizer: a foreground
 //! deletion of the export (`kubectl delete --cascade=foreground`, Argo CD's prune) or of its
 //! namespace deletes what the export owns first, and the cleanup still needs to read them.
-//! They are let go only by [`delete_audience`] (or [`release_audience`], when the field is
-//! turned off).
+//! They are let go only by [`delete_audience`] (or [`hold_audience`] with `hold: false`, when
+//! the field is turned off).
 //!
 //! A save writes a new generation's parts under new names, then replaces the manifest, then
 //! deletes every other generation. A crash before the manifest is replaced leaves the old
@@ -31,7 +31,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 
-use super::cleanup::{self, FINALIZER};
+use super::finalizer::{self, FINALIZER, finalizer_patch};
+use super::retry::{self, retry};
 use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
 use crate::spec::BrazeExport;
 
@@ -100,7 +101,8 @@ fn short(name: &str) -> String {
     format!("{cut}-{:08x}", crc32fast::hash(name.as_bytes()))
 }
 
-struct Owner {
+/// The export that owns the Secrets, as they record it.
+struct SecretOwner {
     name: String,
     uid: String,
     reference: OwnerReference,
@@ -108,7 +110,7 @@ struct Owner {
     hold: bool,
 }
 
-fn owner(export: &BrazeExport) -> Result<Owner, StoreError> {
+fn owner(export: &BrazeExport) -> Result<SecretOwner, StoreError> {
     let uid = export.meta().uid.clone().ok_or(StoreError::NoOwner)?;
     let name = export.name_any();
     let reference = OwnerReference {
@@ -119,15 +121,15 @@ fn owner(export: &BrazeExport) -> Result<Owner, StoreError> {
         controller: Some(true),
         block_owner_deletion: None,
     };
-    Ok(Owner {
+    Ok(SecretOwner {
         name,
         uid,
         reference,
-        hold: cleanup::wanted(export),
+        hold: finalizer::wanted(export),
     })
 }
 
-fn labels(o: &Owner, role: &str, generation: Option<u64>) -> BTreeMap<String, String> {
+fn labels(o: &SecretOwner, role: &str, generation: Option<u64>) -> BTreeMap<String, String> {
     let mut l = BTreeMap::from([
         (
             "app.kubernetes.io/managed-by".to_owned(),
@@ -143,7 +145,7 @@ fn labels(o: &Owner, role: &str, generation: Option<u64>) -> BTreeMap<String, St
 }
 
 fn secret(
-    o: &Owner,
+    o: &SecretOwner,
     name: String,
     role: &str,
     generation: Option<u64>,
@@ -229,14 +231,7 @@ pub async fn save_audience(
     audience: &Encoded,
 ) -> Result<(), StoreError> {
     let o = owner(export)?;
-    let existing = api
-        .list(&ListParams::default().labels(&format!("{OWNER_LABEL}={}", o.uid)))
-        .await?;
-    let generation_of = |s: &Secret| {
-        s.labels()
-            .get(GENERATION_LABEL)
-            .and_then(|g| g.parse::<u64>().ok())
-    };
+    let existing = owned(api, &o.uid).await?;
     let manifest_name = manifest_name(&o.name);
     let current = api.get_opt(&manifest_name).await?;
     let in_force = current
@@ -246,19 +241,52 @@ pub async fn save_audience(
         .map_or(0, |m| m.generation);
     // Above every generation seen, finished or not: a crashed save's parts are never reused.
     let generation = existing
-        .items
         .iter()
         .filter_map(generation_of)
         .chain([in_force])
         .max()
         .unwrap_or(0)
         + 1;
+    let parts = write_parts(api, &o, generation, audience).await?;
+    let manifest = Manifest {
+        version: 1,
+        generation,
+        members: audience.header().members,
+        parts,
+    };
+    // The switch to the new generation: one write.
+    write_manifest(api, &o, current, &manifest).await?;
+    for old in existing {
+        if generation_of(&old).is_some_and(|g| g != generation) {
+            let name = old.name_any();
+            if let Err(e) = discard(api, &old).await {
+                // Harmless: the next save deletes it.
+                tracing::warn!(secret = %name, error = %e, "cannot delete an old audience part");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn generation_of(s: &Secret) -> Option<u64> {
+    s.labels()
+        .get(GENERATION_LABEL)
+        .and_then(|g| g.parse::<u64>().ok())
+}
+
+/// Creates the parts of `generation`; what the manifest says of them.
+async fn write_parts(
+    api: &Api<Secret>,
+    o: &SecretOwner,
+    generation: u64,
+    audience: &Encoded,
+) -> Result<Vec<PartRef>, StoreError> {
     let mut refs = Vec::with_capacity(audience.parts().len());
     for (i, part) in audience.parts().iter().enumerate() {
         debug_assert!(part.len() <= MAX_PART_BYTES);
         let name = part_name(&o.name, generation, i);
         let s = secret(
-            &o,
+            o,
             name.clone(),
             "part",
             Some(generation),
@@ -272,39 +300,26 @@ pub async fn save_audience(
             crc32: crc32fast::hash(part),
         });
     }
-    let manifest = Manifest {
-        version: 1,
-        generation,
-        members: audience.header().members,
-        parts: refs,
-    };
-    let body = serde_json::to_vec(&manifest).unwrap_or_default();
-    let mut m = secret(
-        &o,
-        manifest_name.clone(),
-        "manifest",
-        None,
-        MANIFEST_KEY,
-        body,
-    );
-    // The switch to the new generation: one write.
+    Ok(refs)
+}
+
+/// Creates the manifest, or replaces `current` (on its `resourceVersion`).
+async fn write_manifest(
+    api: &Api<Secret>,
+    o: &SecretOwner,
+    current: Option<Secret>,
+    manifest: &Manifest,
+) -> Result<(), StoreError> {
+    let name = manifest_name(&o.name);
+    let body = serde_json::to_vec(manifest).unwrap_or_default();
+    let mut m = secret(o, name.clone(), "manifest", None, MANIFEST_KEY, body);
     match current {
         Some(c) => {
             m.metadata.resource_version = c.resource_version();
-            api.replace(&manifest_name, &PostParams::default(), &m)
-                .await?;
+            api.replace(&name, &PostParams::default(), &m).await?;
         }
         None => {
             api.create(&PostParams::default(), &m).await?;
-        }
-    }
-    for old in existing.items {
-        if generation_of(&old).is_some_and(|g| g != generation) {
-            let name = old.name_any();
-            if let Err(e) = discard(api, &old).await {
-                // Harmless: the next save deletes it.
-                tracing::warn!(secret = %name, error = %e, "cannot delete an old audience part");
-            }
         }
     }
     Ok(())
@@ -336,38 +351,42 @@ pub async fn hold_audience(api: &Api<Secret>, uid: &str, hold: bool) -> Result<(
     first_error.map_or(Ok(()), |e| Err(e.into()))
 }
 
+/// Every audience Secret of the export `uid`.
 async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<Secret>, StoreError> {
     let lp = ListParams::default().labels(&format!("{OWNER_LABEL}={uid}"));
     Ok(api.list(&lp).await?.items)
 }
 
-/// Puts the finalizer on `s` or takes it off ([`cleanup::finalizer_patch`]; read again after
-/// a conflict). A Secret being deleted gets no new finalizer.
+/// Puts the finalizer on `s` or takes it off ([`finalizer_patch`]; read again after a
+/// conflict). A Secret being deleted gets no new finalizer.
 async fn set_held(api: &Api<Secret>, s: &Secret, hold: bool) -> Result<(), kube::Error> {
     let name = s.name_any();
-    let mut current = s.clone();
-    for attempt in 1..=5u32 {
-        let has = current.finalizers().iter().any(|f| f == FINALIZER);
-        if has == hold || (hold && current.metadata.deletion_timestamp.is_some()) {
+    let current = std::sync::Mutex::new(Some(s.clone()));
+    let attempt = |_| async {
+        let Some(now) = current.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let has = now.finalizers().iter().any(|f| f == FINALIZER);
+        if has == hold || (hold && now.metadata.deletion_timestamp.is_some()) {
             return Ok(());
         }
-        let patch =
-            cleanup::finalizer_patch(current.finalizers(), hold, current.resource_version(), None);
+        let patch = finalizer_patch(now.finalizers(), hold, now.resource_version(), None);
         match api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Err(kube::Error::Api(e)) if e.is_not_found() => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 5 => {
-                match api.get_opt(&name).await? {
-                    Some(fresh) => current = fresh,
-                    None => return Ok(()),
-                }
+            Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Tried again on the fresh object; gone is as good as let go.
+                let fresh = api.get_opt(&name).await?;
+                *current.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                Err(kube::Error::Api(e))
             }
-            other => return other.map(|_| ()),
+            other => other.map(|_| ()),
         }
-    }
-    Ok(())
+    };
+    let conflict = |e: &kube::Error, _| matches!(e, kube::Error::Api(s) if s.code == 409);
+    retry(retry::SECRET_CONFLICT, attempt, conflict).await
 }
 
 /// Lets `s` go, then deletes it.

@@ -28,8 +28,6 @@ pub struct LeaderElection {
     pub namespace: String,
     /// Name of the Lease (one per release: shards never share one).
     pub lease_name: String,
-    /// This operator instance's identity (pod name and a per-process suffix).
-    pub identity: String,
     /// How long the Lease stays valid without renewal.
     pub duration: Duration,
 }
@@ -76,6 +74,7 @@ pub struct Elector {
 pub fn spawn(
     client: Client,
     le: LeaderElection,
+    instance: String,
     ready: Arc<AtomicBool>,
 ) -> (watch::Receiver<bool>, Elector) {
     let (tx, rx) = watch::channel(false);
@@ -84,6 +83,7 @@ pub fn spawn(
     let task = tokio::spawn(elect(
         client,
         le,
+        instance,
         ready,
         tx,
         stop.clone(),
@@ -102,6 +102,7 @@ pub fn spawn(
 async fn elect(
     client: Client,
     le: LeaderElection,
+    instance: String,
     ready: Arc<AtomicBool>,
     tx: watch::Sender<bool>,
     stop: CancellationToken,
@@ -117,25 +118,18 @@ async fn elect(
         let attempt = tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            r = tokio::time::timeout_at(limit, attempt(&api, &le, &mut seen)) => r,
+            r = tokio::time::timeout_at(limit, attempt(&api, &le, &instance, &mut seen)) => r,
         };
-        let failed = match attempt {
-            Ok(Ok(Attempt::Held)) => {
+        let failed = match judge(&le, attempt) {
+            Some(Attempt::Held) => {
                 fence_at = Some(sent + le.duration - le.fence_margin());
                 false
             }
-            Ok(Ok(Attempt::Other)) => {
+            Some(Attempt::Other) => {
                 fence_at = None;
                 false
             }
-            Ok(Err(e)) => {
-                tracing::warn!(lease = %le.lease_name, error = %e, "cannot read or renew the Lease");
-                true
-            }
-            Err(_) => {
-                tracing::warn!(lease = %le.lease_name, "the Lease request timed out");
-                true
-            }
+            None => true,
         };
         if !failed {
             ready.store(true, Ordering::Relaxed);
@@ -148,13 +142,7 @@ async fn elect(
             let now = fence_at.is_some();
             std::mem::replace(leading, now) != now
         });
-        let wait = match (fence_at.is_some(), failed) {
-            // A holder retries soon after a failure: one slow answer must not fence it.
-            (true, true) => (le.renew_every() / 3).min(Duration::from_secs(1)),
-            (true, false) => le.renew_every(),
-            // Candidates look often enough to take over soon after expiry.
-            (false, _) => (le.duration / 5).max(Duration::from_millis(200)),
-        };
+        let wait = next_look(&le, fence_at.is_some(), failed);
         let wake = fence_at.map_or(Instant::now() + wait, |f| f.min(Instant::now() + wait));
         tokio::select! {
             biased;
@@ -164,21 +152,62 @@ async fn elect(
     }
     if fence_at.is_some() {
         let _ = tx.send(false);
-        if !release.load(Ordering::Relaxed) {
-            tracing::warn!(lease = %le.lease_name, "runs were not all recorded: leaving the Lease to expire, so the next leader finds them");
-            return;
+        step_down(&api, &le, &instance, &release).await;
+    }
+}
+
+/// What one look found, or `None` (logged) when it failed or took too long.
+fn judge(
+    le: &LeaderElection,
+    answer: Result<Result<Attempt, kube::Error>, tokio::time::error::Elapsed>,
+) -> Option<Attempt> {
+    match answer {
+        Ok(Ok(attempt)) => Some(attempt),
+        Ok(Err(e)) => {
+            tracing::warn!(lease = %le.lease_name, error = %e, "cannot read or renew the Lease");
+            None
         }
-        let released = tokio::time::timeout(Duration::from_secs(5), release_lease(&api, &le)).await;
-        if !matches!(released, Ok(Ok(()))) {
-            tracing::warn!(lease = %le.lease_name, "could not release the Lease; it expires on its own");
+        Err(_) => {
+            tracing::warn!(lease = %le.lease_name, "the Lease request timed out");
+            None
         }
     }
 }
 
-fn lease_spec(le: &LeaderElection, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
+/// How long until the next look at the Lease.
+fn next_look(le: &LeaderElection, holding: bool, failed: bool) -> Duration {
+    match (holding, failed) {
+        // A holder retries soon after a failure: one slow answer must not fence it.
+        (true, true) => (le.renew_every() / 3).min(Duration::from_secs(1)),
+        (true, false) => le.renew_every(),
+        // Candidates look often enough to take over soon after expiry.
+        (false, _) => (le.duration / 5).max(Duration::from_millis(200)),
+    }
+}
+
+/// At the end of the election: releases the Lease, unless some run was not recorded (then
+/// it expires, so the next leader finds them).
+async fn step_down(api: &Api<Lease>, le: &LeaderElection, instance: &str, release: &AtomicBool) {
+    if !release.load(Ordering::Relaxed) {
+        tracing::warn!(lease = %le.lease_name, "runs were not all recorded: leaving the Lease to expire, so the next leader finds them");
+        return;
+    }
+    let released =
+        tokio::time::timeout(Duration::from_secs(5), release_lease(api, le, instance)).await;
+    if !matches!(released, Ok(Ok(()))) {
+        tracing::warn!(lease = %le.lease_name, "could not release the Lease; it expires on its own");
+    }
+}
+
+fn lease_spec(
+    le: &LeaderElection,
+    instance: &str,
+    transitions: i32,
+    acquired: Option<MicroTime>,
+) -> LeaseSpec {
     let now = MicroTime(Timestamp::now());
     LeaseSpec {
-        holder_identity: Some(le.identity.clone()),
+        holder_identity: Some(instance.to_owned()),
         lease_duration_seconds: Some(le.duration.as_secs().max(1) as i32),
         acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
         renew_time: Some(now),
@@ -192,38 +221,11 @@ fn lease_spec(le: &LeaderElection, transitions: i32, acquired: Option<MicroTime>
 async fn attempt(
     api: &Api<Lease>,
     le: &LeaderElection,
+    instance: &str,
     seen: &mut Option<Seen>,
 ) -> Result<Attempt, kube::Error> {
     let Some(mut lease) = api.get_opt(&le.lease_name).await? else {
-        // An absent Lease is a record too: a holder whose Lease was deleted stops at once,
-        // and a candidate creates it only once it has been absent for a whole duration, so
-        // a holder that has not noticed yet has stopped first.
-        let now = Instant::now();
-        if seen.as_ref().is_none_or(|s| s.record != (None, None)) {
-            *seen = Some(Seen {
-                record: (None, None),
-                since: now,
-            });
-        }
-        if seen.as_ref().is_some_and(|s| now < s.since + le.duration) {
-            return Ok(Attempt::Other);
-        }
-        let lease = Lease {
-            metadata: ObjectMeta {
-                name: Some(le.lease_name.clone()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(lease_spec(le, 0, None)),
-        };
-        return match api.create(&PostParams::default(), &lease).await {
-            Ok(_) => {
-                // What we saw before is history: an absence from now on counts from now.
-                *seen = None;
-                Ok(Attempt::Held)
-            }
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Other),
-            Err(e) => Err(e),
-        };
+        return create_when_absent(api, le, instance, seen).await;
     };
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
@@ -232,7 +234,7 @@ async fn attempt(
     if seen.as_ref().is_none_or(|s| s.record != record) {
         *seen = Some(Seen { record, since: now });
     }
-    let mine = holder.as_deref() == Some(le.identity.as_str());
+    let mine = holder.as_deref() == Some(instance);
     let valid_for = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(0).max(0) as u64);
     let expired = seen.as_ref().is_some_and(|s| now >= s.since + valid_for);
     if !mine && holder.is_some() && !expired {
@@ -240,7 +242,7 @@ async fn attempt(
     }
     let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
     let acquired = mine.then(|| spec.acquire_time.clone()).flatten();
-    lease.spec = Some(lease_spec(le, transitions, acquired));
+    lease.spec = Some(lease_spec(le, instance, transitions, acquired));
     match api
         .replace(&le.lease_name, &PostParams::default(), &lease)
         .await
@@ -256,13 +258,54 @@ async fn attempt(
     }
 }
 
+/// An absent Lease is a record too: a holder whose Lease was deleted stops at once, and a
+/// candidate creates it only once it has been absent for a whole duration, so a holder that
+/// has not noticed yet has stopped first.
+async fn create_when_absent(
+    api: &Api<Lease>,
+    le: &LeaderElection,
+    instance: &str,
+    seen: &mut Option<Seen>,
+) -> Result<Attempt, kube::Error> {
+    let now = Instant::now();
+    if seen.as_ref().is_none_or(|s| s.record != (None, None)) {
+        *seen = Some(Seen {
+            record: (None, None),
+            since: now,
+        });
+    }
+    if seen.as_ref().is_some_and(|s| now < s.since + le.duration) {
+        return Ok(Attempt::Other);
+    }
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(le.lease_name.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(lease_spec(le, instance, 0, None)),
+    };
+    match api.create(&PostParams::default(), &lease).await {
+        Ok(_) => {
+            // What we saw before is history: an absence from now on counts from now.
+            *seen = None;
+            Ok(Attempt::Held)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Other),
+        Err(e) => Err(e),
+    }
+}
+
 /// Gives the Lease up so a standby can take it at once.
-async fn release_lease(api: &Api<Lease>, le: &LeaderElection) -> Result<(), kube::Error> {
+async fn release_lease(
+    api: &Api<Lease>,
+    le: &LeaderElection,
+    instance: &str,
+) -> Result<(), kube::Error> {
     let Some(mut lease) = api.get_opt(&le.lease_name).await? else {
         return Ok(());
     };
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    if spec.holder_identity.as_deref() != Some(le.identity.as_str()) {
+    if spec.holder_identity.as_deref() != Some(instance) {
         return Ok(());
     }
     spec.holder_identity = None;

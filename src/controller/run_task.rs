@@ -6,33 +6,30 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::audience_store;
-use super::reconcile::{API_TIMEOUT, publish, read_credentials, write};
+use super::context::{ActiveGuard, Context};
+use super::credentials::read_credentials;
+use super::effect::{Target, effect};
+use super::error::Error;
+use super::events;
 use super::status::{self, reason};
-use super::step::{self, Facts, Note, Start, Then};
+use super::step::{self, Note, Start, Then};
+use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, QUEUE_GRACE};
 use super::watched::Watched;
-use super::writer::RunWriter;
-use super::{Context, Error};
-use crate::export::report::{Outcome, RunReport};
+use super::writer::{self, RunWriter};
+use crate::audience::Owner;
+use crate::export::report::{RunContext, RunFailure, RunReport, Tally};
 use crate::export::{
     AudienceInput, AudienceUpdate, Credentials, RunOptions, run_export, run_export_synced,
 };
 use crate::schedule::FULL_RESYNC_ANNOTATION;
-use k8s_openapi::api::core::v1::Secret;
-
-/// How long a run may wait for a slot before it is shown as `Queued`: a short wait costs no
-/// status write and no fresh read (1,000 exports due at once with enough slots).
-const QUEUE_GRACE: Duration = Duration::from_secs(1);
-
-/// Longest wait for loading or saving a stored audience (a million users: a few MiB).
-const AUDIENCE_TIMEOUT: Duration = Duration::from_secs(120);
-use crate::schedule::{Inputs, retry};
-use crate::spec::BrazeExport;
+use crate::spec::{BrazeExport, BrazeExportStatus};
 
 /// A run to carry out, owning what it needs.
 pub struct RunTask {
@@ -49,18 +46,19 @@ pub struct RunTask {
     /// Events found on the way (a crash), published once the start is recorded.
     pub notes: Vec<Note>,
     /// Keeps the export active in this process until the task ends, even by a panic.
-    pub active: super::ActiveGuard,
+    pub active: ActiveGuard,
 }
 
 impl RunTask {
-    /// Runs, then leaves the export to the reconcile again.
-    pub async fn run(mut self, permit: Option<OwnedSemaphorePermit>) {
+    /// Waits for a slot (unless `permit` is one), runs, then leaves the export to the
+    /// reconcile again.
+    pub async fn carry_out(mut self, permit: Option<OwnedSemaphorePermit>) {
         let permit = match permit {
             Some(p) => Some(p),
             None => self.queue().await,
         };
         if let Some(permit) = permit
-            && let Err(e) = self.carry_out(permit).await
+            && let Err(e) = self.run_and_record(permit).await
         {
             tracing::warn!(export = %self.key, error = %e, "the run's status could not be recorded");
         }
@@ -79,15 +77,14 @@ impl RunTask {
             return p.ok();
         }
         let ctx = Arc::clone(&self.ctx);
-        let base = self.start.base.clone();
         let queued = status::queued(
-            &base,
+            &self.start.base,
             self.export.metadata.generation,
             &self.start.due,
             ctx.slots,
             ctx.now(),
         );
-        let rv = write(&ctx, &self.export, &queued).await.ok()?;
+        let rv = writer::write(&ctx, &self.export, &queued).await.ok()?;
         self.export.metadata.resource_version = Some(rv);
         self.export.status = Some(queued);
         self.wait_for_slot().await
@@ -102,8 +99,7 @@ impl RunTask {
             () = self.active.stop().cancelled() => return None,
             p = Arc::clone(&self.ctx.permits).acquire_owned() => p.ok()?,
         };
-        let api = self.api();
-        let name = self.export.name_any();
+        let (api, name) = (self.api(), self.export.name_any());
         let read = tokio::time::timeout(API_TIMEOUT, api.get_opt(&name));
         let Watched::Decoded(fresh) = read.await.ok()?.ok()?? else {
             return None;
@@ -112,15 +108,7 @@ impl RunTask {
         if fresh.uid() != self.export.uid() || fresh.metadata.deletion_timestamp.is_some() {
             return None;
         }
-        let next = step::step(
-            &fresh,
-            &Facts {
-                active: false,
-                allowed_hosts: &self.ctx.allowed_hosts,
-                retry_base: self.ctx.retry_base,
-                now: self.ctx.now(),
-            },
-        );
+        let next = step::step(&fresh, &self.ctx.facts(false));
         match next.then {
             Then::Start(start) => {
                 // Secrets too may have changed while it waited.
@@ -144,54 +132,27 @@ impl RunTask {
 
     /// The slot is held from the start write to the run's end, not while the end is
     /// recorded: the next run need not wait for this one's bookkeeping.
-    async fn carry_out(&self, permit: OwnedSemaphorePermit) -> Result<(), Error> {
+    async fn run_and_record(&self, permit: OwnedSemaphorePermit) -> Result<(), Error> {
         let ctx = &self.ctx;
         // A term that ended (shutdown, lost Lease) or a deleted export starts nothing: a run
         // never started is never recorded as interrupted.
         if self.active.stop().is_cancelled() {
             return Ok(());
         }
-        let generation = self.export.metadata.generation;
         let now = ctx.now();
-        let due = &self.start.due;
-        let started = status::started(&self.start.base, generation, due, &ctx.identity, now);
-        let writer = Arc::new(RunWriter::new(self.api(), &self.export, &ctx.identity));
+        let started = status::started(
+            &self.start.base,
+            self.export.metadata.generation,
+            &self.start.due,
+            &ctx.instance,
+            now,
+        );
+        let writer = Arc::new(RunWriter::new(self.api(), &self.export, &ctx.instance));
         // A conflict here means the decision was made on an outdated object: no run.
         writer.start(&started).await?;
-        if let Some(at) = due.scheduled_for {
-            ctx.metrics
-                .record_start_delay(now.duration_since(at).as_secs_f64());
-        }
-        // No times in the note: repeated starts then aggregate into one Event series.
-        let mut notes = self.notes.clone();
-        notes.push(Note {
-            warning: false,
-            reason: reason::RUN_STARTED,
-            message: format!("{:?} run started", due.trigger),
-        });
-        // Told beside the run, not before it: a slow Events API must not delay the start.
-        let (events_ctx, export) = (Arc::clone(ctx), self.export.clone());
-        tokio::spawn(async move {
-            for note in &notes {
-                publish(&events_ctx, &export, note).await;
-            }
-        });
-
+        self.tell_started(now);
         let cancel = self.active.stop().child_token();
-        let annotations = self.export.metadata.annotations.clone().unwrap_or_default();
-        let manual_request = due.run_request.as_deref();
-        let opts = RunOptions {
-            cancel: cancel.clone(),
-            // Both answer this run-now request only: read before it is recorded handled.
-            allow_removal_over_limit: crate::audience::removal_allowed_once(
-                &self.export.spec,
-                &annotations,
-                Some(&self.start.base),
-            ),
-            full_resync: manual_request.is_some()
-                && annotations.get(FULL_RESYNC_ANNOTATION).map(|v| v.trim()) == manual_request,
-            ..RunOptions::new(due.trigger)
-        };
+        let opts = self.options(cancel.clone());
         let stop_progress = CancellationToken::new();
         let progress = tokio::spawn(write_progress(
             Arc::clone(&writer),
@@ -199,7 +160,7 @@ impl RunTask {
             Arc::clone(&opts.progress),
             ctx.progress_interval,
             stop_progress.clone(),
-            cancel.clone(),
+            cancel,
         ));
         let mut report = self.run_synced(opts).await;
         // The status's times are the controller's clock (offset in tests).
@@ -210,6 +171,44 @@ impl RunTask {
         stop_progress.cancel();
         let _ = progress.await;
         self.finish(&writer, &started, &report).await
+    }
+
+    /// The start delay metric, and the Events: those found on the way (a crash), then
+    /// `RunStarted`, told beside the run, not before it: a slow Events API must not delay it.
+    fn tell_started(&self, now: jiff::Timestamp) {
+        let ctx = &self.ctx;
+        if let Some(at) = self.start.due.scheduled_for {
+            ctx.metrics
+                .record_start_delay(now.duration_since(at).as_secs_f64());
+        }
+        // No times in the note: repeated starts then aggregate into one Event series.
+        let mut notes = self.notes.clone();
+        notes.push(Note {
+            warning: false,
+            reason: reason::RUN_STARTED,
+            message: format!("{:?} run started", self.start.due.trigger),
+        });
+        let (events_ctx, export) = (Arc::clone(ctx), self.export.clone());
+        tokio::spawn(async move { events::publish_all(&events_ctx, &export, &notes).await });
+    }
+
+    /// The run's options: its trigger, and what this run-now request asks for.
+    fn options(&self, cancel: CancellationToken) -> RunOptions {
+        let due = &self.start.due;
+        let annotations = self.export.metadata.annotations.clone().unwrap_or_default();
+        let manual_request = due.run_request.as_deref();
+        RunOptions {
+            cancel,
+            // Both answer this run-now request only: read before it is recorded handled.
+            allow_removal_over_limit: crate::audience::removal_allowed_once(
+                &self.export.spec,
+                &annotations,
+                Some(&self.start.base),
+            ),
+            full_resync: manual_request.is_some()
+                && annotations.get(FULL_RESYNC_ANNOTATION).map(|v| v.trim()) == manual_request,
+            ..RunOptions::new(due.trigger)
+        }
     }
 
     /// Runs the export; with `removal: Remove` or `delta: true`, against its stored audience,
@@ -224,143 +223,89 @@ impl RunTask {
             ctx.client.clone(),
             &self.export.namespace().unwrap_or_default(),
         );
-        let previous = match tokio::time::timeout(
+        let loaded = tokio::time::timeout(
             AUDIENCE_TIMEOUT,
             audience_store::load_audience(&secrets, &self.export),
         )
-        .await
-        {
+        .await;
+        let previous = match loaded {
             Ok(Ok(previous)) => previous,
-            Ok(Err(e)) => return self.failed(&opts, "AudienceUnreadable", e.to_string()),
+            Ok(Err(e)) => return self.failed(&opts, e.to_string()),
             Err(_) => {
                 return self.failed(
                     &opts,
-                    "AudienceUnreadable",
                     "the stored audience could not be read in time".into(),
                 );
             }
         };
-        let owner = crate::audience::Owner {
+        let owner = Owner {
             namespace: self.export.namespace(),
             name: self.export.name_any(),
         };
         let input = AudienceInput { owner, previous };
         let result = run_export_synced(&ctx.services, plan, &self.creds, opts, Some(input)).await;
         if let AudienceUpdate::Replace(audience) = &result.audience {
-            let saved = tokio::time::timeout(
-                AUDIENCE_TIMEOUT,
-                audience_store::save_audience(&secrets, &self.export, audience),
-            )
-            .await;
-            if !matches!(saved, Ok(Ok(()))) {
-                let why = match saved {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
-                };
-                // The stored audience stays the previous one: the next run adds the users
-                // this one flagged again, and removes nobody it should not.
-                tracing::warn!(export = %self.key, error = %why, "cannot save the audience");
-                let note = Note {
-                    warning: true,
-                    reason: reason::AUDIENCE_NOT_SAVED,
-                    message: format!("the audience of this run could not be saved: {why}"),
-                };
-                publish(ctx, &self.export, &note).await;
-            }
+            self.save(&secrets, audience).await;
         }
         result.report
     }
 
-    /// A report for a run that failed before it could read Looker.
-    fn failed(&self, opts: &RunOptions, reason: &'static str, message: String) -> RunReport {
-        let now = self.ctx.now();
-        crate::export::report::finish(
-            crate::export::report::Tally::default(),
-            Some(crate::export::report::RunFailure { reason, message }),
-            false,
-            crate::export::report::RunContext {
-                trigger: opts.trigger,
-                start_time: now,
-                completion_time: now,
-                dry_run: false,
-            },
+    /// Saves the run's audience; a failure is told in a Warning Event. The stored audience
+    /// then stays the previous one: the next run adds the users this one flagged again, and
+    /// removes nobody it should not.
+    async fn save(&self, secrets: &Api<Secret>, audience: &crate::audience::Encoded) {
+        let saved = tokio::time::timeout(
+            AUDIENCE_TIMEOUT,
+            audience_store::save_audience(secrets, &self.export, audience),
         )
+        .await;
+        let why = match saved {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".into(),
+        };
+        tracing::warn!(export = %self.key, error = %why, "cannot save the audience");
+        let note = Note {
+            warning: true,
+            reason: reason::AUDIENCE_NOT_SAVED,
+            message: format!("the audience of this run could not be saved: {why}"),
+        };
+        events::publish(&self.ctx, &self.export, &note).await;
     }
 
+    /// A report for a run whose stored audience could not be read (before Looker was).
+    fn failed(&self, opts: &RunOptions, message: String) -> RunReport {
+        let now = self.ctx.now();
+        let failure = RunFailure {
+            reason: reason::AUDIENCE_UNREADABLE,
+            message,
+        };
+        let context = RunContext {
+            trigger: opts.trigger,
+            start_time: now,
+            completion_time: now,
+            dry_run: false,
+        };
+        crate::export::report::finish(Tally::default(), Some(failure), false, context)
+    }
+
+    /// Records the run's end (see [`step::run_ended`]), counted in the metrics. The export
+    /// stays active here until its end is recorded (see [`RunWriter::write_final`]).
     async fn finish(
         &self,
         writer: &RunWriter,
-        started: &crate::spec::BrazeExportStatus,
+        started: &BrazeExportStatus,
         report: &RunReport,
     ) -> Result<(), Error> {
         let ctx = &self.ctx;
-        let now = ctx.now();
-        let spec = &self.export.spec;
-        let next = (!spec.suspend)
-            .then(|| self.start.schedule.next_after(now))
-            .flatten();
-        let mut finished = status::finished(
-            started,
-            report,
-            self.export.metadata.generation,
-            next,
-            crate::schedule::Retry::No,
-            now,
-        );
-        // Ready's message says whether and when a failed run is retried.
-        let inputs = Inputs {
-            schedule: &self.start.schedule,
-            suspend: spec.suspend,
-            starting_deadline_seconds: spec.starting_deadline_seconds,
-            created: now,
-            status: &finished,
-            run_request: None,
-            running: false,
-            retry_base: ctx.retry_base,
-            now,
+        let facts = ctx.facts(false);
+        let ended = step::run_ended(&self.export, &self.start, started, report, &facts);
+        ctx.metrics.record_run(report, facts.now);
+        let target = Target::RunEnd {
+            export: &self.export,
+            writer,
         };
-        finished = status::idle(
-            &finished,
-            self.export.metadata.generation,
-            spec.suspend,
-            next,
-            retry(&inputs),
-            now,
-        );
-        // The export stays active here until its end is recorded: given up too early, this
-        // process would take its own finished run for a crash and run it again. Only a term
-        // that ended (its successor judges) or a run that is no longer ours stops the retries.
-        let mut attempt = 0u32;
-        let written = loop {
-            attempt += 1;
-            match writer.write(&finished).await {
-                Err(e @ (Error::Kube(_) | Error::Timeout(_) | Error::Conflict(_)))
-                    if !(ctx.stop.is_cancelled() && attempt >= 3) =>
-                {
-                    tracing::warn!(export = %self.key, attempt, error = %e, "cannot write the run's status; retrying");
-                    tokio::time::sleep(Duration::from_millis(500) * attempt.min(10)).await;
-                }
-                other => break other,
-            }
-        };
-        ctx.metrics.record_run(report, now);
-        if matches!(written, Err(Error::Lost | Error::Gone)) {
-            // Another instance, or a new object, owns the status now: no Event about it.
-            return written;
-        }
-        let (warning, why) = match report.outcome {
-            Outcome::Succeeded => (false, reason::RUN_SUCCEEDED),
-            Outcome::PartiallySucceeded => (true, reason::RUN_PARTIALLY_SUCCEEDED),
-            Outcome::Interrupted => (true, reason::RUN_INTERRUPTED),
-            Outcome::Failed | Outcome::Running => (true, reason::RUN_FAILED),
-        };
-        let note = Note {
-            warning,
-            reason: why,
-            message: report.message.clone(),
-        };
-        publish(ctx, &self.export, &note).await;
-        written
+        effect(ctx, target, ended).await.map(drop)
     }
 }
 

@@ -53,9 +53,11 @@ pub mod reason {
     pub const CLEANED_UP: &str = "CleanedUp";
     /// Event: a deleted export went before its flag was removed from everyone.
     pub const CLEANUP_INCOMPLETE: &str = "CleanupIncomplete";
+    /// A run failed because the stored audience could not be read.
+    pub const AUDIENCE_UNREADABLE: &str = "AudienceUnreadable";
 
     /// All of them.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -76,6 +78,7 @@ pub mod reason {
         CLEANING_UP,
         CLEANED_UP,
         CLEANUP_INCOMPLETE,
+        AUDIENCE_UNREADABLE,
     ];
 }
 

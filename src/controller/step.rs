@@ -1,12 +1,15 @@
-//! The reconcile's pure step: validate → decide → the next status, the Events and what to do,
-//! from the export and `now` alone. `reconcile` applies it.
+//! The reconcile's pure steps: from the export and `now` alone, the next status, the Events
+//! and what to do next. [`step`] validates and decides; [`secret_blocked`], [`undecodable`]
+//! and [`run_ended`] are the other outcomes. [`effect`](super::effect::effect) applies them.
 
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
 use super::status::{self, reason};
+use super::timeouts::SECRET_RETRY;
 use crate::export::ExportPlan;
+use crate::export::report::{Outcome, RunReport};
 use crate::looker::hosts::AllowedHosts;
 use crate::schedule::{Decision, Due, Inputs, RUN_NOW_ANNOTATION, Schedule, decide, retry};
 use crate::spec::{BrazeExport, BrazeExportStatus, FieldError, join_errors};
@@ -75,6 +78,36 @@ pub struct Step {
     pub then: Then,
 }
 
+/// What the schedule's decisions read of `export`, with `status` as its status.
+pub fn inputs<'a>(
+    export: &'a BrazeExport,
+    schedule: &'a Schedule,
+    status: &'a BrazeExportStatus,
+    f: &Facts<'_>,
+) -> Inputs<'a> {
+    let created = export
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(f.now, |t| t.0);
+    Inputs {
+        schedule,
+        suspend: export.spec.suspend,
+        starting_deadline_seconds: export.spec.starting_deadline_seconds,
+        created,
+        status,
+        run_request: export
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RUN_NOW_ANNOTATION))
+            .map(String::as_str),
+        running: false,
+        retry_base: f.retry_base,
+        now: f.now,
+    }
+}
+
 /// The step for a decoded export. `active` exports are left to their run task. A `Running`
 /// status that no task of this process owns was left by an instance that is gone: this
 /// process holds the Lease (or runs alone), and a status write made from a stale read is
@@ -87,78 +120,27 @@ pub fn step(export: &BrazeExport, f: &Facts<'_>) -> Step {
             then: Then::Requeue(RUN_POLL),
         };
     }
-    let generation = export.metadata.generation;
-    let now = f.now;
     let before = export.status.clone().unwrap_or_default();
-    let mut current = before.clone();
-    let mut notes = Vec::new();
-    if status::is_running(&current) {
-        current = status::crashed(&current, generation, now);
-        let message = current
-            .last_run
-            .as_ref()
-            .map_or_else(String::new, |r| r.message.clone());
-        notes.push(Note {
-            warning: true,
-            reason: reason::RUN_INTERRUPTED,
-            message,
-        });
-    }
-    let changed = |next: BrazeExportStatus| (next != before).then_some(next);
-
+    let (current, notes) = crash_recorded(export, &before, f.now);
     let (plan, schedule) = match validate(export, f.allowed_hosts) {
         Ok(ok) => ok,
-        Err(message) => {
-            let next = status::blocked(&current, generation, reason::INVALID_SPEC, &message, now);
-            if status::ready(&next) != status::ready(&before) {
-                notes.push(Note {
-                    warning: true,
-                    reason: reason::INVALID_SPEC,
-                    message,
-                });
-            }
-            return Step {
-                status: changed(next),
-                notes,
-                then: Then::AwaitChange,
-            };
-        }
+        Err(message) => return invalid(export, &before, current, notes, message, f.now),
     };
-    let created = export
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map_or(now, |t| t.0);
-    let inputs = Inputs {
-        schedule: &schedule,
-        suspend: export.spec.suspend,
-        starting_deadline_seconds: export.spec.starting_deadline_seconds,
-        created,
-        status: &current,
-        run_request: export
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(RUN_NOW_ANNOTATION))
-            .map(String::as_str),
-        running: false,
-        retry_base: f.retry_base,
-        now,
-    };
+    let inputs = inputs(export, &schedule, &current, f);
     match decide(&inputs) {
         Decision::Wait(until) => {
             let next = status::idle(
                 &current,
-                generation,
+                export.metadata.generation,
                 export.spec.suspend,
-                schedule.next_after(now),
+                schedule.next_after(f.now),
                 retry(&inputs),
-                now,
+                f.now,
             );
             Step {
-                status: changed(next),
+                status: changed(&before, next),
                 notes,
-                then: Then::Requeue(until.map_or(MAX_REQUEUE, |t| wait_until(t, now))),
+                then: Then::Requeue(until.map_or(MAX_REQUEUE, |t| wait_until(t, f.now))),
             }
         }
         Decision::Run(due) => Step {
@@ -171,6 +153,143 @@ pub fn step(export: &BrazeExport, f: &Facts<'_>) -> Step {
                 due,
             })),
         },
+    }
+}
+
+/// `next`, when it differs from `before`.
+fn changed(before: &BrazeExportStatus, next: BrazeExportStatus) -> Option<BrazeExportStatus> {
+    (&next != before).then_some(next)
+}
+
+/// The status with a run left `Running` by a gone instance recorded as interrupted, and the
+/// Event that tells it.
+fn crash_recorded(
+    export: &BrazeExport,
+    before: &BrazeExportStatus,
+    now: Timestamp,
+) -> (BrazeExportStatus, Vec<Note>) {
+    if !status::is_running(before) {
+        return (before.clone(), Vec::new());
+    }
+    let current = status::crashed(before, export.metadata.generation, now);
+    let message = current
+        .last_run
+        .as_ref()
+        .map_or_else(String::new, |r| r.message.clone());
+    let note = Note {
+        warning: true,
+        reason: reason::RUN_INTERRUPTED,
+        message,
+    };
+    (current, vec![note])
+}
+
+/// An export whose spec is invalid: `Ready=False`, `InvalidSpec`, told once per change.
+fn invalid(
+    export: &BrazeExport,
+    before: &BrazeExportStatus,
+    current: BrazeExportStatus,
+    mut notes: Vec<Note>,
+    message: String,
+    now: Timestamp,
+) -> Step {
+    let generation = export.metadata.generation;
+    let next = status::blocked(&current, generation, reason::INVALID_SPEC, &message, now);
+    if status::ready(&next) != status::ready(before) {
+        notes.push(Note {
+            warning: true,
+            reason: reason::INVALID_SPEC,
+            message,
+        });
+    }
+    Step {
+        status: changed(before, next),
+        notes,
+        then: Then::AwaitChange,
+    }
+}
+
+/// A run that cannot start because its Secrets cannot be read (`why`: `SecretNotFound` or
+/// `SecretUnreadable`): `Ready=False` naming the Secret, told once per change, looked at
+/// again after [`SECRET_RETRY`].
+pub fn secret_blocked(
+    export: &BrazeExport,
+    start: &Start,
+    why: &'static str,
+    message: String,
+    now: Timestamp,
+) -> Step {
+    let generation = export.metadata.generation;
+    let next = status::blocked(&start.base, generation, why, &message, now);
+    let status = (Some(&next) != export.status.as_ref()).then_some(next);
+    let notes = match status {
+        Some(_) => vec![Note {
+            warning: true,
+            reason: why,
+            message,
+        }],
+        None => Vec::new(),
+    };
+    Step {
+        status,
+        notes,
+        then: Then::Requeue(SECRET_RETRY),
+    }
+}
+
+/// An export this version cannot decode (`message` names the field), with the status it has:
+/// `Ready=False`, `InvalidSpec`.
+pub fn undecodable(
+    current: &BrazeExportStatus,
+    generation: Option<i64>,
+    message: &str,
+    now: Timestamp,
+) -> Step {
+    let next = status::blocked(current, generation, reason::INVALID_SPEC, message, now);
+    Step {
+        status: changed(current, next),
+        notes: Vec::new(),
+        then: Then::AwaitChange,
+    }
+}
+
+/// The end of a run of `export` that `start` began and `started` recorded: its report in
+/// `lastRun` and `history`, `Ready` saying whether and when a failed run is retried, and the
+/// Event of its outcome.
+pub fn run_ended(
+    export: &BrazeExport,
+    start: &Start,
+    started: &BrazeExportStatus,
+    report: &RunReport,
+    f: &Facts<'_>,
+) -> Step {
+    let (generation, suspend, now) = (export.metadata.generation, export.spec.suspend, f.now);
+    let next = (!suspend).then(|| start.schedule.next_after(now)).flatten();
+    let ended = status::finished(
+        started,
+        report,
+        generation,
+        next,
+        crate::schedule::Retry::No,
+        now,
+    );
+    let retried = retry(&inputs(export, &start.schedule, &ended, f));
+    let finished = status::idle(&ended, generation, suspend, next, retried, now);
+    let (warning, why) = match report.outcome {
+        Outcome::Succeeded => (false, reason::RUN_SUCCEEDED),
+        Outcome::PartiallySucceeded => (true, reason::RUN_PARTIALLY_SUCCEEDED),
+        Outcome::Interrupted => (true, reason::RUN_INTERRUPTED),
+        Outcome::Failed | Outcome::Running => (true, reason::RUN_FAILED),
+    };
+    let note = Note {
+        warning,
+        reason: why,
+        message: report.message.clone(),
+    };
+    Step {
+        status: Some(finished),
+        notes: vec![note],
+        then: Then::AwaitChange,
     }
 }
 

@@ -7,23 +7,64 @@
 //! failure: the caller looks again.
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
-use super::watched::Watched;
-use super::{CONTROLLER_NAME, Error};
+use super::config::CONTROLLER_NAME;
+use super::context::Context;
+use super::error::Error;
+use super::retry::{self, retry};
+use super::timeouts::API_TIMEOUT;
+use super::watched::{Undecodable, Watched};
 use crate::spec::{API_VERSION, BrazeExport, BrazeExportStatus, KIND};
 
-/// Longest wait for one status write: a partitioned apiserver must not hold a run's end.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes `next` if the export is still the version `export` shows; returns the new version.
+pub async fn write(
+    ctx: &Context,
+    export: &BrazeExport,
+    next: &BrazeExportStatus,
+) -> Result<String, Error> {
+    let api: Api<Watched> =
+        Api::namespaced(ctx.client.clone(), &export.namespace().unwrap_or_default());
+    apply_status(
+        &api,
+        &export.name_any(),
+        &export.uid().unwrap_or_default(),
+        export.resource_version().as_deref(),
+        next,
+    )
+    .await
+}
+
+/// Writes `next` to an export this version cannot decode, if it is still the version `u`
+/// shows.
+pub async fn write_undecodable(
+    ctx: &Context,
+    u: &Undecodable,
+    next: &BrazeExportStatus,
+) -> Result<String, Error> {
+    let meta = &u.metadata;
+    let api: Api<Watched> = Api::namespaced(
+        ctx.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+    );
+    apply_status(
+        &api,
+        meta.name.as_deref().unwrap_or_default(),
+        meta.uid.as_deref().unwrap_or_default(),
+        meta.resource_version.as_deref(),
+        next,
+    )
+    .await
+}
 
 /// Applies `status` to the object `name` if it still has `uid` and `resource_version`;
 /// returns the new `resourceVersion`. The answer is read as [`Watched`], so a write to an
 /// export this version cannot decode succeeds as such.
-pub async fn apply(
+pub async fn apply_status(
     api: &Api<Watched>,
     name: &str,
     uid: &str,
@@ -44,7 +85,7 @@ pub async fn apply(
     // left their fields under an `Update` entry of the same manager name.
     let params = PatchParams::apply(CONTROLLER_NAME).force();
     let written = tokio::time::timeout(
-        WRITE_TIMEOUT,
+        API_TIMEOUT,
         api.patch_status(name, &params, &Patch::Apply(body)),
     )
     .await
@@ -54,25 +95,25 @@ pub async fn apply(
 }
 
 /// The status writes of one run: each one chained on the `resourceVersion` of the last, and
-/// owned by `runner`. After a conflict (someone changed the object, e.g. an annotation), the
-/// write is retried on the fresh version only while the object is still the same one and its
-/// status still names this runner as running it.
+/// owned by this operator `instance` (`status.runner`). After a conflict (someone changed the
+/// object, e.g. an annotation), the write is retried on the fresh version only while the
+/// object is still the same one and its status still names this instance as running it.
 pub struct RunWriter {
     api: Api<Watched>,
     name: String,
     uid: String,
-    runner: String,
+    instance: String,
     resource_version: Mutex<Option<String>>,
 }
 
 impl RunWriter {
-    /// A writer for `export`, starting from `resource_version`.
-    pub fn new(api: Api<Watched>, export: &BrazeExport, runner: &str) -> Self {
+    /// A writer for `export`, starting from its `resourceVersion`.
+    pub fn new(api: Api<Watched>, export: &BrazeExport, instance: &str) -> Self {
         Self {
             api,
             name: export.name_any(),
             uid: export.uid().unwrap_or_default(),
-            runner: runner.to_owned(),
+            instance: instance.to_owned(),
             resource_version: Mutex::new(export.resource_version()),
         }
     }
@@ -94,50 +135,66 @@ impl RunWriter {
     /// Writes the status that starts the run: no retry on a conflict, since then the decision
     /// to run was made on an outdated object.
     pub async fn start(&self, status: &BrazeExportStatus) -> Result<(), Error> {
-        let rv = apply(
-            &self.api,
-            &self.name,
-            &self.uid,
-            self.version().as_deref(),
-            status,
-        )
-        .await?;
+        self.try_write(status).await
+    }
+
+    async fn try_write(&self, status: &BrazeExportStatus) -> Result<(), Error> {
+        let version = self.version();
+        let rv = apply_status(&self.api, &self.name, &self.uid, version.as_deref(), status).await?;
         self.set_version(rv);
         Ok(())
     }
 
     /// Writes a status of the running run. [`Error::Lost`] when the run is no longer ours.
     pub async fn write(&self, status: &BrazeExportStatus) -> Result<(), Error> {
-        for _ in 0..3 {
-            match apply(
-                &self.api,
-                &self.name,
-                &self.uid,
-                self.version().as_deref(),
-                status,
-            )
-            .await
-            {
-                Ok(rv) => {
-                    self.set_version(rv);
-                    return Ok(());
-                }
-                Err(Error::Conflict(_)) => {
-                    let fresh = tokio::time::timeout(WRITE_TIMEOUT, self.api.get_opt(&self.name))
-                        .await
-                        .map_err(|_| Error::Timeout("reading the export"))?
-                        .map_err(Error::from_kube)?;
-                    match fresh {
-                        Some(f) if self.still_ours(&f) => {
-                            self.set_version(f.resource_version().unwrap_or_default());
-                        }
-                        _ => return Err(Error::Lost),
-                    }
-                }
-                Err(e) => return Err(e),
+        let attempt = |_| async {
+            match self.try_write(status).await {
+                // Retried on the fresh version, if the run is still ours.
+                Err(Error::Conflict(why)) => Err(self
+                    .refresh()
+                    .await
+                    .map_or_else(|e| e, |()| Error::Conflict(why))),
+                other => other,
             }
+        };
+        retry(retry::STATUS_CONFLICT, attempt, |e, _| {
+            matches!(e, Error::Conflict(_))
+        })
+        .await
+    }
+
+    /// Writes the run's final status until it is recorded: given up too early, this process
+    /// would take its own finished run for a crash and run it again. Only a term that ended
+    /// (`stop`: its successor judges) or a run that is no longer ours stops the retries.
+    pub async fn write_final(
+        &self,
+        status: &BrazeExportStatus,
+        stop: &CancellationToken,
+    ) -> Result<(), Error> {
+        let again = |e: &Error, attempt: u32| {
+            let retried = matches!(e, Error::Kube(_) | Error::Timeout(_) | Error::Conflict(_))
+                && !(stop.is_cancelled() && attempt >= 3);
+            if retried {
+                tracing::warn!(export = %self.name, attempt, error = %e, "cannot write the run's status; retrying");
+            }
+            retried
+        };
+        retry(retry::FINAL_STATUS, |_| self.write(status), again).await
+    }
+
+    /// After a conflict: the fresh version, if the run is still ours; else [`Error::Lost`].
+    async fn refresh(&self) -> Result<(), Error> {
+        let fresh = tokio::time::timeout(API_TIMEOUT, self.api.get_opt(&self.name))
+            .await
+            .map_err(|_| Error::Timeout("reading the export"))?
+            .map_err(Error::from_kube)?;
+        match fresh {
+            Some(f) if self.still_ours(&f) => {
+                self.set_version(f.resource_version().unwrap_or_default());
+                Ok(())
+            }
+            _ => Err(Error::Lost),
         }
-        Err(Error::Conflict("the export keeps changing".into()))
     }
 
     fn still_ours(&self, fresh: &Watched) -> bool {
@@ -147,7 +204,7 @@ impl RunWriter {
         };
         fresh.uid().as_deref() == Some(self.uid.as_str())
             && status.is_some_and(|s| {
-                s.runner.as_deref() == Some(self.runner.as_str()) && super::status::is_running(s)
+                s.runner.as_deref() == Some(self.instance.as_str()) && super::status::is_running(s)
             })
     }
 }

@@ -40,10 +40,9 @@ impl Operator {
         let metrics = Arc::new(Metrics::new());
         let ready = Arc::new(AtomicBool::new(false));
         let (s, m, r) = (shutdown.clone(), Arc::clone(&metrics), Arc::clone(&ready));
-        let task =
-            tokio::spawn(
-                async move { controller::run(client, config, m, r, Arc::default(), s).await },
-            );
+        let task = tokio::spawn(async move {
+            controller::serve(client, config, m, r, Arc::default(), s).await
+        });
         Self {
             shutdown,
             task,
@@ -117,7 +116,6 @@ pub fn elected(identity: &str) -> Config {
         leader_election: Some(LeaderElection {
             namespace: "default".into(),
             lease_name: "braze-export-operator".into(),
-            identity: identity.into(),
             duration: Duration::from_secs(3),
         }),
         instance: identity.into(),

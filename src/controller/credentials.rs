@@ -1,12 +1,16 @@
 //! Reading an export's credentials from its two Secrets, at the start of each run (so a
-//! changed Secret is used by the next run without a restart).
+//! changed Secret is used by the next run without a restart), each read bounded in time.
 
 use k8s_openapi::api::core::v1::Secret as KubeSecret;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
+use super::context::Context;
+use super::error::Error;
+use super::status::reason;
+use super::timeouts::API_TIMEOUT;
 use crate::export::Credentials;
 use crate::secret::Secret;
-use crate::spec::BrazeExportSpec;
+use crate::spec::{BrazeExport, BrazeExportSpec};
 
 /// Why the credentials cannot be read. Messages name the Secret, key and field, never a value.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +43,8 @@ impl SecretError {
     /// Condition reason: `SecretNotFound`, or `SecretUnreadable` for API errors.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::NotFound { .. } | Self::MissingKey { .. } => "SecretNotFound",
-            Self::Api { .. } => "SecretUnreadable",
+            Self::NotFound { .. } | Self::MissingKey { .. } => reason::SECRET_NOT_FOUND,
+            Self::Api { .. } => reason::SECRET_UNREADABLE,
         }
     }
 }
@@ -131,4 +135,18 @@ pub async fn braze_key(
         looker_client_secret: Secret::new(String::new()),
         braze_api_key: Some(value(&secret, namespace, &b.key, BRAZE)?),
     })
+}
+
+/// The export's credentials, or why not; `Err` only when the API does not answer in time.
+pub async fn read_credentials(
+    ctx: &Context,
+    export: &BrazeExport,
+) -> Result<Result<Credentials, SecretError>, Error> {
+    let namespace = export.namespace().unwrap_or_default();
+    tokio::time::timeout(
+        API_TIMEOUT,
+        credentials(&ctx.client, &namespace, &export.spec),
+    )
+    .await
+    .map_err(|_| Error::Timeout("reading the export's Secrets"))
 }
