@@ -15,6 +15,7 @@ use super::effect::{Target, effect};
 use super::error::Error;
 use super::finalizer::{held, wanted};
 use super::run_task::RunTask;
+use super::status::reason;
 use super::step::{self, Note, RUN_POLL, Start, Step, Then};
 use super::timeouts::{CONFLICT_REQUEUE, ERROR_REQUEUE};
 use super::watched::{Undecodable, Watched};
@@ -126,7 +127,7 @@ async fn undecodable(u: &Undecodable, ctx: &Context) -> Result<Action, Error> {
     }
     let message = u.error.message();
     let Some(current) = &u.status else {
-        ctx.metrics.watch_error("UndecodableObject");
+        ctx.metrics.watch_error(reason::UNDECODABLE_OBJECT);
         tracing::warn!(error = %message, "cannot decode the export (nor its status)");
         // Its status is unreadable too: writing one would erase its history.
         return Ok(Action::await_change());
@@ -134,7 +135,7 @@ async fn undecodable(u: &Undecodable, ctx: &Context) -> Result<Action, Error> {
     let step = step::undecodable(current, meta.generation, &message, ctx.now());
     if step.status.is_some() {
         // Counted and logged once per change, not on every look.
-        ctx.metrics.watch_error("UndecodableObject");
+        ctx.metrics.watch_error(reason::UNDECODABLE_OBJECT);
         tracing::warn!(error = %message, "cannot decode the export");
     }
     effect(ctx, Target::Undecodable(u), step).await

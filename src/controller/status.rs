@@ -55,9 +55,11 @@ pub mod reason {
     pub const CLEANUP_INCOMPLETE: &str = "CleanupIncomplete";
     /// A run failed because the stored audience could not be read.
     pub const AUDIENCE_UNREADABLE: &str = "AudienceUnreadable";
+    /// Watch error (metric): an export this version cannot decode.
+    pub const UNDECODABLE_OBJECT: &str = "UndecodableObject";
 
     /// All of them.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -79,6 +81,7 @@ pub mod reason {
         CLEANED_UP,
         CLEANUP_INCOMPLETE,
         AUDIENCE_UNREADABLE,
+        UNDECODABLE_OBJECT,
     ];
 }
 

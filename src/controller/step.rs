@@ -507,4 +507,120 @@ mod tests {
             "spec.looker.baseUrl: host acme.looker.com is not allowed by this operator (--looker-allowed-hosts *.cloud.looker.com)"
         );
     }
+
+    /// The run a run-now request starts on `e` (which must carry one).
+    fn manual_start(e: &BrazeExport, any: &AllowedHosts) -> Start {
+        match step(e, &facts(any)).then {
+            Then::Start(start) => *start,
+            other => panic!("expected a start, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_run_blocked_by_its_secret_names_it_once_and_looks_again_later() {
+        let any = AllowedHosts::any();
+        let mut e = export(
+            serde_json::json!({"metadata": {"annotations": {"looker-braze.dev/run-now": "r1"}}}),
+        );
+        let start = manual_start(&e, &any);
+        let why = "Secret m/b not found (spec.braze.apiKeySecretRef)";
+        let s = secret_blocked(&e, &start, reason::SECRET_NOT_FOUND, why.into(), ts(NOW));
+        let next = s.status.expect("a status");
+        assert_eq!(
+            ready(&next),
+            ("False".into(), "SecretNotFound".into(), why.into())
+        );
+        assert_eq!(
+            next.next_schedule_time, None,
+            "nothing runs until it is fixed"
+        );
+        assert_eq!(
+            s.notes,
+            vec![Note {
+                warning: true,
+                reason: reason::SECRET_NOT_FOUND,
+                message: why.into()
+            }]
+        );
+        assert!(matches!(s.then, Then::Requeue(d) if d == SECRET_RETRY));
+
+        e.status = Some(next);
+        let again = secret_blocked(&e, &start, reason::SECRET_NOT_FOUND, why.into(), ts(NOW));
+        assert!(
+            again.status.is_none() && again.notes.is_empty(),
+            "told once"
+        );
+        assert!(matches!(again.then, Then::Requeue(d) if d == SECRET_RETRY));
+    }
+
+    #[test]
+    fn an_undecodable_export_is_an_invalid_spec_written_once() {
+        let why = "spec.braze.removal: unknown variant `Purge`; a newer operator may be needed";
+        let s = undecodable(&BrazeExportStatus::default(), Some(3), why, ts(NOW));
+        let next = s.status.expect("a status");
+        assert_eq!(
+            ready(&next),
+            ("False".into(), "InvalidSpec".into(), why.into())
+        );
+        assert_eq!(next.observed_generation, Some(3));
+        assert!(s.notes.is_empty() && matches!(s.then, Then::AwaitChange));
+        let again = undecodable(&next, Some(3), why, ts(NOW));
+        assert!(again.status.is_none(), "nothing changed: nothing to write");
+    }
+
+    #[test]
+    fn a_run_s_end_records_its_report_its_retry_and_one_event() {
+        use crate::export::report::{RunContext, RunFailure, Tally, finish};
+        let any = AllowedHosts::any();
+        let e = export(
+            serde_json::json!({"metadata": {"annotations": {"looker-braze.dev/run-now": "r1"}}}),
+        );
+        let start = manual_start(&e, &any);
+        let began = ts("2026-11-29T09:58:00Z");
+        let started = status::started(&start.base, Some(2), &start.due, "pod-a_1", began);
+        let context = RunContext {
+            trigger: Trigger::Manual,
+            start_time: began,
+            completion_time: ts(NOW),
+            dry_run: false,
+        };
+        let failure = RunFailure {
+            reason: "LookerUnavailable",
+            message: "Looker answered 503 to GET /api/4.0/looks/42".into(),
+        };
+        let failed = finish(Tally::default(), Some(failure), false, context.clone());
+        let s = run_ended(&e, &start, &started, &failed, &facts(&any));
+        let next = s.status.expect("a status");
+        assert_eq!(
+            next.last_run.as_ref().map(|r| r.outcome),
+            Some(Outcome::Failed)
+        );
+        assert_eq!(next.history.len(), 1);
+        assert!(next.runner.is_none() && !status::is_running(&next));
+        let (st, why, message) = ready(&next);
+        assert_eq!((st.as_str(), why.as_str()), ("False", "Failed"));
+        assert!(message.contains("Looker answered 503"), "{message}");
+        assert!(
+            message.ends_with("; it is retried at 2026-11-29T10:01:00Z"),
+            "{message}"
+        );
+        assert_eq!(next.next_schedule_time, Some(ts("2026-11-30T06:00:00Z")));
+        assert_eq!(
+            s.notes,
+            vec![Note {
+                warning: true,
+                reason: reason::RUN_FAILED,
+                message: failed.message.clone()
+            }]
+        );
+        assert!(matches!(s.then, Then::AwaitChange));
+
+        let succeeded = finish(Tally::default(), None, false, context);
+        let s = run_ended(&e, &start, &started, &succeeded, &facts(&any));
+        assert_eq!(ready(&s.status.unwrap()).0, "True");
+        assert_eq!(
+            (s.notes[0].warning, s.notes[0].reason),
+            (false, reason::RUN_SUCCEEDED)
+        );
+    }
 }
