@@ -11,7 +11,11 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, BrazeError, Limiter, PayloadDump, RetryPolicy};
+use super::batch::Batch;
+use super::dump::PayloadDump;
+use super::error::BrazeError;
+use super::limiter::Limiter;
+use super::retry::RetryPolicy;
 use crate::secret::Secret;
 use crate::text::{error_chain, truncate};
 

@@ -14,7 +14,7 @@ use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
 
-use super::RetryPolicy;
+use super::retry::RetryPolicy;
 use crate::secret::Secret;
 use crate::spec::RateLimitSpec;
 

@@ -10,8 +10,8 @@ use reqwest::header::{AUTHORIZATION, HeaderValue, LOCATION};
 use reqwest::{Response, StatusCode, Url};
 use serde::Deserialize;
 
-use super::LookerError;
 use super::body::{OutOfTime, WaitBudget};
+use super::error::LookerError;
 use crate::secret::Secret;
 use crate::spec::ResultsMode;
 use crate::text::{clean, error_chain};
@@ -39,7 +39,7 @@ struct AccessToken {
 }
 
 impl LookerClient {
-    /// `api` is the root from [`super::api_base`]; `timeout_seconds` is only named in errors.
+    /// `api` is the root from [`super::api::api_base`]; `timeout_seconds` is only named in errors.
     pub fn new(
         http: reqwest::Client,
         api: Url,
@@ -326,7 +326,7 @@ mod tests {
 
     #[test]
     fn run_url_carries_the_spec_s_query() {
-        let api = super::super::api_base("https://acme.cloud.looker.com").unwrap();
+        let api = super::super::api::api_base("https://acme.cloud.looker.com").unwrap();
         assert_eq!(
             LookerClient::run_url(&api, "42", ResultsMode::Table).as_str(),
             "https://acme.cloud.looker.com/api/4.0/looks/42/run/json_detail?apply_formatting=false&apply_vis=false&generate_drill_links=false"

@@ -215,7 +215,7 @@ impl BrazeSandbox {
             .route("/users/track", post(track))
             .layer(DefaultBodyLimit::max(READ_LIMIT))
             .with_state(Arc::clone(&state));
-        let (addr, task) = super::serve(router).await?;
+        let (addr, task) = super::listen::serve(router).await?;
         Ok(Self {
             url: format!("http://{addr}"),
             state,

@@ -275,7 +275,7 @@ impl LookerSandbox {
             .fallback(unknown)
             .method_not_allowed_fallback(unknown)
             .with_state(Arc::clone(&state));
-        let (addr, task) = super::serve(router).await?;
+        let (addr, task) = super::listen::serve(router).await?;
         Ok(Self {
             url: format!("http://{addr}"),
             state,
