@@ -7,9 +7,9 @@
 //! ```
 //!
 //! The header is small and uncompressed (with its own checksum), so the owner can be checked
-//! without inflating the body. The body is one zlib stream (its Adler-32 catches corruption), written and read
-//! one member at a time: a million members never need to be held as strings. The end marker
-//! and the count catch a truncated body.
+//! without inflating the body. The body is one zlib stream (its Adler-32 catches
+//! corruption), written and read one member at a time: a million members never need to be
+//! held as strings. The end marker and the count catch a truncated body.
 
 use std::io::{self, Read, Write};
 

@@ -1,5 +1,7 @@
 //! Pure mapping from Looker rows to Braze attributes objects: which columns matter (the
-//! `braze_id` tag or `idField`, `braze[NAME]` tags), identifier rules, and deduplication.
+//! `braze_id` tag or `idField`, `braze[NAME]` tags), identifier rules, the removal object,
+//! and deduplication. Why a row is refused ([`Invalid`]) is a report reason and lives in
+//! [`super::report`], re-exported here.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -9,6 +11,7 @@ use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
 
+pub use super::report::{Invalid, MAX_ATTRIBUTE_CHARS};
 use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
 use crate::text::{clean, name_list};
@@ -17,8 +20,6 @@ use crate::text::{clean, name_list};
 pub const ID_TAG: &str = "braze_id";
 /// Braze's limit for identifiers, in bytes.
 pub const MAX_IDENTIFIER_BYTES: usize = 987;
-/// Braze keeps string attributes up to this many characters.
-pub const MAX_ATTRIBUTE_CHARS: usize = 255;
 
 /// The columns an export reads: the identifier first, then each attribute's field.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,37 +94,52 @@ pub fn near_miss_tag(tag: &str) -> bool {
     attribute_tag(tag).is_none() && tag.to_ascii_lowercase().starts_with("braze[")
 }
 
-/// Picks the identifier and attribute columns from the Look's fields.
+/// Picks the identifier and attribute columns from the Look's fields. The identifier is
+/// resolved first: it is capture 0, which the attributes may share.
 pub fn resolve_columns(
     fields: &Fields,
     id_field: Option<&str>,
     export_attribute: &str,
 ) -> Result<Columns, ColumnError> {
-    let id = match id_field {
-        Some(name) => {
-            if !fields.all.iter().any(|f| f.name == name) {
-                return Err(ColumnError::IdFieldNotFound {
-                    field: name.to_owned(),
-                    available: fields.all.iter().map(|f| f.name.clone()).collect(),
-                });
-            }
-            name.to_owned()
+    let mut captures = vec![id_column(fields, id_field)?];
+    let attributes = attribute_columns(fields, export_attribute, &mut captures)?;
+    Ok(Columns {
+        captures,
+        attributes,
+    })
+}
+
+/// The identifier field: `idField` when set, else the one field tagged `braze_id`.
+fn id_column(fields: &Fields, id_field: Option<&str>) -> Result<String, ColumnError> {
+    if let Some(name) = id_field {
+        if !fields.all.iter().any(|f| f.name == name) {
+            return Err(ColumnError::IdFieldNotFound {
+                field: name.to_owned(),
+                available: fields.all.iter().map(|f| f.name.clone()).collect(),
+            });
         }
-        None => {
-            let tagged: Vec<String> = fields
-                .all
-                .iter()
-                .filter(|f| f.tags.iter().any(|t| t == ID_TAG))
-                .map(|f| f.name.clone())
-                .collect();
-            match tagged.len() {
-                0 => return Err(ColumnError::NoIdField),
-                1 => tagged.into_iter().next().expect("one element"),
-                _ => return Err(ColumnError::AmbiguousIdField(tagged)),
-            }
-        }
-    };
-    let mut captures = vec![id];
+        return Ok(name.to_owned());
+    }
+    let tagged: Vec<String> = fields
+        .all
+        .iter()
+        .filter(|f| f.tags.iter().any(|t| t == ID_TAG))
+        .map(|f| f.name.clone())
+        .collect();
+    match tagged.len() {
+        0 => Err(ColumnError::NoIdField),
+        1 => Ok(tagged.into_iter().next().expect("one element")),
+        _ => Err(ColumnError::AmbiguousIdField(tagged)),
+    }
+}
+
+/// Each `braze[NAME]` tag's attribute and the index of its field in `captures` (added to it
+/// when not captured yet), in field order; reserved and repeated names are refused.
+fn attribute_columns(
+    fields: &Fields,
+    export_attribute: &str,
+    captures: &mut Vec<String>,
+) -> Result<Vec<(String, usize)>, ColumnError> {
     let mut attributes: Vec<(String, usize)> = Vec::new();
     for field in &fields.all {
         for name in field.tags.iter().filter_map(|t| attribute_tag(t)) {
@@ -150,10 +166,7 @@ pub fn resolve_columns(
             attributes.push((name.to_owned(), index));
         }
     }
-    Ok(Columns {
-        captures,
-        attributes,
-    })
+    Ok(attributes)
 }
 
 /// What every object of an export shares.
@@ -169,43 +182,6 @@ pub struct ObjectShape {
     pub attribute: String,
     /// The value added to it.
     pub export_name: String,
-}
-
-/// Why a row is not sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Invalid {
-    /// The identifier is null.
-    NullIdentifier,
-    /// The identifier is an empty (or blank) string.
-    EmptyIdentifier,
-    /// The identifier is neither a string nor a number.
-    InvalidIdentifier,
-    /// The identifier is longer than 987 bytes.
-    IdentifierTooLong,
-    /// The identifier is a number with a fraction (`1.5`): no user has such an id.
-    NonIntegralIdentifier,
-    /// The identifier is a number too large to be a number at all (`1e400`).
-    NonFiniteIdentifier,
-    /// The row has no cell for the captured field at this index.
-    MissingField(usize),
-    /// The cell for the captured field at this index is not `{"value": …}`.
-    MalformedCell(usize),
-}
-
-impl Invalid {
-    /// Reason for the report's `errors`.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::NullIdentifier => "NullIdentifier",
-            Self::EmptyIdentifier => "EmptyIdentifier",
-            Self::InvalidIdentifier => "InvalidIdentifier",
-            Self::IdentifierTooLong => "IdentifierTooLong",
-            Self::NonIntegralIdentifier => "NonIntegralIdentifier",
-            Self::NonFiniteIdentifier => "NonFiniteIdentifier",
-            Self::MissingField(_) => "MissingField",
-            Self::MalformedCell(_) => "MalformedCell",
-        }
-    }
 }
 
 /// The identifier as Braze gets it: strings as they are, numbers as the decimal digits Looker

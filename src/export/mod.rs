@@ -1,63 +1,25 @@
 //! One export run: plan, row mapping, the pipeline and its report.
+//!
+//! Imports run one way, from the top: [`run`] (the orchestrator) → [`audience_sync`] (the
+//! stored audience: kind of run, removals, new audience; also the cleanup) → `sink` (the
+//! read side) and `send` (the senders) → `ended` (how a run ended) → [`options`],
+//! [`plan`], [`error`] → [`mapping`] → [`report`], which imports nothing from the crate.
+//! This file only declares the modules and re-exports what the rest of the crate uses.
 
+pub mod audience_sync;
+mod ended;
+pub mod error;
 pub mod mapping;
+pub mod options;
 pub mod plan;
 pub mod report;
 pub mod run;
-pub mod sync;
+mod send;
+mod sink;
 
+pub use audience_sync::{AudienceInput, AudienceUpdate, RunResult, remove_audience};
+pub use error::RunError;
+pub use options::{Progress, RunOptions, Services};
 pub use plan::{Credentials, ExportPlan};
 pub use report::{Outcome, RunReport, SyncMode, Trigger};
-pub use run::{Progress, RunOptions, Services, run_export, run_export_synced};
-pub use sync::{AudienceInput, AudienceUpdate, RunResult, remove_audience};
-
-use crate::audience::AudienceError;
-use crate::braze::BrazeError;
-use crate::looker::LookerError;
-use mapping::ColumnError;
-
-/// Why a run failed as a whole. Each variant has a reason for conditions and metrics.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Looker refused, failed or sent something unreadable.
-    #[error(transparent)]
-    Looker(#[from] LookerError),
-    /// The Look's fields cannot be exported.
-    #[error("Look {look_id}: {source}")]
-    Columns {
-        look_id: String,
-        source: ColumnError,
-    },
-    /// Braze answered in a way that stops the run.
-    #[error(transparent)]
-    Braze(#[from] BrazeError),
-    /// A bug: a task of the pipeline died.
-    #[error("internal error: {0}")]
-    Internal(String),
-    /// `removal: Remove` or `delta: true` without a stored audience.
-    #[error(
-        "spec.braze.removal: Remove and spec.braze.delta: true need the export's stored audience, and this run has none"
-    )]
-    AudienceRequired,
-    /// The stored audience belongs to another export or identifier type.
-    #[error("the stored audience cannot be used: {0}")]
-    AudienceMismatch(String),
-    /// The stored audience is damaged.
-    #[error("the stored audience cannot be read: {0}")]
-    AudienceUnreadable(AudienceError),
-}
-
-impl RunError {
-    /// Short CamelCase reason.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Looker(e) => e.reason(),
-            Self::Columns { source, .. } => source.reason(),
-            Self::Braze(e) => e.reason(),
-            Self::Internal(_) => "InternalError",
-            Self::AudienceRequired => "AudienceRequired",
-            Self::AudienceMismatch(_) => "AudienceMismatch",
-            Self::AudienceUnreadable(_) => "AudienceUnreadable",
-        }
-    }
-}
+pub use run::{run_export, run_export_synced};

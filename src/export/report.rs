@@ -1,11 +1,12 @@
 //! The RunReport: counts that always add up, errors grouped by reason, an outcome and one
-//! human sentence. Building it from a [`Tally`] is pure.
+//! human sentence. Building it from a [`Tally`] is pure. It also holds the one list of
+//! row-level reasons ([`RowReason`], with [`Invalid`] for rows refused by the mapping).
+//! Imports nothing from the crate, so the spec, the controller and every part of the
+//! pipeline can depend on it.
 
 use jiff::Timestamp;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-
-use super::mapping::Invalid;
 
 /// What started a run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -293,6 +294,22 @@ impl RunReport {
     pub fn to_text(&self, title: &str) -> String {
         let seconds = self.duration_seconds(self.start_time);
         let mut out = format!("{title}: {}\n  {}\n", self.outcome.as_str(), self.message);
+        for (label, value) in self.text_lines() {
+            out.push_str(&format!("  {label:<12}{value}\n"));
+        }
+        out.push_str(&format!("  {:<12}{seconds:.1} s\n", "duration"));
+        if !self.errors.is_empty() {
+            out.push_str("errors:\n");
+            for e in &self.errors {
+                out.push_str(&format!("  {} ({}): {}\n", e.reason, e.count, e.message));
+            }
+        }
+        out
+    }
+
+    /// The labelled lines of [`RunReport::to_text`] between the message and the duration:
+    /// the row counts, the audience counts that apply, the sync mode, the requests.
+    fn text_lines(&self) -> Vec<(&'static str, String)> {
         let Counts {
             rows_read,
             sent,
@@ -312,25 +329,21 @@ impl RunReport {
             retries,
             rate_limited,
         } = self.counts;
-        let rows: [(&str, u64); 7] = [
-            ("rows read", rows_read),
-            (if self.dry_run { "would send" } else { "sent" }, sent),
-            ("duplicates", duplicates),
-            ("invalid", invalid),
-            ("rejected", rejected),
-            ("failed", failed),
-            ("skipped", skipped),
-        ];
-        for (label, n) in rows {
-            out.push_str(&format!("  {label:<12}{n}\n"));
-        }
-        let removed_label = if self.dry_run {
-            "would remove"
+        let (sent_label, removed_label) = if self.dry_run {
+            ("would send", "would remove")
         } else {
-            "removed"
+            ("sent", "removed")
         };
         let nonzero = |n: Option<u64>| n.filter(|n| *n > 0);
-        let audience = [
+        // The row counts always show; the audience counts only when they apply.
+        let counts: [(&str, Option<u64>); 13] = [
+            ("rows read", Some(rows_read)),
+            (sent_label, Some(sent)),
+            ("duplicates", Some(duplicates)),
+            ("invalid", Some(invalid)),
+            ("rejected", Some(rejected)),
+            ("failed", Some(failed)),
+            ("skipped", Some(skipped)),
             ("unchanged", unchanged),
             ("added", added),
             (removed_label, removed),
@@ -338,31 +351,62 @@ impl RunReport {
             ("rm failed", nonzero(removal_failed)),
             ("rm withheld", nonzero(removal_withheld)),
         ];
-        for (label, n) in audience {
-            if let Some(n) = n {
-                out.push_str(&format!("  {label:<12}{n}\n"));
-            }
-        }
+        let mut lines: Vec<(&str, String)> = counts
+            .into_iter()
+            .filter_map(|(label, n)| Some((label, n?.to_string())))
+            .collect();
         if let Some(mode) = self.sync_mode {
             let kind = match mode {
                 SyncMode::Delta => "delta",
                 SyncMode::Full => "full resync",
             };
-            out.push_str(&format!("  {:<12}{kind}\n", "sync"));
+            lines.push(("sync", kind.to_owned()));
         }
-        out.push_str(&format!(
-            "  {:<12}{} ({} retries, {} rate-limited)\n  {:<12}{seconds:.1} s\n",
-            "requests", requests, retries, rate_limited, "duration"
-        ));
-        if !self.errors.is_empty() {
-            out.push_str("errors:\n");
-            for e in &self.errors {
-                out.push_str(&format!("  {} ({}): {}\n", e.reason, e.count, e.message));
-            }
-        }
-        out
+        let requests = format!("{requests} ({retries} retries, {rate_limited} rate-limited)");
+        lines.push(("requests", requests));
+        lines
     }
 }
+
+/// Why a row is not sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Invalid {
+    /// The identifier is null.
+    NullIdentifier,
+    /// The identifier is an empty (or blank) string.
+    EmptyIdentifier,
+    /// The identifier is neither a string nor a number.
+    InvalidIdentifier,
+    /// The identifier is longer than 987 bytes.
+    IdentifierTooLong,
+    /// The identifier is a number with a fraction (`1.5`): no user has such an id.
+    NonIntegralIdentifier,
+    /// The identifier is a number too large to be a number at all (`1e400`).
+    NonFiniteIdentifier,
+    /// The row has no cell for the captured field at this index.
+    MissingField(usize),
+    /// The cell for the captured field at this index is not `{"value": …}`.
+    MalformedCell(usize),
+}
+
+impl Invalid {
+    /// Reason for the report's `errors`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NullIdentifier => "NullIdentifier",
+            Self::EmptyIdentifier => "EmptyIdentifier",
+            Self::InvalidIdentifier => "InvalidIdentifier",
+            Self::IdentifierTooLong => "IdentifierTooLong",
+            Self::NonIntegralIdentifier => "NonIntegralIdentifier",
+            Self::NonFiniteIdentifier => "NonFiniteIdentifier",
+            Self::MissingField(_) => "MissingField",
+            Self::MalformedCell(_) => "MalformedCell",
+        }
+    }
+}
+
+/// Braze keeps string attributes up to this many characters.
+pub const MAX_ATTRIBUTE_CHARS: usize = 255;
 
 /// Why rows are in an error group: the one list of row-level reasons, each with its name (for
 /// the report, conditions and metrics) and the sentence [`finish`] writes for it.
@@ -517,33 +561,67 @@ pub fn finish_synced(
     ctx: RunContext,
     sync_mode: Option<SyncMode>,
 ) -> RunReport {
-    let c = &tally.counts;
+    let outcome = outcome_of(&tally.counts, failure.is_some(), interrupted);
+    let message = message_of(&tally.counts, failure.as_ref(), outcome, &ctx, sync_mode);
+    let errors = error_summaries(&tally, failure.as_ref());
+    RunReport {
+        trigger: ctx.trigger,
+        start_time: ctx.start_time,
+        completion_time: Some(ctx.completion_time),
+        outcome,
+        counts: tally.counts,
+        errors,
+        message,
+        dry_run: ctx.dry_run,
+        sync_mode,
+    }
+}
+
+/// The outcome. Checked in this order because shutdown outranks a failure (the run did not
+/// get to finish), and a failure outranks any count.
+fn outcome_of(c: &Counts, failed: bool, interrupted: bool) -> Outcome {
     let undelivered = c.failed + c.rejected;
     let removals_left = c.removal_rejected.unwrap_or(0)
         + c.removal_failed.unwrap_or(0)
         + c.removal_withheld.unwrap_or(0);
-    let outcome = if interrupted {
+    if interrupted {
         Outcome::Interrupted
-    } else if failure.is_some() || (c.sent == 0 && undelivered > 0 && c.removed.unwrap_or(0) == 0) {
+    } else if failed || (c.sent == 0 && undelivered > 0 && c.removed.unwrap_or(0) == 0) {
         Outcome::Failed
     } else if undelivered + c.skipped + removals_left > 0 {
         Outcome::PartiallySucceeded
     } else {
         Outcome::Succeeded
-    };
-    let mut counts = counts_phrase(&tally.counts, ctx.dry_run);
+    }
+}
+
+/// The report's sentence: what stopped the run (shutdown, or the failure), then the counts,
+/// prefixed with the kind of sync.
+fn message_of(
+    c: &Counts,
+    failure: Option<&RunFailure>,
+    outcome: Outcome,
+    ctx: &RunContext,
+    sync_mode: Option<SyncMode>,
+) -> String {
+    let mut counts = counts_phrase(c, ctx.dry_run);
     match sync_mode {
         Some(SyncMode::Delta) => counts = format!("delta run: {counts}"),
         Some(SyncMode::Full) => counts = format!("full resync: {counts}"),
         None => {}
     }
-    let message = match (&failure, outcome) {
+    match (failure, outcome) {
         (_, Outcome::Interrupted) => format!("interrupted by shutdown: {counts}"),
         (Some(f), _) => format!("{}; {counts}", f.message),
         _ => counts,
-    };
+    }
+}
+
+/// The error groups: the failure first (counting the rows of its reason's groups, which it
+/// stands for), then the other groups, largest first, at most [`MAX_REPORTED_ERRORS`].
+fn error_summaries(tally: &Tally, failure: Option<&RunFailure>) -> Vec<ErrorSummary> {
     let mut errors: Vec<ErrorSummary> = Vec::new();
-    if let Some(f) = &failure {
+    if let Some(f) = failure {
         let count = tally
             .groups
             .iter()
@@ -560,11 +638,7 @@ pub fn finish_synced(
     let mut groups: Vec<&Group> = tally
         .groups
         .iter()
-        .filter(|g| {
-            failure
-                .as_ref()
-                .is_none_or(|f| f.reason != g.reason.as_str())
-        })
+        .filter(|g| failure.is_none_or(|f| f.reason != g.reason.as_str()))
         .collect();
     groups.sort_by_key(|g| std::cmp::Reverse(g.count));
     errors.extend(groups.into_iter().map(|g| ErrorSummary {
@@ -573,17 +647,7 @@ pub fn finish_synced(
         count: g.count,
     }));
     errors.truncate(MAX_REPORTED_ERRORS);
-    RunReport {
-        trigger: ctx.trigger,
-        start_time: ctx.start_time,
-        completion_time: Some(ctx.completion_time),
-        outcome,
-        counts: tally.counts,
-        errors,
-        message,
-        dry_run: ctx.dry_run,
-        sync_mode,
-    }
+    errors
 }
 
 /// Checks the report's invariant (`rowsRead = sent + duplicates + invalid + rejected +
@@ -685,43 +749,17 @@ fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// The sentence of an error group: which rows, then what is wrong with them.
 fn describe(g: &Group) -> String {
-    let mut rows = g.rows.clone();
-    rows.sort_unstable();
-    let list: Vec<String> = rows.iter().map(u64::to_string).collect();
-    let more = g.count.saturating_sub(rows.len() as u64);
-    let mut subject = match (g.count, list.len()) {
-        (1, 1) => format!("row {}", list[0]),
-        (_, 0) => plural(g.count, "row", "rows"),
-        _ => format!("rows {}", list.join(", ")),
-    };
-    if more > 0 && !list.is_empty() {
-        subject.push_str(&format!(" and {more} more"));
-    }
-    let (have, lack) = if g.count == 1 {
-        ("has", "lacks")
+    let subject = rows_subject(g);
+    let (have, lack, is_are) = if g.count == 1 {
+        ("has", "lacks", "is")
     } else {
-        ("have", "lack")
+        ("have", "lack", "are")
     };
     let d = &g.detail;
-    let is_are = if g.count == 1 { "is" } else { "are" };
     match g.reason {
-        RowReason::Invalid(Invalid::NullIdentifier) => format!("{subject} {have} no {d} value"),
-        RowReason::Invalid(Invalid::EmptyIdentifier) => {
-            format!("{subject} {have} an empty {d} value")
-        }
-        RowReason::Invalid(Invalid::InvalidIdentifier) => {
-            format!("{subject} {have} a {d} value that is neither a string nor a number")
-        }
-        RowReason::Invalid(Invalid::IdentifierTooLong) => {
-            format!("{subject} {have} a {d} value longer than 987 bytes")
-        }
-        RowReason::Invalid(Invalid::NonIntegralIdentifier) => {
-            format!("{subject} {have} a {d} value that is not a whole number")
-        }
-        RowReason::Invalid(Invalid::NonFiniteIdentifier) => {
-            format!("{subject} {have} a {d} value too large to be a number")
-        }
+        RowReason::Invalid(invalid) => describe_invalid(invalid, &subject, (have, lack), d),
         RowReason::NullRow => {
             format!("{subject} of the Look's data {is_are} null instead of a row")
         }
@@ -729,13 +767,8 @@ fn describe(g: &Group) -> String {
             format!("{subject} of the Look's data {is_are} not a row object")
         }
         RowReason::AttributeTooLong => format!(
-            "{subject} {have} a {d} value longer than Braze's {} characters: flagged without it",
-            crate::export::mapping::MAX_ATTRIBUTE_CHARS
+            "{subject} {have} a {d} value longer than Braze's {MAX_ATTRIBUTE_CHARS} characters: flagged without it"
         ),
-        RowReason::Invalid(Invalid::MissingField(_)) => format!("{subject} {lack} the field {d}"),
-        RowReason::Invalid(Invalid::MalformedCell(_)) => {
-            format!("{subject} {have} a malformed {d} cell")
-        }
         RowReason::BrazeRejected => format!("Braze rejected {subject}: {d}"),
         RowReason::MaxRowsExceeded => format!(
             "{subject} beyond maxRows {d} {}",
@@ -755,6 +788,50 @@ fn describe(g: &Group) -> String {
             plural(g.count, "removal", "removals")
         ),
         RowReason::RemovalLimitExceeded => d.clone(),
+    }
+}
+
+/// "row 4", "rows 2, 7 and 12 more", "3 rows": the group's sample rows, in order.
+fn rows_subject(g: &Group) -> String {
+    let mut rows = g.rows.clone();
+    rows.sort_unstable();
+    let list: Vec<String> = rows.iter().map(u64::to_string).collect();
+    let more = g.count.saturating_sub(rows.len() as u64);
+    let mut subject = match (g.count, list.len()) {
+        (1, 1) => format!("row {}", list[0]),
+        (_, 0) => plural(g.count, "row", "rows"),
+        _ => format!("rows {}", list.join(", ")),
+    };
+    if more > 0 && !list.is_empty() {
+        subject.push_str(&format!(" and {more} more"));
+    }
+    subject
+}
+
+/// What is wrong with rows not sent (`d`: the field concerned).
+fn describe_invalid(
+    invalid: Invalid,
+    subject: &str,
+    (have, lack): (&str, &str),
+    d: &str,
+) -> String {
+    match invalid {
+        Invalid::NullIdentifier => format!("{subject} {have} no {d} value"),
+        Invalid::EmptyIdentifier => format!("{subject} {have} an empty {d} value"),
+        Invalid::InvalidIdentifier => {
+            format!("{subject} {have} a {d} value that is neither a string nor a number")
+        }
+        Invalid::IdentifierTooLong => {
+            format!("{subject} {have} a {d} value longer than 987 bytes")
+        }
+        Invalid::NonIntegralIdentifier => {
+            format!("{subject} {have} a {d} value that is not a whole number")
+        }
+        Invalid::NonFiniteIdentifier => {
+            format!("{subject} {have} a {d} value too large to be a number")
+        }
+        Invalid::MissingField(_) => format!("{subject} {lack} the field {d}"),
+        Invalid::MalformedCell(_) => format!("{subject} {have} a malformed {d} cell"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The audience side of a run (a stored audience given): before it, what kind of run it is
 //! (delta or full, a changed `exportName` or `attribute`) and the previous members as keys;
-//! after the adds, the removals (within the removal limit) and the new stored audience.
+//! after the adds, the removals (within the removal limit) and the new stored audience. Also
+//! the cleanup of a deleted export ([`remove_audience`]), which only removes.
 //!
 //! Order matters here: removals go out only after every add of the run was settled (a user
 //! never gets an add and a remove of the same value in one request, and a Look read only in
@@ -12,16 +13,21 @@ use std::sync::atomic::Ordering;
 
 use jiff::Timestamp;
 use tokio::sync::mpsc;
+use tokio::task::JoinError;
 use tracing::Instrument;
 
-use super::run::{Ended, ReadSide, Side, send_all};
-use super::{ExportPlan, RunError, RunOptions, RunReport, SyncMode};
-use crate::audience::codec::BodyWriter;
+use super::ended::Ended;
+use super::error::RunError;
+use super::mapping::RemovalObject;
+use super::options::{RunOptions, Services};
+use super::plan::{Credentials, ExportPlan};
+use super::report::{RowReason, RunReport, SyncMode, Tally};
+use super::send::{Side, braze_client, send_all, stop_reason};
+use super::sink::{ReadSide, SinkSync};
+use crate::audience::codec::{BodyReader, BodyWriter};
 use crate::audience::seen::{KeySet, Seen};
 use crate::audience::{AudienceError, Encoded, Header, MemberState, Owner};
-use crate::braze::{Batch, BrazeClient, FailReason};
-use crate::export::mapping::RemovalObject;
-use crate::export::report::RowReason;
+use crate::braze::{Batch, BrazeClient, BrazeError};
 use crate::spec::{IdentifierKind, RemovalMode};
 
 /// The stored audience handed to a run.
@@ -54,7 +60,7 @@ pub struct RunResult {
 
 /// What is decided before a run with a stored audience.
 #[derive(Debug)]
-pub(super) struct Prepared {
+pub(super) struct AudiencePlan {
     pub owner: Owner,
     pub previous: Option<Arc<Encoded>>,
     /// `exportName` or `attribute` changed since the previous audience was written.
@@ -65,37 +71,18 @@ pub(super) struct Prepared {
     pub mode: Option<SyncMode>,
 }
 
-/// What the read side needs to know of the sync.
-#[derive(Debug, Default)]
-pub(super) struct SinkSync {
-    /// A stored audience is kept: objects carry keys, and members are written down.
-    pub track: bool,
-    /// Previous members that surely hold the flag are counted unchanged, not sent.
-    pub delta_skip: bool,
-    /// Every user counts as new (the flag changed).
-    pub rename: bool,
-    /// This run's users, written down as they are taken (not in a dry run).
-    pub current: Option<BodyWriter>,
-    /// Objects handed over for users new to the audience.
-    pub pushed_new: u64,
-    /// Rows counted unchanged.
-    pub unchanged: u64,
-    /// Keys of objects that were never handed to a sender.
-    pub unsent_keys: Vec<u64>,
-}
-
 fn alias_label(plan: &ExportPlan) -> Option<&str> {
     (plan.shape.identifier == IdentifierKind::UserAlias).then_some(plan.shape.alias_label.as_str())
 }
 
 /// Checks the stored audience and decides the kind of run; loads the previous members as
-/// keys (a blocking pass over the compressed body).
-pub(super) async fn prepare(
+/// keys, and tells the read side what to do with them.
+pub(super) async fn plan_audience(
     plan: &ExportPlan,
     opts: &RunOptions,
     input: Option<AudienceInput>,
     now: Timestamp,
-) -> Result<Option<(Prepared, Seen, SinkSync)>, RunError> {
+) -> Result<Option<(AudiencePlan, Seen, SinkSync)>, RunError> {
     let Some(input) = input else {
         if plan.needs_audience() {
             return Err(RunError::AudienceRequired);
@@ -108,18 +95,7 @@ pub(super) async fn prepare(
             .check(&input.owner, plan.shape.identifier, alias_label(plan))
             .map_err(RunError::AudienceMismatch)?;
     }
-    let rename = previous.as_ref().is_some_and(|p| {
-        p.header().attribute != plan.shape.attribute
-            || p.header().export_name != plan.shape.export_name
-    });
-    let resync_due = previous
-        .as_ref()
-        .and_then(|p| p.header().last_full_resync)
-        .is_none_or(|last| {
-            last.checked_add(plan.full_resync_interval)
-                .is_ok_and(|due| due <= now)
-        });
-    let full = previous.is_none() || rename || opts.full_resync || resync_due;
+    let (rename, full) = run_kind(plan, opts, previous.as_deref(), now);
     let mode = plan.delta.then_some(if full {
         SyncMode::Full
     } else {
@@ -127,15 +103,7 @@ pub(super) async fn prepare(
     });
     let seen = match &previous {
         None => Seen::new(),
-        Some(p) => {
-            let p = Arc::clone(p);
-            tokio::task::spawn_blocking(move || {
-                Seen::with_previous(p.members()?, p.header().members)
-            })
-            .await
-            .map_err(|e| RunError::Internal(format!("loading the stored audience failed: {e}")))?
-            .map_err(RunError::AudienceUnreadable)?
-        }
+        Some(p) => load_members(p).await?,
     };
     tracing::debug!(
         members = seen.previous_len(),
@@ -150,14 +118,47 @@ pub(super) async fn prepare(
         current: (!opts.dry_run).then(|| BodyWriter::new(1)),
         ..SinkSync::default()
     };
-    let prepared = Prepared {
+    let audience = AudiencePlan {
         owner: input.owner,
         previous,
         rename,
         full,
         mode,
     };
-    Ok(Some((prepared, seen, sink)))
+    Ok(Some((audience, seen, sink)))
+}
+
+/// Whether the flag changed since the previous audience was written (`rename`), and whether
+/// everyone is sent (`full`): the first run, a changed flag, a resync asked for, or one due
+/// by `fullResyncInterval`.
+fn run_kind(
+    plan: &ExportPlan,
+    opts: &RunOptions,
+    previous: Option<&Encoded>,
+    now: Timestamp,
+) -> (bool, bool) {
+    let rename = previous.is_some_and(|p| {
+        p.header().attribute != plan.shape.attribute
+            || p.header().export_name != plan.shape.export_name
+    });
+    let resync_due = previous
+        .and_then(|p| p.header().last_full_resync)
+        .is_none_or(|last| {
+            last.checked_add(plan.full_resync_interval)
+                .is_ok_and(|due| due <= now)
+        });
+    let full = previous.is_none() || rename || opts.full_resync || resync_due;
+    (rename, full)
+}
+
+/// The previous members as keys, nobody marked present yet (a blocking pass over the
+/// compressed body).
+async fn load_members(previous: &Arc<Encoded>) -> Result<Seen, RunError> {
+    let p = Arc::clone(previous);
+    tokio::task::spawn_blocking(move || Seen::with_previous(p.members()?, p.header().members))
+        .await
+        .map_err(|e| RunError::Internal(format!("loading the stored audience failed: {e}")))?
+        .map_err(RunError::AudienceUnreadable)
 }
 
 /// Removes the flag from every member of the stored audience, without reading Looker: the
@@ -167,9 +168,9 @@ pub(super) async fn prepare(
 /// The deletion asked for everyone, so no removal limit applies. `opts.cancel` stops it,
 /// and the removals not sent are counted `removalFailed`.
 pub async fn remove_audience(
-    services: &super::Services,
+    services: &Services,
     plan: &ExportPlan,
-    creds: &super::Credentials,
+    creds: &Credentials,
     opts: RunOptions,
     input: AudienceInput,
 ) -> RunReport {
@@ -179,7 +180,7 @@ pub async fn remove_audience(
         let ended = clear(services, plan, creds, &opts, input)
             .await
             .unwrap_or_else(Ended::failed);
-        let report = ended.conclude(&opts, start_time, None);
+        let report = ended.into_report(&opts, start_time, None);
         tracing::info!(
             outcome = report.outcome.as_str(),
             removed = report.counts.removed,
@@ -192,10 +193,11 @@ pub async fn remove_audience(
     .await
 }
 
+/// The cleanup's removals: checks the audience is this export's, then removes everyone.
 async fn clear(
-    services: &super::Services,
+    services: &Services,
     plan: &ExportPlan,
-    creds: &super::Credentials,
+    creds: &Credentials,
     opts: &RunOptions,
     input: AudienceInput,
 ) -> Result<Ended, RunError> {
@@ -211,18 +213,11 @@ async fn clear(
             input.owner
         )));
     }
-    let braze = super::run::braze_client(services, plan, creds, opts.dry_run)?;
+    let braze = braze_client(services, plan, creds, opts.dry_run)?;
     let previous = Arc::new(previous);
     // Nobody is marked present: every member is picked.
-    let seen = {
-        let p = Arc::clone(&previous);
-        tokio::task::spawn_blocking(move || Seen::with_previous(p.members()?, p.header().members))
-            .await
-            .map_err(|e| RunError::Internal(format!("loading the stored audience failed: {e}")))?
-            .map_err(RunError::AudienceUnreadable)?
-    };
     let picker = Picker {
-        seen: Arc::new(seen),
+        seen: Arc::new(load_members(&previous).await?),
         add_failed: Arc::default(),
         add_rejected: Arc::default(),
         rename: false,
@@ -243,9 +238,10 @@ enum Removal {
 }
 
 /// After the adds: counts `added`, removes users who left (or withholds the removals), and
-/// builds the new stored audience.
+/// builds the new stored audience. In this order: the removals need to know which adds
+/// Braze took, and the new audience what the removals did.
 pub(super) async fn settle(
-    prep: Prepared,
+    audience: AudiencePlan,
     read: ReadSide,
     ended: &mut Ended,
     braze: Option<Arc<BrazeClient>>,
@@ -253,83 +249,117 @@ pub(super) async fn settle(
     opts: &RunOptions,
     start_time: Timestamp,
 ) -> AudienceUpdate {
-    let ReadSide {
-        seen,
-        sync,
-        failed_keys,
-        rejected_keys,
-    } = read;
-    let seen = Arc::new(seen);
-    let add_failed = Arc::new(KeySet::new(failed_keys));
-    let add_rejected = Arc::new(KeySet::new(rejected_keys));
-    let is_new = |k: u64| prep.rename || seen.index(k).is_none();
-    let lost_new = add_failed.iter().filter(|k| is_new(*k)).count()
-        + add_rejected
-            .iter()
-            .filter(|k| is_new(*k) && !add_failed.contains(*k))
-            .count();
-    ended.tally.counts.added = Some(sync.pushed_new.saturating_sub(lost_new as u64));
+    let picker = Picker {
+        seen: Arc::new(read.seen),
+        add_failed: Arc::new(KeySet::new(read.failed_keys)),
+        add_rejected: Arc::new(KeySet::new(read.rejected_keys)),
+        rename: audience.rename,
+    };
+    ended.tally.counts.added = Some(count_added(&picker, read.sync.pushed_new));
     let complete = ended.failure.is_none() && !ended.interrupted;
     tracing::debug!(
-        present = seen.present_count(),
-        new = seen.new_count(),
+        present = picker.seen.present_count(),
+        new = picker.seen.new_count(),
         "adds settled"
     );
-    let removal = if plan.removal == RemovalMode::Remove {
-        zero_removals(ended);
-        match (&prep.previous, complete) {
-            (Some(previous), true) => {
-                let picker = Picker {
-                    seen: Arc::clone(&seen),
-                    add_failed: Arc::clone(&add_failed),
-                    add_rejected: Arc::clone(&add_rejected),
-                    rename: prep.rename,
-                };
-                remove(previous, picker, ended, braze, plan, opts).await
-            }
-            _ => Removal::NotRun,
-        }
-    } else {
-        Removal::NotRun
-    };
+    let picked = picker.clone();
+    let removal = remove_leavers(&audience, picked, complete, ended, braze, plan, opts).await;
     if opts.dry_run {
         return AudienceUpdate::Keep;
     }
     // A changed flag whose old value could not be removed keeps the old audience, so that a
     // later run still knows whom to remove it from.
-    if prep.rename
+    if audience.rename
         && plan.removal == RemovalMode::Remove
         && !matches!(removal, Removal::Done { .. })
     {
         return AudienceUpdate::Keep;
     }
-    let last_full_resync = if prep.full && complete {
+    let header = new_header(&audience, plan, complete, start_time);
+    let state = NewState {
+        seen: picker.seen,
+        add_failed: picker.add_failed,
+        add_rejected: picker.add_rejected,
+        removal,
+        rename: audience.rename,
+        keep_leavers: plan.removal == RemovalMode::Keep,
+    };
+    tracing::debug!("removals settled");
+    build_audience(state, header, read.sync.current, audience.previous, ended).await
+}
+
+/// Users newly flagged: the objects handed over for users new to the audience, less those
+/// Braze did not take (a key both failed and rejected is lost once).
+fn count_added(picker: &Picker, pushed_new: u64) -> u64 {
+    let is_new = |k: u64| picker.rename || picker.seen.index(k).is_none();
+    let (add_failed, add_rejected) = (&picker.add_failed, &picker.add_rejected);
+    let lost_new = add_failed.iter().filter(|k| is_new(*k)).count()
+        + add_rejected
+            .iter()
+            .filter(|k| is_new(*k) && !add_failed.contains(*k))
+            .count();
+    pushed_new.saturating_sub(lost_new as u64)
+}
+
+/// With `removal: Remove`, the removals (within the limit) of a run that read the whole
+/// Look: a Look read in part, or a failed run, removes nobody.
+async fn remove_leavers(
+    audience: &AudiencePlan,
+    picker: Picker,
+    complete: bool,
+    ended: &mut Ended,
+    braze: Option<Arc<BrazeClient>>,
+    plan: &ExportPlan,
+    opts: &RunOptions,
+) -> Removal {
+    if plan.removal != RemovalMode::Remove {
+        return Removal::NotRun;
+    }
+    zero_removals(ended);
+    match (&audience.previous, complete) {
+        (Some(previous), true) => {
+            remove_within_limit(previous, picker, ended, braze, plan, opts).await
+        }
+        _ => Removal::NotRun,
+    }
+}
+
+/// The new audience's header: this run's export and flag; the last full resync is this run
+/// when it was a full one that read everything, else the previous audience's.
+fn new_header(
+    audience: &AudiencePlan,
+    plan: &ExportPlan,
+    complete: bool,
+    start_time: Timestamp,
+) -> Header {
+    let last_full_resync = if audience.full && complete {
         Some(start_time)
     } else {
-        prep.previous
+        audience
+            .previous
             .as_ref()
             .and_then(|p| p.header().last_full_resync)
     };
-    let header = Header {
-        export: prep.owner.clone(),
+    Header {
+        export: audience.owner.clone(),
         identifier: plan.shape.identifier,
         alias_label: alias_label(plan).map(str::to_owned),
         attribute: plan.shape.attribute.clone(),
         export_name: plan.shape.export_name.clone(),
         last_full_resync,
         members: 0,
-    };
-    let state = NewState {
-        seen,
-        add_failed,
-        add_rejected,
-        removal,
-        rename: prep.rename,
-        keep_leavers: plan.removal == RemovalMode::Keep,
-    };
-    tracing::debug!("removals settled");
-    let previous = prep.previous.clone();
-    let current = sync.current;
+    }
+}
+
+/// Builds the new stored audience on a blocking thread; when that fails, the run fails and
+/// the old audience is kept.
+async fn build_audience(
+    state: NewState,
+    header: Header,
+    current: Option<BodyWriter>,
+    previous: Option<Arc<Encoded>>,
+    ended: &mut Ended,
+) -> AudienceUpdate {
     let built =
         tokio::task::spawn_blocking(move || state.build(header, current, previous.as_deref()))
             .await;
@@ -343,14 +373,13 @@ pub(super) async fn settle(
             AudienceUpdate::Replace(encoded)
         }
         Ok(Err(e)) => {
-            fail(ended, RunError::AudienceUnreadable(e));
+            ended.fail_unless_failed(RunError::AudienceUnreadable(e));
             AudienceUpdate::Keep
         }
         Err(e) => {
-            fail(
-                ended,
-                RunError::Internal(format!("writing the stored audience failed: {e}")),
-            );
+            ended.fail_unless_failed(RunError::Internal(format!(
+                "writing the stored audience failed: {e}"
+            )));
             AudienceUpdate::Keep
         }
     }
@@ -367,12 +396,6 @@ fn zero_removals(ended: &mut Ended) {
         &mut c.removal_withheld,
     ] {
         field.get_or_insert(0);
-    }
-}
-
-fn fail(ended: &mut Ended, e: RunError) {
-    if ended.failure.is_none() {
-        ended.failure = Some(e);
     }
 }
 
@@ -397,8 +420,9 @@ impl Picker {
     }
 }
 
-/// The removal limit, then the removals.
-async fn remove(
+/// The removal limit, then the removals. Over the limit (unless allowed once), nobody is
+/// removed and the candidates are only counted, as withheld.
+async fn remove_within_limit(
     previous: &Arc<Encoded>,
     picker: Picker,
     ended: &mut Ended,
@@ -413,43 +437,50 @@ async fn remove(
     let over = u128::from(leaving) * 100
         > u128::from(plan.removal_limit_percent) * u128::from(before)
         || (empty && leaving > 0);
-    let done = || Removal::Done {
-        failed: KeySet::default(),
-    };
     if leaving == 0 && !picker.rename {
-        return done();
-    }
-    if over && !opts.allow_removal_over_limit {
-        let counted = {
-            let (p, pk) = (Arc::clone(previous), picker.clone());
-            tokio::task::spawn_blocking(move || produce(&p, &pk, plan_shape(&p), usize::MAX, None))
-                .await
+        return Removal::Done {
+            failed: KeySet::default(),
         };
-        let candidates = match counted {
-            Ok(Ok(s)) => s.candidates,
-            Ok(Err(e)) => {
-                fail(ended, RunError::AudienceUnreadable(e));
-                return Removal::NotRun;
-            }
-            Err(e) => {
-                fail(
-                    ended,
-                    RunError::Internal(format!("the removals failed: {e}")),
-                );
-                return Removal::NotRun;
-            }
-        };
-        let c = &mut ended.tally.counts;
-        c.removal_candidates = Some(candidates);
-        c.removal_withheld = Some(candidates);
-        let message = limit_message(leaving, before, plan.removal_limit_percent, empty);
-        tracing::warn!(leaving, audience = before, "{message}");
-        ended
-            .tally
-            .note_n(RowReason::RemovalLimitExceeded, &message, candidates, &[]);
-        return Removal::Withheld;
     }
-    send_removals(previous, picker, ended, braze, plan, opts).await
+    if !over || opts.allow_removal_over_limit {
+        return send_removals(previous, picker, ended, braze, plan, opts).await;
+    }
+    let counted = {
+        let (p, pk) = (Arc::clone(previous), picker);
+        tokio::task::spawn_blocking(move || produce(&p, &pk, removal_names(&p), usize::MAX, None))
+            .await
+    };
+    let Some(candidates) = produced_or_fail(counted, ended).map(|p| p.candidates) else {
+        return Removal::NotRun;
+    };
+    let c = &mut ended.tally.counts;
+    c.removal_candidates = Some(candidates);
+    c.removal_withheld = Some(candidates);
+    let message = limit_message(leaving, before, plan.removal_limit_percent, empty);
+    tracing::warn!(leaving, audience = before, "{message}");
+    ended
+        .tally
+        .note_n(RowReason::RemovalLimitExceeded, &message, candidates, &[]);
+    Removal::Withheld
+}
+
+/// What a removal producer made; when it failed, the run fails with why (the first failure
+/// stays the one reported) and `None` is returned.
+fn produced_or_fail(
+    joined: Result<Result<Produced, AudienceError>, JoinError>,
+    ended: &mut Ended,
+) -> Option<Produced> {
+    match joined {
+        Ok(Ok(p)) => Some(p),
+        Ok(Err(e)) => {
+            ended.fail_unless_failed(RunError::AudienceUnreadable(e));
+            None
+        }
+        Err(e) => {
+            ended.fail_unless_failed(RunError::Internal(format!("the removals failed: {e}")));
+            None
+        }
+    }
 }
 
 /// The sentence of the `RemovalLimitExceeded` group: how many, of how many, how to go ahead.
@@ -468,7 +499,7 @@ fn limit_message(leaving: u64, before: u64, limit: u32, empty: bool) -> String {
 }
 
 /// The names the removals use: the previous audience's (the old ones after a change).
-fn plan_shape(previous: &Encoded) -> Names {
+fn removal_names(previous: &Encoded) -> Names {
     let h = previous.header();
     Names {
         identifier: h.identifier,
@@ -478,6 +509,7 @@ fn plan_shape(previous: &Encoded) -> Names {
     }
 }
 
+/// The identifier and the flag of the removal objects.
 struct Names {
     identifier: IdentifierKind,
     alias_label: String,
@@ -485,6 +517,7 @@ struct Names {
     export_name: String,
 }
 
+/// What a removal producer did: the users picked, and the removals it could not hand over.
 #[derive(Debug, Default)]
 struct Produced {
     candidates: u64,
@@ -565,47 +598,23 @@ async fn send_removals(
         let p = Arc::clone(previous);
         let batch_size = plan.batch_size;
         tokio::task::spawn_blocking(move || {
-            let names = plan_shape(&p);
+            let names = removal_names(&p);
             produce(&p, &picker, names, batch_size, Some(tx))
         })
     };
     let sent = send_all(rx, braze, plan.concurrency, opts, &stop, Side::Removals).await;
     stop.cancel();
-    let produced = match producer.await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            fail(ended, RunError::AudienceUnreadable(e));
-            Produced::default()
-        }
-        Err(e) => {
-            fail(
-                ended,
-                RunError::Internal(format!("the removals failed: {e}")),
-            );
-            Produced::default()
-        }
-    };
+    let produced = produced_or_fail(producer.await, ended).unwrap_or_default();
     let mut tally = sent.tally;
     let mut failed = sent.failed_keys;
-    if produced.unsent > 0 {
-        let r = match &sent.fatal {
-            Some(f) => FailReason::Stopped(f.reason(), f.to_string()),
-            None => FailReason::Stopped("Interrupted", "the operator is shutting down".into()),
-        };
-        *tally.counts.removal_failed.get_or_insert(0) += produced.unsent;
-        tally.note_n(
-            RowReason::RemovalNotDelivered(r.reason()),
-            &r.describe(0),
-            produced.unsent,
-            &[],
-        );
-        failed.extend_from_slice(&produced.unsent_keys);
-    }
+    count_unsent_removals(&mut tally, &produced, sent.fatal.as_ref());
+    failed.extend_from_slice(&produced.unsent_keys);
+    // The producer counted every candidate: its count replaces the zero of `zero_removals`.
     tally.counts.removal_candidates = Some(produced.candidates);
     ended.tally.counts.removal_candidates = None;
     ended.tally.merge(tally);
     if let Some(fatal) = sent.fatal {
-        fail(ended, RunError::Braze(fatal));
+        ended.fail_unless_failed(RunError::Braze(fatal));
     } else if opts.cancel.is_cancelled() {
         ended.interrupted = true;
     }
@@ -615,6 +624,21 @@ async fn send_removals(
     Removal::Done {
         failed: KeySet::new(failed),
     }
+}
+
+/// Removals the senders never took count `removalFailed`, under what stopped the senders.
+fn count_unsent_removals(tally: &mut Tally, produced: &Produced, fatal: Option<&BrazeError>) {
+    if produced.unsent == 0 {
+        return;
+    }
+    let r = stop_reason(fatal);
+    *tally.counts.removal_failed.get_or_insert(0) += produced.unsent;
+    tally.note_n(
+        RowReason::RemovalNotDelivered(r.reason()),
+        &r.describe(0),
+        produced.unsent,
+        &[],
+    );
 }
 
 /// Everything the new stored audience is built from.
@@ -640,9 +664,9 @@ impl NewState {
         let mut out = BodyWriter::new(6);
         if let Some(current) = current {
             let (body, _) = current.finish();
-            let mut r = crate::audience::codec::BodyReader::new(&body[..]);
+            let mut r = BodyReader::new(&body[..]);
             while let Some((id, _)) = r.next_member()? {
-                if let Some(state) = self.current_state(self.seen.key(id)) {
+                if let Some(state) = self.written_current(self.seen.key(id)) {
                     out.push(id, state);
                 }
             }
@@ -654,7 +678,7 @@ impl NewState {
                 let Some(i) = self.seen.index(key) else {
                     continue;
                 };
-                if let Some(state) = self.previous_state(i, key) {
+                if let Some(state) = self.written_previous(i, key) {
                     out.push(id, state);
                 }
             }
@@ -662,7 +686,8 @@ impl NewState {
         Ok(Encoded::new(header, out))
     }
 
-    fn current_state(&self, key: u64) -> Option<MemberState> {
+    /// What this run's user is written as (`None`: left out).
+    fn written_current(&self, key: u64) -> Option<MemberState> {
         if self.add_rejected.contains(key) {
             let known = !self.rename && self.seen.index(key).is_some();
             return known.then_some(MemberState::Pending);
@@ -673,7 +698,8 @@ impl NewState {
         Some(MemberState::Flagged)
     }
 
-    fn previous_state(&self, i: usize, key: u64) -> Option<MemberState> {
+    /// What a previous member this run did not take is written as (`None`: left out).
+    fn written_previous(&self, i: usize, key: u64) -> Option<MemberState> {
         let seen = &self.seen;
         if seen.is_taken(i) {
             // Written with this run's users.

@@ -1,0 +1,53 @@
+//! Why a run fails as a whole ([`RunError`]), each variant with its reason for conditions
+//! and metrics.
+
+use super::mapping::ColumnError;
+use crate::audience::AudienceError;
+use crate::braze::BrazeError;
+use crate::looker::LookerError;
+
+/// Why a run failed as a whole. Each variant has a reason for conditions and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Looker refused, failed or sent something unreadable.
+    #[error(transparent)]
+    Looker(#[from] LookerError),
+    /// The Look's fields cannot be exported.
+    #[error("Look {look_id}: {source}")]
+    Columns {
+        look_id: String,
+        source: ColumnError,
+    },
+    /// Braze answered in a way that stops the run.
+    #[error(transparent)]
+    Braze(#[from] BrazeError),
+    /// A bug: a task of the pipeline died.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// `removal: Remove` or `delta: true` without a stored audience.
+    #[error(
+        "spec.braze.removal: Remove and spec.braze.delta: true need the export's stored audience, and this run has none"
+    )]
+    AudienceRequired,
+    /// The stored audience belongs to another export or identifier type.
+    #[error("the stored audience cannot be used: {0}")]
+    AudienceMismatch(String),
+    /// The stored audience is damaged.
+    #[error("the stored audience cannot be read: {0}")]
+    AudienceUnreadable(AudienceError),
+}
+
+impl RunError {
+    /// Short CamelCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Looker(e) => e.reason(),
+            Self::Columns { source, .. } => source.reason(),
+            Self::Braze(e) => e.reason(),
+            Self::Internal(_) => "InternalError",
+            Self::AudienceRequired => "AudienceRequired",
+            Self::AudienceMismatch(_) => "AudienceMismatch",
+            Self::AudienceUnreadable(_) => "AudienceUnreadable",
+        }
+    }
+}

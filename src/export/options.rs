@@ -1,0 +1,86 @@
+//! What a run is handed besides its plan: the services every run in the process shares,
+//! the options of one run (with its test failpoint), and its live progress counters.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use tokio_util::sync::CancellationToken;
+
+use super::report::Trigger;
+use crate::braze::{LimiterRegistry, PayloadDump, RetryPolicy};
+use crate::http::HttpClients;
+
+/// What every run in the process shares: HTTP clients, Braze limiters, retry policy.
+#[derive(Debug, Default)]
+pub struct Services {
+    /// HTTP clients.
+    pub http: HttpClients,
+    /// One limiter per Braze workspace.
+    pub limiters: LimiterRegistry,
+    /// Backoff for Braze retries.
+    pub retry: RetryPolicy,
+}
+
+/// Live counters of a run in progress (for a progress bar or a status update).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Rows read so far.
+    pub rows_read: AtomicU64,
+    /// Objects accepted so far.
+    pub sent: AtomicU64,
+    /// Users whose flag was removed so far (set when the removals end).
+    pub removed: AtomicU64,
+}
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// What started the run.
+    pub trigger: Trigger,
+    /// Build every batch but send nothing.
+    pub dry_run: bool,
+    /// Where to write each request body.
+    pub dump: Option<Arc<PayloadDump>>,
+    /// Stops the run (shutdown); the report then says `Interrupted`.
+    pub cancel: CancellationToken,
+    /// Live counters.
+    pub progress: Arc<Progress>,
+    /// Remove even more than `removalLimitPercent` of the audience (or everyone, after a Look
+    /// that returned nothing): the one run allowed to (see
+    /// [`crate::audience::removal_allowed_once`]; `run --allow-removal`).
+    pub allow_removal_over_limit: bool,
+    /// Send everyone, as a full resync does, whatever `fullResyncInterval` says.
+    pub full_resync: bool,
+    /// Test hook: makes a part of the pipeline panic, to prove the counts survive it.
+    #[doc(hidden)]
+    pub failpoint: Failpoint,
+}
+
+/// Where a test makes the pipeline panic ([`RunOptions::failpoint`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Nowhere.
+    #[default]
+    None,
+    /// The row reader, on this row.
+    ReaderAtRow(u64),
+    /// The sender of the batch holding this row.
+    SenderAtRow(u64),
+}
+
+impl RunOptions {
+    /// Options for a plain run started by `trigger`.
+    pub fn new(trigger: Trigger) -> Self {
+        Self {
+            trigger,
+            dry_run: false,
+            dump: None,
+            cancel: CancellationToken::new(),
+            progress: Arc::default(),
+            allow_removal_over_limit: false,
+            full_resync: false,
+            failpoint: Failpoint::None,
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! The read side of a run, on the parser thread: [`ExportSink`] takes Looker's rows as the
+//! parser yields them, maps them to objects, and fills batches for the senders. Also what
+//! crosses between the read side and the audience side: what the read side is told
+//! ([`SinkSync`]) and what the read and send sides leave for the audience ([`ReadSide`]).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::sync::mpsc;
+
+use super::mapping::{self, Columns, near_miss_tag};
+use super::options::{Failpoint, Progress, RunOptions};
+use super::plan::ExportPlan;
+use super::report::{RowReason, Tally};
+use crate::audience::MemberState;
+use crate::audience::codec::BodyWriter;
+use crate::audience::seen::{Offer, Seen};
+use crate::braze::Batch;
+use crate::braze::batch::MAX_REQUEST_BYTES;
+use crate::looker::json_detail::{BadRow, Cell, Fields, RowSink, Stop};
+use crate::text::clean;
+
+/// What the read side is told of the audience sync (see [`super::audience_sync`]), and what
+/// it counts for it.
+#[derive(Debug, Default)]
+pub(super) struct SinkSync {
+    /// A stored audience is kept: objects carry keys, and members are written down.
+    pub track: bool,
+    /// Previous members that surely hold the flag are counted unchanged, not sent.
+    pub delta_skip: bool,
+    /// Every user counts as new (the flag changed).
+    pub rename: bool,
+    /// This run's users, written down as they are taken (not in a dry run).
+    pub current: Option<BodyWriter>,
+    /// Objects handed over for users new to the audience.
+    pub pushed_new: u64,
+    /// Rows counted unchanged.
+    pub unchanged: u64,
+    /// Keys of objects that were never handed to a sender.
+    pub unsent_keys: Vec<u64>,
+}
+
+/// What the read and send sides leave for the audience: who was in the Look, and the keys
+/// of objects Braze did not take.
+#[derive(Debug)]
+pub(super) struct ReadSide {
+    pub seen: Seen,
+    pub sync: SinkSync,
+    pub failed_keys: Vec<u64>,
+    pub rejected_keys: Vec<u64>,
+}
+
+/// Rows that were read and mapped but never handed to a sender (the senders had stopped).
+#[derive(Debug, Default)]
+pub(super) struct Unsent {
+    pub count: u64,
+    /// A few of their numbers, for the report.
+    pub rows: Vec<u64>,
+}
+
+/// What the read side leaves when the parser is done: its counts, why the Look's columns
+/// could not be used, the rows the senders never took, and who was in the Look.
+pub(super) struct ReadSummary {
+    pub tally: Tally,
+    pub column_error: Option<mapping::ColumnError>,
+    pub unsent: Unsent,
+    pub seen: Seen,
+    pub sync: SinkSync,
+}
+
+/// The parser thread's side of a run: rows to objects to batches.
+pub(super) struct ExportSink {
+    plan: ExportPlan,
+    shape: Arc<mapping::ObjectShape>,
+    columns: Option<Columns>,
+    column_error: Option<mapping::ColumnError>,
+    seen: Seen,
+    sync: SinkSync,
+    batch: Batch,
+    tx: Option<mpsc::Sender<Batch>>,
+    tally: Tally,
+    /// Objects handed to the senders.
+    handed: u64,
+    unsent: Unsent,
+    progress: Arc<Progress>,
+    failpoint: Failpoint,
+}
+
+impl ExportSink {
+    pub(super) fn new(
+        plan: &ExportPlan,
+        tx: mpsc::Sender<Batch>,
+        opts: &RunOptions,
+        seen: Seen,
+        sync: SinkSync,
+    ) -> Self {
+        let (progress, failpoint) = (Arc::clone(&opts.progress), opts.failpoint);
+        Self {
+            plan: plan.clone(),
+            shape: Arc::new(plan.shape.clone()),
+            columns: None,
+            column_error: None,
+            seen,
+            sync,
+            batch: Batch::with_capacity(plan.batch_size),
+            tx: Some(tx),
+            tally: Tally::default(),
+            handed: 0,
+            unsent: Unsent::default(),
+            progress,
+            failpoint,
+        }
+    }
+
+    /// Hands the full (or last) batch to the senders; false when they are gone.
+    fn flush(&mut self) -> bool {
+        let batch = std::mem::replace(&mut self.batch, Batch::with_capacity(self.plan.batch_size));
+        self.hand_over(batch)
+    }
+
+    fn hand_over(&mut self, batch: Batch) -> bool {
+        if batch.is_empty() {
+            return self.tx.is_some();
+        }
+        let len = batch.len() as u64;
+        let refused = match &self.tx {
+            Some(tx) => tx.blocking_send(batch).err().map(|e| e.0),
+            None => Some(batch),
+        };
+        let Some(b) = refused else {
+            self.handed += len;
+            return true;
+        };
+        self.tx = None;
+        self.unsent.count += len;
+        if self.sync.track {
+            self.sync.unsent_keys.extend_from_slice(b.keys());
+        }
+        let room = 5usize.saturating_sub(self.unsent.rows.len());
+        self.unsent.rows.extend(b.rows().iter().take(room));
+        false
+    }
+
+    /// Ends the read side. After a panic, the row being mapped when it struck is neither
+    /// counted nor batched: it is counted failed here, so the report still adds up.
+    pub(super) fn finish(mut self, panicked: bool) -> ReadSummary {
+        self.flush();
+        let t = &self.tally;
+        let accounted = t.counts.duplicates
+            + t.counts.invalid
+            + t.counts.skipped
+            + self.sync.unchanged
+            + self.handed
+            + self.unsent.count;
+        let (read, lost) = (
+            t.counts.rows_read,
+            t.counts.rows_read.saturating_sub(accounted),
+        );
+        if panicked && lost > 0 {
+            self.tally.counts.failed += lost;
+            self.tally.note_n(
+                RowReason::NotDelivered("InternalError"),
+                "the row reader failed unexpectedly",
+                lost,
+                &[read],
+            );
+        }
+        if self.plan.delta && self.sync.track {
+            self.tally.counts.unchanged = Some(self.sync.unchanged);
+        }
+        ReadSummary {
+            tally: self.tally,
+            column_error: self.column_error,
+            unsent: self.unsent,
+            seen: self.seen,
+            sync: self.sync,
+        }
+    }
+
+    /// Adds a mapped object to the batch, sending the batch first when the object would
+    /// take its body past the byte budget. False when the object could not be serialized
+    /// (counted invalid).
+    fn push(
+        &mut self,
+        number: u64,
+        key: u64,
+        object: &mapping::BrazeObject<'_>,
+    ) -> Result<bool, Stop> {
+        if self.batch.push_keyed(number, key, object).is_err() {
+            self.tally.counts.invalid += 1;
+            let id_field = self
+                .columns
+                .as_ref()
+                .map_or("", |c| c.id_field())
+                .to_owned();
+            let reason = RowReason::Invalid(mapping::Invalid::MalformedCell(0));
+            self.tally.note(reason, &id_field, &[number]);
+            return Ok(false);
+        }
+        if self.batch.body_len() > MAX_REQUEST_BYTES && self.batch.len() > 1 {
+            let last = self.batch.pop_last();
+            if !self.flush() {
+                self.hand_over(last);
+                return Err(Stop);
+            }
+            self.batch = last;
+        }
+        if (self.batch.len() >= self.plan.batch_size || self.batch.body_len() > MAX_REQUEST_BYTES)
+            && !self.flush()
+        {
+            return Err(Stop);
+        }
+        Ok(true)
+    }
+
+    /// A user in the Look whose row is not sent: with a previous audience, not one to remove.
+    fn mark_present(&mut self, cell: &Cell) {
+        if self.seen.previous_len() > 0
+            && let Ok(id) = mapping::identifier(cell)
+        {
+            let key = self.seen.key(&id);
+            self.seen.mark_present(key);
+        }
+    }
+}
+
+impl RowSink for ExportSink {
+    fn fields(&mut self, fields: &Fields) -> Result<Vec<String>, Stop> {
+        for f in &fields.all {
+            for t in f.tags.iter().filter(|t| near_miss_tag(t)) {
+                // Names come from the answer: cleaned, so a log line stays one short line.
+                tracing::warn!(field = %clean(&f.name, 80), tag = %clean(t, 80), "tag is not of the form braze[NAME] and is ignored");
+            }
+        }
+        match mapping::resolve_columns(
+            fields,
+            self.plan.id_field.as_deref(),
+            &self.plan.shape.attribute,
+        ) {
+            Ok(c) => {
+                tracing::debug!(
+                    id_field = c.id_field(),
+                    attributes = c.attributes.len(),
+                    "columns resolved"
+                );
+                let captures = c.captures.clone();
+                self.columns = Some(c);
+                Ok(captures)
+            }
+            Err(e) => {
+                self.column_error = Some(e);
+                Err(Stop)
+            }
+        }
+    }
+
+    fn row(&mut self, number: u64, cells: &mut [Cell]) -> Result<(), Stop> {
+        self.tally.counts.rows_read += 1;
+        self.progress.rows_read.fetch_add(1, Ordering::Relaxed);
+        if self.failpoint == Failpoint::ReaderAtRow(number) {
+            panic!("failpoint: the row reader panics at row {number}");
+        }
+        if let Some(max) = self.plan.max_rows
+            && number > max
+        {
+            if self.tally.counts.skipped == 0 {
+                tracing::warn!(
+                    max_rows = max,
+                    "the Look has more rows than maxRows; the rest are skipped"
+                );
+            }
+            self.tally.counts.skipped += 1;
+            self.tally
+                .note(RowReason::MaxRowsExceeded, &max.to_string(), &[number]);
+            if let Some(cell) = cells.first() {
+                self.mark_present(cell);
+            }
+            return Ok(());
+        }
+        let Some(columns) = self.columns.take() else {
+            return Err(Stop);
+        };
+        let result = self.map_and_push(&columns, number, cells);
+        self.columns = Some(columns);
+        result
+    }
+
+    fn bad_row(&mut self, number: u64, what: BadRow) -> Result<(), Stop> {
+        self.tally.counts.rows_read += 1;
+        self.progress.rows_read.fetch_add(1, Ordering::Relaxed);
+        self.tally.counts.invalid += 1;
+        let (reason, detail) = match what {
+            BadRow::Null => (RowReason::NullRow, "null"),
+            BadRow::NotAnObject => (RowReason::MalformedRow, "not an object"),
+        };
+        self.tally.note(reason, detail, &[number]);
+        Ok(())
+    }
+}
+
+impl ExportSink {
+    fn map_and_push(
+        &mut self,
+        columns: &Columns,
+        number: u64,
+        cells: &mut [Cell],
+    ) -> Result<(), Stop> {
+        let shape = Arc::clone(&self.shape);
+        match mapping::map_row(columns, &shape, cells) {
+            Err(invalid) => {
+                let field = match invalid {
+                    mapping::Invalid::MissingField(i) | mapping::Invalid::MalformedCell(i) => {
+                        &columns.captures[i]
+                    }
+                    _ => &columns.captures[0],
+                };
+                self.tally.counts.invalid += 1;
+                self.tally
+                    .note(RowReason::Invalid(invalid), field, &[number]);
+                if let Some(cell) = cells.first() {
+                    self.mark_present(cell);
+                }
+                Ok(())
+            }
+            Ok(object) => {
+                let key = self.seen.key(&object.id);
+                let offer = self.seen.offer(key);
+                match offer {
+                    Offer::Duplicate => {
+                        self.tally.counts.duplicates += 1;
+                        return Ok(());
+                    }
+                    // Delta: flagged by the last run, not sent again.
+                    Offer::Returning { flagged: true, .. } if self.sync.delta_skip => {
+                        self.sync.unchanged += 1;
+                        if let Some(w) = &mut self.sync.current {
+                            w.push(&object.id, MemberState::Flagged);
+                        }
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+                for name in object.too_long_attributes() {
+                    self.tally
+                        .note(RowReason::AttributeTooLong, name, &[number]);
+                }
+                let pushed = self.push(number, key, &object)?;
+                if pushed && self.sync.track {
+                    if matches!(offer, Offer::New) || self.sync.rename {
+                        self.sync.pushed_new += 1;
+                    }
+                    if let Some(w) = &mut self.sync.current {
+                        w.push(&object.id, MemberState::Flagged);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
