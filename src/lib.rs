@@ -7,8 +7,6 @@
 //! tests and the `demo` command.
 
 pub mod audience;
-/// The stored audience in Secrets, for the controller (kept under `src/controller/`, where the
-/// controller will declare it when it wires it in; until then it is reached from here).
 pub mod braze;
 pub mod commands;
 pub mod controller;

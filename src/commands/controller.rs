@@ -48,9 +48,10 @@ pub struct ControllerArgs {
     /// Namespace of the Lease (default: POD_NAMESPACE, else the client's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// This replica's identity (default: POD_NAME, else the host name).
-    #[arg(long, env = "POD_NAME")]
-    pub identity: Option<String>,
+    /// This replica's name (default: POD_NAME, else the host name); the operator instance is
+    /// this name and a per-process suffix.
+    #[arg(long = "identity", env = "POD_NAME")]
+    pub pod_name: Option<String>,
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C; returns the exit code.
@@ -75,7 +76,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
     };
     // The pod name, and a suffix for this process: a restarted container keeps its pod name
     // but is another runner.
-    let pod = args.identity.clone().unwrap_or_else(|| {
+    let pod = args.pod_name.clone().unwrap_or_else(|| {
         std::env::var("HOSTNAME").unwrap_or_else(|_| CONTROLLER_NAME.to_owned())
     });
     let instance = format!("{pod}_{:08x}", fastrand::u32(..));
