@@ -17,7 +17,7 @@ use flate2::Compression;
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
 
-use super::{AudienceError, Header, MemberState};
+use super::header::{Header, MemberState};
 
 /// First bytes of every stored audience.
 pub const MAGIC: &[u8; 4] = b"BZXA";
@@ -247,6 +247,23 @@ fn varint(mut n: u64, out: &mut [u8]) -> usize {
         out[i] = b | 0x80;
         i += 1;
     }
+}
+
+/// Why a stored audience cannot be used. Never names a user.
+#[derive(Debug, thiserror::Error)]
+pub enum AudienceError {
+    /// The bytes do not start as an audience does.
+    #[error("it is not a stored audience (the first bytes are not BZXA)")]
+    NotAnAudience,
+    /// Written by a newer build.
+    #[error("it is of version {0}, and this build reads version {v}", v = VERSION)]
+    UnsupportedVersion(u8),
+    /// Damaged or cut short.
+    #[error("it is damaged: {0}")]
+    Corrupt(String),
+    /// It could not be read or written.
+    #[error("{0}")]
+    Io(#[from] io::Error),
 }
 
 #[cfg(test)]

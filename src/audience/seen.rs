@@ -9,12 +9,12 @@
 //! key holds the member's state (set: pending), so keys compare with it cleared.
 
 use std::collections::HashSet;
-use std::hash::{BuildHasher, BuildHasherDefault, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::io::Read;
 
+use super::codec::AudienceError;
 use super::codec::BodyReader;
-use super::{AudienceError, MemberState};
-use crate::export::mapping::Prehashed;
+use super::header::MemberState;
 
 /// What a user's row is, the first time or again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,6 +204,24 @@ impl KeySet {
     /// The keys, sorted.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.0.iter().copied()
+    }
+}
+
+/// Hasher for keys that are already hashes.
+#[derive(Default)]
+pub(crate) struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 

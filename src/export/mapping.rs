@@ -5,13 +5,14 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, RandomState};
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
 
 pub use super::report::{Invalid, MAX_ATTRIBUTE_CHARS};
+use crate::audience::seen::Prehashed;
 use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
 use crate::text::{clean, name_list};
@@ -408,24 +409,6 @@ impl Dedup {
     /// True the first time `id` is offered.
     pub fn first(&mut self, id: &str) -> bool {
         self.seen.insert(self.keys.hash_one(id))
-    }
-}
-
-/// Hasher for keys that are already hashes.
-#[derive(Default)]
-pub(crate) struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
     }
 }
 

@@ -1,0 +1,230 @@
+//! Tests of the stored audience: encoding, parts, damage, files and the removal permission.
+
+use std::collections::BTreeMap;
+
+use super::codec::BodyWriter;
+use super::*;
+use crate::schedule::RUN_NOW_ANNOTATION;
+use crate::spec::{BrazeExportSpec, BrazeExportStatus, IdentifierKind, RemovalMode};
+
+fn header() -> Header {
+    Header {
+        export: Owner {
+            namespace: Some("marketing".into()),
+            name: "churn-risk".into(),
+        },
+        identifier: IdentifierKind::ExternalId,
+        alias_label: None,
+        attribute: "looker_export".into(),
+        export_name: "CHURN_RISK".into(),
+        last_full_resync: Some("2026-11-29T06:00:00Z".parse().unwrap()),
+        members: 0,
+    }
+}
+
+fn audience(n: usize) -> Audience {
+    Audience {
+        header: header(),
+        members: (0..n)
+            .map(|i| Member {
+                id: format!("user-{i:07}"),
+                state: if i % 10 == 3 {
+                    MemberState::Pending
+                } else {
+                    MemberState::Flagged
+                },
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn encode_and_decode_round_trip() {
+    for n in [0, 1, 1000] {
+        let a = audience(n);
+        let back = decode(encode(&a)).unwrap();
+        assert_eq!(back.members, a.members);
+        assert_eq!(back.header.members, n as u64);
+        assert_eq!(
+            Header {
+                members: 0,
+                ..back.header
+            },
+            a.header
+        );
+    }
+}
+
+#[test]
+fn a_large_audience_is_split_into_parts_under_the_secret_limit() {
+    // Identifiers that compress badly: 200,000 random hex strings.
+    let mut a = audience(0);
+    a.members = (0..200_000)
+        .map(|_| Member {
+            id: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            state: MemberState::Flagged,
+        })
+        .collect();
+    let parts = encode(&a);
+    assert!(parts.len() > 1, "{} parts", parts.len());
+    assert!(parts.iter().all(|p| p.len() <= MAX_PART_BYTES));
+    // base64 of a part, as a Secret holds it, stays under 1 MiB
+    assert!(MAX_PART_BYTES.div_ceil(3) * 4 < 1 << 20);
+    let back = decode(parts).unwrap();
+    assert_eq!(back.members.len(), 200_000);
+    assert_eq!(back.members[1234], a.members[1234]);
+}
+
+#[test]
+fn ordinary_identifiers_take_a_few_bytes_each() {
+    let n = 200_000;
+    let mut body = BodyWriter::new(6);
+    for i in 0..n {
+        body.push(&format!("user-{i:07}"), MemberState::Flagged);
+    }
+    let e = Encoded::new(header(), body);
+    assert!(e.len_bytes() < n * 4, "{} bytes", e.len_bytes());
+    e.verify().unwrap();
+}
+
+#[test]
+fn damage_is_an_error_never_a_panic_and_names_no_user() {
+    let bytes: Vec<u8> = encode(&audience(300)).concat();
+    assert!(matches!(
+        Encoded::from_bytes(b"hello".to_vec()),
+        Err(AudienceError::NotAnAudience)
+    ));
+    let mut newer = bytes.clone();
+    newer[4] = 9;
+    assert_eq!(
+        Encoded::from_bytes(newer).unwrap_err().to_string(),
+        "it is of version 9, and this build reads version 1"
+    );
+    for cut in [3, 9, 40, bytes.len() / 2, bytes.len() - 1] {
+        let r = decode(vec![bytes[..cut].to_vec()]);
+        assert!(r.is_err(), "cut at {cut}");
+    }
+    let mut rng = fastrand::Rng::with_seed(7);
+    let mut errors = 0;
+    for _ in 0..2000 {
+        let mut b = bytes.clone();
+        let i = rng.usize(..b.len());
+        b[i] ^= 1 << rng.u8(..8);
+        if let Err(e) = decode(vec![b]) {
+            errors += 1;
+            assert!(!e.to_string().contains("user-"), "{e}");
+        }
+    }
+    assert!(errors > 1900, "{errors} of 2000 flips were caught");
+    let mut trailing = bytes.clone();
+    trailing.extend_from_slice(b"junk");
+    // Bytes after the zlib stream are not part of it; the body still reads whole.
+    let _ = decode(vec![trailing]);
+}
+
+#[test]
+fn member_debug_hides_the_identifier() {
+    let m = Member {
+        id: "user-secret".into(),
+        state: MemberState::Flagged,
+    };
+    assert_eq!(format!("{m:?}"), "Member(<11 bytes>, Flagged)");
+    let e = Encoded::from_parts(encode(&audience(3))).unwrap();
+    assert!(!format!("{e:?}").contains("user-"));
+}
+
+#[test]
+fn another_export_or_identifier_type_is_refused() {
+    let h = header();
+    let me = h.export.clone();
+    assert!(h.check(&me, IdentifierKind::ExternalId, None).is_ok());
+    let other = Owner {
+        namespace: Some("marketing".into()),
+        name: "vip".into(),
+    };
+    assert_eq!(
+        h.check(&other, IdentifierKind::ExternalId, None)
+            .unwrap_err(),
+        "it belongs to the export marketing/churn-risk, not marketing/vip"
+    );
+    assert_eq!(
+        h.check(&me, IdentifierKind::BrazeId, None).unwrap_err(),
+        "it holds external_id identifiers, and this export uses braze_id"
+    );
+    let alias = Header {
+        identifier: IdentifierKind::UserAlias,
+        alias_label: Some("a".into()),
+        ..header()
+    };
+    assert!(
+        alias
+            .check(&me, IdentifierKind::UserAlias, Some("a"))
+            .is_ok()
+    );
+    assert!(
+        alias
+            .check(&me, IdentifierKind::UserAlias, Some("b"))
+            .is_err()
+    );
+}
+
+#[test]
+fn files_are_written_atomically_and_privately() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.bin");
+    assert!(read_file(&path).unwrap().is_none());
+    let e = Encoded::from_parts(encode(&audience(5))).unwrap();
+    write_file(&path, &e).unwrap();
+    let back = read_file(&path).unwrap().unwrap();
+    assert_eq!(back, e);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1, "no temporary file left behind");
+}
+
+#[test]
+fn removal_is_allowed_once_by_the_run_now_request_it_repeats() {
+    let yaml = r#"
+schedule: "0 6 * * *"
+looker: {baseUrl: "https://x.looker.com", lookId: "1", credentialsSecretRef: {name: l}}
+braze: {endpoint: "https://rest.iad-01.braze.com", apiKeySecretRef: {name: b}, removal: Remove}
+"#;
+    let spec: BrazeExportSpec = serde_saphyr::from_str(yaml).unwrap();
+    let ann = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let both = ann(&[(RUN_NOW_ANNOTATION, "t1"), (ALLOW_REMOVAL_ANNOTATION, "t1")]);
+    let handled = |v: &str| BrazeExportStatus {
+        last_handled_run_request: Some(v.into()),
+        ..BrazeExportStatus::default()
+    };
+    assert!(removal_allowed_once(&spec, &both, None));
+    assert!(removal_allowed_once(&spec, &both, Some(&handled("t0"))));
+    assert!(
+        !removal_allowed_once(&spec, &both, Some(&handled("t1"))),
+        "once: the request was handled"
+    );
+    let stale = ann(&[(RUN_NOW_ANNOTATION, "t2"), (ALLOW_REMOVAL_ANNOTATION, "t1")]);
+    assert!(!removal_allowed_once(&spec, &stale, Some(&handled("t1"))));
+    assert!(!removal_allowed_once(
+        &spec,
+        &ann(&[(ALLOW_REMOVAL_ANNOTATION, "t1")]),
+        None
+    ));
+    assert!(!removal_allowed_once(
+        &spec,
+        &ann(&[(RUN_NOW_ANNOTATION, ""), (ALLOW_REMOVAL_ANNOTATION, "")]),
+        None
+    ));
+    let mut keep = spec.clone();
+    keep.braze.removal = RemovalMode::Keep;
+    assert!(!removal_allowed_once(&keep, &both, None));
+}
