@@ -16,7 +16,7 @@ use super::dump::PayloadDump;
 use super::error::BrazeError;
 use super::limiter::Limiter;
 use super::retry::RetryPolicy;
-use crate::secret::Secret;
+use crate::redacted::Redacted;
 use crate::text::{error_chain, truncate};
 
 /// Why objects were not delivered.
@@ -243,7 +243,7 @@ impl BrazeClient {
     pub fn new(
         http: reqwest::Client,
         url: Url,
-        key: &Secret,
+        key: &Redacted,
         limiter: Arc<Limiter>,
         retry: RetryPolicy,
     ) -> Result<Self, BrazeError> {
@@ -641,7 +641,7 @@ mod tests {
         let c = BrazeClient::new(
             http.clone(),
             url(),
-            &Secret::new("k-123"),
+            &Redacted::new("k-123"),
             Arc::new(Limiter::new(Default::default())),
             RetryPolicy::default(),
         )
@@ -652,7 +652,7 @@ mod tests {
             BrazeClient::new(
                 http,
                 url(),
-                &Secret::new("bad\nkey"),
+                &Redacted::new("bad\nkey"),
                 Arc::new(Limiter::new(Default::default())),
                 RetryPolicy::default()
             ),

@@ -15,7 +15,7 @@ use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
 
 use super::retry::RetryPolicy;
-use crate::secret::Secret;
+use crate::redacted::Redacted;
 use crate::spec::RateLimitSpec;
 
 /// Share of the ceiling the pacing aims at, leaving room for timer jitter.
@@ -191,7 +191,7 @@ pub struct LimiterRegistry {
 impl LimiterRegistry {
     /// The limiter for `endpoint` and `key`, created on first use; its ceiling is set to
     /// `ceiling`.
-    pub fn get(&self, endpoint: &Url, key: &Secret, ceiling: RateLimitSpec) -> Arc<Limiter> {
+    pub fn get(&self, endpoint: &Url, key: &Redacted, ceiling: RateLimitSpec) -> Arc<Limiter> {
         let id = (
             endpoint.as_str().to_owned(),
             self.keys.hash_one(key.expose()),
@@ -384,15 +384,15 @@ mod tests {
         let r = LimiterRegistry::default();
         let a: Url = "https://rest.iad-01.braze.com/users/track".parse().unwrap();
         let b: Url = "https://rest.iad-02.braze.com/users/track".parse().unwrap();
-        let k1 = Secret::new("k1");
+        let k1 = Redacted::new("k1");
         let c = RateLimitSpec::default();
         assert!(Arc::ptr_eq(
             &r.get(&a, &k1, c),
-            &r.get(&a, &Secret::new("k1"), c)
+            &r.get(&a, &Redacted::new("k1"), c)
         ));
         assert!(!Arc::ptr_eq(
             &r.get(&a, &k1, c),
-            &r.get(&a, &Secret::new("k2"), c)
+            &r.get(&a, &Redacted::new("k2"), c)
         ));
         assert!(!Arc::ptr_eq(&r.get(&a, &k1, c), &r.get(&b, &k1, c)));
     }

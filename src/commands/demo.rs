@@ -10,8 +10,8 @@ use crate::export::{
     AudienceInput, AudienceUpdate, Credentials, ExportPlan, RunOptions, Services, Trigger,
     run_export_synced,
 };
+use crate::redacted::Redacted;
 use crate::sandbox::{BrazeSandbox, Fault, Generator, Look, LookerSandbox};
-use crate::secret::Secret;
 use crate::spec::RemovalMode;
 
 /// The example export shipped in `examples/`, which the demo runs.
@@ -61,8 +61,8 @@ async fn try_demo(rows: u64) -> Result<i32, String> {
     );
     let creds = Credentials {
         looker_client_id: "demo-client-id".into(),
-        looker_client_secret: Secret::new("demo-client-secret"),
-        braze_api_key: Some(Secret::new("demo-api-key")),
+        looker_client_secret: Redacted::new("demo-client-secret"),
+        braze_api_key: Some(Redacted::new("demo-api-key")),
     };
     let services = Services::default();
     let owner = Owner {

@@ -15,7 +15,7 @@ use crate::export::{
     AudienceInput, AudienceUpdate, Credentials, ExportPlan, Progress, RunOptions, RunReport,
     Services, Trigger, run_export_synced,
 };
-use crate::secret::Secret;
+use crate::redacted::Redacted;
 
 /// Exit code for bad input: unreadable file, invalid spec, missing credential.
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -194,11 +194,12 @@ pub fn credentials_from_env(dry_run: bool) -> Result<Credentials, BadInput> {
         _ => Err(BadInput(format!("missing credential: set {name} ({what})"))),
     };
     let looker_client_id = var(ENV_CLIENT_ID, "the Looker API client id")?;
-    let looker_client_secret = Secret::new(var(ENV_CLIENT_SECRET, "the Looker API client secret")?);
+    let looker_client_secret =
+        Redacted::new(var(ENV_CLIENT_SECRET, "the Looker API client secret")?);
     let braze_api_key = if dry_run {
         None
     } else {
-        Some(Secret::new(var(
+        Some(Redacted::new(var(
             ENV_API_KEY,
             "the Braze REST API key with users.track",
         )?))

@@ -1,7 +1,7 @@
 //! Reading an export's credentials from its two Secrets, at the start of each run (so a
 //! changed Secret is used by the next run without a restart), each read bounded in time.
 
-use k8s_openapi::api::core::v1::Secret as KubeSecret;
+use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client, ResourceExt};
 
 use super::context::Context;
@@ -9,7 +9,7 @@ use super::error::Error;
 use super::status::reason;
 use super::timeouts::API_TIMEOUT;
 use crate::export::Credentials;
-use crate::secret::Secret;
+use crate::redacted::Redacted;
 use crate::spec::{BrazeExport, BrazeExportSpec};
 
 /// Why the credentials cannot be read. Messages name the Secret, key and field, never a value.
@@ -51,11 +51,11 @@ impl SecretError {
 
 /// One Secret, read once.
 async fn fetch(
-    api: &Api<KubeSecret>,
+    api: &Api<Secret>,
     namespace: &str,
     name: &str,
     field: &'static str,
-) -> Result<KubeSecret, SecretError> {
+) -> Result<Secret, SecretError> {
     let secret = api.get_opt(name).await.map_err(|source| SecretError::Api {
         namespace: namespace.into(),
         name: name.into(),
@@ -70,11 +70,11 @@ async fn fetch(
 
 /// The trimmed, non-empty value of `key` in `secret`.
 fn value(
-    secret: &KubeSecret,
+    secret: &Secret,
     namespace: &str,
     key: &str,
     field: &'static str,
-) -> Result<Secret, SecretError> {
+) -> Result<Redacted, SecretError> {
     let text = secret
         .data
         .as_ref()
@@ -82,7 +82,7 @@ fn value(
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
         .map(|s| s.trim().to_owned());
     match text {
-        Some(t) if !t.is_empty() => Ok(Secret::new(t)),
+        Some(t) if !t.is_empty() => Ok(Redacted::new(t)),
         _ => Err(SecretError::MissingKey {
             namespace: namespace.into(),
             name: secret.metadata.name.clone().unwrap_or_default(),
@@ -98,7 +98,7 @@ pub async fn credentials(
     namespace: &str,
     spec: &BrazeExportSpec,
 ) -> Result<Credentials, SecretError> {
-    let api: Api<KubeSecret> = Api::namespaced(client.clone(), namespace);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let l = &spec.looker.credentials_secret_ref;
     let b = &spec.braze.api_key_secret_ref;
     const LOOKER: &str = "spec.looker.credentialsSecretRef";
@@ -126,13 +126,13 @@ pub async fn braze_key(
     namespace: &str,
     spec: &BrazeExportSpec,
 ) -> Result<Credentials, SecretError> {
-    let api: Api<KubeSecret> = Api::namespaced(client.clone(), namespace);
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let b = &spec.braze.api_key_secret_ref;
     const BRAZE: &str = "spec.braze.apiKeySecretRef";
     let secret = fetch(&api, namespace, &b.name, BRAZE).await?;
     Ok(Credentials {
         looker_client_id: String::new(),
-        looker_client_secret: Secret::new(String::new()),
+        looker_client_secret: Redacted::new(String::new()),
         braze_api_key: Some(value(&secret, namespace, &b.key, BRAZE)?),
     })
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::Url;
 
 use super::mapping::ObjectShape;
-use crate::secret::Secret;
+use crate::redacted::Redacted;
 use crate::spec::{BrazeExportSpec, FieldError, RateLimitSpec, RemovalMode, ResultsMode};
 
 /// The credentials of a run, read from Secrets or the environment.
@@ -14,9 +14,9 @@ pub struct Credentials {
     /// Looker API client id.
     pub looker_client_id: String,
     /// Looker API client secret.
-    pub looker_client_secret: Secret,
+    pub looker_client_secret: Redacted,
     /// Braze REST API key; not needed for a dry run.
-    pub braze_api_key: Option<Secret>,
+    pub braze_api_key: Option<Redacted>,
 }
 
 /// A spec that passed validation, in the shape the pipeline uses.

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::body::{OutOfTime, WaitBudget};
 use super::error::LookerError;
-use crate::secret::Secret;
+use crate::redacted::Redacted;
 use crate::spec::ResultsMode;
 use crate::text::{clean, error_chain};
 
@@ -29,7 +29,7 @@ pub struct LookerClient {
     http: reqwest::Client,
     api: Url,
     client_id: String,
-    client_secret: Secret,
+    client_secret: Redacted,
     timeout_seconds: u64,
 }
 
@@ -44,7 +44,7 @@ impl LookerClient {
         http: reqwest::Client,
         api: Url,
         client_id: String,
-        client_secret: Secret,
+        client_secret: Redacted,
         timeout_seconds: u64,
     ) -> Self {
         Self {
@@ -86,7 +86,7 @@ impl LookerClient {
         &self,
         budget: &mut WaitBudget,
         look_id: &str,
-    ) -> Result<Secret, LookerError> {
+    ) -> Result<Redacted, LookerError> {
         let url = self.login_url();
         let request = self
             .http
@@ -134,7 +134,7 @@ impl LookerClient {
         // The parse error is not kept: it may quote the body.
         let token: AccessToken =
             serde_json::from_slice(&body).map_err(|_| bad("without an access token"))?;
-        Ok(Secret::new(token.access_token))
+        Ok(Redacted::new(token.access_token))
     }
 
     /// Logs in and starts running the Look; logs in once more if the token is refused (401).

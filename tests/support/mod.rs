@@ -14,8 +14,8 @@ use braze_export_operator::export::{
     AudienceInput, AudienceUpdate, Credentials, ExportPlan, RunOptions, RunReport, RunResult,
     Services, Trigger, run_export, run_export_synced,
 };
+use braze_export_operator::redacted::Redacted;
 use braze_export_operator::sandbox::{BrazeSandbox, LookerSandbox};
-use braze_export_operator::secret::Secret;
 use serde_json::{Value, json};
 
 pub const CLIENT_ID: &str = "looker-client-7f3a";
@@ -138,8 +138,8 @@ pub fn identifier(o: &Value) -> String {
 pub fn creds() -> Credentials {
     Credentials {
         looker_client_id: CLIENT_ID.into(),
-        looker_client_secret: Secret::new(CLIENT_SECRET),
-        braze_api_key: Some(Secret::new(API_KEY)),
+        looker_client_secret: Redacted::new(CLIENT_SECRET),
+        braze_api_key: Some(Redacted::new(API_KEY)),
     }
 }
 

@@ -4,12 +4,12 @@ use std::fmt;
 
 /// A credential (Looker client secret, Braze API key, access token).
 ///
-/// `Debug` and `Display` print `<redacted>`; only [`Secret::expose`] gives the value, and
+/// `Debug` and `Display` print `<redacted>`; only [`Redacted::expose`] gives the value, and
 /// callers use it solely to put the value on the wire.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct Redacted(String);
 
-impl Secret {
+impl Redacted {
     /// Wraps a credential value.
     pub fn new(value: impl Into<String>) -> Self {
         Self(value.into())
@@ -21,13 +21,13 @@ impl Secret {
     }
 }
 
-impl fmt::Debug for Secret {
+impl fmt::Debug for Redacted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
 }
 
-impl fmt::Display for Secret {
+impl fmt::Display for Redacted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
@@ -39,7 +39,7 @@ mod tests {
 
     #[test]
     fn never_prints_its_value() {
-        let s = Secret::new("hunter2");
+        let s = Redacted::new("hunter2");
         assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
         assert_eq!(s.expose(), "hunter2");
     }
