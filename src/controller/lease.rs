@@ -21,6 +21,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::timeouts::LEASE_RELEASE_TIMEOUT;
+
 /// Lease-based leader election settings.
 #[derive(Clone, Debug)]
 pub struct LeaderElection {
@@ -193,7 +195,7 @@ async fn step_down(api: &Api<Lease>, le: &LeaderElection, instance: &str, releas
         return;
     }
     let released =
-        tokio::time::timeout(Duration::from_secs(5), release_lease(api, le, instance)).await;
+        tokio::time::timeout(LEASE_RELEASE_TIMEOUT, release_lease(api, le, instance)).await;
     if !matches!(released, Ok(Ok(()))) {
         tracing::warn!(lease = %le.lease_name, "could not release the Lease; it expires on its own");
     }

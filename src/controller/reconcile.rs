@@ -16,8 +16,8 @@ use super::error::Error;
 use super::finalizer::{held, wanted};
 use super::run_task::RunTask;
 use super::status::reason;
-use super::step::{self, Note, RUN_POLL, Start, Step, Then};
-use super::timeouts::{CONFLICT_REQUEUE, ERROR_REQUEUE};
+use super::step::{self, Note, Start, Step, Then};
+use super::timeouts::{CONFLICT_REQUEUE, ERROR_REQUEUE, RUN_POLL};
 use super::watched::{Undecodable, Watched};
 use crate::spec::BrazeExport;
 

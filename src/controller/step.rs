@@ -7,17 +7,12 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 
 use super::status::{self, reason};
-use super::timeouts::SECRET_RETRY;
+use super::timeouts::{MAX_REQUEUE, RUN_POLL, SECRET_RETRY};
 use crate::export::ExportPlan;
 use crate::export::report::{Outcome, RunReport};
 use crate::looker::hosts::AllowedHosts;
 use crate::schedule::{Decision, Due, Inputs, RUN_NOW_ANNOTATION, Schedule, decide, retry};
 use crate::spec::{BrazeExport, BrazeExportStatus, FieldError, join_errors};
-
-/// Longest wait before looking at an export again.
-pub const MAX_REQUEUE: Duration = Duration::from_secs(3600);
-/// How often an export whose run is in this process is looked at.
-pub const RUN_POLL: Duration = Duration::from_secs(2);
 
 /// What the step reads besides the export.
 #[derive(Clone, Copy, Debug)]
