@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
-use tokio::sync::{broadcast, watch as signal};
+use tokio::sync::broadcast;
 
 use admission::Crd;
 use routing::{Conn, bind, client_for};
@@ -135,7 +135,7 @@ impl FakeApiServer {
     /// (JSON) by its schema and CEL rules.
     pub async fn start_with_crd(crd: Value) -> Self {
         let (changes, _) = broadcast::channel(100_000);
-        let (expiry, _) = signal::channel(0);
+        let (expiry, _) = tokio::sync::watch::channel(0);
         let inner = Inner {
             crd: Some(Arc::new(Crd::new(&crd))),
             ..Inner::default()
@@ -166,7 +166,7 @@ impl FakeApiServer {
     /// A kube client reaching this server through a listener of its own, and the
     /// [`Partition`] that can cut it off. Other clients are never affected.
     pub fn partitionable_client(&self) -> (kube::Client, Partition) {
-        let (cut, gate) = signal::channel(false);
+        let (cut, gate) = tokio::sync::watch::channel(false);
         let url = self.listen(Conn {
             state: Arc::clone(&self.state),
             gate: Some(gate),

@@ -274,10 +274,10 @@ fn parse_request(
     uri: &Uri,
     headers: &HeaderMap,
     body: &Bytes,
-) -> Result<Request, Response> {
+) -> Result<Request, Rejection> {
     let query = parse_query(uri);
     let Some(target) = parse_path(uri.path()) else {
-        return Err(status_error(
+        return Err(Rejection::new(
             404,
             "NotFound",
             format!("no route {}", uri.path()),
@@ -287,7 +287,7 @@ fn parse_request(
         Value::Null
     } else {
         serde_json::from_slice(body)
-            .map_err(|e| status_error(400, "BadRequest", format!("the body is not JSON: {e}")))?
+            .map_err(|e| Rejection::new(400, "BadRequest", format!("the body is not JSON: {e}")))?
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -300,7 +300,7 @@ fn parse_request(
             .get("fieldSelector")
             .and_then(|f| field_selector_error(f))
     {
-        return Err(status_error(400, "BadRequest", e));
+        return Err(Rejection::new(400, "BadRequest", e));
     }
     Ok(Request {
         method,
@@ -316,7 +316,7 @@ fn parse_request(
 fn serve(state: &ApiState, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
     state.lock().requests.push(format!("{method} {uri}"));
     match parse_request(method, &uri, &headers, &body) {
-        Err(refused) => refused,
+        Err(refused) => refused.response(),
         Ok(req) => match (&req.method, &req.target.name) {
             (&Method::POST, None) | (&Method::PUT | &Method::PATCH, Some(_)) => {
                 serve_write(state, req)
