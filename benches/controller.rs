@@ -5,13 +5,14 @@
 //!
 //! `cargo bench --bench controller [-- --exports N --max-concurrent-runs K]`
 
-#[path = "../tests/support/apiserver.rs"]
-mod apiserver;
+#[path = "../tests/support/fake.rs"]
+mod fake;
 
 use std::time::{Duration, Instant};
 
-use apiserver::{EXPORTS, FakeApiServer};
 use braze_export_operator::sandbox::{BrazeSandbox, Generator, Look, LookerSandbox};
+use fake::Start as _;
+use fake_apiserver::{EXPORTS, FakeApiServer};
 use serde_json::{Value, json};
 
 fn arg(name: &str) -> Option<String> {

@@ -2,10 +2,9 @@
 //! parts under the Secret limit owned by the export, a manifest written last, old generations
 //! deleted, and a crashed save that never mixes generations.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
+#[path = "support/fake.rs"]
+mod fake;
 
-use apiserver::{FakeApiServer, SECRETS};
 use braze_export_operator::audience::{
     self, Audience, Encoded, Header, Member, MemberState, Owner,
 };
@@ -13,6 +12,8 @@ use braze_export_operator::controller::audience_store::{
     OWNER_LABEL, StoreError, delete_audience, load_audience, manifest_name, save_audience,
 };
 use braze_export_operator::spec::{BrazeExport, IdentifierKind};
+use fake::Start as _;
+use fake_apiserver::{self as apiserver, FakeApiServer, SECRETS};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::{Value, json};

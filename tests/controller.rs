@@ -1,17 +1,18 @@
 //! The controller end to end: a real kube-runtime `Controller` against the project's fake
 //! apiserver, with the sandbox Looker and Braze, asserting the status a user would read.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
+#[path = "support/fake.rs"]
+mod fake;
 #[path = "support/operator.rs"]
 mod operator;
 mod support;
 
 use std::time::Duration;
 
-use apiserver::{EXPORTS, FakeApiServer};
 use braze_export_operator::controller::Config;
 use braze_export_operator::sandbox::{Fault, Generator, Look};
+use fake::Start as _;
+use fake_apiserver::{self as apiserver, EXPORTS, FakeApiServer};
 use operator::*;
 use serde_json::json;
 use support::*;

@@ -2,14 +2,15 @@
 //! by it, removes the flag from users who left the Look, holds the removal limit, and lets a
 //! run-now with the allow-removal annotation go past it once.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
+#[path = "support/fake.rs"]
+mod fake;
 #[path = "support/operator.rs"]
 mod operator;
 mod support;
 
-use apiserver::{EVENTS, EXPORTS, FakeApiServer, SECRETS};
 use braze_export_operator::sandbox::{Generator, Look};
+use fake::Start as _;
+use fake_apiserver::{EVENTS, EXPORTS, FakeApiServer, SECRETS};
 use operator::*;
 use serde_json::{Value, json};
 use support::*;

@@ -1,14 +1,15 @@
 //! The `controller` binary as deployed: against the fake apiserver through a kubeconfig,
 //! with `/metrics`, `/healthz`, `/readyz`, SIGTERM, and no secret anywhere.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
+#[path = "support/fake.rs"]
+mod fake;
 mod support;
 
 use std::time::Duration;
 
-use apiserver::{EVENTS, EXPORTS, FakeApiServer};
 use braze_export_operator::sandbox::{Generator, Look};
+use fake::Start as _;
+use fake_apiserver::{self as apiserver, EVENTS, EXPORTS, FakeApiServer};
 use serde_json::{Value, json};
 use support::*;
 

@@ -3,17 +3,18 @@
 //! a newer operator, a queue of runs, a recreated namesake, a run that keeps crashing. Each
 //! test fails on the controller before these were handled.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
+#[path = "support/fake.rs"]
+mod fake;
 #[path = "support/operator.rs"]
 mod operator;
 mod support;
 
 use std::time::Duration;
 
-use apiserver::{EXPORTS, FakeApiServer};
 use braze_export_operator::controller::Config;
 use braze_export_operator::sandbox::{Fault, Generator, Look};
+use fake::Start as _;
+use fake_apiserver::{self as apiserver, EXPORTS, FakeApiServer};
 use operator::*;
 use serde_json::json;
 use support::*;

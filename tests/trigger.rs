@@ -2,17 +2,18 @@
 //! kubeconfig pointing at the fake apiserver, the controller binary running the exports
 //! against the sandbox Looker and Braze, and the per-export metrics on its `/metrics`.
 
-#[path = "support/apiserver.rs"]
-mod apiserver;
+#[path = "support/fake.rs"]
+mod fake;
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use apiserver::{EXPORTS, FakeApiServer};
 use braze_export_operator::export::RunReport;
 use braze_export_operator::sandbox::{Fault, Generator, Look};
+use fake::Start as _;
+use fake_apiserver::{EXPORTS, FakeApiServer};
 use serde_json::Value;
 use support::*;
 

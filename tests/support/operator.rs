@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use braze_export_operator::controller::{self, Config, LeaderElection};
 use braze_export_operator::ops::metrics::Metrics;
+use fake_apiserver::{EVENTS, EXPORTS, FakeApiServer, LEASES, Rule};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::apiserver::{EVENTS, EXPORTS, FakeApiServer, LEASES, Rule};
 use crate::support::{API_KEY, CLIENT_ID, CLIENT_SECRET, World};
 
 /// The namespace of the tests' exports.
