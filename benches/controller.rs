@@ -59,7 +59,7 @@ fn main() {
         let kubeconfig = api.kubeconfig();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_braze-export-operator"))
-            .args(["controller", "--metrics-addr", &format!("127.0.0.1:{port}"), "--max-concurrent-runs", &concurrency])
+            .args(["controller", "--metrics-addr", &format!("127.0.0.1:{port}"), "--max-concurrent-runs", &concurrency, "--looker-allowed-hosts=127.0.0.1"])
             .env("KUBECONFIG", kubeconfig.path())
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())

@@ -71,6 +71,8 @@ async fn the_binary_serves_health_and_metrics_and_leaks_nothing() {
             &format!("127.0.0.1:{port}"),
             "--max-concurrent-runs",
             "2",
+            // The sandbox Looker: trusted with the exports' credentials.
+            "--looker-allowed-hosts=127.0.0.1",
         ])
         .env("KUBECONFIG", kubeconfig.path())
         .env("RUST_LOG", "trace")

@@ -78,6 +78,8 @@ impl Cluster {
         let port = free_port();
         let child = tokio::process::Command::new(binary())
             .args(["controller", "--metrics-addr", &format!("127.0.0.1:{port}")])
+            // The sandbox Looker: trusted with the exports' credentials.
+            .arg("--looker-allowed-hosts=127.0.0.1")
             .env("KUBECONFIG", self.kubeconfig.path())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())

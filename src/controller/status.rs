@@ -55,11 +55,13 @@ pub mod reason {
     pub const CLEANUP_INCOMPLETE: &str = "CleanupIncomplete";
     /// A run failed because the stored audience could not be read.
     pub const AUDIENCE_UNREADABLE: &str = "AudienceUnreadable";
+    /// `Ready`: the export's Looker host may not receive its Secret's values.
+    pub const CREDENTIALS_NOT_ALLOWED: &str = "CredentialsNotAllowed";
     /// Watch error (metric): an export this version cannot decode.
     pub const UNDECODABLE_OBJECT: &str = "UndecodableObject";
 
     /// All of them.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -82,6 +84,7 @@ pub mod reason {
         CLEANUP_INCOMPLETE,
         AUDIENCE_UNREADABLE,
         UNDECODABLE_OBJECT,
+        CREDENTIALS_NOT_ALLOWED,
     ];
 }
 

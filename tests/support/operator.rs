@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use braze_export_operator::controller::{self, Config, LeaderElection};
 use braze_export_operator::ops::metrics::Metrics;
-use fake_apiserver::{EVENTS, EXPORTS, FakeApiServer, LEASES, Rule};
+use fake_apiserver::{EVENTS, EXPORTS, FakeApiServer, LEASES, Rule, SECRETS};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -130,14 +130,26 @@ pub fn holder(api: &FakeApiServer) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The two Secrets of the tests' exports.
+/// The two Secrets of the tests' exports; the Looker one allows the sandbox's host (the
+/// operator under test allows any host, so it trusts none with credentials by itself).
 pub fn secrets(api: &FakeApiServer) {
     api.put_secret(
         NS,
         "looker-api",
         &[("client_id", CLIENT_ID), ("client_secret", CLIENT_SECRET)],
     );
+    allow_looker_host(api, "looker-api");
     api.put_secret(NS, "braze-api", &[("api_key", API_KEY)]);
+}
+
+/// Lets Secret `name` go to the sandbox Looker's host (`127.0.0.1`).
+pub fn allow_looker_host(api: &FakeApiServer, name: &str) {
+    api.patch(
+        SECRETS,
+        NS,
+        name,
+        json!({"metadata": {"annotations": {"looker-braze.dev/allowed-hosts": "127.0.0.1"}}}),
+    );
 }
 
 /// Creates export `name` on Look `look`, with extra lines under `spec.braze` and `spec`.
