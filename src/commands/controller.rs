@@ -50,7 +50,7 @@ pub struct ControllerArgs {
     pub lease_namespace: Option<String>,
     /// This replica's name (default: POD_NAME, else the host name); the operator instance is
     /// this name and a per-process suffix.
-    #[arg(long = "identity", env = "POD_NAME")]
+    #[arg(long = "identity", env = "POD_NAME", value_name = "IDENTITY")]
     pub pod_name: Option<String>,
 }
 

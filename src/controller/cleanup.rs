@@ -256,8 +256,8 @@ impl Cleanup {
             let fields: Vec<String> = e.iter().map(ToString::to_string).collect();
             format!("the spec is invalid ({})", fields.join("; "))
         })?;
-        let key = credentials::braze_key(&ctx.client, &ns, &export.spec);
-        let creds = within(API_TIMEOUT, "the Braze Secret", key).await?;
+        let read_key = credentials::braze_key(&ctx.client, &ns, &export.spec);
+        let creds = within(API_TIMEOUT, "the Braze Secret", read_key).await?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
         let loaded = audience_store::load_audience(&api, export);
         let previous = within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await?;

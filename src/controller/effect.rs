@@ -1,7 +1,10 @@
 //! The one place a decision takes effect: a [`Step`]'s status is written (compare-and-swap on
 //! the version it was decided on), then its Events published, then its next look returned as
-//! the reconcile's [`Action`]. Every outcome goes through [`effect`]: a reconcile's, a run
-//! blocked by its Secrets, an export this version cannot decode, and a run's end.
+//! the reconcile's [`Action`]. Every decided outcome goes through [`effect`]: a reconcile's, a
+//! run blocked by its Secrets, an export this version cannot decode, and a run's end. What a
+//! run writes while it lasts (`Queued`, its start, its progress, a cleanup's `CleaningUp`)
+//! goes through its [`RunWriter`] or [`writer::write`], and the Events beside it
+//! (`RunStarted`, `AudienceNotSaved`, a cleanup's result) through [`events`].
 
 use kube::runtime::controller::Action;
 
@@ -39,11 +42,10 @@ pub async fn effect(ctx: &Context, target: Target<'_>, step: Step) -> Result<Act
         None => Ok(()),
         Some(next) => write(ctx, &target, next).await,
     };
-    let told = match (&written, &target) {
-        (Ok(()), _) => true,
-        (Err(Error::Lost | Error::Gone), _) => false,
-        (Err(_), Target::RunEnd { .. }) => true,
-        (Err(_), _) => false,
+    let told = match &written {
+        Ok(()) => true,
+        Err(Error::Lost | Error::Gone) => false,
+        Err(_) => matches!(target, Target::RunEnd { .. }),
     };
     if told && let Some(export) = regarding(&target) {
         events::publish_all(ctx, export, &step.notes).await;
@@ -51,7 +53,12 @@ pub async fn effect(ctx: &Context, target: Target<'_>, step: Step) -> Result<Act
     written?;
     Ok(match step.then {
         Then::Requeue(after) => Action::requeue(after),
-        Then::AwaitChange | Then::Start(_) => Action::await_change(),
+        Then::AwaitChange => Action::await_change(),
+        // A start is the reconcile's to make (Secrets, a slot, a task), never a step's effect.
+        Then::Start(_) => {
+            debug_assert!(false, "a start reached effect");
+            Action::await_change()
+        }
     })
 }
 

@@ -69,7 +69,10 @@ where
     loop {
         match attempt(n).await {
             Err(e) if policy.may_try_again(n) && again(&e, n) => {
-                tokio::time::sleep(policy.pause_after(n)).await;
+                let pause = policy.pause_after(n);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 n += 1;
             }
             result => return result,

@@ -60,8 +60,8 @@ pub mod reason {
     /// Watch error (metric): an export this version cannot decode.
     pub const UNDECODABLE_OBJECT: &str = "UndecodableObject";
 
-    /// All of them.
-    pub const ALL: [&str; 23] = [
+    /// All of them but the metric-only [`UNDECODABLE_OBJECT`].
+    pub const ALL: [&str; 22] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -83,7 +83,6 @@ pub mod reason {
         CLEANED_UP,
         CLEANUP_INCOMPLETE,
         AUDIENCE_UNREADABLE,
-        UNDECODABLE_OBJECT,
         CREDENTIALS_NOT_ALLOWED,
     ];
 }
