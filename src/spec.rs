@@ -67,7 +67,15 @@ pub struct BrazeExportSpec {
     /// audience.
     #[serde(default)]
     pub cleanup_on_delete: bool,
+    /// Longest a run may take, start to end, however its answers trickle; past it the run is
+    /// stopped and fails with `DeadlineExceeded`. 21600 (6 hours) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604_800))]
+    pub active_deadline_seconds: Option<u64>,
 }
+
+/// A run's deadline when `spec.activeDeadlineSeconds` is absent: 6 hours.
+pub const DEFAULT_ACTIVE_DEADLINE_SECONDS: u64 = 6 * 3600;
 
 /// The Looker side of an export.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -383,6 +391,14 @@ impl BrazeExportSpec {
             errors.push(FieldError::new(
                 "spec.startingDeadlineSeconds",
                 "must be 0 to 31622400 (one year)",
+            ));
+        }
+        if let Some(d) = self.active_deadline_seconds
+            && !(1..=604_800).contains(&d)
+        {
+            errors.push(FieldError::new(
+                "spec.activeDeadlineSeconds",
+                "must be 1 to 604800 (one week) when set",
             ));
         }
         if let Some(n) = self.max_rows

@@ -97,6 +97,50 @@ async fn a_looker_that_stalls_mid_body_times_out_as_looker_timeout() {
 }
 
 #[tokio::test]
+async fn a_look_that_trickles_is_stopped_at_the_run_s_deadline() {
+    // Every row 100 ms apart: no single wait is long enough for timeoutSeconds, and the
+    // whole body would take a minute and a half.
+    let w = World::start().await;
+    let mut look = Look::users(1000, Generator::Clean);
+    look.slow_after = Some((20, Duration::from_millis(100)));
+    w.looker.add_look("1", look);
+    let started = Instant::now();
+    let r = w
+        .run(&w.yaml_looker(
+            "1",
+            "timeoutSeconds: 30",
+            "batchSize: 10",
+            "activeDeadlineSeconds: 2",
+        ))
+        .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "stopped at its deadline, took {took:?}"
+    );
+    assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
+    assert_eq!(r.errors[0].reason, "DeadlineExceeded");
+    assert_eq!(
+        r.errors[0].message,
+        "the run took longer than spec.activeDeadlineSeconds (2 s) and was stopped; raise it if the Look needs longer"
+    );
+    let c = &r.counts;
+    assert!(c.rows_read >= 20 && c.rows_read < 1000, "{c:?}");
+    assert_eq!(
+        c.rows_read,
+        c.sent + c.failed,
+        "every row read is counted once: {c:?}"
+    );
+    assert!(
+        r.errors
+            .iter()
+            .all(|e| e.reason != "Interrupted" && !e.message.contains("shutting down")),
+        "nothing says shutdown: {:?}",
+        r.errors
+    );
+}
+
+#[tokio::test]
 async fn a_429_with_no_usable_wait_is_waited_out_not_failed() {
     // 300 users behind forty 429s that name no wait: zero, absent, or a reset in the past.
     let w = World::start().await;

@@ -19,6 +19,9 @@ use super::retry::RetryPolicy;
 use crate::redacted::Redacted;
 use crate::text::{error_chain, truncate};
 
+/// The reason of objects a stopped run (shutdown) did not get to send.
+pub const INTERRUPTED: &str = "Interrupted";
+
 /// Why objects were not delivered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailReason {
@@ -314,7 +317,7 @@ impl BrazeClient {
         }
         let interrupted = |attempts| {
             let why = "the operator is shutting down".into();
-            Unsettled(FailReason::Stopped("Interrupted", why), attempts)
+            Unsettled(FailReason::Stopped(INTERRUPTED, why), attempts)
         };
         let mut attempts = 0;
         let mut first = true;

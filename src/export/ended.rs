@@ -4,9 +4,10 @@
 
 use jiff::Timestamp;
 
-use super::error::RunError;
+use super::error::{DEADLINE_EXCEEDED, RunError};
 use super::options::RunOptions;
 use super::report::{self, RunContext, RunFailure, RunReport, SyncMode, Tally};
+use crate::braze::client::INTERRUPTED;
 
 /// How a run ended: its counts, what failed it, and whether shutdown stopped it.
 #[derive(Debug, Default)]
@@ -31,6 +32,19 @@ impl Ended {
         if self.failure.is_none() {
             self.failure = Some(e);
         }
+    }
+
+    /// A run its deadline stopped: what shutdown would have called an interruption is the
+    /// run's failure, and the rows it could not send say so.
+    pub(super) fn deadline_passed(&mut self, seconds: u64) {
+        if !self.interrupted || self.failure.is_some() {
+            return;
+        }
+        let e = RunError::DeadlineExceeded { seconds };
+        self.tally
+            .restate_stopped(INTERRUPTED, DEADLINE_EXCEEDED, &e.to_string());
+        self.interrupted = false;
+        self.failure = Some(e);
     }
 
     /// The report (checked to add up), as of now.

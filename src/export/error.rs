@@ -6,6 +6,9 @@ use crate::audience::AudienceError;
 use crate::braze::BrazeError;
 use crate::looker::LookerError;
 
+/// The reason of a run stopped at its deadline, and of the rows it could not send.
+pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
+
 /// Why a run failed as a whole. Each variant has a reason for conditions and metrics.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -35,6 +38,11 @@ pub enum RunError {
     /// The stored audience is damaged.
     #[error("the stored audience cannot be read: {0}")]
     AudienceUnreadable(AudienceError),
+    /// The run took longer than `spec.activeDeadlineSeconds` and was stopped.
+    #[error(
+        "the run took longer than spec.activeDeadlineSeconds ({seconds} s) and was stopped; raise it if the Look needs longer"
+    )]
+    DeadlineExceeded { seconds: u64 },
 }
 
 impl RunError {
@@ -48,6 +56,7 @@ impl RunError {
             Self::AudienceRequired => "AudienceRequired",
             Self::AudienceMismatch(_) => "AudienceMismatch",
             Self::AudienceUnreadable(_) => "AudienceUnreadable",
+            Self::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
         }
     }
 }

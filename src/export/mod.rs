@@ -7,6 +7,7 @@
 //! This file only declares the modules and re-exports what the rest of the crate uses.
 
 pub mod audience_sync;
+mod deadline;
 mod ended;
 pub mod error;
 pub mod mapping;

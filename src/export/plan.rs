@@ -6,7 +6,10 @@ use reqwest::Url;
 
 use super::mapping::ObjectShape;
 use crate::redacted::Redacted;
-use crate::spec::{BrazeExportSpec, FieldError, RateLimitSpec, RemovalMode, ResultsMode};
+use crate::spec::{
+    BrazeExportSpec, DEFAULT_ACTIVE_DEADLINE_SECONDS, FieldError, RateLimitSpec, RemovalMode,
+    ResultsMode,
+};
 
 /// The credentials of a run, read from Secrets or the environment.
 #[derive(Clone, Debug)]
@@ -36,6 +39,8 @@ pub struct ExportPlan {
     pub verify_tls: bool,
     /// Time Looker may take.
     pub looker_timeout_seconds: u64,
+    /// `spec.activeDeadlineSeconds`, or its default.
+    pub active_deadline_seconds: u64,
     /// Braze `/users/track` URL.
     pub track_url: Url,
     /// What every object shares.
@@ -85,6 +90,9 @@ impl ExportPlan {
             id_field: spec.looker.id_field.clone(),
             verify_tls: spec.looker.verify_tls,
             looker_timeout_seconds: spec.looker.timeout_seconds,
+            active_deadline_seconds: spec
+                .active_deadline_seconds
+                .unwrap_or(DEFAULT_ACTIVE_DEADLINE_SECONDS),
             track_url,
             shape: ObjectShape {
                 identifier: spec.braze.identifier,
@@ -112,5 +120,10 @@ impl ExportPlan {
     /// The Looker timeout as a duration.
     pub fn looker_timeout(&self) -> Duration {
         Duration::from_secs(self.looker_timeout_seconds)
+    }
+
+    /// The whole run's deadline.
+    pub fn active_deadline(&self) -> Duration {
+        Duration::from_secs(self.active_deadline_seconds)
     }
 }

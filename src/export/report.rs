@@ -480,6 +480,21 @@ impl Tally {
         self.note_n(reason, detail, rows.len() as u64, rows);
     }
 
+    /// Moves the rows not delivered because the run was stopped (`from`: the reason shutdown
+    /// gives them) to what really stopped it (`to`, `detail`): the counts stay.
+    pub fn restate_stopped(&mut self, from: &str, to: &'static str, detail: &str) {
+        for g in &mut self.groups {
+            match g.reason {
+                RowReason::NotDelivered(r) if r == from => g.reason = RowReason::NotDelivered(to),
+                RowReason::RemovalNotDelivered(r) if r == from => {
+                    g.reason = RowReason::RemovalNotDelivered(to);
+                }
+                _ => continue,
+            }
+            g.detail = detail.to_owned();
+        }
+    }
+
     /// Like [`Tally::note`] for `count` rows of which `rows` are examples.
     pub fn note_n(&mut self, reason: RowReason, detail: &str, count: u64, rows: &[u64]) {
         if count == 0 {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::audience_sync::{self, AudienceInput, AudiencePlan, AudienceUpdate, RunResult};
+use super::deadline::Deadline;
 use super::ended::Ended;
 use super::error::RunError;
 /// Re-exported here, where the tests that make the pipeline panic have always found it.
@@ -59,8 +60,15 @@ pub async fn run_export_synced(
     async {
         let start_time = Timestamp::now();
         tracing::info!(trigger = ?opts.trigger, dry_run = opts.dry_run, "run started");
+        // The deadline stops the run as shutdown does (every row still counted once), then
+        // names itself as the run's failure.
+        let deadline = Deadline::arm(&opts.cancel, plan.active_deadline());
+        let opts = RunOptions {
+            cancel: deadline.stop.clone(),
+            ..opts
+        };
         let planned = audience_sync::plan_audience(plan, &opts, audience, start_time).await;
-        let (ended, mode, update) = match planned {
+        let (mut ended, mode, update) = match planned {
             Err(e) => (Ended::failed(e), None, AudienceUpdate::Keep),
             Ok(planned) => {
                 let mode = planned.as_ref().and_then(|(p, _, _)| p.mode);
@@ -69,6 +77,9 @@ pub async fn run_export_synced(
                 (ended, mode, update)
             }
         };
+        if deadline.passed() {
+            ended.deadline_passed(plan.active_deadline_seconds);
+        }
         let report = ended.into_report(&opts, start_time, mode);
         if let Some(d) = &opts.dump
             && let Err(e) = d.flush()

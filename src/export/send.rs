@@ -15,6 +15,7 @@ use super::error::RunError;
 use super::options::{Failpoint, Progress, RunOptions, Services};
 use super::plan::{Credentials, ExportPlan};
 use super::report::{RowReason, Tally};
+use crate::braze::client::INTERRUPTED;
 use crate::braze::{Batch, BrazeClient, BrazeError, Delivery, FailReason};
 
 /// The Braze client of a run that sends; `None` for a dry run.
@@ -208,7 +209,7 @@ async fn drain(
 pub(super) fn stop_reason(fatal: Option<&BrazeError>) -> FailReason {
     match fatal {
         Some(f) => FailReason::Stopped(f.reason(), f.to_string()),
-        None => FailReason::Stopped("Interrupted", "the operator is shutting down".into()),
+        None => FailReason::Stopped(INTERRUPTED, "the operator is shutting down".into()),
     }
 }
 
@@ -258,7 +259,7 @@ fn absorb_delivery(out: &mut SendSummary, d: Delivery, progress: &Progress, side
         let n = rows.len() as u64;
         // A delivery stopped because another batch got a fatal answer: say which.
         let (reason, description) = match &out.fatal {
-            Some(f) if *reason == "Interrupted" => (f.reason(), stop_reason(Some(f)).describe(0)),
+            Some(f) if *reason == INTERRUPTED => (f.reason(), stop_reason(Some(f)).describe(0)),
             _ => (*reason, description.clone()),
         };
         if removals {
