@@ -16,6 +16,7 @@ pub mod export;
 pub mod http;
 pub mod looker;
 pub mod ops;
+pub mod private_file;
 pub mod redacted;
 pub mod sandbox;
 pub mod schedule;

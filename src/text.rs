@@ -24,6 +24,23 @@ pub fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// Cuts `s` to at most `max` bytes of UTF-8, on a character boundary, marking the cut (the
+/// mark, `…`, 3 bytes, counts in `max`): for fields limited in bytes, like an Event's note.
+pub fn truncate_bytes(s: &str, max: usize) -> String {
+    const MARK: &str = "…";
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    if max < MARK.len() {
+        return String::new();
+    }
+    let mut end = max - MARK.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &s[..end])
+}
+
 /// Makes text from outside (another service's error message, a field name) fit for a
 /// status, an Event or a log line: control and bidirectional-override characters become
 /// spaces, runs of white space one space, and the result is cut to `max` characters.
@@ -112,6 +129,30 @@ mod tests {
         assert_eq!(truncate("abcdef", 3), "abc…");
         assert_eq!(truncate("abc", 3), "abc");
         assert_eq!(truncate("ééé", 2), "éé…");
+    }
+
+    #[test]
+    fn truncate_bytes_cuts_on_a_character_boundary_within_the_budget() {
+        // ASCII: the mark's 3 bytes count.
+        assert_eq!(truncate_bytes("abcdef", 6), "abcdef");
+        assert_eq!(truncate_bytes("abcdefg", 6), "abc…");
+        assert_eq!(truncate_bytes(&"a".repeat(2000), 1024).len(), 1024);
+        // "é" is 2 bytes: a cut inside one moves back before it.
+        let e = "é".repeat(600);
+        let cut = truncate_bytes(&e, 1024);
+        assert!(cut.len() <= 1024, "{}", cut.len());
+        assert_eq!(cut, format!("{}…", "é".repeat(510)));
+        assert_eq!(truncate_bytes("aé", 3), "aé");
+        assert_eq!(truncate_bytes("aéb!", 4), "a…");
+        // An emoji is 4 bytes.
+        let emoji = format!("x{}", "🎉".repeat(300));
+        let cut = truncate_bytes(&emoji, 1024);
+        assert!(cut.len() <= 1024);
+        assert_eq!(cut, format!("x{}…", "🎉".repeat(255)));
+        assert_eq!(truncate_bytes("🎉🎉", 7), "🎉…");
+        assert_eq!(truncate_bytes("🎉🎉", 6), "…");
+        assert_eq!(truncate_bytes("🎉🎉", 2), "");
+        assert_eq!(truncate_bytes("", 0), "");
     }
 
     #[test]

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use braze_export_operator::controller::Config;
-use braze_export_operator::sandbox::{Fault, Generator, Look};
+use braze_export_operator::sandbox::{Fault, Generator, Look, Rows};
 use fake::Start as _;
 use fake_apiserver::{self as apiserver, EXPORTS, FakeApiServer};
 use operator::*;
@@ -464,4 +464,48 @@ fn the_fake_apiserver_merges_like_rfc_7386_and_encodes_like_base64() {
         (apiserver::base64(b"ab"), apiserver::base64(b"abc")),
         ("YWI=".to_string(), "YWJj".to_string())
     );
+}
+
+/// A run's message long and non-ASCII (a Look whose field names are full of "é", listed when
+/// `idField` is none of them) still makes its Event: the note is cut to the apiserver's 1,024
+/// bytes on a character boundary (1,000 characters of "é" would be refused, 422).
+#[tokio::test]
+async fn a_long_non_ascii_run_message_still_lands_in_an_event() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    let names: Vec<String> = (0..20)
+        .map(|i| format!("users.{i:02}{}", "é".repeat(78)))
+        .collect();
+    let dimensions: Vec<_> = names.iter().map(|n| field(n, &["braze[x]"])).collect();
+    let fields =
+        json!({"dimensions": dimensions, "measures": [], "table_calculations": [], "pivots": []});
+    w.looker
+        .add_look("42", Look::new(fields, Rows::Fixed(Vec::new())));
+    secrets(&api);
+    let yaml = w
+        .yaml_looker("42", "idField: users.nope", "", "")
+        .replace("name: test-export", "name: accents");
+    api.put(EXPORTS, serde_saphyr::from_str(&yaml).expect("yaml"));
+    let op = Operator::start(&api, config());
+    run_now(&api, "accents", "r1");
+    let s = wait_ready(&api, "accents", "Failed", 20).await;
+    let message = s["lastRun"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("is not a field of the Look"), "{message}");
+    let note = wait_for("the RunFailed Event", 10, || {
+        events(&api, "accents")
+            .into_iter()
+            .find(|(t, r, _)| t == "Warning" && r == "RunFailed")
+            .map(|(_, _, note)| note)
+    })
+    .await;
+    assert!(
+        note.len() <= 1024 && note.len() > 1000,
+        "cut to 1,024 bytes: {}",
+        note.len()
+    );
+    assert!(note.ends_with('…'), "{note}");
+    assert!(
+        note.starts_with("Look 42: spec.looker.idField users.nope is not a field"),
+        "{note}"
+    );
+    op.stop().await;
 }

@@ -491,3 +491,46 @@ async fn looker_hosts_outside_the_allowlist_are_never_called() {
     );
     op.stop().await;
 }
+
+/// RBAC changed under a running export: its status writes get 403 from the run's start on.
+/// The run's end cannot be recorded; it is given up after a few tries (not retried for as
+/// long as the term lasts), counted in `braze_export_status_write_failures_total`, and the
+/// export is released: once the refusal is lifted, a run-now runs it again.
+#[tokio::test]
+async fn a_final_status_the_apiserver_refuses_is_given_up_and_counted() {
+    let (api, w) = slow_run("refused", 200, 50).await;
+    let op = Operator::start(&api, config());
+    run_now(&api, "refused", "r1");
+    wait_for("the run", 10, || {
+        let s = status(&api, "refused");
+        (condition(&s, "Running")["status"] == "True").then_some(())
+    })
+    .await;
+    api.refuse_status_writes(operator::NS, "refused", 403);
+    let metric = "braze_export_status_write_failures_total{reason=\"Forbidden\"}";
+    wait_for("the final status to be given up", 25, || {
+        (op.metric(metric) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(w.delivered_set().len(), 200, "the run itself ended");
+    assert_eq!(
+        condition(&status(&api, "refused"), "Running")["status"],
+        "True",
+        "its end could not be recorded"
+    );
+
+    api.accept_status_writes(operator::NS, "refused");
+    run_now(&api, "refused", "r2");
+    let s = wait_for("the run-now after the refusal", 30, || {
+        let s = status(&api, "refused");
+        (s["lastHandledRunRequest"] == "r2"
+            && condition(&s, "Running")["status"] == "False"
+            && condition(&s, "Ready")["reason"] == "Succeeded")
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(history(&s)[0], "Manual Succeeded", "{s}");
+    assert_eq!(w.looker.requests_to("/run/json_detail").len(), 2);
+    assert_eq!(op.metric(metric), Some(1.0));
+    op.stop().await;
+}

@@ -231,6 +231,50 @@ async fn dump_payloads_records_each_request_body_when_sending() {
     assert_eq!(dumped, sent);
 }
 
+/// The dump holds personal data: a new file readable by its owner only, replacing a file
+/// there before (never writing into it: a hard link to it keeps its contents); a symbolic
+/// link at the path is refused as bad input, its target untouched.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_dump_is_private_and_never_written_through_a_link() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(20, Generator::Clean));
+    let yaml = w.yaml("42", "", "");
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("payloads.jsonl");
+    std::fs::write(&dump, "an earlier dump\n").unwrap();
+    std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let kept = dir.path().join("kept");
+    std::fs::hard_link(&dump, &kept).unwrap();
+    let (out, _s) = cli_run(&yaml, &["--dump-payloads", dump.to_str().unwrap()]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mode = std::fs::metadata(&dump).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
+    assert_eq!(std::fs::read_to_string(&dump).unwrap().lines().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(&kept).unwrap(),
+        "an earlier dump\n",
+        "the file there before is replaced, not written into"
+    );
+
+    let link = dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&kept, &link).unwrap();
+    let requests = w.braze.request_count();
+    let (out, _s) = cli_run(&yaml, &["--dump-payloads", link.to_str().unwrap()]).await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains(&format!("--dump-payloads {}", link.display()))
+            && out.stderr.contains("symbolic link"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "an earlier dump\n");
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+    assert_eq!(w.braze.request_count(), requests, "nothing was sent");
+}
+
 #[tokio::test]
 async fn bad_input_exits_2_naming_the_problem() {
     let w = World::start().await;

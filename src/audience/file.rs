@@ -15,24 +15,13 @@ pub fn read_file(path: &Path) -> Result<Option<Encoded>, AudienceError> {
     }
 }
 
-/// Writes a state file atomically: a temporary file beside it (readable by its owner only:
-/// it holds personal data), flushed to disk, then renamed over it. A crash leaves the old
-/// file or the new one, never a mix.
+/// Writes a state file atomically: a new temporary file beside it (see
+/// [`crate::private_file`]: readable by its owner only, since it holds personal data; never
+/// through a symbolic link, never a file someone made beforehand), flushed to disk, then
+/// renamed over it. A crash leaves the old file or the new one, never a mix.
 pub fn write_file(path: &Path, encoded: &Encoded) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map_or_else(|| "state".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let (mut f, tmp) = crate::private_file::create_beside(path)?;
     let result = (|| {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut f = options.open(&tmp)?;
         for part in encoded.parts() {
             f.write_all(part)?;
         }

@@ -187,6 +187,45 @@ fn files_are_written_atomically_and_privately() {
     assert_eq!(names.len(), 1, "no temporary file left behind");
 }
 
+/// The temporary is a new file of a name nobody can guess: a link or a file someone put
+/// where the old predictable name (`.NAME.tmp-PID`) was is neither written through nor
+/// reused, and a link at the path itself is replaced, its target untouched.
+#[cfg(unix)]
+#[test]
+fn files_never_write_through_a_link_nor_into_a_file_made_beforehand() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.bin");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "victim").unwrap();
+    let planted = dir
+        .path()
+        .join(format!(".state.bin.tmp-{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let e = Encoded::from_parts(encode(&audience(5))).unwrap();
+    write_file(&path, &e).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+    assert!(std::fs::symlink_metadata(&planted).unwrap().is_symlink());
+    assert_eq!(read_file(&path).unwrap().unwrap(), e);
+
+    // Someone else's file at that name (world-readable) is not written into nor renamed.
+    std::fs::remove_file(&planted).unwrap();
+    std::fs::write(&planted, "theirs").unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+    write_file(&path, &e).unwrap();
+    assert_eq!(std::fs::read_to_string(&planted).unwrap(), "theirs");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A link at the path: replaced by the file, its target untouched.
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&victim, &path).unwrap();
+    write_file(&path, &e).unwrap();
+    assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
+    assert_eq!(read_file(&path).unwrap().unwrap(), e);
+}
+
 #[test]
 fn removal_is_allowed_once_by_the_run_now_request_it_repeats() {
     let yaml = r#"

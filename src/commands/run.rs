@@ -138,11 +138,9 @@ fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
     let audience = load_state(args, &plan, owner)?;
     let creds = credentials_from_env(args.dry_run)?;
     let dump = match &args.dump_payloads {
-        Some(p) => {
-            Some(Arc::new(PayloadDump::create(p).map_err(|e| {
-                BadInput(format!("cannot write {}: {e}", p.display()))
-            })?))
-        }
+        Some(p) => Some(Arc::new(PayloadDump::create(p).map_err(|e| {
+            BadInput(format!("--dump-payloads {}: {e}", p.display()))
+        })?)),
         None => None,
     };
     Ok(Prepared {

@@ -70,7 +70,7 @@ async fn write(
     match target {
         Target::Export(export) => writer::write(ctx, export, next).await.map(drop),
         Target::Undecodable(u) => writer::write_undecodable(ctx, u, next).await.map(drop),
-        Target::RunEnd { writer, .. } => writer.write_final(next, &ctx.stop).await,
+        Target::RunEnd { writer, .. } => writer.write_final(next, &ctx.stop, &ctx.metrics).await,
     }
 }
 

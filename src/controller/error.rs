@@ -35,6 +35,17 @@ impl Error {
         }
     }
 
+    /// When the apiserver refused the write for good: `Forbidden` (403, RBAC) or `Invalid`
+    /// (422, the object cannot take it), as its `Status` names them. Trying again does not
+    /// change such an answer; a person must.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            Self::Kube(kube::Error::Api(s)) if s.code == 403 => Some("Forbidden"),
+            Self::Kube(kube::Error::Api(s)) if s.code == 422 => Some("Invalid"),
+            _ => None,
+        }
+    }
+
     /// Reason for metrics.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -8,9 +8,13 @@ use super::context::Context;
 use super::step::Note;
 use super::timeouts::API_TIMEOUT;
 use crate::spec::BrazeExport;
-use crate::text::truncate;
+use crate::text::truncate_bytes;
 
-/// Publishes `note` about `export`; a failure is only logged.
+/// The apiserver's limit on an Event's `note`, in bytes (longer ones are refused, 422).
+pub const NOTE_MAX_BYTES: usize = 1024;
+
+/// Publishes `note` about `export` (its message cut to [`NOTE_MAX_BYTES`]); a failure is
+/// only logged.
 pub async fn publish(ctx: &Context, export: &BrazeExport, note: &Note) {
     let event = Event {
         type_: if note.warning {
@@ -19,7 +23,7 @@ pub async fn publish(ctx: &Context, export: &BrazeExport, note: &Note) {
             EventType::Normal
         },
         reason: note.reason.into(),
-        note: Some(truncate(&note.message, 1000)),
+        note: Some(truncate_bytes(&note.message, NOTE_MAX_BYTES)),
         action: "Reconcile".into(),
         secondary: None,
     };

@@ -30,6 +30,12 @@ pub const FINAL_STATUS: Policy = Policy {
     max_steps: 10,
 };
 
+/// A run's final status refused by the apiserver as forbidden (403: RBAC changed) or invalid
+/// (422: the object cannot take it): given up after this many tries in all, about 5 s with
+/// [`FINAL_STATUS`]'s pauses (0.5 s + 1 s + 1.5 s + 2 s). Trying for ever would hold the export
+/// (and this term's shutdown) for an answer that does not change by itself.
+pub const FINAL_STATUS_REFUSED_TRIES: u32 = 5;
+
 /// A finalizer patch refused by a conflict: five tries, pausing 100 ms, 200 ms, …
 pub const FINALIZER_CONFLICT: Policy = Policy {
     attempts: Some(5),

@@ -19,6 +19,7 @@ use super::error::Error;
 use super::retry::{self, retry};
 use super::timeouts::API_TIMEOUT;
 use super::watched::{Undecodable, Watched};
+use crate::ops::metrics::Metrics;
 use crate::spec::{API_VERSION, BrazeExport, BrazeExportStatus, KIND};
 
 /// Writes `next` if the export is still the version `export` shows; returns the new version.
@@ -165,21 +166,35 @@ impl RunWriter {
 
     /// Writes the run's final status until it is recorded: given up too early, this process
     /// would take its own finished run for a crash and run it again. Only a term that ended
-    /// (`stop`: its successor judges) or a run that is no longer ours stops the retries.
+    /// (`stop`: its successor judges), a run that is no longer ours, or an apiserver that
+    /// refuses the write for good (403 or 422, [`Error::refusal`]: after
+    /// [`retry::FINAL_STATUS_REFUSED_TRIES`] tries, logged and counted in `metrics`) stops the
+    /// retries.
     pub async fn write_final(
         &self,
         status: &BrazeExportStatus,
         stop: &CancellationToken,
+        metrics: &Metrics,
     ) -> Result<(), Error> {
         let again = |e: &Error, attempt: u32| {
+            let refused_for_good =
+                e.refusal().is_some() && attempt >= retry::FINAL_STATUS_REFUSED_TRIES;
             let retried = matches!(e, Error::Kube(_) | Error::Timeout(_) | Error::Conflict(_))
-                && !(stop.is_cancelled() && attempt >= 3);
+                && !(stop.is_cancelled() && attempt >= 3)
+                && !refused_for_good;
             if retried {
                 tracing::warn!(export = %self.name, attempt, error = %e, "cannot write the run's status; retrying");
             }
             retried
         };
-        retry(retry::FINAL_STATUS, |_| self.write(status), again).await
+        let written = retry(retry::FINAL_STATUS, |_| self.write(status), again).await;
+        if let Err(e) = &written
+            && let Some(reason) = e.refusal()
+        {
+            tracing::warn!(export = %self.name, reason, error = %e, "the apiserver refuses the run's final status: given up; the run's end is not recorded");
+            metrics.status_write_failure(reason);
+        }
+        written
     }
 
     /// After a conflict: the fresh version, if the run is still ours; else [`Error::Lost`].

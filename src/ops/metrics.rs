@@ -102,6 +102,7 @@ pub struct Metrics {
     rate_limited: Counter,
     reconcile_errors: Family<ReasonLabel, Counter>,
     watch_errors: Family<ReasonLabel, Counter>,
+    status_write_failures: Family<ReasonLabel, Counter>,
     leader: Gauge,
     exports: Family<ReadyLabel, Gauge>,
     overdue: Gauge,
@@ -166,6 +167,12 @@ impl Metrics {
             "Errors watching BrazeExports (and objects this version cannot decode), by reason",
             watch_errors.clone(),
         );
+        let status_write_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "status_write_failures",
+            "Runs whose final status the apiserver refused (Forbidden: RBAC; Invalid: the object cannot take it) and that were given up unrecorded, by reason",
+            status_write_failures.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -218,6 +225,7 @@ impl Metrics {
             rate_limited,
             reconcile_errors,
             watch_errors,
+            status_write_failures,
             leader,
             exports,
         }
@@ -256,6 +264,16 @@ impl Metrics {
     /// Counts a watch error or an undecodable object.
     pub fn watch_error(&self, reason: &str) {
         self.watch_errors
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a run's final status given up because the apiserver refused it (`reason`:
+    /// `Forbidden` or `Invalid`).
+    pub fn status_write_failure(&self, reason: &str) {
+        self.status_write_failures
             .get_or_create(&ReasonLabel {
                 reason: reason.into(),
             })
@@ -361,6 +379,7 @@ mod tests {
         r.counts.removed = Some(4);
         m.record_run(&r, now);
         m.set_exports([(("True", "Succeeded"), 4), (("False", "InvalidSpec"), 1)]);
+        m.status_write_failure("Forbidden");
         let text = m.encode();
         for line in [
             "braze_export_runs_total{outcome=\"PartiallySucceeded\"} 1",
@@ -372,6 +391,7 @@ mod tests {
             "braze_export_run_duration_seconds_sum 10.0",
             "braze_export_exports{ready=\"True\",reason=\"Succeeded\"} 4",
             "braze_export_exports{ready=\"False\",reason=\"InvalidSpec\"} 1",
+            "braze_export_status_write_failures_total{reason=\"Forbidden\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

@@ -2,7 +2,9 @@
 //! apiserver runs it: pruning of unknown fields, defaulting, OpenAPI validation and the CEL
 //! rules (`x-kubernetes-validations`, evaluated by kube's `cel` feature), each error in the
 //! apiserver's words (`field.Error`), with ratcheting of unchanged values. A write admits
-//! only what its scope may change (the main resource or the `/status` subresource).
+//! only what its scope may change (the main resource or the `/status` subresource). And the
+//! one rule of the built-in validation a controller trips on: an events.k8s.io Event's `note`
+//! is at most 1 KiB ([`check_event`]).
 
 use kube::core::cel::{CompiledSchema, ErrorKind, ValidationErrors, Validator, compile_schema};
 use serde_json::{Value, json};
@@ -710,4 +712,31 @@ fn validate_object(
             validate(additional, c, &child_path(path, k), errors);
         }
     }
+}
+
+/// The apiserver's limit on an events.k8s.io Event's `note`, in bytes (`NoteLengthLimit`).
+pub(crate) const EVENT_NOTE_MAX_BYTES: usize = 1024;
+
+/// An events.k8s.io Event as the apiserver validates it on create and update: a `note` over
+/// [`EVENT_NOTE_MAX_BYTES`] bytes (of UTF-8, not characters) is 422 `Invalid`, in its words.
+pub(crate) fn check_event(name: &str, event: &Value) -> Result<(), Rejection> {
+    let Some(note) = event.get("note").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    if note.len() <= EVENT_NOTE_MAX_BYTES {
+        return Ok(());
+    }
+    let e = FieldError::too_long("note", EVENT_NOTE_MAX_BYTES as u64);
+    let mut r = Rejection::new(
+        422,
+        "Invalid",
+        format!("Event.events.k8s.io \"{name}\" is invalid: {e}"),
+    );
+    r.details = Some(Box::new(json!({
+        "name": name,
+        "group": "events.k8s.io",
+        "kind": "Event",
+        "causes": [{"reason": e.reason, "message": e.body, "field": e.path}],
+    })));
+    Err(r)
 }

@@ -19,7 +19,10 @@
 //!   [`FakeApiServer::expire_watches`] (410 Gone, forcing a relist),
 //!   [`FakeApiServer::partitionable_client`] (a network partition for one client),
 //!   [`FakeApiServer::client_with_rules`] (a client held to RBAC rules: 403 otherwise),
-//!   [`FakeApiServer::set_crd`] (another CRD version) and [`FakeApiServer::put_unchecked`].
+//!   [`FakeApiServer::set_crd`] (another CRD version), [`FakeApiServer::put_unchecked`] and
+//!   [`FakeApiServer::refuse_status_writes`] (one export's status writes refused, 403 or 422);
+//! - an events.k8s.io Event whose `note` is over 1,024 bytes is refused (422 `Invalid`), as
+//!   the apiserver's own validation does.
 //!
 //! Where things are:
 //! - this file: the public API, [`FakeApiServer`] with its test-side helpers and knobs;
@@ -29,7 +32,8 @@
 //! - `watch`: list and watch, with label and field selectors;
 //! - `storage`: the stored objects and their change log, deletion with finalizers and
 //!   garbage collection;
-//! - `admission`: the CRD's schema (pruning, defaulting, validation) and its CEL rules.
+//! - `admission`: the CRD's schema (pruning, defaulting, validation) and its CEL rules; the
+//!   Event note's limit.
 
 mod admission;
 mod routing;
@@ -440,6 +444,24 @@ impl FakeApiServer {
     /// one with an extra field while the operator under test is older.
     pub fn set_crd(&self, crd: Value) {
         self.lock().crd = Some(Arc::new(Crd::new(&crd)));
+    }
+
+    /// From now on the status writes (`/status`, any method) of BrazeExport `namespace/name`
+    /// from clients are refused with `code`: 403 `Forbidden` (RBAC changed under the
+    /// operator) or 422 `Invalid` (the object cannot take the status). The refused writes
+    /// are still recorded ([`FakeApiServer::writes`]).
+    pub fn refuse_status_writes(&self, namespace: &str, name: &str, code: u16) {
+        assert!(matches!(code, 403 | 422), "403 or 422, not {code}");
+        self.lock()
+            .refused_status
+            .insert((namespace.to_owned(), name.to_owned()), code);
+    }
+
+    /// Lifts [`FakeApiServer::refuse_status_writes`] for `namespace/name`.
+    pub fn accept_status_writes(&self, namespace: &str, name: &str) {
+        self.lock()
+            .refused_status
+            .remove(&(namespace.to_owned(), name.to_owned()));
     }
 
     /// Benchmarks: no schema admission and no record of write bodies (the fake's own CEL

@@ -15,10 +15,10 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use crate::Write;
 use crate::storage::{ApiState, delete_object, qualified_resource};
 use crate::watch::{field_selector_error, list, watch_stream};
 use crate::write::{Op, Rejection, Scope, WriteRequest, apply_write, unsupported_media_type};
+use crate::{EXPORTS, Write};
 
 /// Routes requests to the shared state; `gate` is set on a partitionable client's listener,
 /// `rules` on a client held to RBAC rules.
@@ -339,6 +339,29 @@ fn patch_op(content_type: &str) -> Option<Op> {
     }
 }
 
+/// The answer to a status write that
+/// [`FakeApiServer::refuse_status_writes`](crate::FakeApiServer::refuse_status_writes)
+/// refuses: 403 as RBAC words it (a Role changed), or 422 as admission does (the object
+/// cannot take the status).
+fn refused_status_write(code: u16, namespace: &str, name: &str) -> Rejection {
+    if code == 403 {
+        return Rejection::new(
+            403,
+            "Forbidden",
+            format!(
+                "brazeexports.looker-braze.dev \"{name}\" is forbidden: User \"system:serviceaccount:operators:braze-export-operator\" cannot patch resource \"brazeexports/status\" in API group \"looker-braze.dev\" in the namespace \"{namespace}\""
+            ),
+        );
+    }
+    Rejection::new(
+        422,
+        "Invalid",
+        format!(
+            "BrazeExport.looker-braze.dev \"{name}\" is invalid: status: Invalid value: \"object\": refused by the test (refuse_status_writes)"
+        ),
+    )
+}
+
 /// A POST, PUT or PATCH: recorded (see [`FakeApiServer::writes`](crate::FakeApiServer::writes)),
 /// its options checked, then written.
 fn serve_write(state: &ApiState, req: Request) -> Response {
@@ -367,6 +390,12 @@ fn serve_write(state: &ApiState, req: Request) -> Response {
             force,
             body: req.body.clone(),
         });
+    }
+    if t.status
+        && t.resource == EXPORTS
+        && let Some(code) = inner.refused_status.get(&(namespace.clone(), name.clone()))
+    {
+        return refused_status_write(*code, &namespace, &name).response();
     }
     let op = match req.method {
         Method::POST => Op::Create,

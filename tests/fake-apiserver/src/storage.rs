@@ -52,6 +52,9 @@ pub(crate) struct Inner {
     pub(crate) no_admission: bool,
     /// Requests refused by RBAC.
     pub(crate) denied: Vec<String>,
+    /// (namespace, name) of BrazeExports whose status writes are refused, with the code
+    /// (403 or 422); see `FakeApiServer::refuse_status_writes`.
+    pub(crate) refused_status: HashMap<(String, String), u16>,
 }
 
 /// The state every listener shares.

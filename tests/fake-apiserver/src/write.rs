@@ -11,7 +11,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use crate::admission::{Crd, FieldError};
+use crate::EVENTS;
+use crate::admission::{Crd, FieldError, check_event};
 use crate::storage::{
     ApiState, Inner, Key, api_version_of, finalizers, group_plural, kind_of, qualified_resource,
     remove, store,
@@ -374,6 +375,9 @@ pub(crate) fn apply_write(
     check_finalizers(&req, &mut object, old.as_ref())?;
     if let (Some(crd), true) = (&crd, req.admission && !inner.no_admission) {
         object = crd.admit(object, old.as_ref(), req.scope, &req.name)?;
+    }
+    if req.resource == EVENTS {
+        check_event(&req.name, &object)?;
     }
     if let Some(old) = &old
         && object.get("spec") != old.get("spec")

@@ -1150,3 +1150,129 @@ async fn the_server_records_what_each_write_carried() {
         "braze-export-operator (Apply)"
     );
 }
+
+/// An events.k8s.io Event whose note is over 1 KiB (bytes, not characters) is refused as the
+/// apiserver's validation words it, on create and on the series patch kube's recorder sends.
+#[tokio::test]
+async fn event_notes_over_1024_bytes_are_invalid() {
+    use k8s_openapi::api::events::v1::Event as KubeEvent;
+    let api = FakeApiServer::start().await;
+    let events: Api<KubeEvent> = Api::namespaced(api.client(), NS);
+    let event = |name: &str, note: String| KubeEvent {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..ObjectMeta::default()
+        },
+        event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            jiff::Timestamp::now(),
+        )),
+        note: Some(note),
+        reason: Some("Test".into()),
+        ..KubeEvent::default()
+    };
+    // 1,024 bytes in 512 characters: taken; one character more is 1,026 bytes.
+    let fits = events
+        .create(&PostParams::default(), &event("fits", "é".repeat(512)))
+        .await
+        .unwrap();
+    assert_eq!(fits.note.as_deref().map(str::len), Some(1024));
+    let s = api_error(
+        events
+            .create(&PostParams::default(), &event("long", "é".repeat(513)))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        s.message,
+        "Event.events.k8s.io \"long\" is invalid: note: Too long: may not be more than 1024 bytes"
+    );
+    let s = api_error(
+        events
+            .patch(
+                "fits",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"note": "x".repeat(1025)})),
+            )
+            .await,
+    );
+    assert_eq!(s.code, 422);
+    assert!(api.get(fake_apiserver::EVENTS, NS, "long").is_none());
+}
+
+/// `refuse_status_writes`: one export's status writes get 403 or 422 (recorded), its main
+/// resource and other exports' status are still written; lifted, they land again.
+#[tokio::test]
+async fn status_writes_of_one_export_can_be_refused() {
+    let api = FakeApiServer::start().await;
+    let uid = create(&api, export("x"))
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    create(&api, export("y")).await.unwrap();
+    let status = |uid: Option<&str>, r: &str| {
+        let mut meta = json!({});
+        if let Some(u) = uid {
+            meta["uid"] = json!(u);
+        }
+        Patch::Apply(
+            json!({"apiVersion": AV, "kind": "BrazeExport", "metadata": meta, "status": {"lastHandledRunRequest": r}}),
+        )
+    };
+    let params = PatchParams::apply("braze-export-operator").force();
+    let exports = dynamic(api.client());
+    api.refuse_status_writes(NS, "x", 403);
+    let s = api_error(
+        exports
+            .patch_status("x", &params, &status(Some(&uid), "r1"))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (403, "Forbidden"));
+    assert!(
+        s.message
+            .starts_with("brazeexports.looker-braze.dev \"x\" is forbidden: User ")
+    );
+    assert!(
+        s.message
+            .contains("cannot patch resource \"brazeexports/status\"")
+    );
+    assert!(
+        api.writes().last().unwrap().status,
+        "the refused write is recorded"
+    );
+    exports
+        .patch_status("y", &params, &status(None, "r1"))
+        .await
+        .unwrap();
+    exports
+        .patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"a": "b"}}})),
+        )
+        .await
+        .unwrap();
+    api.refuse_status_writes(NS, "x", 422);
+    let s = api_error(
+        exports
+            .patch_status("x", &params, &status(Some(&uid), "r1"))
+            .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+    assert!(
+        s.message
+            .starts_with("BrazeExport.looker-braze.dev \"x\" is invalid: status: ")
+    );
+    assert!(api.get(EXPORTS, NS, "x").unwrap().get("status").is_none());
+    api.accept_status_writes(NS, "x");
+    exports
+        .patch_status("x", &params, &status(Some(&uid), "r2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get(EXPORTS, NS, "x").unwrap()["status"]["lastHandledRunRequest"],
+        "r2"
+    );
+}
