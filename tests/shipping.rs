@@ -271,6 +271,7 @@ fn the_dashboard_and_alerts_use_metrics_the_operator_exports() {
     metrics.record_run(&report, now);
     metrics.set_exports([(("True", "Succeeded"), 1)]);
     metrics.reconcile_error("ApiError");
+    metrics.status_write_failure("Forbidden");
     metrics.set_export_gauges(&[ExportGauges {
         namespace: "marketing".into(),
         name: "churn-risk".into(),
