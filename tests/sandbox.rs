@@ -1,6 +1,6 @@
 //! The sandboxes' hostile knobs, checked with plain HTTP calls: Braze latency, concurrency,
-//! per-key rate limits, reset forms, faults, 400s and oversize answers; Looker latency and
-//! bodies that slow down or stall midway.
+//! per-key rate limits, reset forms, faults, 400s and oversize answers; Looker latency,
+//! bodies that slow down, stall or trickle, and oversized cells and `pivots`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -433,6 +433,56 @@ async fn looker_slow_and_stall_keep_the_body_intact() {
     let (_, expected) = run_timed(&c, &looker, &token).await;
     assert_eq!(seen.len(), 400);
     assert_eq!(body, expected);
+}
+
+#[tokio::test]
+async fn looker_trickle_sends_one_byte_at_a_time() {
+    let mut look = Look::users(1000, Generator::Clean);
+    look.trickle = Some(Duration::from_millis(20));
+    let (looker, c, token) = looker_with(look).await;
+    let mut r = c
+        .get(format!("{}/api/4.0/looks/1/run/json_detail", looker.url))
+        .header("authorization", format!("token {token}"))
+        .send()
+        .await
+        .expect("run answers");
+    assert_eq!(r.status(), 200);
+    let mut body = Vec::new();
+    let watch = Duration::from_millis(600);
+    let start = Instant::now();
+    while let Ok(chunk) =
+        tokio::time::timeout(watch.saturating_sub(start.elapsed()), r.chunk()).await
+    {
+        let chunk = chunk.expect("body streams").expect("the body goes on");
+        assert_eq!(chunk.len(), 1, "one byte at a time");
+        body.extend_from_slice(&chunk);
+    }
+    assert!(
+        (5..=40).contains(&body.len()),
+        "about one byte per 20 ms: {} bytes in {watch:?}",
+        body.len()
+    );
+    assert!(br#"{"status":"complete""#.starts_with(&body[..body.len().min(20)]));
+}
+
+#[tokio::test]
+async fn looker_huge_array_cell_and_pivots_are_valid_json_of_the_asked_size() {
+    let mut look = Look::users(3, Generator::Clean);
+    look.huge_array_cell = Some((2, 100_000));
+    look.huge_pivots = Some(200_000);
+    let (looker, c, token) = looker_with(look).await;
+    let (seen, body) = run_timed(&c, &looker, &token).await;
+    assert_eq!(seen.len(), 3);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let cell = &v["data"][1]["users.first_name"]["value"];
+    let text = cell.to_string().len();
+    assert!((100_000..100_010).contains(&text), "{text} bytes");
+    assert!(cell.as_array().unwrap().iter().all(|z| *z == 0));
+    assert_eq!(v["data"][1]["users.external_id"]["value"], "user-0000002");
+    assert_eq!(v["data"][2]["users.first_name"]["value"], "Margaret");
+    let pivots = v["pivots"].to_string().len();
+    assert!((200_000..201_000).contains(&pivots), "{pivots} bytes");
+    assert_eq!(v["pivots"][0]["is_total"], false);
 }
 
 #[tokio::test]

@@ -191,6 +191,7 @@ pub fn identifier(cell: &Cell) -> Result<Cow<'_, str>, Invalid> {
     let id = match cell {
         Cell::Missing => return Err(Invalid::MissingField(0)),
         Cell::Pivoted | Cell::Malformed => return Err(Invalid::MalformedCell(0)),
+        Cell::TooLarge => return Err(Invalid::ValueTooLarge(0)),
         Cell::Value(Value::Null) => return Err(Invalid::NullIdentifier),
         Cell::Value(Value::String(s)) if s.trim().is_empty() => {
             return Err(Invalid::EmptyIdentifier);
@@ -271,6 +272,7 @@ pub fn map_row<'a>(
         match cells[index] {
             Cell::Missing => return Err(Invalid::MissingField(index)),
             Cell::Pivoted | Cell::Malformed => return Err(Invalid::MalformedCell(index)),
+            Cell::TooLarge => return Err(Invalid::ValueTooLarge(index)),
             Cell::Value(_) | Cell::Number(_) => {}
         }
     }
@@ -551,6 +553,7 @@ mod tests {
         assert_eq!(identifier(&v(json!([1]))), Err(Invalid::InvalidIdentifier));
         assert_eq!(identifier(&Cell::Missing), Err(Invalid::MissingField(0)));
         assert_eq!(identifier(&Cell::Malformed), Err(Invalid::MalformedCell(0)));
+        assert_eq!(identifier(&Cell::TooLarge), Err(Invalid::ValueTooLarge(0)));
         assert!(identifier(&v(json!("é".repeat(493)))).is_ok(), "986 bytes");
         assert_eq!(
             identifier(&v(json!("x".repeat(988)))),
@@ -669,6 +672,14 @@ mod tests {
                 &[v(json!("u")), v(json!(1)), Cell::Malformed]
             ),
             Err(Invalid::MalformedCell(2))
+        );
+        assert_eq!(
+            object(
+                IdentifierKind::ExternalId,
+                &[v(json!("u")), Cell::TooLarge, v(json!(1))]
+            ),
+            Err(Invalid::ValueTooLarge(1)),
+            "an oversized array or object is never sent cut"
         );
         assert_eq!(
             object(

@@ -4,6 +4,7 @@
 //! Imports nothing from the crate, so the spec, the controller and every part of the
 //! pipeline can depend on it.
 
+use crate::looker::json_detail::MAX_CELL_BYTES;
 use jiff::Timestamp;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -387,6 +388,9 @@ pub enum Invalid {
     MissingField(usize),
     /// The cell for the captured field at this index is not `{"value": …}`.
     MalformedCell(usize),
+    /// The cell for the captured field at this index has an array or object value larger
+    /// than the parser keeps ([`MAX_CELL_BYTES`]).
+    ValueTooLarge(usize),
 }
 
 impl Invalid {
@@ -401,6 +405,7 @@ impl Invalid {
             Self::NonFiniteIdentifier => "NonFiniteIdentifier",
             Self::MissingField(_) => "MissingField",
             Self::MalformedCell(_) => "MalformedCell",
+            Self::ValueTooLarge(_) => "ValueTooLarge",
         }
     }
 }
@@ -847,6 +852,10 @@ fn describe_invalid(
         }
         Invalid::MissingField(_) => format!("{subject} {lack} the field {d}"),
         Invalid::MalformedCell(_) => format!("{subject} {have} a malformed {d} cell"),
+        Invalid::ValueTooLarge(_) => format!(
+            "{subject} {have} a {d} value (an array or object) larger than {} KiB",
+            MAX_CELL_BYTES >> 10
+        ),
     }
 }
 

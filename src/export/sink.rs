@@ -309,9 +309,9 @@ impl ExportSink {
         match mapping::map_row(columns, &shape, cells) {
             Err(invalid) => {
                 let field = match invalid {
-                    mapping::Invalid::MissingField(i) | mapping::Invalid::MalformedCell(i) => {
-                        &columns.captures[i]
-                    }
+                    mapping::Invalid::MissingField(i)
+                    | mapping::Invalid::MalformedCell(i)
+                    | mapping::Invalid::ValueTooLarge(i) => &columns.captures[i],
                     _ => &columns.captures[0],
                 };
                 self.tally.counts.invalid += 1;

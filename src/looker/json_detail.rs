@@ -4,6 +4,25 @@
 //! serde, hands the field list to a [`RowSink`] (which answers with the fields it needs),
 //! then hands over each row with only those cells kept, and forgets the row. Memory does not
 //! grow with the number of rows.
+//!
+//! Nor with the size of any part of the answer; what is kept of each is bounded, and the
+//! rest is skipped with [`IgnoredAny`], which holds nothing (strings are already cut to
+//! [`cap::MAX_STRING_BYTES`] by the body filter):
+//!
+//! - a kept array or object cell `value` is built within a budget of [`MAX_CELL_BYTES`]: each
+//!   element (scalar, array, object, key) costs [`ELEMENT_COST`] bytes, about what it takes
+//!   in memory, plus the bytes of its text if it is a string or a key. Past the budget, or at
+//!   a string the filter may have cut, the value is dropped and the rest of it skipped; the
+//!   cell becomes [`Cell::TooLarge`], which the mapping counts as an invalid row (never sent
+//!   cut). The budget is above what Braze itself takes (nested objects up to 100 KB, arrays
+//!   of at most 500 items, strings of 255 characters): 500 × (255 + 32) bytes fit;
+//! - `fields` keeps the name and string tags of at most [`MAX_FIELDS`] fields, taking at
+//!   most [`MAX_FIELDS_BYTES`] together; beyond either the parse fails with a message that
+//!   says so, rather than dropping fields that may carry the `braze_id` tag;
+//! - top-level `pivots` is read up to its first entry (any entry refuses the Look);
+//! - `errors` keeps the `message` of its first 3 entries (`MAX_QUERY_ERRORS`) and counts the
+//!   rest;
+//! - any other top-level key, and every cell of a field not kept, is skipped.
 
 use std::fmt;
 use std::io::Read;
@@ -49,7 +68,19 @@ pub enum Cell {
     Pivoted,
     /// Not a `{"value": ...}` object.
     Malformed,
+    /// An array or object `value` over the budget of [`MAX_CELL_BYTES`]: not kept.
+    TooLarge,
 }
+
+/// Budget of a kept array or object cell value, in bytes as [`ELEMENT_COST`] counts them.
+pub const MAX_CELL_BYTES: usize = 256 * 1024;
+/// What each element of a structured cell value costs against [`MAX_CELL_BYTES`], besides
+/// the text of strings and keys.
+pub const ELEMENT_COST: usize = 32;
+/// Most fields a result may list (all sections together, pivot fields included).
+pub const MAX_FIELDS: usize = 10_000;
+/// Most bytes of field names and string tags a result's `fields` may take.
+pub const MAX_FIELDS_BYTES: usize = 1024 * 1024;
 
 /// Receives the parsed result. Returning `Err(Stop)` ends the parse; the sink keeps the
 /// reason itself.
@@ -104,6 +135,9 @@ pub enum DetailError {
     /// The result is pivoted.
     #[error("{0}")]
     Pivoted(String),
+    /// `fields` lists more than the parser keeps ([`MAX_FIELDS`], [`MAX_FIELDS_BYTES`]).
+    #[error("{0}")]
+    FieldsTooLarge(String),
 }
 
 /// Parses a whole `json_detail` body from `reader` (buffer it: serde reads byte by byte).
@@ -238,8 +272,16 @@ impl<'de, S: RowSink> Visitor<'de> for Document<'_, S> {
         while let Some(key) = map.next_key::<TopKey>()? {
             match key {
                 TopKey::Fields => {
-                    let raw: RawFields = map.next_value()?;
-                    let fields = raw.into_fields();
+                    let mut budget = FieldBudget::default();
+                    let fields = match map.next_value_seed(FieldsSeed(&mut budget)) {
+                        Ok(fields) => fields,
+                        Err(e) => {
+                            return Err(match budget.exceeded.take() {
+                                Some(why) => state.fail(why),
+                                None => e,
+                            });
+                        }
+                    };
                     state.saw_fields = true;
                     if !fields.pivots.is_empty() {
                         let names: Vec<&str> =
@@ -267,18 +309,21 @@ impl<'de, S: RowSink> Visitor<'de> for Document<'_, S> {
                     })?;
                 }
                 TopKey::Pivots => {
-                    let v: Value = map.next_value()?;
-                    if v.as_array().is_some_and(|a| !a.is_empty()) {
+                    let mut found = false;
+                    let read = map.next_value_seed(FirstEntry(&mut found));
+                    if found {
                         return Err(
                             state.fail(DetailError::Pivoted("the result has pivot columns".into()))
                         );
                     }
+                    read?;
                 }
                 TopKey::Errors => {
-                    let v: Value = map.next_value()?;
                     // A body repeating the key must not grow the message without end.
                     if state.query_errors.is_empty() {
-                        state.query_errors = error_messages(&v);
+                        state.query_errors = map.next_value_seed(ErrorMessages)?;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
                     }
                 }
                 TopKey::Other => {
@@ -288,30 +333,6 @@ impl<'de, S: RowSink> Visitor<'de> for Document<'_, S> {
         }
         Ok(())
     }
-}
-
-/// Messages of Looker's `errors` array: each entry's `message`, cleaned and cut so a status
-/// stays readable, at most [`MAX_QUERY_ERRORS`] of them. An entry without one is not quoted
-/// (it could be anything the answering service sent).
-fn error_messages(v: &Value) -> Vec<String> {
-    let Some(items) = v.as_array() else {
-        return Vec::new();
-    };
-    let mut messages: Vec<String> = items
-        .iter()
-        .take(MAX_QUERY_ERRORS)
-        .map(|e| match e.get("message").and_then(Value::as_str) {
-            Some(m) if !clean(m, 1).is_empty() => clean(m, MAX_MESSAGE_CHARS),
-            _ => "an error without a message".to_owned(),
-        })
-        .collect();
-    if items.len() > MAX_QUERY_ERRORS {
-        messages.push(format!(
-            "and {} more errors",
-            items.len() - MAX_QUERY_ERRORS
-        ));
-    }
-    messages
 }
 
 /// Query errors quoted in a message; the rest are counted.
@@ -347,54 +368,419 @@ impl<'de> Deserialize<'de> for TopKey {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(expecting = "a fields object")]
-struct RawFields {
-    #[serde(default)]
-    dimensions: Option<Vec<RawField>>,
-    #[serde(default)]
-    measures: Option<Vec<RawField>>,
-    #[serde(default)]
-    filters: Option<Vec<RawField>>,
-    #[serde(default)]
-    parameters: Option<Vec<RawField>>,
-    #[serde(default)]
-    table_calculations: Option<Vec<RawField>>,
-    #[serde(default)]
-    pivots: Option<Vec<RawField>>,
+/// The messages of Looker's `errors` array: each entry's `message`, cleaned and cut so a
+/// status stays readable, at most [`MAX_QUERY_ERRORS`] of them, then how many more there
+/// are. An entry without one is not quoted (it could be anything the answering service
+/// sent). Anything but an array carries no messages.
+struct ErrorMessages;
+
+impl<'de> DeserializeSeed<'de> for ErrorMessages {
+    type Value = Vec<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<String>, D::Error> {
+        d.deserialize_any(self)
+    }
 }
 
-#[derive(Deserialize)]
-#[serde(expecting = "a field object")]
-struct RawField {
-    name: String,
-    #[serde(default)]
-    tags: Option<Vec<Value>>,
+macro_rules! no_messages {
+    ($($name:ident: $t:ty),*) => {
+        $(fn $name<E: de::Error>(self, _: $t) -> Result<Vec<String>, E> { Ok(Vec::new()) })*
+    };
 }
 
-impl RawFields {
-    fn into_fields(self) -> Fields {
-        let convert = |list: Option<Vec<RawField>>| {
-            list.unwrap_or_default().into_iter().map(|f| Field {
-                name: f.name,
-                tags: f
-                    .tags
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|t| t.as_str().map(str::to_owned))
-                    .collect(),
-            })
-        };
-        let all = convert(self.dimensions)
-            .chain(convert(self.measures))
-            .chain(convert(self.filters))
-            .chain(convert(self.parameters))
-            .chain(convert(self.table_calculations))
-            .collect();
-        Fields {
-            all,
-            pivots: convert(self.pivots).collect(),
+impl<'de> Visitor<'de> for ErrorMessages {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of errors")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut messages = Vec::new();
+        while messages.len() < MAX_QUERY_ERRORS {
+            match seq.next_element_seed(ErrorMessage)? {
+                Some(m) => messages.push(m.unwrap_or_else(|| "an error without a message".into())),
+                None => return Ok(messages),
+            }
         }
+        let mut more = 0_u64;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            more += 1;
+        }
+        if more > 0 {
+            messages.push(format!("and {more} more errors"));
+        }
+        Ok(messages)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<String>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Vec::new())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Vec<String>, E> {
+        Ok(Vec::new())
+    }
+    no_messages!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+}
+
+/// One entry of `errors`: its `message` when that is a non-blank string (the last one, if
+/// the key repeats), cleaned and cut.
+struct ErrorMessage;
+
+impl<'de> DeserializeSeed<'de> for ErrorMessage {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+macro_rules! no_message {
+    ($($name:ident: $t:ty),*) => {
+        $(fn $name<E: de::Error>(self, _: $t) -> Result<Option<String>, E> { Ok(None) })*
+    };
+}
+
+impl<'de> Visitor<'de> for ErrorMessage {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an error object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+        let mut message = None;
+        while let Some(is_message) = map.next_key_seed(KeyIs("message"))? {
+            if is_message {
+                message = map.next_value_seed(Text)?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(message
+            .filter(|m| !clean(m, 1).is_empty())
+            .map(|m| clean(&m, MAX_MESSAGE_CHARS)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    no_message!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+}
+
+/// A string value, or `None` for anything else (skipped).
+struct Text;
+
+impl<'de> DeserializeSeed<'de> for Text {
+    type Value = Option<String>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Text {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Option<String>, E> {
+        Ok(Some(s.to_owned()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<String>, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
+        Ok(None)
+    }
+    no_message!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64);
+}
+
+/// Whether a key is `self.0`.
+struct KeyIs(&'static str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for KeyIs {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<bool, E> {
+        Ok(s == self.0)
+    }
+}
+
+/// What is left of the bounds on `fields` ([`MAX_FIELDS`], [`MAX_FIELDS_BYTES`]), and which
+/// one was passed.
+struct FieldBudget {
+    fields: usize,
+    bytes: usize,
+    exceeded: Option<DetailError>,
+}
+
+impl Default for FieldBudget {
+    fn default() -> Self {
+        Self {
+            fields: MAX_FIELDS,
+            bytes: MAX_FIELDS_BYTES,
+            exceeded: None,
+        }
+    }
+}
+
+impl FieldBudget {
+    fn take_field<E: de::Error>(&mut self) -> Result<(), E> {
+        match self.fields.checked_sub(1) {
+            Some(left) => {
+                self.fields = left;
+                Ok(())
+            }
+            None => Err(self.exceed(format!("the result lists more than {MAX_FIELDS} fields"))),
+        }
+    }
+
+    fn take_text<E: de::Error>(&mut self, text: &str) -> Result<(), E> {
+        match self.bytes.checked_sub(text.len()) {
+            Some(left) => {
+                self.bytes = left;
+                Ok(())
+            }
+            None => Err(self.exceed(format!(
+                "the result's field names and tags take more than {} MiB",
+                MAX_FIELDS_BYTES >> 20
+            ))),
+        }
+    }
+
+    fn exceed<E: de::Error>(&mut self, why: String) -> E {
+        self.exceeded = Some(DetailError::FieldsTooLarge(why));
+        E::custom("stopped")
+    }
+}
+
+/// The sections of `fields` that list fields, in the order [`Fields::all`] joins them
+/// (`pivots` last, kept apart).
+const FIELD_SECTIONS: [&str; 6] = [
+    "dimensions",
+    "measures",
+    "filters",
+    "parameters",
+    "table_calculations",
+    "pivots",
+];
+
+/// Reads `fields` within a [`FieldBudget`]: the sections of [`FIELD_SECTIONS`] (each a list
+/// or `null`), and of each field its name and string tags; everything else is skipped.
+struct FieldsSeed<'b>(&'b mut FieldBudget);
+
+impl<'de> DeserializeSeed<'de> for FieldsSeed<'_> {
+    type Value = Fields;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Fields, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldsSeed<'_> {
+    type Value = Fields;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a fields object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+        let mut sections: [Option<Vec<Field>>; 6] = Default::default();
+        while let Some(section) = map.next_key_seed(SectionKey)? {
+            let Some(i) = section else {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            };
+            if sections[i].is_some() {
+                return Err(de::Error::duplicate_field(FIELD_SECTIONS[i]));
+            }
+            let mut list = Vec::new();
+            map.next_value_seed(FieldList {
+                budget: &mut *self.0,
+                out: &mut list,
+            })?;
+            sections[i] = Some(list);
+        }
+        let [d, m, f, p, t, pivots] = sections;
+        let all = [d, m, f, p, t].into_iter().flatten().flatten().collect();
+        Ok(Fields {
+            all,
+            pivots: pivots.unwrap_or_default(),
+        })
+    }
+}
+
+/// The index of a key in [`FIELD_SECTIONS`].
+struct SectionKey;
+
+impl<'de> DeserializeSeed<'de> for SectionKey {
+    type Value = Option<usize>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for SectionKey {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Option<usize>, E> {
+        Ok(FIELD_SECTIONS.iter().position(|k| *k == s))
+    }
+}
+
+/// A list of field objects, or `null`, appended to `out`.
+struct FieldList<'a> {
+    budget: &'a mut FieldBudget,
+    out: &'a mut Vec<Field>,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldList<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldList<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(field) = seq.next_element_seed(FieldSeed(&mut *self.budget))? {
+            self.out.push(field);
+        }
+        Ok(())
+    }
+}
+
+/// One field object: its `name` and string `tags` (a list or `null`), within the budget.
+struct FieldSeed<'b>(&'b mut FieldBudget);
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Field;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Field, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Field;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+        self.0.take_field()?;
+        let (mut name, mut tags) = (None, None);
+        while let Some(key) = map.next_key::<FieldKey>()? {
+            match key {
+                FieldKey::Name if name.is_some() => return Err(de::Error::duplicate_field("name")),
+                FieldKey::Name => {
+                    let n: String = map.next_value()?;
+                    self.0.take_text(&n)?;
+                    name = Some(n);
+                }
+                FieldKey::Tags if tags.is_some() => return Err(de::Error::duplicate_field("tags")),
+                FieldKey::Tags => {
+                    let mut list = Vec::new();
+                    map.next_value_seed(TagList {
+                        budget: &mut *self.0,
+                        out: &mut list,
+                    })?;
+                    tags = Some(list);
+                }
+                FieldKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Field {
+            name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+            tags: tags.unwrap_or_default(),
+        })
+    }
+}
+
+enum FieldKey {
+    Name,
+    Tags,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for FieldKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = FieldKey;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldKey, E> {
+                Ok(match s {
+                    "name" => FieldKey::Name,
+                    "tags" => FieldKey::Tags,
+                    _ => FieldKey::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A field's `tags` (a list or `null`): string tags are appended to `out` within the
+/// budget, others are skipped.
+struct TagList<'a> {
+    budget: &'a mut FieldBudget,
+    out: &'a mut Vec<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for TagList<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TagList<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(tag) = seq.next_element_seed(Text)? {
+            if let Some(tag) = tag {
+                self.budget.take_text(&tag)?;
+                self.out.push(tag);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -646,26 +1032,165 @@ impl<'de> Visitor<'de> for KeptValue {
         Ok(Cell::Value(Value::Null))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Cell, A::Error> {
-        let v = Value::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        Ok(Cell::Value(unmark_all(v)))
+        let mut budget = MAX_CELL_BYTES;
+        Ok(Bounded(&mut budget)
+            .visit_map(map)?
+            .map_or(Cell::TooLarge, Cell::Value))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Cell, A::Error> {
-        let v = Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
-        Ok(Cell::Value(unmark_all(v)))
+        let mut budget = MAX_CELL_BYTES;
+        Ok(Bounded(&mut budget)
+            .visit_seq(seq)?
+            .map_or(Cell::TooLarge, Cell::Value))
     }
 }
 
-/// Turns marked numbers nested in a structured value back into numbers.
-fn unmark_all(v: Value) -> Value {
-    match v {
-        Value::String(s) => match cap::unmark(&s).and_then(|t| t.parse().ok()) {
-            Some(n) => Value::Number(n),
-            None => Value::String(s),
-        },
-        Value::Array(a) => Value::Array(a.into_iter().map(unmark_all).collect()),
-        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, unmark_all(v))).collect()),
-        other => other,
+macro_rules! not_object {
+    ($($name:ident: $t:ty),*) => {
+        $(fn $name<E: de::Error>(self, _: $t) -> Result<bool, E> { Ok(false) })*
+    };
+}
+
+/// Builds a structured cell value within what is left of a budget (see the module header),
+/// turning marked numbers back into numbers. `None` when the budget ran out or a string may
+/// have been cut: the rest of the value has then been skipped, and every enclosing
+/// container skips its own rest too.
+struct Bounded<'b>(&'b mut usize);
+
+impl Bounded<'_> {
+    /// Takes `cost` from the budget; false when less is left.
+    fn take(&mut self, cost: usize) -> bool {
+        match self.0.checked_sub(cost) {
+            Some(left) => {
+                *self.0 = left;
+                true
+            }
+            None => false,
+        }
     }
+
+    fn scalar(mut self, v: Value) -> Option<Value> {
+        self.take(ELEMENT_COST).then_some(v)
+    }
+}
+
+/// True when a string of this length may have been cut by the body filter.
+fn maybe_cut(s: &str) -> bool {
+    s.len() >= cap::MAX_STRING_BYTES
+}
+
+impl<'de> DeserializeSeed<'de> for Bounded<'_> {
+    type Value = Option<Value>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Value>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Bounded<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a cell value")
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Option<Value>, E> {
+        Ok(self.scalar(Value::Bool(b)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<Value>, E> {
+        Ok(self.scalar(Value::Null))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Option<Value>, E> {
+        Ok(self.scalar(n.into()))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Option<Value>, E> {
+        Ok(self.scalar(n.into()))
+    }
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Option<Value>, E> {
+        Ok(self.scalar(n.into()))
+    }
+    fn visit_str<E: de::Error>(mut self, s: &str) -> Result<Option<Value>, E> {
+        if maybe_cut(s) || !self.take(ELEMENT_COST + s.len()) {
+            return Ok(None);
+        }
+        Ok(Some(
+            match cap::unmark(s).and_then(|t| t.parse::<serde_json::Number>().ok()) {
+                Some(n) => Value::Number(n),
+                None => Value::String(s.to_owned()),
+            },
+        ))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Option<Value>, A::Error> {
+        let mut items = Vec::new();
+        let mut whole = self.take(ELEMENT_COST);
+        while whole {
+            match seq.next_element_seed(Bounded(&mut *self.0))? {
+                Some(Some(v)) => items.push(v),
+                Some(None) => whole = false,
+                None => return Ok(Some(Value::Array(items))),
+            }
+        }
+        drop(items);
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Option<Value>, A::Error> {
+        let mut object = serde_json::Map::new();
+        let mut whole = self.take(ELEMENT_COST);
+        while whole {
+            let Some(key) = map.next_key::<String>()? else {
+                return Ok(Some(Value::Object(object)));
+            };
+            if maybe_cut(&key) || !self.take(ELEMENT_COST + key.len()) {
+                map.next_value::<IgnoredAny>()?;
+                whole = false;
+            } else if let Some(v) = map.next_value_seed(Bounded(&mut *self.0))? {
+                object.insert(key, v);
+            } else {
+                whole = false;
+            }
+        }
+        drop(object);
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+}
+
+/// Notes whether a value is an array with at least one entry, and stops the parse there
+/// (with an error the caller replaces): the rest is never read. Anything else is skipped.
+struct FirstEntry<'a>(&'a mut bool);
+
+impl<'de> DeserializeSeed<'de> for FirstEntry<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+macro_rules! skip_scalars {
+    ($($name:ident: $t:ty),*) => {
+        $(fn $name<E: de::Error>(self, _: $t) -> Result<(), E> { Ok(()) })*
+    };
+}
+
+impl<'de> Visitor<'de> for FirstEntry<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if seq.next_element::<IgnoredAny>()?.is_some() {
+            *self.0 = true;
+            return Err(de::Error::custom("stopped"));
+        }
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    skip_scalars!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
 }
 
 struct IsValueKey;
@@ -695,12 +1220,6 @@ impl<'de> DeserializeSeed<'de> for IsObject {
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
         d.deserialize_any(self)
     }
-}
-
-macro_rules! not_object {
-    ($($name:ident: $t:ty),*) => {
-        $(fn $name<E: de::Error>(self, _: $t) -> Result<bool, E> { Ok(false) })*
-    };
 }
 
 impl<'de> Visitor<'de> for IsObject {
@@ -946,6 +1465,201 @@ mod tests {
             &[],
         );
         assert_eq!(r.unwrap_err().to_string(), "Unknown column 'x'");
+    }
+
+    /// The kept `u.a` cell of each row of a body whose rows are given as JSON text.
+    fn cells_of(rows: &[String]) -> Vec<Cell> {
+        let body = format!(
+            r#"{{"fields": {{"dimensions": [{{"name": "u.a"}}, {{"name": "u.b"}}]}}, "data": [{}]}}"#,
+            rows.join(",")
+        );
+        let (sink, r) = collect(&body, &["u.a", "u.b"]);
+        assert_eq!(r.expect("parses"), rows.len() as u64);
+        sink.rows.into_iter().flat_map(|(_, c)| c).collect()
+    }
+
+    /// A row whose `u.a` value is `value` (JSON text) and whose `u.b` value is "next".
+    fn row_with(value: &str) -> String {
+        format!(r#"{{"u.a": {{"value": {value}, "rendered": "x"}}, "u.b": {{"value": "next"}}}}"#)
+    }
+
+    /// `[0,0,…]` with `n` zeros.
+    fn zeros(n: usize) -> String {
+        format!("[{}]", vec!["0"; n].join(","))
+    }
+
+    #[test]
+    fn a_structured_value_is_kept_up_to_its_budget_exactly() {
+        // The array costs one element, each zero another.
+        let fit = MAX_CELL_BYTES / ELEMENT_COST - 1;
+        let cells = cells_of(&[row_with(&zeros(fit)), row_with(&zeros(fit + 1))]);
+        assert!(
+            cells[0] == Cell::Value(Value::Array(vec![json!(0); fit])),
+            "kept whole at the budget"
+        );
+        assert_eq!(cells[1], Cell::Value(json!("next")));
+        assert!(cells[2] == Cell::TooLarge, "one element over");
+        assert_eq!(
+            cells[3],
+            Cell::Value(json!("next")),
+            "the rest of the row is read"
+        );
+    }
+
+    #[test]
+    fn strings_and_keys_cost_their_bytes_at_any_depth() {
+        // {"k": [4 strings of 60,000 bytes, a last one]}: object, key "k", array, strings.
+        let strings = |last: usize| {
+            let mut list = vec!["s".repeat(60_000); 4];
+            list.push("t".repeat(last));
+            list
+        };
+        let fixed = 3 * ELEMENT_COST + 1 + 4 * (ELEMENT_COST + 60_000) + ELEMENT_COST;
+        let last = MAX_CELL_BYTES - fixed;
+        let nested = |last: usize| json!({"k": strings(last)}).to_string();
+        let cells = cells_of(&[row_with(&nested(last)), row_with(&nested(last + 1))]);
+        assert!(
+            cells[0] == Cell::Value(json!({"k": strings(last)})),
+            "kept whole at the budget"
+        );
+        assert!(cells[2] == Cell::TooLarge, "one byte over");
+        assert_eq!(cells[3], Cell::Value(json!("next")));
+        // Keys are charged like strings.
+        let keys: serde_json::Map<String, Value> = (0..5)
+            .map(|i| (format!("{i}{}", "k".repeat(60_000)), json!(1)))
+            .collect();
+        let cells = cells_of(&[row_with(&Value::Object(keys).to_string())]);
+        assert!(cells[0] == Cell::TooLarge);
+    }
+
+    #[test]
+    fn a_cut_deep_inside_nested_containers_skips_the_rest_and_the_next_row_reads_fine() {
+        let deep = format!(
+            r#"{{"a": [1, [2, {{"b": {}, "c": [3]}}, 4], 5], "d": {{"e": 6}}}}"#,
+            zeros(MAX_CELL_BYTES / ELEMENT_COST)
+        );
+        let small = r#"{"a": [1, [2, {"b": [0], "c": [3]}, 4], 5], "d": {"e": 6}}"#;
+        let cells = cells_of(&[row_with(&deep), row_with(small), row_with("[]")]);
+        assert_eq!(cells[0], Cell::TooLarge);
+        assert_eq!(cells[1], Cell::Value(json!("next")));
+        assert_eq!(
+            cells[2],
+            Cell::Value(serde_json::from_str(small).unwrap()),
+            "the next row's structured value is whole, in order"
+        );
+        assert_eq!(cells[4], Cell::Value(json!([])));
+    }
+
+    #[test]
+    fn a_string_the_filter_may_have_cut_makes_its_value_too_large() {
+        let at_cap = format!(r#"["{}"]"#, "x".repeat(cap::MAX_STRING_BYTES));
+        let below = format!(r#"["{}"]"#, "x".repeat(cap::MAX_STRING_BYTES - 1));
+        let cut_key = format!(r#"{{"{}": 1}}"#, "k".repeat(cap::MAX_STRING_BYTES));
+        let cells = cells_of(&[row_with(&at_cap), row_with(&below), row_with(&cut_key)]);
+        assert_eq!(cells[0], Cell::TooLarge, "never sent cut");
+        assert!(matches!(&cells[2], Cell::Value(Value::Array(a)) if a.len() == 1));
+        assert_eq!(cells[4], Cell::TooLarge);
+        // A plain string cell is the mapping's to judge (cut far above what it keeps).
+        assert!(
+            matches!(&cells_of(&[row_with(&format!(r#""{}""#, "x".repeat(cap::MAX_STRING_BYTES)))])[0],
+            Cell::Value(Value::String(s)) if s.len() == cap::MAX_STRING_BYTES)
+        );
+    }
+
+    #[test]
+    fn marked_numbers_inside_structured_values_become_numbers_again() {
+        let cells = cells_of(&[row_with(r#"["\u0000#1.5", {"n": "\u0000#7"}, "\u0000#x"]"#)]);
+        assert_eq!(cells[0], Cell::Value(json!([1.5, {"n": 7}, "\u{0}#x"])));
+    }
+
+    #[test]
+    fn fields_keep_names_and_string_tags_and_skip_the_rest() {
+        let body = json!({"fields": {
+            "measures": [{"name": "o.count", "sql": "x".repeat(100_000), "tags": [{"deep": [1, 2]}, "braze[n]", 3, null]}],
+            "dimensions": [{"name": "u.id", "tags": null, "enumerations": [[1, 2], {"a": "b"}]}],
+            "sorts": [{"name": "ignored"}],
+            "table_calculations": null,
+        }, "data": []});
+        let (sink, r) = collect(&body.to_string(), &[]);
+        r.expect("parses");
+        let fields = sink.seen_fields.unwrap();
+        assert_eq!(
+            fields.all,
+            [
+                Field {
+                    name: "u.id".into(),
+                    tags: vec![]
+                },
+                Field {
+                    name: "o.count".into(),
+                    tags: vec!["braze[n]".into()]
+                },
+            ],
+            "dimensions before measures, whatever the order in the body"
+        );
+        let (_, r) = collect(r#"{"fields": {"dimensions": [], "dimensions": []}}"#, &[]);
+        assert!(matches!(r, Err(DetailError::Syntax(_))), "{r:?}");
+    }
+
+    #[test]
+    fn a_look_with_too_many_fields_or_tags_is_a_clear_error() {
+        let many: Vec<Value> = (0..=MAX_FIELDS)
+            .map(|i| json!({"name": format!("v.f{i}")}))
+            .collect();
+        let (fit, over) = (&many[..MAX_FIELDS], &many[..]);
+        let body = |list: &[Value]| {
+            json!({"fields": {"dimensions": list[..list.len() / 2], "measures": list[list.len() / 2..]}, "data": []})
+                .to_string()
+        };
+        let (sink, r) = collect(&body(fit), &[]);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(sink.seen_fields.unwrap().all.len(), MAX_FIELDS);
+        let (sink, r) = collect(&body(over), &[]);
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "the result lists more than 10000 fields"
+        );
+        assert!(sink.seen_fields.is_none());
+
+        let tag = "t".repeat(60_000);
+        let tags = vec![tag; MAX_FIELDS_BYTES / 60_000 + 1];
+        let body = json!({"fields": {"dimensions": [{"name": "u.id", "tags": tags}]}, "data": []});
+        let (_, r) = collect(&body.to_string(), &[]);
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "the result's field names and tags take more than 1 MiB"
+        );
+    }
+
+    #[test]
+    fn pivots_are_refused_at_their_first_entry_without_reading_on() {
+        let body =
+            r#"{"fields": {"dimensions": [{"name": "u.id"}]}, "pivots": [{"key": "a"}, not json"#;
+        let (_, r) = collect(body, &["u.id"]);
+        assert!(
+            matches!(&r, Err(DetailError::Pivoted(m)) if m == "the result has pivot columns"),
+            "{r:?}"
+        );
+        for empty in ["[]", "null", "{}", "\"x\""] {
+            let body = format!(r#"{{"fields": {{}}, "pivots": {empty}, "data": []}}"#);
+            assert!(collect(&body, &[]).1.is_ok(), "{empty}");
+        }
+    }
+
+    #[test]
+    fn a_long_errors_array_is_counted_not_kept() {
+        let entries = vec![r#"{"message": "e", "sql": [1, {"a": 2}]}"#; 100_000].join(",");
+        let body = format!(r#"{{"fields": {{}}, "data": [], "errors": [["x"], 7, {entries}]}}"#);
+        let (_, r) = collect(&body, &[]);
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "an error without a message; an error without a message; e; and 99999 more errors"
+        );
+        let (_, r) = collect(
+            r#"{"fields": {}, "data": [], "errors": {"message": "not a list"}}"#,
+            &[],
+        );
+        assert!(r.is_ok(), "{r:?}");
     }
 
     #[test]

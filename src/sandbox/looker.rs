@@ -1,6 +1,7 @@
 //! Sandbox Looker API 4.0: `POST /login` and `GET /looks/{id}/run/json_detail`, streamed in
 //! the shape of a real result, for any number of generated rows, with optional latency and
-//! bodies that slow down or stall midway. Login and the run can be made to give any answer
+//! bodies that slow down, stall or trickle, and with oversized parts (an array cell or a
+//! `pivots` section of any size, streamed without being held). Login and the run can be made to give any answer
 //! (a status, a JSON or HTML body, a redirect), and requests to any other path are recorded
 //! too (answered 404), so a test can show that nothing was sent somewhere it should not be.
 
@@ -65,6 +66,15 @@ pub struct Look {
     pub slow_after: Option<(u64, Duration)>,
     /// After this many rows, send nothing for the duration once, then go on at full speed.
     pub stall_after: Option<(u64, Duration)>,
+    /// `(row, bytes)`: generated row `row` (counted from 1) carries as its `users.first_name`
+    /// value an array `[0,0,…]` of about `bytes` bytes, streamed (never held in memory).
+    /// Only for [`Rows::Generated`].
+    pub huge_array_cell: Option<(u64, u64)>,
+    /// A top-level `pivots` array of about this many bytes (entries shaped like Looker's),
+    /// streamed before `data`; it replaces [`Look::pivots`].
+    pub huge_pivots: Option<u64>,
+    /// Send the whole body one byte at a time, waiting this long before each byte.
+    pub trickle: Option<Duration>,
 }
 
 const NAMES: [&str; 8] = [
@@ -84,6 +94,9 @@ impl Look {
             delay: None,
             slow_after: None,
             stall_after: None,
+            huge_array_cell: None,
+            huge_pivots: None,
+            trickle: None,
         }
     }
 
@@ -124,21 +137,36 @@ pub fn users_fields() -> Value {
 
 fn generated_row(i: u64, generator: Generator, out: &mut String) {
     use std::fmt::Write;
+    generated_id(i, generator, out);
+    let name = NAMES[(i % NAMES.len() as u64) as usize];
+    let _ = write!(
+        out,
+        r#""users.first_name":{{"value":"{name}","rendered":"{name}"}},"orders.count":{{"value":{}}}}}"#,
+        i % 7
+    );
+}
+
+/// The start of generated row `i`, up to its identifier cell and the comma after it.
+fn generated_id(i: u64, generator: Generator, out: &mut String) {
+    use std::fmt::Write;
     let id = match generator {
         Generator::Dirty if i.is_multiple_of(125) => None,
         Generator::Dirty if i.is_multiple_of(50) => Some(i - 1),
         Generator::Shifted(n) => Some(i + n),
         _ => Some(i),
     };
-    let name = NAMES[(i % NAMES.len() as u64) as usize];
     let _ = match id {
         Some(id) => write!(out, r#"{{"users.external_id":{{"value":"user-{id:07}"}},"#),
         None => write!(out, r#"{{"users.external_id":{{"value":null}},"#),
     };
+}
+
+/// One entry of a streamed `pivots` section, shaped like Looker's.
+fn pivot_entry(n: u64, out: &mut String) {
+    use std::fmt::Write;
     let _ = write!(
         out,
-        r#""users.first_name":{{"value":"{name}","rendered":"{name}"}},"orders.count":{{"value":{}}}}}"#,
-        i % 7
+        r#"{{"key":"s{n:07}","is_total":false,"data":{{"orders.status":"s{n:07}"}},"sort_values":{{"orders.status":"s{n:07}"}},"labels":{{}}}}"#
     );
 }
 
@@ -483,27 +511,54 @@ async fn run_look(
         Some(-1) => look.total(),
         Some(n) => look.total().min(n.max(0) as u64),
     };
-    let stream = futures_util::stream::unfold(BodyWriter::new(look, rows), |mut w| async move {
-        if let Some(d) = w.delay_before_next() {
-            tokio::time::sleep(d).await;
-        }
-        let item = w.next_chunk()?;
-        if item.is_err() {
-            // Let the client read what was sent, as when a real connection drops mid-body.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Some((item, w))
-    });
+    let trickle = look.trickle;
+    let writer = BodyWriter::new(look, rows);
+    let body = match trickle {
+        Some(every) => Body::from_stream(trickled(writer, every)),
+        None => Body::from_stream(futures_util::stream::unfold(writer, |mut w| async move {
+            if let Some(d) = w.delay_before_next() {
+                tokio::time::sleep(d).await;
+            }
+            let item = w.next_chunk()?;
+            if item.is_err() {
+                // Let the client read what was sent, as when a real connection drops mid-body.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some((item, w))
+        })),
+    };
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(stream))
+        .body(body)
         .unwrap_or_else(|_| {
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "sandbox failed to build a response",
             )
         })
+}
+
+/// The body one byte at a time, `every` before each byte (a connection that never stalls
+/// outright but never gets anywhere either).
+fn trickled(
+    writer: BodyWriter,
+    every: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> {
+    futures_util::stream::unfold(
+        (writer, Bytes::new()),
+        move |(mut w, mut held)| async move {
+            while held.is_empty() {
+                match w.next_chunk()? {
+                    Ok(chunk) => held = chunk,
+                    Err(e) => return Some((Err(e), (w, held))),
+                }
+            }
+            tokio::time::sleep(every).await;
+            let byte = held.split_to(1);
+            Some((Ok(byte), (w, held)))
+        },
+    )
 }
 
 /// Writes a result body in chunks of about 32 KiB; a chunk also ends where the Look slows
@@ -514,6 +569,52 @@ struct BodyWriter {
     next: u64,
     stage: u8,
     stalled: bool,
+    /// An oversized part being streamed, before the rest of the body goes on.
+    filler: Option<Filler>,
+}
+
+/// An oversized part of the body, written a chunk at a time.
+struct Filler {
+    /// What each further element is.
+    kind: FillerKind,
+    /// Bytes still to write (about: the last element may go past).
+    left: u64,
+    /// Elements written so far.
+    written: u64,
+    /// What follows the part.
+    tail: String,
+}
+
+#[derive(Clone, Copy)]
+enum FillerKind {
+    /// `,0` after the array's first `0`.
+    Zeros,
+    /// `,{pivot entry}` after the first entry.
+    Pivots,
+}
+
+impl Filler {
+    /// Appends up to about 32 KiB of the part to `out`; true when the part is done (its tail
+    /// appended).
+    fn fill(&mut self, out: &mut String) -> bool {
+        while self.left > 0 && out.len() < 32 * 1024 {
+            let before = out.len();
+            self.written += 1;
+            match self.kind {
+                FillerKind::Zeros => out.push_str(",0"),
+                FillerKind::Pivots => {
+                    out.push(',');
+                    pivot_entry(self.written, out);
+                }
+            }
+            self.left = self.left.saturating_sub((out.len() - before) as u64);
+        }
+        if self.left == 0 {
+            out.push_str(&self.tail);
+            return true;
+        }
+        false
+    }
 }
 
 impl BodyWriter {
@@ -524,6 +625,7 @@ impl BodyWriter {
             next: 0,
             stage: 0,
             stalled: false,
+            filler: None,
         }
     }
 
@@ -565,16 +667,34 @@ impl BodyWriter {
 
     fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
         let mut out = String::with_capacity(40 * 1024);
+        if let Some(filler) = &mut self.filler {
+            if filler.fill(&mut out) {
+                self.filler = None;
+            }
+            return Some(Ok(Bytes::from(out)));
+        }
         match self.stage {
             0 => {
                 out.push_str(r#"{"status":"complete","from_cache":false,"id":"sandbox","result_source":"query","null_sort_treatment":"low","expired":false,"ran_at":"2026-11-29T10:00:00+00:00","runtime":"0.042","sql":"SELECT 1","fields":"#);
                 out.push_str(&self.look.fields.to_string());
+                const DATA: &str = r#","has_totals":false,"has_row_totals":false,"data":["#;
+                self.stage = 1;
+                if let Some(bytes) = self.look.huge_pivots {
+                    out.push_str(r#","pivots":["#);
+                    pivot_entry(0, &mut out);
+                    self.filler = Some(Filler {
+                        kind: FillerKind::Pivots,
+                        left: bytes,
+                        written: 0,
+                        tail: format!("]{DATA}"),
+                    });
+                    return Some(Ok(Bytes::from(out)));
+                }
                 if let Some(p) = &self.look.pivots {
                     out.push_str(r#","pivots":"#);
                     out.push_str(&p.to_string());
                 }
-                out.push_str(r#","has_totals":false,"has_row_totals":false,"data":["#);
-                self.stage = 1;
+                out.push_str(DATA);
             }
             1 => {
                 let rows = self.row_count();
@@ -593,12 +713,26 @@ impl BodyWriter {
                     match &self.look.rows {
                         Rows::Fixed(r) => out.push_str(&r[(self.next - 1) as usize].to_string()),
                         Rows::Raw(r) => out.push_str(&r[(self.next - 1) as usize]),
-                        Rows::Generated { generator, .. } => {
-                            generated_row(self.next, *generator, &mut out)
-                        }
+                        Rows::Generated { generator, .. } => match self.look.huge_array_cell {
+                            Some((row, bytes)) if row == self.next => {
+                                generated_id(self.next, *generator, &mut out);
+                                out.push_str(r#""users.first_name":{"value":[0"#);
+                                self.filler = Some(Filler {
+                                    kind: FillerKind::Zeros,
+                                    left: bytes,
+                                    written: 0,
+                                    tail: format!(
+                                        r#"]}},"orders.count":{{"value":{}}}}}"#,
+                                        row % 7
+                                    ),
+                                });
+                                break;
+                            }
+                            _ => generated_row(self.next, *generator, &mut out),
+                        },
                     }
                 }
-                if self.next >= rows {
+                if self.filler.is_none() && self.next >= rows {
                     out.push(']');
                     if let Some(e) = &self.look.errors {
                         out.push_str(r#","errors":"#);
