@@ -150,3 +150,39 @@ async fn a_20_mb_pivots_section_fails_the_run_as_pivoted_and_costs_no_memory() {
         m.peak_rss_mib
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_trickles_a_byte_at_a_time_is_stopped_at_the_run_s_deadline() {
+    // A byte every 20 ms never trips timeoutSeconds (each wait is short), and the body would
+    // take hours: only the whole run's deadline ends it.
+    let w = World::start().await;
+    let mut look = Look::users(1000, Generator::Clean);
+    look.trickle = Some(std::time::Duration::from_millis(20));
+    w.looker.add_look("trickle", look);
+    let started = std::time::Instant::now();
+    let m = measured_run(&w.yaml_looker(
+        "trickle",
+        "timeoutSeconds: 5",
+        "",
+        "activeDeadlineSeconds: 3",
+    ))
+    .await;
+    let took = started.elapsed();
+    eprintln!(
+        "trickling body: stopped after {took:?}, peak RSS {:.1} MiB, exit {:?}",
+        m.peak_rss_mib, m.code
+    );
+    let r = &m.report;
+    assert_eq!(m.code, Some(1), "{r}\nstderr: {}", m.stderr);
+    assert_eq!(r["outcome"], "Failed", "{r}");
+    assert_eq!(r["errors"][0]["reason"], "DeadlineExceeded", "{r}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "stopped at its deadline, took {took:?}"
+    );
+    assert!(
+        m.peak_rss_mib < MAX_PEAK_RSS_MIB,
+        "peak RSS {:.1} MiB",
+        m.peak_rss_mib
+    );
+}
