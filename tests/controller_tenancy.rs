@@ -93,6 +93,15 @@ async fn a_patched_export_cannot_send_another_secret_to_its_looker() {
         "Looker host 127.0.0.1 may not receive the credentials in Secret marketing/app-db (spec.looker.credentialsSecretRef): allow it for every export with the operator's --looker-allowed-hosts (the chart's looker.allowedHosts), or for this Secret alone with its annotation looker-braze.dev/allowed-hosts: 127.0.0.1"
     );
     assert_eq!(logins(), 1, "nothing was posted to Looker");
+    let reads: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET") && r.contains("/secrets/app-db"))
+        .collect();
+    assert!(
+        !reads.is_empty() && reads.iter().all(|r| r.ends_with(" (metadata)")),
+        "the Secret's values were never read, only its metadata: {reads:?}"
+    );
     let posted: Vec<String> = w
         .looker
         .requests()

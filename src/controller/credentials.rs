@@ -130,16 +130,16 @@ pub async fn credentials(
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let l = &spec.looker.credentials_secret_ref;
     let b = &spec.braze.api_key_secret_ref;
-    if !trusted_by_operator(operator, &spec.looker.base_url) {
+    let trusted = trusted_by_operator(operator, &spec.looker.base_url);
+    let refused = |detail| SecretError::NotAllowed {
+        namespace: namespace.into(),
+        name: l.name.clone(),
+        host: looker_host(&spec.looker.base_url),
+        detail,
+    };
+    if !trusted {
         let annotation = allowed_hosts_of(&api, namespace, &l.name).await?;
-        secret_allows(annotation.as_deref(), &spec.looker.base_url).map_err(|detail| {
-            SecretError::NotAllowed {
-                namespace: namespace.into(),
-                name: l.name.clone(),
-                host: looker_host(&spec.looker.base_url),
-                detail,
-            }
-        })?;
+        secret_allows(annotation.as_deref(), &spec.looker.base_url).map_err(refused)?;
     }
     // Both Secrets at once (each read once): 1,000 exports due together wait on fewer calls.
     let (looker, braze) = futures_util::future::join(
@@ -148,6 +148,11 @@ pub async fn credentials(
     )
     .await;
     let looker = looker?;
+    if !trusted {
+        // Looked at again on what was read: the annotation may have changed in between.
+        let annotation = looker.annotations().get(ALLOWED_HOSTS_ANNOTATION);
+        secret_allows(annotation.map(String::as_str), &spec.looker.base_url).map_err(refused)?;
+    }
     let client_id = value(&looker, namespace, &l.client_id_key, LOOKER)?;
     let client_secret = value(&looker, namespace, &l.client_secret_key, LOOKER)?;
     let api_key = value(&braze?, namespace, &b.key, BRAZE)?;
@@ -196,6 +201,12 @@ pub fn secret_allows(annotation: Option<&str>, base_url: &str) -> Result<(), Str
     let hosts = AllowedHosts::parse(listed).map_err(|why| {
         format!(", whose annotation {ALLOWED_HOSTS_ANNOTATION} is invalid ({why})")
     })?;
+    if hosts.is_any() {
+        // `*` lets the operator call any host, and so trusts none: here too.
+        return Err(format!(
+            ", whose annotation {ALLOWED_HOSTS_ANNOTATION} is * (name the hosts instead)"
+        ));
+    }
     hosts
         .check(base_url)
         .map_err(|_| format!(", whose annotation {ALLOWED_HOSTS_ANNOTATION} lists only {hosts}"))
@@ -271,6 +282,13 @@ mod tests {
             Ok(())
         );
         assert_eq!(secret_allows(None, LOOKER_URL), Err(String::new()));
+        assert_eq!(
+            secret_allows(Some("*"), LOOKER_URL),
+            Err(
+                ", whose annotation looker-braze.dev/allowed-hosts is * (name the hosts instead)"
+                    .into()
+            )
+        );
         assert_eq!(secret_allows(Some("  "), LOOKER_URL), Err(String::new()));
         assert_eq!(
             secret_allows(Some("other.looker.com"), LOOKER_URL),

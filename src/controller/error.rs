@@ -65,3 +65,26 @@ impl From<kube::Error> for Error {
         Self::from_kube(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> Error {
+        Error::from_kube(kube::Error::Api(
+            kube::core::Status::failure("refused", "Refused")
+                .with_code(code)
+                .boxed(),
+        ))
+    }
+
+    #[test]
+    fn only_403_and_422_are_refusals_a_retry_cannot_change() {
+        assert_eq!(api_error(403).refusal(), Some("Forbidden"));
+        assert_eq!(api_error(422).refusal(), Some("Invalid"));
+        assert_eq!(api_error(500).refusal(), None);
+        assert!(matches!(api_error(409), Error::Conflict(_)));
+        assert!(matches!(api_error(404), Error::Gone));
+        assert_eq!(Error::Timeout("x").refusal(), None);
+    }
+}

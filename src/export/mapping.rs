@@ -17,6 +17,12 @@ use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
 use crate::text::{clean, name_list};
 
+// The report names the parser's budgets without importing them: they must agree.
+const _: () = assert!(
+    super::report::CELL_BUDGET_KIB << 10 == crate::looker::json_detail::MAX_CELL_BYTES
+        && super::report::ROW_BUDGET_MIB << 20 == crate::looker::json_detail::MAX_ROW_BYTES
+);
+
 /// The tag that marks the identifier field.
 pub const ID_TAG: &str = "braze_id";
 /// Braze's limit for identifiers, in bytes.

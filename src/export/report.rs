@@ -4,7 +4,6 @@
 //! Imports nothing from the crate, so the spec, the controller and every part of the
 //! pipeline can depend on it.
 
-use crate::looker::json_detail::MAX_CELL_BYTES;
 use jiff::Timestamp;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -389,7 +388,7 @@ pub enum Invalid {
     /// The cell for the captured field at this index is not `{"value": …}`.
     MalformedCell(usize),
     /// The cell for the captured field at this index has an array or object value larger
-    /// than the parser keeps ([`MAX_CELL_BYTES`]).
+    /// than the parser keeps ([`CELL_BUDGET_KIB`], [`ROW_BUDGET_MIB`]).
     ValueTooLarge(usize),
 }
 
@@ -409,6 +408,12 @@ impl Invalid {
         }
     }
 }
+
+/// The parser's budget of one structured cell value, in KiB (`json_detail::MAX_CELL_BYTES`;
+/// the mapping checks they agree), for [`Invalid::ValueTooLarge`]'s message.
+pub const CELL_BUDGET_KIB: usize = 256;
+/// The parser's budget of one row's kept cells, in MiB (`json_detail::MAX_ROW_BYTES`).
+pub const ROW_BUDGET_MIB: usize = 1;
 
 /// Braze keeps string attributes up to this many characters.
 pub const MAX_ATTRIBUTE_CHARS: usize = 255;
@@ -853,8 +858,7 @@ fn describe_invalid(
         Invalid::MissingField(_) => format!("{subject} {lack} the field {d}"),
         Invalid::MalformedCell(_) => format!("{subject} {have} a malformed {d} cell"),
         Invalid::ValueTooLarge(_) => format!(
-            "{subject} {have} a {d} value (an array or object) larger than {} KiB",
-            MAX_CELL_BYTES >> 10
+            "{subject} {have} a {d} value too large to keep (an array or object over {CELL_BUDGET_KIB} KiB, or a value past the {ROW_BUDGET_MIB} MiB a row may take)"
         ),
     }
 }

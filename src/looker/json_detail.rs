@@ -68,7 +68,8 @@ pub enum Cell {
     Pivoted,
     /// Not a `{"value": ...}` object.
     Malformed,
-    /// An array or object `value` over the budget of [`MAX_CELL_BYTES`]: not kept.
+    /// A `value` over its budget: an array or object over [`MAX_CELL_BYTES`], or any value
+    /// past what is left of the row's [`MAX_ROW_BYTES`]. Not kept.
     TooLarge,
 }
 
@@ -77,6 +78,9 @@ pub const MAX_CELL_BYTES: usize = 256 * 1024;
 /// What each element of a structured cell value costs against [`MAX_CELL_BYTES`], besides
 /// the text of strings and keys.
 pub const ELEMENT_COST: usize = 32;
+/// Budget of all the kept cells of one row together (strings at their length, structured
+/// values as [`MAX_CELL_BYTES`] counts them): a row's objects fit one Braze request.
+pub const MAX_ROW_BYTES: usize = 1024 * 1024;
 /// Most fields a result may list (all sections together, pivot fields included).
 pub const MAX_FIELDS: usize = 10_000;
 /// Most bytes of field names and string tags a result's `fields` may take.
@@ -558,6 +562,20 @@ impl FieldBudget {
         }
     }
 
+    /// One kept name or tag's place, besides its text ([`ELEMENT_COST`] bytes).
+    fn take_element<E: de::Error>(&mut self) -> Result<(), E> {
+        match self.bytes.checked_sub(ELEMENT_COST) {
+            Some(left) => {
+                self.bytes = left;
+                Ok(())
+            }
+            None => Err(self.exceed(format!(
+                "the result's field names and tags take more than {} MiB",
+                MAX_FIELDS_BYTES >> 20
+            ))),
+        }
+    }
+
     fn exceed<E: de::Error>(&mut self, why: String) -> E {
         self.exceeded = Some(DetailError::FieldsTooLarge(why));
         E::custom("stopped")
@@ -776,7 +794,9 @@ impl<'de> Visitor<'de> for TagList<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while let Some(tag) = seq.next_element_seed(Text)? {
             if let Some(tag) = tag {
+                // A tag costs its text and its place: `["", "", …]` is not free.
                 self.budget.take_text(&tag)?;
+                self.budget.take_element()?;
                 self.out.push(tag);
             }
         }
@@ -813,6 +833,7 @@ impl<'de, S: RowSink> Visitor<'de> for Data<'_, S> {
                 captures: &captures,
                 cells: &mut cells,
                 pivoted: false,
+                left: MAX_ROW_BYTES,
             };
             let shape = match seq.next_element_seed(row) {
                 Ok(Some(shape)) => shape,
@@ -853,6 +874,8 @@ struct RowSeed<'a> {
     captures: &'a [String],
     cells: &'a mut [Cell],
     pivoted: bool,
+    /// What is left of the row's [`MAX_ROW_BYTES`].
+    left: usize,
 }
 
 impl<'de> DeserializeSeed<'de> for RowSeed<'_> {
@@ -892,6 +915,7 @@ impl<'de> Visitor<'de> for RowSeed<'_> {
         while let Some(index) = map.next_key_seed(KeyIndex(self.captures))? {
             let cell = map.next_value_seed(CellSeed {
                 keep: index.is_some(),
+                left: &mut self.left,
             })?;
             if cell == Cell::Pivoted {
                 self.pivoted = true;
@@ -927,11 +951,13 @@ impl Visitor<'_> for KeyIndex<'_> {
 }
 
 /// Reads one cell: keeps its `value` when asked, and tells pivoted or malformed cells apart.
-struct CellSeed {
+struct CellSeed<'a> {
     keep: bool,
+    /// What is left of the row's budget.
+    left: &'a mut usize,
 }
 
-impl<'de> DeserializeSeed<'de> for CellSeed {
+impl<'de> DeserializeSeed<'de> for CellSeed<'_> {
     type Value = Cell;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cell, D::Error> {
         d.deserialize_any(self)
@@ -944,7 +970,7 @@ macro_rules! malformed_scalars {
     };
 }
 
-impl<'de> Visitor<'de> for CellSeed {
+impl<'de> Visitor<'de> for CellSeed<'_> {
     type Value = Cell;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -957,7 +983,7 @@ impl<'de> Visitor<'de> for CellSeed {
         while let Some(is_value) = map.next_key_seed(IsValueKey)? {
             if is_value {
                 value = Some(if self.keep {
-                    map.next_value_seed(KeptValue)?
+                    map.next_value_seed(KeptValue(&mut *self.left))?
                 } else {
                     map.next_value::<IgnoredAny>()
                         .map(|_| Cell::Value(Value::Null))?
@@ -985,45 +1011,73 @@ impl<'de> Visitor<'de> for CellSeed {
     malformed_scalars!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
 }
 
-/// Reads a kept `value`. Numbers keep the text Looker sent: small integers arrive as
-/// integers, and every other number arrives as a string marked by the body filter
-/// ([`cap::NUMBER_MARK`]), so no digit is rounded through a float.
-struct KeptValue;
+/// Reads a kept `value`, charged to what is left of the row's budget. Numbers keep the
+/// text Looker sent: small integers arrive as integers, and every other number arrives as a
+/// string marked by the body filter ([`cap::NUMBER_MARK`]), so no digit is rounded through a
+/// float.
+struct KeptValue<'a>(&'a mut usize);
 
-impl<'de> DeserializeSeed<'de> for KeptValue {
+impl KeptValue<'_> {
+    /// `cell`, if its `cost` fits what is left of the row.
+    fn charged(self, cost: usize, cell: Cell) -> Cell {
+        match self.0.checked_sub(cost) {
+            Some(left) => {
+                *self.0 = left;
+                cell
+            }
+            None => Cell::TooLarge,
+        }
+    }
+
+    /// A structured value within its own budget and what is left of the row's.
+    fn structured<E>(
+        self,
+        build: impl FnOnce(&mut usize) -> Result<Option<Value>, E>,
+    ) -> Result<Cell, E> {
+        let start = MAX_CELL_BYTES.min(*self.0);
+        let mut budget = start;
+        let built = build(&mut budget)?;
+        *self.0 -= start - budget;
+        Ok(built.map_or(Cell::TooLarge, Cell::Value))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for KeptValue<'_> {
     type Value = Cell;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cell, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for KeptValue {
+impl<'de> Visitor<'de> for KeptValue<'_> {
     type Value = Cell;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a cell value")
     }
     fn visit_str<E: de::Error>(self, s: &str) -> Result<Cell, E> {
-        Ok(match cap::unmark(s) {
+        let cell = match cap::unmark(s) {
             Some(number) => Cell::Number(number.to_owned()),
             None => Cell::Value(Value::String(s.to_owned())),
-        })
+        };
+        Ok(self.charged(s.len(), cell))
     }
     fn visit_string<E: de::Error>(self, s: String) -> Result<Cell, E> {
         if cap::unmark(&s).is_some() {
             return self.visit_str(&s);
         }
-        Ok(Cell::Value(Value::String(s)))
+        let cost = s.len();
+        Ok(self.charged(cost, Cell::Value(Value::String(s))))
     }
     fn visit_u64<E: de::Error>(self, n: u64) -> Result<Cell, E> {
-        Ok(Cell::Number(n.to_string()))
+        Ok(self.charged(ELEMENT_COST, Cell::Number(n.to_string())))
     }
     fn visit_i64<E: de::Error>(self, n: i64) -> Result<Cell, E> {
-        Ok(Cell::Number(n.to_string()))
+        Ok(self.charged(ELEMENT_COST, Cell::Number(n.to_string())))
     }
     fn visit_f64<E: de::Error>(self, n: f64) -> Result<Cell, E> {
         // Only reached when the body did not pass through the filter (tests).
-        Ok(Cell::Number(n.to_string()))
+        Ok(self.charged(ELEMENT_COST, Cell::Number(n.to_string())))
     }
     fn visit_bool<E: de::Error>(self, b: bool) -> Result<Cell, E> {
         Ok(Cell::Value(Value::Bool(b)))
@@ -1032,16 +1086,10 @@ impl<'de> Visitor<'de> for KeptValue {
         Ok(Cell::Value(Value::Null))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Cell, A::Error> {
-        let mut budget = MAX_CELL_BYTES;
-        Ok(Bounded(&mut budget)
-            .visit_map(map)?
-            .map_or(Cell::TooLarge, Cell::Value))
+        self.structured(|budget| Bounded(budget).visit_map(map))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Cell, A::Error> {
-        let mut budget = MAX_CELL_BYTES;
-        Ok(Bounded(&mut budget)
-            .visit_seq(seq)?
-            .map_or(Cell::TooLarge, Cell::Value))
+        self.structured(|budget| Bounded(budget).visit_seq(seq))
     }
 }
 
@@ -1507,6 +1555,39 @@ mod tests {
     }
 
     #[test]
+    fn a_row_s_cells_share_one_budget() {
+        // Five kept cells, each a 60,000-byte string (under the 64 KiB cap) or an array
+        // within its own budget: together they may take the row's MAX_ROW_BYTES, no more.
+        let names: Vec<String> = (0..20).map(|i| format!("u.c{i}")).collect();
+        let fields: Vec<Value> = names.iter().map(|n| json!({"name": n})).collect();
+        let text = "s".repeat(60_000);
+        let row: serde_json::Map<String, Value> = names
+            .iter()
+            .map(|n| (n.clone(), json!({"value": text})))
+            .collect();
+        let body =
+            json!({"fields": {"dimensions": fields}, "data": [row, {"u.c0": {"value": "next"}}]});
+        let keep: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (sink, r) = collect(&body.to_string(), &keep);
+        assert_eq!(r.expect("parses"), 2);
+        let first = &sink.rows[0].1;
+        let fit = MAX_ROW_BYTES / 60_000;
+        assert!(
+            first[..fit].iter().all(|c| *c == Cell::Value(json!(text))),
+            "{fit} fit"
+        );
+        assert!(
+            first[fit..].iter().all(|c| *c == Cell::TooLarge),
+            "the rest do not"
+        );
+        assert_eq!(
+            sink.rows[1].1[0],
+            Cell::Value(json!("next")),
+            "a new row, a new budget"
+        );
+    }
+
+    #[test]
     fn strings_and_keys_cost_their_bytes_at_any_depth() {
         // {"k": [4 strings of 60,000 bytes, a last one]}: object, key "k", array, strings.
         let strings = |last: usize| {
@@ -1624,6 +1705,14 @@ mod tests {
         let tag = "t".repeat(60_000);
         let tags = vec![tag; MAX_FIELDS_BYTES / 60_000 + 1];
         let body = json!({"fields": {"dimensions": [{"name": "u.id", "tags": tags}]}, "data": []});
+        let (_, r) = collect(&body.to_string(), &[]);
+        assert_eq!(
+            r.unwrap_err().to_string(),
+            "the result's field names and tags take more than 1 MiB"
+        );
+        // Empty tags are not free.
+        let empty = vec![""; MAX_FIELDS_BYTES / ELEMENT_COST + 1];
+        let body = json!({"fields": {"dimensions": [{"name": "u.id", "tags": empty}]}, "data": []});
         let (_, r) = collect(&body.to_string(), &[]);
         assert_eq!(
             r.unwrap_err().to_string(),

@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use crate::storage::{ApiState, delete_object, qualified_resource};
@@ -265,6 +265,9 @@ struct Request {
     content_type: String,
     /// The JSON body (null when empty).
     body: Value,
+    /// `Accept: …;as=PartialObjectMetadata`: a GET answers the object's metadata alone, as
+    /// the real apiserver does (a Secret's data never leaves it).
+    metadata_only: bool,
 }
 
 /// Parses a request: 404 for a path that names no resource, 400 for a body that is not JSON
@@ -309,12 +312,38 @@ fn parse_request(
         query,
         content_type,
         body,
+        metadata_only: asks_metadata_only(headers),
     })
 }
 
-/// One request, answered from the shared state.
+fn asks_metadata_only(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("as=PartialObjectMetadata"))
+}
+
+/// The answer to a metadata-only GET: `PartialObjectMetadata` with the object's metadata.
+fn partial_metadata(object: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": object["metadata"],
+    })
+}
+
+/// One request, answered from the shared state. A metadata-only read is recorded with
+/// ` (metadata)` after it.
 fn serve(state: &ApiState, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    state.lock().requests.push(format!("{method} {uri}"));
+    let marker = if asks_metadata_only(&headers) {
+        " (metadata)"
+    } else {
+        ""
+    };
+    state
+        .lock()
+        .requests
+        .push(format!("{method} {uri}{marker}"));
     match parse_request(method, &uri, &headers, &body) {
         Err(refused) => refused.response(),
         Ok(req) => match (&req.method, &req.target.name) {
@@ -467,6 +496,7 @@ fn serve_read_or_delete(state: &ApiState, req: Request) -> Response {
                 .objects
                 .get(&(t.resource.clone(), namespace, name.clone()))
             {
+                Some(o) if req.metadata_only => ok_json(&partial_metadata(o)),
                 Some(o) => ok_json(o),
                 None => not_found(name),
             }
