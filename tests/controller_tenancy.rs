@@ -110,13 +110,14 @@ async fn a_patched_export_cannot_send_another_secret_to_its_looker() {
         .collect();
     assert!(!posted.iter().any(|v| v == DB_PASSWORD), "{posted:?}");
     assert!(!everything_written(&api, "churn").contains(DB_PASSWORD));
-    let events = events(&api, "churn");
-    assert!(
-        events
+    // The Event follows the status write.
+    wait_for("the CredentialsNotAllowed Warning", 10, || {
+        events(&api, "churn")
             .iter()
-            .any(|(kind, reason, _)| kind == "Warning" && reason == "CredentialsNotAllowed"),
-        "{events:?}"
-    );
+            .any(|(kind, reason, _)| kind == "Warning" && reason == "CredentialsNotAllowed")
+            .then_some(())
+    })
+    .await;
     assert!(api.denied().is_empty(), "{:?}", api.denied());
     op.stop().await;
 }
