@@ -550,21 +550,16 @@ impl FieldBudget {
     }
 
     fn take_text<E: de::Error>(&mut self, text: &str) -> Result<(), E> {
-        match self.bytes.checked_sub(text.len()) {
-            Some(left) => {
-                self.bytes = left;
-                Ok(())
-            }
-            None => Err(self.exceed(format!(
-                "the result's field names and tags take more than {} MiB",
-                MAX_FIELDS_BYTES >> 20
-            ))),
-        }
+        self.take_bytes(text.len())
     }
 
     /// One kept name or tag's place, besides its text ([`ELEMENT_COST`] bytes).
     fn take_element<E: de::Error>(&mut self) -> Result<(), E> {
-        match self.bytes.checked_sub(ELEMENT_COST) {
+        self.take_bytes(ELEMENT_COST)
+    }
+
+    fn take_bytes<E: de::Error>(&mut self, n: usize) -> Result<(), E> {
+        match self.bytes.checked_sub(n) {
             Some(left) => {
                 self.bytes = left;
                 Ok(())
