@@ -608,3 +608,59 @@ async fn a_discard_request_starts_a_new_audience() {
     );
     op.stop().await;
 }
+
+/// A namesake deleted and recreated mid-run (`kubectl replace --force`, Argo CD's
+/// `Replace=true`): the old run's late save never writes the new export's audience, whose
+/// first run then reads and stores its own.
+#[tokio::test]
+async fn a_recreated_namesake_keeps_its_own_audience() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(400, Generator::Clean));
+    w.braze.set_latency(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::ZERO,
+    );
+    secrets(&api);
+    let slow = "removal: Remove\nbatchSize: 10\nconcurrency: 1";
+    put_export(&api, &w, "mirror", "42", slow, "");
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r1");
+    wait_for("some users flagged", 20, || {
+        (segment(&w) >= 30).then_some(())
+    })
+    .await;
+    let old_uid = api.get(EXPORTS, NS, "mirror").unwrap()["metadata"]["uid"].clone();
+    api.delete(EXPORTS, NS, "mirror");
+    put_export(&api, &w, "mirror", "42", "removal: Remove", "");
+    let new_uid = api.get(EXPORTS, NS, "mirror").unwrap()["metadata"]["uid"].clone();
+    assert_ne!(old_uid, new_uid);
+    run_now(&api, "mirror", "n1");
+    let s = wait_for("the new export's run", 30, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "n1" && s["lastRun"]["completionTime"].is_string())
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastRun"]["outcome"], "Succeeded", "{s}");
+    let manifest = api.get(SECRETS, NS, "mirror-audience").expect("a manifest");
+    assert_eq!(
+        manifest["metadata"]["labels"]["looker-braze.dev/audience-of"], new_uid,
+        "{manifest}"
+    );
+    let foreign: Vec<_> = api
+        .list(SECRETS)
+        .into_iter()
+        .filter(|s| s["metadata"]["labels"]["looker-braze.dev/audience-of"] == old_uid)
+        .collect();
+    assert!(foreign.is_empty(), "{foreign:?}");
+    // Its next run uses that audience.
+    w.looker.add_look("42", Look::users(390, Generator::Clean));
+    run_now(&api, "mirror", "n2");
+    let s = wait_for("the next run", 20, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "n2" && s["lastRun"]["outcome"] == "Succeeded").then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastRun"]["removed"], 10, "{s}");
+    op.stop().await;
+}

@@ -34,6 +34,15 @@ use crate::spec::{BrazeExport, BrazeExportStatus};
 /// Said in the report's message and the Event of a run that discarded its stored audience.
 pub const DISCARDED: &str = "the stored audience was discarded on request";
 
+/// How to start afresh after a stored audience that cannot be used.
+fn discard_hint(export: &BrazeExport) -> String {
+    format!(
+        "to start afresh without it, run now with {DISCARD_AUDIENCE_ANNOTATION} set to the \
+         run-now value (kubectl bzx trigger {} --discard-audience)",
+        export.name_any()
+    )
+}
+
 /// A run to carry out, owning what it needs.
 pub struct RunTask {
     /// Shared state.
@@ -252,6 +261,17 @@ impl RunTask {
         if discard {
             report.message = format!("{}; {DISCARDED}", report.message);
         }
+        // A stored audience of another identifier type or export: tell the way back.
+        let mut mismatch = false;
+        for e in &mut report.errors {
+            if e.reason == "AudienceMismatch" {
+                e.message = format!("{}; {}", e.message, discard_hint(&self.export));
+                mismatch = true;
+            }
+        }
+        if mismatch {
+            report.message = format!("{}; {}", report.message, discard_hint(&self.export));
+        }
         report
     }
 
@@ -275,6 +295,12 @@ impl RunTask {
         .await;
         match loaded {
             Ok(Ok(previous)) => Ok(previous),
+            // Not to be mended by waiting: tell the way back.
+            Ok(Err(
+                e @ (audience_store::StoreError::NotOwned(_)
+                | audience_store::StoreError::Damaged(_)
+                | audience_store::StoreError::Audience(_)),
+            )) => Err(format!("{e}; {}", discard_hint(&self.export))),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the stored audience could not be read in time".into()),
         }
