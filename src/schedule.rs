@@ -14,6 +14,9 @@ pub const RUN_NOW_ANNOTATION: &str = "looker-braze.dev/run-now";
 /// With `delta: true`, a run-now whose request this annotation repeats sends everyone again
 /// (a full resync), once.
 pub const FULL_RESYNC_ANNOTATION: &str = "looker-braze.dev/full-resync";
+/// With a stored audience, a run-now whose request this annotation repeats starts without it
+/// (a first run: everyone is sent, nobody removed) and stores a new one, once.
+pub const DISCARD_AUDIENCE_ANNOTATION: &str = "looker-braze.dev/discard-audience";
 /// Retries after a run that failed as a whole.
 pub const MAX_RETRIES: u32 = 3;
 /// Wait before the first retry; doubled for each further one.

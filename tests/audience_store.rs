@@ -9,7 +9,8 @@ use braze_export_operator::audience::{
     self, Audience, Encoded, Header, Member, MemberState, Owner,
 };
 use braze_export_operator::controller::audience_store::{
-    OWNER_LABEL, StoreError, delete_audience, load_audience, manifest_name, save_audience,
+    Fence, OWNER_LABEL, StoreError, delete_audience, discard_audience, load_audience,
+    manifest_name, save_audience,
 };
 use braze_export_operator::spec::{BrazeExport, IdentifierKind};
 use fake::Start as _;
@@ -17,6 +18,7 @@ use fake_apiserver::{self as apiserver, FakeApiServer, SECRETS};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 const NS: &str = "marketing";
 
@@ -58,6 +60,11 @@ fn audience(n: usize, seed: u64) -> Encoded {
     Encoded::from_parts(audience::encode(&a)).unwrap()
 }
 
+/// A fence that never closes and does not read the export again (it is not in the API).
+fn open() -> Fence {
+    Fence::term_only(CancellationToken::new())
+}
+
 fn names(server: &FakeApiServer) -> Vec<String> {
     server
         .list(SECRETS)
@@ -75,7 +82,7 @@ async fn saves_in_owned_parts_and_loads_back_the_latest_generation() {
 
     let big = audience(60_000, 1);
     assert!(big.parts().len() >= 2, "{} parts", big.parts().len());
-    save_audience(&api, &e, &big).await.unwrap();
+    save_audience(&api, &e, &big, &open()).await.unwrap();
     assert_eq!(load_audience(&api, &e).await.unwrap().as_ref(), Some(&big));
     let stored = server.list(SECRETS);
     assert_eq!(stored.len(), big.parts().len() + 1);
@@ -109,7 +116,7 @@ async fn saves_in_owned_parts_and_loads_back_the_latest_generation() {
 
     // A new generation replaces it; the old parts go.
     let small = audience(10, 2);
-    save_audience(&api, &e, &small).await.unwrap();
+    save_audience(&api, &e, &small, &open()).await.unwrap();
     assert_eq!(
         load_audience(&api, &e).await.unwrap().as_ref(),
         Some(&small)
@@ -129,7 +136,7 @@ async fn a_crashed_save_never_mixes_generations() {
     let api: Api<Secret> = Api::namespaced(server.client(), NS);
     let e = export("churn-risk", "uid-42");
     let first = audience(10, 1);
-    save_audience(&api, &e, &first).await.unwrap();
+    save_audience(&api, &e, &first, &open()).await.unwrap();
     // A save that crashed after writing its part, before the manifest: generation 2 exists.
     let stray = server
         .get(SECRETS, NS, "churn-risk-audience-1-0")
@@ -147,7 +154,7 @@ async fn a_crashed_save_never_mixes_generations() {
     );
     // The next save goes above the stray generation and clears it.
     let second = audience(5, 2);
-    save_audience(&api, &e, &second).await.unwrap();
+    save_audience(&api, &e, &second, &open()).await.unwrap();
     let mut now = names(&server);
     now.sort();
     assert_eq!(now, ["churn-risk-audience", "churn-risk-audience-3-0"]);
@@ -162,7 +169,9 @@ async fn damage_and_foreign_secrets_are_refused() {
     let server = FakeApiServer::start().await;
     let api: Api<Secret> = Api::namespaced(server.client(), NS);
     let e = export("churn-risk", "uid-42");
-    save_audience(&api, &e, &audience(10, 1)).await.unwrap();
+    save_audience(&api, &e, &audience(10, 1), &open())
+        .await
+        .unwrap();
     let mut part: Value = server.get(SECRETS, NS, "churn-risk-audience-1-0").unwrap();
     part["data"]["part"] = json!(apiserver::base64(b"tampered"));
     server.put(SECRETS, part);
@@ -181,5 +190,135 @@ async fn damage_and_foreign_secrets_are_refused() {
             "the Secret {} is not this export's audience (another owner)",
             manifest_name("churn-risk")
         )
+    );
+}
+
+/// The export `name` created in the API server (which gives it its uid), as read back.
+async fn created(server: &FakeApiServer, name: &str) -> BrazeExport {
+    let mut object = serde_json::to_value(export(name, "ignored")).unwrap();
+    object["metadata"].as_object_mut().unwrap().remove("uid");
+    server.put(apiserver::EXPORTS, object);
+    let api: Api<BrazeExport> = Api::namespaced(server.client(), NS);
+    api.get(name).await.unwrap()
+}
+
+fn fenced(server: &FakeApiServer, term: &CancellationToken) -> Fence {
+    Fence::new(term.clone(), Api::namespaced(server.client(), NS))
+}
+
+/// A deleted and recreated namesake (`kubectl replace --force`): the late save of the old
+/// export's run, before or after the new export's first save, never writes the audience.
+#[tokio::test]
+async fn a_late_save_of_a_recreated_namesake_never_replaces_the_live_audience() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Secret> = Api::namespaced(server.client(), NS);
+    let term = CancellationToken::new();
+    let old = created(&server, "churn-risk").await;
+    save_audience(&api, &old, &audience(10, 1), &fenced(&server, &term))
+        .await
+        .unwrap();
+
+    server.delete(apiserver::EXPORTS, NS, "churn-risk");
+    let new = created(&server, "churn-risk").await;
+    assert_ne!(old.metadata.uid, new.metadata.uid);
+    // Before the new export saved: the old one's run reads that its export is gone.
+    let late = save_audience(&api, &old, &audience(20, 2), &fenced(&server, &term)).await;
+    assert!(matches!(late, Err(StoreError::Fenced(_))), "{late:?}");
+    assert_eq!(
+        late.unwrap_err().to_string(),
+        "the audience was not written: the export was deleted or recreated"
+    );
+    assert!(load_audience(&api, &new).await.unwrap().is_none());
+    assert!(names(&server).is_empty(), "{:?}", names(&server));
+
+    // After it: the manifest is the new export's, never replaced by another uid.
+    let live = audience(5, 3);
+    save_audience(&api, &new, &live, &fenced(&server, &term))
+        .await
+        .unwrap();
+    let late = save_audience(&api, &old, &audience(20, 2), &fenced(&server, &term)).await;
+    assert!(late.is_err());
+    // Even without reading the export again: the manifest's owner decides.
+    let late = save_audience(&api, &old, &audience(20, 2), &open()).await;
+    assert!(matches!(late, Err(StoreError::NotOwned(_))), "{late:?}");
+    assert_eq!(
+        load_audience(&api, &new).await.unwrap().as_ref(),
+        Some(&live)
+    );
+    let manifest = server.get(SECRETS, NS, "churn-risk-audience").unwrap();
+    assert_eq!(
+        manifest["metadata"]["labels"][OWNER_LABEL],
+        json!(new.metadata.uid)
+    );
+}
+
+/// A save after its writer's term ended (a lost Lease, a shutdown) writes nothing.
+#[tokio::test]
+async fn a_save_after_the_term_ended_is_refused() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Secret> = Api::namespaced(server.client(), NS);
+    let e = created(&server, "churn-risk").await;
+    let term = CancellationToken::new();
+    let first = audience(10, 1);
+    save_audience(&api, &e, &first, &fenced(&server, &term))
+        .await
+        .unwrap();
+    term.cancel();
+    let late = save_audience(&api, &e, &audience(20, 2), &fenced(&server, &term)).await;
+    assert!(matches!(late, Err(StoreError::Fenced(_))), "{late:?}");
+    assert_eq!(
+        late.unwrap_err().to_string(),
+        "the audience was not written: this instance's leadership term ended"
+    );
+    assert_eq!(
+        load_audience(&api, &e).await.unwrap().as_ref(),
+        Some(&first)
+    );
+    let mut now = names(&server);
+    now.sort();
+    assert_eq!(now, ["churn-risk-audience", "churn-risk-audience-1-0"]);
+    let refused = discard_audience(&api, &e, &fenced(&server, &term)).await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))), "{refused:?}");
+    assert_eq!(names(&server).len(), 2);
+}
+
+/// Discarding deletes the export's own audience and a manifest a namesake left behind.
+#[tokio::test]
+async fn discarding_deletes_the_audience_and_a_foreign_manifest() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Secret> = Api::namespaced(server.client(), NS);
+    let e = created(&server, "churn-risk").await;
+    let term = CancellationToken::new();
+    save_audience(&api, &e, &audience(10, 1), &fenced(&server, &term))
+        .await
+        .unwrap();
+    discard_audience(&api, &e, &fenced(&server, &term))
+        .await
+        .unwrap();
+    assert!(names(&server).is_empty(), "{:?}", names(&server));
+    // A manifest of its name labelled with another uid: unreadable, then discarded.
+    save_audience(
+        &api,
+        &export("churn-risk", "uid-gone"),
+        &audience(3, 2),
+        &open(),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        load_audience(&api, &e).await,
+        Err(StoreError::NotOwned(_))
+    ));
+    discard_audience(&api, &e, &fenced(&server, &term))
+        .await
+        .unwrap();
+    assert!(load_audience(&api, &e).await.unwrap().is_none());
+    let again = audience(4, 3);
+    save_audience(&api, &e, &again, &fenced(&server, &term))
+        .await
+        .unwrap();
+    assert_eq!(
+        load_audience(&api, &e).await.unwrap().as_ref(),
+        Some(&again)
     );
 }

@@ -517,3 +517,150 @@ async fn a_lagging_watch_never_cleans_up_twice() {
     assert_eq!(segment(&w), 0);
     op.stop().await;
 }
+
+/// The way back from a stored audience that cannot be used (here, of another identifier
+/// type): a run-now with `looker-braze.dev/discard-audience` repeating its value starts
+/// afresh, once, and the next run uses the new audience.
+#[tokio::test]
+async fn a_discard_request_starts_a_new_audience() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(300, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "mirror", "42", "removal: Remove", "");
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r1");
+    wait_ready(&api, "mirror", "Succeeded", 20).await;
+
+    // Another identifier type: the stored audience is refused.
+    api.patch(
+        EXPORTS,
+        NS,
+        "mirror",
+        json!({"spec": {"braze": {"identifier": "braze_id"}}}),
+    );
+    run_now(&api, "mirror", "r2");
+    let s = wait_for("the refused run", 20, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "r2" && s["lastRun"]["outcome"] == "Failed").then_some(s)
+    })
+    .await;
+    assert_eq!(
+        s["lastRun"]["errors"][0]["reason"], "AudienceMismatch",
+        "{s}"
+    );
+
+    // Discarded on request: a first run, sending everyone and removing nobody.
+    w.looker.add_look("42", Look::users(250, Generator::Clean));
+    let before = w.braze.accepted_count();
+    api.patch(
+        EXPORTS,
+        NS,
+        "mirror",
+        json!({"metadata": {"annotations": {"looker-braze.dev/run-now": "r3", "looker-braze.dev/discard-audience": "r3"}}}),
+    );
+    let s = wait_for("the discarding run", 20, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "r3" && s["lastRun"]["outcome"] == "Succeeded").then_some(s)
+    })
+    .await;
+    let last = &s["lastRun"];
+    assert_eq!(
+        (&last["sent"], &last["removed"]),
+        (&json!(250), &json!(0)),
+        "{s}"
+    );
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("; the stored audience was discarded on request"),
+        "{s}"
+    );
+    assert_eq!(w.braze.accepted_count() - before, 250);
+    let discarded = wait_for("the AudienceDiscarded Event", 10, || {
+        events(&api, "mirror")
+            .into_iter()
+            .find(|(_, reason, _)| reason == "AudienceDiscarded")
+    })
+    .await;
+    assert_eq!(discarded.0, "Normal");
+    assert!(discarded.2.contains("r3"), "{discarded:?}");
+
+    // The next run uses the new audience (the annotation answered r3 only).
+    w.looker.add_look("42", Look::users(240, Generator::Clean));
+    run_now(&api, "mirror", "r4");
+    let s = wait_for("the next run", 20, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "r4" && s["lastRun"]["outcome"] == "Succeeded").then_some(s)
+    })
+    .await;
+    assert_eq!(
+        (&s["lastRun"]["removed"], &s["lastRun"]["added"]),
+        (&json!(10), &json!(0)),
+        "{s}"
+    );
+    assert!(
+        !s["lastRun"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("discarded"),
+        "{s}"
+    );
+    op.stop().await;
+}
+
+/// A namesake deleted and recreated mid-run (`kubectl replace --force`, Argo CD's
+/// `Replace=true`): the old run's late save never writes the new export's audience, whose
+/// first run then reads and stores its own.
+#[tokio::test]
+async fn a_recreated_namesake_keeps_its_own_audience() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(400, Generator::Clean));
+    w.braze.set_latency(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::ZERO,
+    );
+    secrets(&api);
+    let slow = "removal: Remove\nbatchSize: 10\nconcurrency: 1";
+    put_export(&api, &w, "mirror", "42", slow, "");
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r1");
+    wait_for("some users flagged", 20, || {
+        (segment(&w) >= 30).then_some(())
+    })
+    .await;
+    let old_uid = api.get(EXPORTS, NS, "mirror").unwrap()["metadata"]["uid"].clone();
+    api.delete(EXPORTS, NS, "mirror");
+    put_export(&api, &w, "mirror", "42", "removal: Remove", "");
+    let new_uid = api.get(EXPORTS, NS, "mirror").unwrap()["metadata"]["uid"].clone();
+    assert_ne!(old_uid, new_uid);
+    run_now(&api, "mirror", "n1");
+    let s = wait_for("the new export's run", 30, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "n1" && s["lastRun"]["completionTime"].is_string())
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastRun"]["outcome"], "Succeeded", "{s}");
+    let manifest = api.get(SECRETS, NS, "mirror-audience").expect("a manifest");
+    assert_eq!(
+        manifest["metadata"]["labels"]["looker-braze.dev/audience-of"], new_uid,
+        "{manifest}"
+    );
+    let foreign: Vec<_> = api
+        .list(SECRETS)
+        .into_iter()
+        .filter(|s| s["metadata"]["labels"]["looker-braze.dev/audience-of"] == old_uid)
+        .collect();
+    assert!(foreign.is_empty(), "{foreign:?}");
+    // Its next run uses that audience.
+    w.looker.add_look("42", Look::users(390, Generator::Clean));
+    run_now(&api, "mirror", "n2");
+    let s = wait_for("the next run", 20, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "n2" && s["lastRun"]["outcome"] == "Succeeded").then_some(s)
+    })
+    .await;
+    assert_eq!(s["lastRun"]["removed"], 10, "{s}");
+    op.stop().await;
+}

@@ -14,7 +14,7 @@ use braze_export_operator::export::RunReport;
 use braze_export_operator::sandbox::{Fault, Generator, Look};
 use fake::Start as _;
 use fake_apiserver::{EXPORTS, FakeApiServer};
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::*;
 
 const NS: &str = "marketing";
@@ -489,4 +489,26 @@ async fn the_fake_apiserver_selects_by_field_as_kubernetes_does() {
         matches!(e, kube::Error::Api(s) if s.code == 400),
         "field not supported"
     );
+}
+
+/// `--discard-audience` sets the discard-audience annotation to the run-now value it sets.
+#[tokio::test]
+async fn discard_audience_repeats_the_request_in_its_annotation() {
+    let c = Cluster::start(10).await;
+    c.put_export("churn", "removal: Remove");
+    let out = c.trigger(&["churn", "-n", NS, "--discard-audience"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let value = out.stdout.trim();
+    assert_eq!(c.run_request("churn").as_deref(), Some(value));
+    let discard = c
+        .api
+        .get(EXPORTS, NS, "churn")
+        .unwrap()
+        .pointer("/metadata/annotations/looker-braze.dev~1discard-audience")
+        .cloned();
+    assert_eq!(discard, Some(json!(value)));
+    // Without the flag, a new request leaves it behind: it no longer repeats run-now.
+    let out = c.trigger(&["churn", "-n", NS]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_ne!(c.run_request("churn").as_deref(), Some(value));
 }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::run::{EXIT_BAD_INPUT, Output, print_report, report_title, spinner};
 use super::run_request::{Phase, fresh_request, parse_timeout, phase, timeout_message};
 use crate::export::report::RunReport;
-use crate::schedule::RUN_NOW_ANNOTATION;
+use crate::schedule::{DISCARD_AUDIENCE_ANNOTATION, RUN_NOW_ANNOTATION};
 use crate::spec::{BrazeExport, BrazeExportStatus};
 
 /// Exit code when `--timeout` passes before the run ends.
@@ -37,6 +37,11 @@ pub struct TriggerArgs {
     /// With --wait: give up after this long (90s, 30m, 1h), with exit code 4.
     #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_timeout, requires = "wait")]
     pub timeout: Duration,
+    /// Start this run without the export's stored audience (a first run: everyone is sent,
+    /// nobody removed) and store a new one: sets looker-braze.dev/discard-audience to the
+    /// request's value too.
+    #[arg(long)]
+    pub discard_audience: bool,
     /// Output on stdout: the report with --wait, else the annotation's value.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -84,7 +89,7 @@ async fn request_run(args: &TriggerArgs) -> Result<i32, Stop> {
         Timestamp::now(),
         &[annotation.map(String::as_str), handled.as_deref()],
     );
-    export.annotate(&request).await?;
+    export.annotate(&request, args.discard_audience).await?;
     if !args.wait {
         print_request(&export, &request, args.output);
         return Ok(0);
@@ -172,8 +177,14 @@ impl Export {
             .map_err(|e| self.api_error("read", &e))
     }
 
-    async fn annotate(&self, request: &str) -> Result<(), Stop> {
-        let patch = json!({"metadata": {"annotations": {RUN_NOW_ANNOTATION: request}}});
+    /// Sets the run-now annotation to `request` (and, with `discard`, the discard-audience
+    /// annotation to the same value, in the same write: the run reads both).
+    async fn annotate(&self, request: &str, discard: bool) -> Result<(), Stop> {
+        let mut annotations = json!({RUN_NOW_ANNOTATION: request});
+        if discard {
+            annotations[DISCARD_AUDIENCE_ANNOTATION] = json!(request);
+        }
+        let patch = json!({"metadata": {"annotations": annotations}});
         self.api
             .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

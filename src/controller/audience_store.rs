@@ -21,6 +21,13 @@
 //! generation in force (the new parts are garbage, deleted by the next save); after it, the
 //! new one. A load never mixes parts of two generations: it reads the parts the manifest
 //! names, and checks their generation, size and checksum.
+//!
+//! A save is fenced: it never replaces a manifest labelled with another uid (a deleted
+//! namesake's, or another export's), and right before the manifest switch it checks its
+//! [`Fence`]: the writer's leadership term has not ended, and the export of that name, read
+//! fresh, still has the uid it saves for. So a late save of a run whose term ended (a lost
+//! Lease) or whose export was deleted and recreated (`kubectl replace --force`, Argo CD's
+//! `Replace=true`) never writes the live audience.
 
 use std::collections::BTreeMap;
 
@@ -30,9 +37,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use super::finalizer::{self, FINALIZER, finalizer_patch};
 use super::retry::{self, retry};
+use super::watched::Watched;
 use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
 use crate::spec::BrazeExport;
 
@@ -57,12 +66,65 @@ pub enum StoreError {
     /// The manifest Secret belongs to another object.
     #[error("the Secret {0} is not this export's audience (another owner)")]
     NotOwned(String),
+    /// The writer may no longer write this export's audience.
+    #[error("the audience was not written: {0}")]
+    Fenced(&'static str),
     /// A part is missing or does not match the manifest.
     #[error("the stored audience is damaged: {0}")]
     Damaged(String),
     /// The parts do not form an audience.
     #[error("the stored audience cannot be read: {0}")]
     Audience(#[from] AudienceError),
+}
+
+/// What a write of the audience checks first and right before the manifest switch.
+pub struct Fence {
+    /// The writer's term: cancelled on shutdown or a lost Lease.
+    term: CancellationToken,
+    /// The exports of the namespace, to read the export's uid again; `None`: not read.
+    exports: Option<Api<Watched>>,
+}
+
+impl Fence {
+    /// The fence of a controller's run: its leadership `term`, and the export read again
+    /// from `exports` (the exports of its namespace).
+    pub fn new(term: CancellationToken, exports: Api<Watched>) -> Self {
+        Self {
+            term,
+            exports: Some(exports),
+        }
+    }
+
+    /// Only the `term` (the export's uid is not read again; the manifest's owner still is).
+    pub fn term_only(term: CancellationToken) -> Self {
+        Self {
+            term,
+            exports: None,
+        }
+    }
+
+    /// `Ok` while `o` may still write: its term goes on and its export is the live one.
+    async fn check(&self, o: &SecretOwner) -> Result<(), StoreError> {
+        if self.term.is_cancelled() {
+            return Err(StoreError::Fenced("this instance's leadership term ended"));
+        }
+        let Some(exports) = &self.exports else {
+            return Ok(());
+        };
+        let uid = match exports.get_opt(&o.name).await? {
+            Some(Watched::Decoded(e)) => e.metadata.uid,
+            Some(Watched::Undecodable(u)) => u.metadata.uid,
+            None => None,
+        };
+        if uid.as_deref() != Some(o.uid.as_str()) {
+            return Err(StoreError::Fenced("the export was deleted or recreated"));
+        }
+        // Read again after the read: the term may have ended while it waited.
+        if self.term.is_cancelled() {
+            return Err(StoreError::Fenced("this instance's leadership term ended"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -224,16 +286,27 @@ fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
 
 /// Saves `audience` as the export's stored audience: a new generation of parts, then the
 /// manifest, then the other generations deleted (see the module's header for why a crash
-/// never mixes generations).
+/// never mixes generations). A manifest of another owner is never replaced
+/// ([`StoreError::NotOwned`]), and `fence` is checked first and right before the manifest
+/// switch ([`StoreError::Fenced`]: the new parts are deleted again, the audience in force
+/// stays).
 pub async fn save_audience(
     api: &Api<Secret>,
     export: &BrazeExport,
     audience: &Encoded,
+    fence: &Fence,
 ) -> Result<(), StoreError> {
     let o = owner(export)?;
+    fence.check(&o).await?;
     let existing = owned(api, &o.uid).await?;
     let manifest_name = manifest_name(&o.name);
     let current = api.get_opt(&manifest_name).await?;
+    // Replaced on its resourceVersion below: it cannot change owner in between.
+    if let Some(c) = &current
+        && c.labels().get(OWNER_LABEL) != Some(&o.uid)
+    {
+        return Err(StoreError::NotOwned(manifest_name));
+    }
     let in_force = current
         .as_ref()
         .and_then(|m| data(m, MANIFEST_KEY))
@@ -248,6 +321,19 @@ pub async fn save_audience(
         .unwrap_or(0)
         + 1;
     let parts = write_parts(api, &o, generation, audience).await?;
+    if let Err(e) = fence.check(&o).await {
+        for p in &parts {
+            let gone = match api.get_opt(&p.name).await {
+                Ok(Some(s)) => discard(api, &s).await,
+                other => other.map(drop),
+            };
+            if let Err(e) = gone {
+                // Harmless: the next save (or the garbage collector) deletes it.
+                tracing::warn!(secret = %p.name, error = %e, "cannot delete an unused audience part");
+            }
+        }
+        return Err(e);
+    }
     let manifest = Manifest {
         version: 1,
         generation,
@@ -336,6 +422,29 @@ pub async fn delete_audience(api: &Api<Secret>, export: &BrazeExport) -> Result<
         }
     }
     first_error.map_or(Ok(()), |e| Err(e.into()))
+}
+
+/// Deletes the export's stored audience to start afresh (`looker-braze.dev/discard-audience`):
+/// its own Secrets, and a manifest of its name left by another owner (a deleted namesake's,
+/// which it could neither read nor replace) with that owner's parts. Checks `fence` first.
+pub async fn discard_audience(
+    api: &Api<Secret>,
+    export: &BrazeExport,
+    fence: &Fence,
+) -> Result<(), StoreError> {
+    let o = owner(export)?;
+    fence.check(&o).await?;
+    delete_audience(api, export).await?;
+    if let Some(m) = api.get_opt(&manifest_name(&o.name)).await? {
+        // With the parts of its owner (their names would collide with the new ones').
+        if let Some(uid) = m.labels().get(OWNER_LABEL) {
+            for s in owned(api, uid).await? {
+                discard(api, &s).await?;
+            }
+        }
+        discard(api, &m).await?;
+    }
+    Ok(())
 }
 
 /// Takes the cleanup finalizer off (`hold: false`; `cleanupOnDelete` turned off, or an export

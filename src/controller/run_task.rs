@@ -23,13 +23,25 @@ use super::step::{self, Note, Start, Then};
 use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, QUEUE_GRACE};
 use super::watched::Watched;
 use super::writer::{self, RunWriter};
-use crate::audience::Owner;
+use crate::audience::{Encoded, Owner};
 use crate::export::report::{RunContext, RunFailure, RunReport, Tally};
 use crate::export::{
     AudienceInput, AudienceUpdate, Credentials, RunOptions, run_export, run_export_synced,
 };
-use crate::schedule::FULL_RESYNC_ANNOTATION;
+use crate::schedule::{DISCARD_AUDIENCE_ANNOTATION, FULL_RESYNC_ANNOTATION};
 use crate::spec::{BrazeExport, BrazeExportStatus};
+
+/// Said in the report's message and the Event of a run that discarded its stored audience.
+pub const DISCARDED: &str = "the stored audience was discarded on request";
+
+/// How to start afresh after a stored audience that cannot be used.
+fn discard_hint(export: &BrazeExport) -> String {
+    format!(
+        "to start afresh without it, run now with {DISCARD_AUDIENCE_ANNOTATION} set to the \
+         run-now value (kubectl bzx trigger {} --discard-audience)",
+        export.name_any()
+    )
+}
 
 /// A run to carry out, owning what it needs.
 pub struct RunTask {
@@ -223,20 +235,18 @@ impl RunTask {
             ctx.client.clone(),
             &self.export.namespace().unwrap_or_default(),
         );
-        let loaded = tokio::time::timeout(
-            AUDIENCE_TIMEOUT,
-            audience_store::load_audience(&secrets, &self.export),
-        )
-        .await;
-        let previous = match loaded {
-            Ok(Ok(previous)) => previous,
-            Ok(Err(e)) => return self.failed(&opts, e.to_string()),
-            Err(_) => {
-                return self.failed(
-                    &opts,
-                    "the stored audience could not be read in time".into(),
-                );
-            }
+        // Checked before the manifest switch: a run whose term ended, or whose export was
+        // deleted and recreated meanwhile, never writes the audience.
+        let fence = audience_store::Fence::new(ctx.stop.clone(), self.api());
+        let discard = self.discard_requested();
+        let previous = if discard {
+            self.discard(&secrets, &fence).await.map(|()| None)
+        } else {
+            self.load(&secrets).await
+        };
+        let previous = match previous {
+            Ok(previous) => previous,
+            Err(message) => return self.failed(&opts, message),
         };
         let owner = Owner {
             namespace: self.export.namespace(),
@@ -245,18 +255,94 @@ impl RunTask {
         let input = AudienceInput { owner, previous };
         let result = run_export_synced(&ctx.services, plan, &self.creds, opts, Some(input)).await;
         if let AudienceUpdate::Replace(audience) = &result.audience {
-            self.save(&secrets, audience).await;
+            self.save(&secrets, audience, &fence).await;
         }
-        result.report
+        let mut report = result.report;
+        if discard {
+            report.message = format!("{}; {DISCARDED}", report.message);
+        }
+        // A stored audience of another identifier type or export: tell the way back.
+        let mut mismatch = false;
+        for e in &mut report.errors {
+            if e.reason == "AudienceMismatch" {
+                e.message = format!("{}; {}", e.message, discard_hint(&self.export));
+                mismatch = true;
+            }
+        }
+        if mismatch {
+            report.message = format!("{}; {}", report.message, discard_hint(&self.export));
+        }
+        report
+    }
+
+    /// This run answers a run-now request that [`DISCARD_AUDIENCE_ANNOTATION`] repeats.
+    fn discard_requested(&self) -> bool {
+        let request = self.start.due.run_request.as_deref();
+        let annotations = self.export.metadata.annotations.as_ref();
+        request.is_some()
+            && annotations
+                .and_then(|a| a.get(DISCARD_AUDIENCE_ANNOTATION))
+                .map(|v| v.trim())
+                == request
+    }
+
+    /// The stored audience, or why it cannot be read.
+    async fn load(&self, secrets: &Api<Secret>) -> Result<Option<Encoded>, String> {
+        let loaded = tokio::time::timeout(
+            AUDIENCE_TIMEOUT,
+            audience_store::load_audience(secrets, &self.export),
+        )
+        .await;
+        match loaded {
+            Ok(Ok(previous)) => Ok(previous),
+            // Not to be mended by waiting: tell the way back.
+            Ok(Err(
+                e @ (audience_store::StoreError::NotOwned(_)
+                | audience_store::StoreError::Damaged(_)
+                | audience_store::StoreError::Audience(_)),
+            )) => Err(format!("{e}; {}", discard_hint(&self.export))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the stored audience could not be read in time".into()),
+        }
+    }
+
+    /// Deletes the stored audience on request, told in an Event `AudienceDiscarded` (beside
+    /// the run: a slow Events API must not delay it); or why it could not be deleted.
+    async fn discard(
+        &self,
+        secrets: &Api<Secret>,
+        fence: &audience_store::Fence,
+    ) -> Result<(), String> {
+        let discarded = tokio::time::timeout(
+            AUDIENCE_TIMEOUT,
+            audience_store::discard_audience(secrets, &self.export, fence),
+        )
+        .await;
+        match discarded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("the stored audience could not be discarded: {e}")),
+            Err(_) => return Err("the stored audience could not be discarded in time".into()),
+        }
+        let request = self.start.due.run_request.clone().unwrap_or_default();
+        let note = Note {
+            warning: false,
+            reason: reason::AUDIENCE_DISCARDED,
+            message: format!(
+                "{DISCARDED} (run-now {request}): this run starts a new one, sending everyone and removing nobody"
+            ),
+        };
+        let (events_ctx, export) = (Arc::clone(&self.ctx), self.export.clone());
+        tokio::spawn(async move { events::publish(&events_ctx, &export, &note).await });
+        Ok(())
     }
 
     /// Saves the run's audience; a failure is told in a Warning Event. The stored audience
     /// then stays the previous one: the next run adds the users this one flagged again, and
     /// removes nobody it should not.
-    async fn save(&self, secrets: &Api<Secret>, audience: &crate::audience::Encoded) {
+    async fn save(&self, secrets: &Api<Secret>, audience: &Encoded, fence: &audience_store::Fence) {
         let saved = tokio::time::timeout(
             AUDIENCE_TIMEOUT,
-            audience_store::save_audience(secrets, &self.export, audience),
+            audience_store::save_audience(secrets, &self.export, audience, fence),
         )
         .await;
         let why = match saved {

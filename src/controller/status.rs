@@ -47,6 +47,8 @@ pub mod reason {
     pub const RUN_INTERRUPTED: &str = "RunInterrupted";
     /// Event: the audience of a run could not be saved (the previous one stays).
     pub const AUDIENCE_NOT_SAVED: &str = "AudienceNotSaved";
+    /// Event: the stored audience was discarded on request; the run starts a new one.
+    pub const AUDIENCE_DISCARDED: &str = "AudienceDiscarded";
     /// `Running`: a deleted export's flag is being removed from its audience.
     pub const CLEANING_UP: &str = "CleaningUp";
     /// Event: a deleted export's flag was removed from its whole audience.
@@ -61,7 +63,7 @@ pub mod reason {
     pub const UNDECODABLE_OBJECT: &str = "UndecodableObject";
 
     /// All of them but the metric-only [`UNDECODABLE_OBJECT`].
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 23] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -79,6 +81,7 @@ pub mod reason {
         RUN_FAILED,
         RUN_INTERRUPTED,
         AUDIENCE_NOT_SAVED,
+        AUDIENCE_DISCARDED,
         CLEANING_UP,
         CLEANED_UP,
         CLEANUP_INCOMPLETE,
