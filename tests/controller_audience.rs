@@ -664,3 +664,60 @@ async fn a_recreated_namesake_keeps_its_own_audience() {
     assert_eq!(s["lastRun"]["removed"], 10, "{s}");
     op.stop().await;
 }
+
+/// A run stopped by a shutdown (a rollout) still saves whom it flagged: this instance holds
+/// the Lease until its runs are recorded, so its write is not fenced, and the next run can
+/// take the flag off those of them who left.
+#[tokio::test]
+async fn a_run_stopped_by_a_rollout_still_saves_whom_it_flagged() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(400, Generator::Clean));
+    w.braze.set_latency(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::ZERO,
+    );
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove\nremovalLimitPercent: 100\nbatchSize: 10\nconcurrency: 1",
+        "",
+    );
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r1");
+    wait_for("some users flagged", 20, || {
+        (segment(&w) >= 30).then_some(())
+    })
+    .await;
+    op.stop().await;
+    let flagged = segment(&w);
+    assert!(flagged < 400, "the run was stopped: {flagged} flagged");
+    assert!(
+        !audience_secrets(&api, "mirror").is_empty(),
+        "the stopped run saved its audience"
+    );
+
+    // Everyone but the first 10 users leaves the Look.
+    w.braze
+        .set_latency(std::time::Duration::ZERO, std::time::Duration::ZERO);
+    w.looker.add_look("42", Look::users(10, Generator::Clean));
+    let op = Operator::start(&api, config());
+    run_now(&api, "mirror", "r2");
+    wait_for("the next run", 30, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "r2"
+            && !s["lastRun"]["outcome"].is_null()
+            && s["lastRun"]["outcome"] != "Running")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        segment(&w),
+        10,
+        "those the stopped run flagged and who left lost the flag: {}",
+        status(&api, "mirror")["lastRun"]
+    );
+    op.stop().await;
+}

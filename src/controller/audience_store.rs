@@ -79,15 +79,15 @@ pub enum StoreError {
 
 /// What a write of the audience checks first and right before the manifest switch.
 pub struct Fence {
-    /// The writer's term: cancelled on shutdown or a lost Lease.
+    /// The writer's leadership: cancelled when its Lease is lost.
     term: CancellationToken,
     /// The exports of the namespace, to read the export's uid again; `None`: not read.
     exports: Option<Api<Watched>>,
 }
 
 impl Fence {
-    /// The fence of a controller's run: its leadership `term`, and the export read again
-    /// from `exports` (the exports of its namespace).
+    /// The fence of a controller's run: `term` cancelled when its leadership is lost, and
+    /// the export read again from `exports` (the exports of its namespace).
     pub fn new(term: CancellationToken, exports: Api<Watched>) -> Self {
         Self {
             term,

@@ -39,6 +39,9 @@ pub struct Context {
     pub tasks: TaskTracker,
     /// Cancelled on shutdown or lost leadership: stops runs and reconciles.
     pub stop: CancellationToken,
+    /// Cancelled only when this instance loses the Lease (never on a shutdown, during which
+    /// it still holds it until its runs are recorded): fences writes another leader owns.
+    pub leadership: CancellationToken,
     /// See [`Config::progress_interval`](super::Config::progress_interval).
     pub progress_interval: Duration,
     /// See [`Config::instance`](super::Config::instance).

@@ -237,7 +237,9 @@ impl RunTask {
         );
         // Checked before the manifest switch: a run whose term ended, or whose export was
         // deleted and recreated meanwhile, never writes the audience.
-        let fence = audience_store::Fence::new(ctx.stop.clone(), self.api());
+        // Fenced by the Lease, not by shutdown: a run stopped by a rollout still saves whom it
+        // flagged (this instance holds the Lease until its runs are recorded).
+        let fence = audience_store::Fence::new(ctx.leadership.clone(), self.api());
         let discard = self.discard_requested();
         let previous = if discard {
             self.discard(&secrets, &fence).await.map(|()| None)

@@ -69,7 +69,7 @@ pub async fn serve(
         None => {
             ready.store(true, Ordering::Relaxed);
             shared.metrics.set_leader(true);
-            serve_term(&shared, shutdown.child_token()).await;
+            serve_term(&shared, shutdown.child_token(), CancellationToken::new()).await;
             Ok(())
         }
         Some(le) => {
@@ -105,9 +105,14 @@ async fn serve_elected(
         }
         shared.metrics.set_leader(true);
         tracing::info!(lease = %le.lease_name, %instance, "leadership acquired: running exports");
-        let term = shutdown.child_token();
-        let fence = fence(term.clone(), leading.clone(), Arc::clone(&shared.metrics));
-        let recorded = serve_term(shared, term).await;
+        let (term, lost) = (shutdown.child_token(), CancellationToken::new());
+        let fence = fence(
+            term.clone(),
+            lost.clone(),
+            leading.clone(),
+            Arc::clone(&shared.metrics),
+        );
+        let recorded = serve_term(shared, term, lost).await;
         fence.abort();
         shared.metrics.set_leader(false);
         elector.release.store(recorded, Ordering::Relaxed);
@@ -121,14 +126,17 @@ async fn serve_elected(
     result
 }
 
-/// Ends `term` as soon as leadership is lost.
+/// Ends `term`, and cancels `lost`, as soon as leadership is lost.
 fn fence(
     term: CancellationToken,
+    lost: CancellationToken,
     mut leading: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let _ = leading.wait_for(|l| !*l).await;
+        // First: a run stopped by the term must find its writes already fenced.
+        lost.cancel();
         metrics.set_leader(false);
         if !term.is_cancelled() {
             tracing::warn!("leadership lost: stopping runs");
@@ -139,8 +147,8 @@ fn fence(
 
 /// One term: a Controller per watched namespace until `term` is cancelled, then up to the
 /// shutdown grace for run tasks to record how they ended. True when they all did.
-async fn serve_term(shared: &Shared, term: CancellationToken) -> bool {
-    let ctx = Arc::new(term_context(shared, term.clone()));
+async fn serve_term(shared: &Shared, term: CancellationToken, lost: CancellationToken) -> bool {
+    let ctx = Arc::new(term_context(shared, term.clone(), lost));
     let (stores, streams): (Vec<_>, Vec<_>) = apis(shared)
         .into_iter()
         .map(|api| {
@@ -191,7 +199,7 @@ async fn serve_term(shared: &Shared, term: CancellationToken) -> bool {
 }
 
 /// What the term's reconciles and tasks share.
-fn term_context(shared: &Shared, term: CancellationToken) -> Context {
+fn term_context(shared: &Shared, term: CancellationToken, lost: CancellationToken) -> Context {
     let config = &shared.config;
     let reporter = Reporter {
         controller: CONTROLLER_NAME.into(),
@@ -207,6 +215,7 @@ fn term_context(shared: &Shared, term: CancellationToken) -> Context {
         active: Arc::clone(&shared.active),
         tasks: TaskTracker::new(),
         stop: term,
+        leadership: lost,
         progress_interval: config.progress_interval,
         instance: config.instance.clone(),
         allowed_hosts: config.allowed_hosts.clone(),
