@@ -2,7 +2,7 @@
 //! limit) and `GET /looks/{id}/run/json_detail`, streamed in
 //! the shape of a real result, for any number of generated rows, with optional latency and
 //! bodies that slow down, stall or trickle, and with oversized parts (an array cell or a
-//! `pivots` section of any size, streamed without being held). Login and the run can be made to give any answer
+//! `pivots` section of any size, streamed without being held). Login, the Look and the run can be made to give any answer
 //! (a status, a JSON or HTML body, a redirect), and requests to any other path are recorded
 //! too (answered 404), so a test can show that nothing was sent somewhere it should not be.
 
@@ -267,6 +267,7 @@ struct LookerState {
     latency: Mutex<Duration>,
     login_answer: Mutex<Option<LookerAnswer>>,
     run_answer: Mutex<Option<LookerAnswer>>,
+    look_answer: Mutex<Option<LookerAnswer>>,
 }
 
 /// A running sandbox Looker.
@@ -302,6 +303,7 @@ impl LookerSandbox {
             latency: Mutex::default(),
             login_answer: Mutex::default(),
             run_answer: Mutex::default(),
+            look_answer: Mutex::default(),
         });
         let router = Router::new()
             .route("/api/4.0/login", post(login))
@@ -342,6 +344,12 @@ impl LookerSandbox {
     /// `None`.
     pub fn answer_run_with(&self, answer: Option<LookerAnswer>) {
         *lock(&self.state.run_answer) = answer;
+    }
+
+    /// Every `GET /looks/{id}` is answered with `answer` (whatever the token and Look),
+    /// until `None`.
+    pub fn answer_look_with(&self, answer: Option<LookerAnswer>) {
+        *lock(&self.state.look_answer) = answer;
     }
 
     /// Every request so far (also those to paths the sandbox does not serve).
@@ -497,6 +505,9 @@ async fn look(
         vec![],
     );
     latency(&state).await;
+    if let Some(answer) = lock(&state.look_answer).clone() {
+        return answer.into_response();
+    }
     if !authorized(&state, &headers) {
         return error(StatusCode::UNAUTHORIZED, "Requires authentication.");
     }
