@@ -726,3 +726,183 @@ async fn no_identifier_in_any_message_or_log() {
         }
     }
 }
+
+/// The "recent signups" Look of issue 17 as it stood last run: the 4,800 users 801 to 5,600
+/// flagged (read whole: its row limit was higher then). Returns the stored audience.
+async fn recent_signups_last_run(w: &World, yaml: &str) -> audience::Encoded {
+    let mut last = look_of(801..=5600);
+    last.table_limit = 10_000;
+    w.looker.add_look("1", last);
+    let first = w.sync(yaml, None, opts()).await;
+    assert_eq!(
+        first.report.outcome,
+        Outcome::Succeeded,
+        "{:#?}",
+        first.report
+    );
+    assert_eq!(first.report.counts.sent, 4800);
+    stored(&first)
+}
+
+/// Today the Look has the 5,400 users 1 to 5,400 (800 new, 200 gone), under a row limit of
+/// `table_limit`.
+fn recent_signups_today(w: &World, table_limit: u64) {
+    let mut today = look_of(1..=5400);
+    today.table_limit = table_limit;
+    w.looker.add_look("1", today);
+}
+
+fn removals_since(w: &World, from: usize) -> Vec<Value> {
+    objects_since(w, from)
+        .concat()
+        .into_iter()
+        .filter(|o| o["looker_export"].get("remove").is_some())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_look_that_returned_its_row_limit_removes_nobody() {
+    let w = World::start().await;
+    let yaml = w.yaml("1", REMOVE, "");
+    let state = recent_signups_last_run(&w, &yaml).await;
+    // Saved limit 5,000: Looker returns users 1 to 5,000. Users 5,001 to 5,400 are still in
+    // the Look, beyond the cut; only 5,401 to 5,600 really left.
+    recent_signups_today(&w, 5000);
+    let looks_before = w.looker.requests_to("/looks/1").len();
+    let before = w.braze.requests().len();
+    let second = w.sync(&yaml, Some(state), opts()).await;
+    let r = &second.report;
+    assert_eq!(r.outcome, Outcome::PartiallySucceeded, "{r:#?}");
+    let c = r.counts;
+    assert_eq!(
+        (c.rows_read, c.sent, c.added, c.unchanged),
+        (5000, 5000, Some(800), None)
+    );
+    assert_eq!(
+        (
+            c.removal_candidates,
+            c.removed,
+            c.removal_withheld,
+            c.removal_rejected,
+            c.removal_failed
+        ),
+        (Some(600), Some(0), Some(600), Some(0), Some(0))
+    );
+    let why = "Look 1 returned its row limit (5000 rows): it may be cut, so nobody was removed; set spec.looker.results: All, or raise the Look's row limit in Looker";
+    assert_eq!(
+        r.message,
+        format!(
+            "5000 users flagged (800 new), 600 removals withheld at the Look's row limit; {why}"
+        )
+    );
+    assert_eq!(r.errors.len(), 1, "{:#?}", r.errors);
+    assert_eq!(
+        (
+            r.errors[0].reason.as_str(),
+            r.errors[0].message.as_str(),
+            r.errors[0].count
+        ),
+        ("LookLimitReached", why, 600)
+    );
+    assert!(removals_since(&w, before).is_empty(), "Braze got a removal");
+    assert_eq!(
+        objects_since(&w, before).concat().len(),
+        5000,
+        "the adds still went out"
+    );
+    assert_eq!(segment(&w, "LOOKER_EXPORT"), users(1..=5600));
+    // Everyone stays in the stored audience: this run's 5,000 and the 600 not removed.
+    let m = members(&stored(&second));
+    assert_eq!(m.keys().cloned().collect::<BTreeSet<_>>(), users(1..=5600));
+    assert!(m.values().all(|s| *s == MemberState::Flagged));
+    // The limit was read before the run, with only the query's limit asked for.
+    let looks = w.looker.requests_to("/looks/1");
+    assert_eq!(looks.len(), looks_before + 1);
+    let look = looks.last().unwrap();
+    assert_eq!(look.method, "GET");
+    assert_eq!(look.query, [("fields".into(), "query(limit)".into())]);
+    assert!(look.authorization.as_deref().unwrap().starts_with("token "));
+
+    // Even --allow-removal does not remove from a Look that may be cut.
+    let allowed = RunOptions {
+        allow_removal_over_limit: true,
+        ..opts()
+    };
+    let before = w.braze.requests().len();
+    let third = w.sync(&yaml, Some(stored(&second)), allowed).await;
+    assert_eq!(third.report.outcome, Outcome::PartiallySucceeded);
+    assert_eq!(third.report.counts.removal_withheld, Some(600));
+    assert!(removals_since(&w, before).is_empty());
+}
+
+#[tokio::test]
+async fn a_look_without_a_saved_limit_is_held_to_looker_s_default() {
+    let w = World::start().await;
+    let yaml = w.yaml("1", REMOVE, "");
+    let state = recent_signups_last_run(&w, &yaml).await;
+    let mut today = look_of(1..=5400);
+    today.query_limit = Some(Value::Null);
+    w.looker.add_look("1", today);
+    let before = w.braze.requests().len();
+    let second = w.sync(&yaml, Some(state), opts()).await;
+    let r = &second.report;
+    assert_eq!(r.outcome, Outcome::PartiallySucceeded, "{r:#?}");
+    assert_eq!(
+        (r.counts.sent, r.counts.removed, r.counts.removal_withheld),
+        (5000, Some(0), Some(600))
+    );
+    assert_eq!(
+        r.errors[0].message,
+        "Look 1 returned its row limit (5000 rows, Looker's default: the Look saves none): it may be cut, so nobody was removed; set spec.looker.results: All, or raise the Look's row limit in Looker"
+    );
+    assert!(removals_since(&w, before).is_empty());
+}
+
+#[tokio::test]
+async fn the_same_look_with_results_all_removes_who_left() {
+    let w = World::start().await;
+    let yaml = w.yaml_looker("1", "results: All", REMOVE, "");
+    let state = recent_signups_last_run(&w, &yaml).await;
+    recent_signups_today(&w, 5000);
+    let before = w.braze.requests().len();
+    let second = w.sync(&yaml, Some(state), opts()).await;
+    let r = &second.report;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
+    let c = r.counts;
+    assert_eq!(
+        (c.rows_read, c.sent, c.added, c.removed, c.removal_withheld),
+        (5400, 5400, Some(800), Some(200), Some(0))
+    );
+    assert_eq!(r.message, "5400 users flagged (800 new), 200 removed");
+    let removed: Vec<Value> = (5401..=5600)
+        .map(|i| remove(&format!("user-{i:07}"), "LOOKER_EXPORT"))
+        .collect();
+    assert_eq!(removals_since(&w, before), removed);
+    assert_eq!(segment(&w, "LOOKER_EXPORT"), users(1..=5400));
+    assert!(
+        w.looker.requests_to("/looks/1").is_empty(),
+        "results: All has no limit to read"
+    );
+}
+
+#[tokio::test]
+async fn a_look_under_its_row_limit_removes_who_left() {
+    let w = World::start().await;
+    let yaml = w.yaml("1", REMOVE, "");
+    let state = recent_signups_last_run(&w, &yaml).await;
+    recent_signups_today(&w, 5401);
+    let before = w.braze.requests().len();
+    let second = w.sync(&yaml, Some(state), opts()).await;
+    let r = &second.report;
+    assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
+    let c = r.counts;
+    assert_eq!(
+        (c.rows_read, c.sent, c.added, c.removed, c.removal_withheld),
+        (5400, 5400, Some(800), Some(200), Some(0))
+    );
+    assert_eq!(r.message, "5400 users flagged (800 new), 200 removed");
+    assert_eq!(removals_since(&w, before).len(), 200);
+    assert_eq!(segment(&w, "LOOKER_EXPORT"), users(1..=5400));
+    let m = members(&stored(&second));
+    assert_eq!(m.keys().cloned().collect::<BTreeSet<_>>(), users(1..=5400));
+}

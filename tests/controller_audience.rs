@@ -721,3 +721,54 @@ async fn a_run_stopped_by_a_rollout_still_saves_whom_it_flagged() {
     );
     op.stop().await;
 }
+
+/// A `results: Table` run that read as many rows as the Look's row limit removes nobody, and
+/// `kubectl get bzx` says so: Ready False, reason PartiallySucceeded, the message naming the
+/// limit and the fix.
+#[tokio::test]
+async fn a_look_at_its_row_limit_is_partially_succeeded_in_the_cluster() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    let mut first = Look::users(300, Generator::Clean);
+    first.table_limit = 1000;
+    w.looker.add_look("42", first);
+    secrets(&api);
+    put_export(&api, &w, "signups", "42", "removal: Remove", "");
+    let op = Operator::start(&api, config());
+    run_now(&api, "signups", "r1");
+    let s = wait_ready(&api, "signups", "Succeeded", 20).await;
+    assert_eq!(s["lastRun"]["sent"], 300);
+
+    // 400 users now, but the Look's row limit is 250: 50 of the 300 look gone, and are not.
+    let mut cut = Look::users(400, Generator::Clean);
+    cut.table_limit = 250;
+    w.looker.add_look("42", cut);
+    run_now(&api, "signups", "r2");
+    let s = wait_ready(&api, "signups", "PartiallySucceeded", 20).await;
+    let why = "Look 42 returned its row limit (250 rows): it may be cut, so nobody was removed; set spec.looker.results: All, or raise the Look's row limit in Looker";
+    let ready = condition(&s, "Ready");
+    assert_eq!(ready["status"], "False", "{s}");
+    assert!(ready["message"].as_str().unwrap().contains(why), "{ready}");
+    let run = &s["lastRun"];
+    assert_eq!(
+        (
+            &run["sent"],
+            &run["removed"],
+            &run["removalWithheld"],
+            &run["outcome"]
+        ),
+        (
+            &json!(250),
+            &json!(0),
+            &json!(50),
+            &json!("PartiallySucceeded")
+        ),
+        "{s}"
+    );
+    assert_eq!(
+        run["message"],
+        format!("250 users flagged (0 new), 50 removals withheld at the Look's row limit; {why}")
+    );
+    assert_eq!(run["errors"][0]["reason"], "LookLimitReached");
+    assert_eq!(segment(&w), 300, "nobody removed");
+    op.stop().await;
+}

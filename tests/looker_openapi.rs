@@ -60,11 +60,26 @@ async fn every_looker_call_matches_the_openapi_spec() {
     w.looker.expire_next_tokens_after(std::time::Duration::ZERO);
     w.run(&w.yaml("42", "", "")).await;
     w.run(&w.yaml_looker("42", "results: All", "", "")).await;
+    // `removal: Remove` with `results: Table` reads the Look's row limit first.
+    w.looker.expire_next_tokens_after(std::time::Duration::ZERO);
+    let opts =
+        braze_export_operator::export::RunOptions::new(braze_export_operator::export::Trigger::Cli);
+    let synced = w
+        .sync(&w.yaml("42", "removal: Remove", ""), None, opts)
+        .await;
+    assert_eq!(synced.report.counts.sent, 10, "{:#?}", synced.report);
     let requests = w.looker.requests();
     assert_eq!(
         requests.len(),
-        6,
-        "login, run (401), login, run, then login, run with limit=-1"
+        11,
+        "login, run (401), login, run, then login, run with limit=-1, then login, look (401), login, look, run"
+    );
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.path == "/api/4.0/looks/42")
+            .count(),
+        2
     );
 
     let mut checked_params = std::collections::BTreeSet::new();
@@ -111,6 +126,22 @@ async fn every_looker_call_matches_the_openapi_spec() {
                 "credentials go in the body, not the deprecated query parameters"
             );
         }
+        if template == "/looks/{look_id}" {
+            assert_eq!(r.method, "GET");
+            assert_eq!(op["operationId"], "look");
+            let schema = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+                .as_str()
+                .unwrap();
+            assert_eq!(schema, "#/components/schemas/LookWithQuery");
+            let query =
+                spec["components"]["schemas"]["LookWithQuery"]["properties"]["query"]["$ref"]
+                    .as_str()
+                    .unwrap();
+            assert_eq!(query, "#/components/schemas/Query");
+            let limit = &spec["components"]["schemas"]["Query"]["properties"]["limit"];
+            assert_eq!(limit["type"], "string", "Query.limit is a string");
+            assert_eq!(r.query, [("fields".into(), "query(limit)".into())]);
+        }
         if template == "/looks/{look_id}/run/{result_format}" {
             let formats = param("result_format", "path")["description"]
                 .as_str()
@@ -128,6 +159,7 @@ async fn every_looker_call_matches_the_openapi_spec() {
         [
             "apply_formatting",
             "apply_vis",
+            "fields",
             "generate_drill_links",
             "limit"
         ],

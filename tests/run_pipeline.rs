@@ -708,3 +708,70 @@ async fn the_binary_shows_no_body_in_its_text_json_or_logs() {
         text_run.stdout
     );
 }
+
+/// The call that reads the Look's row limit (`results: Table` with `removal: Remove`) is held
+/// to the same rules as the others: Looker's own message only, never its body; a Look the
+/// API user may not see is named; nothing is run or sent after it failed.
+#[tokio::test]
+async fn the_look_s_row_limit_call_never_echoes_a_body() {
+    let w = World::start().await;
+    w.looker.add_look("42", Look::users(5, Generator::Clean));
+    let yaml = w.yaml("42", "removal: Remove", "");
+    let opts = || RunOptions::new(Trigger::Cli);
+
+    w.looker
+        .answer_look_with(Some(LookerAnswer::json(500, &leaky_body())));
+    let r = w.sync(&yaml, None, opts()).await.report;
+    assert_nothing_leaked(&r);
+    assert_eq!(
+        (r.outcome, r.errors[0].reason.as_str()),
+        (Outcome::Failed, "LookerError")
+    );
+    assert_eq!(
+        r.message,
+        "Look 42: Looker answered HTTP 500 to GET /api/4.0/looks/42 (body not shown); 0 users flagged"
+    );
+
+    let mut body = leaky_body();
+    body["message"] = json!("Looker is\nupgrading");
+    w.looker
+        .answer_look_with(Some(LookerAnswer::json(503, &body)));
+    let r = w.sync(&yaml, None, opts()).await.report;
+    assert_nothing_leaked(&r);
+    assert_eq!(
+        r.message,
+        "Look 42: Looker answered HTTP 503 to GET /api/4.0/looks/42, saying \"Looker is upgrading\"; 0 users flagged"
+    );
+
+    // A 200 that is not a Look, or whose limit is not a number.
+    for odd in [
+        LookerAnswer::html(200, "<html>tok-LEAK SECRET-TEXT</html>"),
+        LookerAnswer::json(200, &json!({"query": {"limit": "tok-LEAK"}})),
+    ] {
+        w.looker.answer_look_with(Some(odd));
+        let r = w.sync(&yaml, None, opts()).await.report;
+        assert_nothing_leaked(&r);
+        assert_eq!(
+            r.message,
+            "Look 42: Looker answered HTTP 200 to GET /api/4.0/looks/42 without a Look's query row limit (body not shown); 0 users flagged"
+        );
+    }
+    w.looker.answer_look_with(None);
+
+    // An unknown Look: named, with the call that said so.
+    let r = w
+        .sync(&w.yaml("7", "removal: Remove", ""), None, opts())
+        .await
+        .report;
+    assert_eq!(r.errors[0].reason, "LookNotFound");
+    assert!(
+        r.message.starts_with("Look 7 was not found (GET "),
+        "{}",
+        r.message
+    );
+    assert!(
+        w.looker.requests_to("/run/json_detail").is_empty(),
+        "no run after the limit could not be read"
+    );
+    assert!(w.braze.requests().is_empty(), "nothing sent");
+}

@@ -559,3 +559,42 @@ async fn braze_applies_add_and_remove_to_stored_arrays() {
     assert_eq!(track(&c, &b, KEY, &failing).await.status, 201);
     assert!(b.segment("looker_export", "A").contains("u4"));
 }
+
+/// `GET /looks/{id}` answers the Look's saved row limit as `query.limit` (a string, or what
+/// `query_limit` says), and a `results: Table` run is cut there and ends cleanly.
+#[tokio::test]
+async fn looker_serves_the_look_s_row_limit_and_cuts_a_table_run_at_it() {
+    let mut look = Look::users(30, Generator::Clean);
+    look.table_limit = 12;
+    let (looker, c, token) = looker_with(look).await;
+    let get = |path: &str, token: &str| {
+        c.get(format!("{}/api/4.0/{path}", looker.url))
+            .header("authorization", format!("token {token}"))
+            .send()
+    };
+    let r = get("looks/1?fields=query(limit)", &token).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(v["query"]["limit"], "12");
+    assert_eq!(get("looks/1", "wrong").await.unwrap().status(), 401);
+    assert_eq!(get("looks/2", &token).await.unwrap().status(), 404);
+    let (seen, body) = run_timed(&c, &looker, &token).await;
+    assert_eq!(seen.len(), 12, "cut at the Look's limit");
+    assert!(body.trim_end().ends_with('}'), "the cut body ends cleanly");
+    let all = get("looks/1/run/json_detail?limit=-1", &token)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&all.text().await.unwrap()).unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 30);
+
+    let mut unsaved = Look::users(3, Generator::Clean);
+    unsaved.query_limit = Some(Value::Null);
+    looker.add_look("1", unsaved);
+    let v: Value =
+        serde_json::from_str(&get("looks/1", &token).await.unwrap().text().await.unwrap()).unwrap();
+    assert_eq!(v["query"]["limit"], Value::Null);
+    assert_eq!(
+        looker.requests_to("/looks/1")[0].query,
+        [("fields".to_owned(), "query(limit)".to_owned())]
+    );
+}

@@ -322,16 +322,7 @@ pub async fn save_audience(
         + 1;
     let parts = write_parts(api, &o, generation, audience).await?;
     if let Err(e) = fence.check(&o).await {
-        for p in &parts {
-            let gone = match api.get_opt(&p.name).await {
-                Ok(Some(s)) => discard(api, &s).await,
-                other => other.map(drop),
-            };
-            if let Err(e) = gone {
-                // Harmless: the next save (or the garbage collector) deletes it.
-                tracing::warn!(secret = %p.name, error = %e, "cannot delete an unused audience part");
-            }
-        }
+        discard_parts(api, &parts).await;
         return Err(e);
     }
     let manifest = Manifest {
@@ -352,6 +343,20 @@ pub async fn save_audience(
         }
     }
     Ok(())
+}
+
+/// Deletes the parts a refused save wrote; a failure is only logged (the next save, or the
+/// garbage collector, deletes them).
+async fn discard_parts(api: &Api<Secret>, parts: &[PartRef]) {
+    for p in parts {
+        let gone = match api.get_opt(&p.name).await {
+            Ok(Some(s)) => discard(api, &s).await,
+            other => other.map(drop),
+        };
+        if let Err(e) = gone {
+            tracing::warn!(secret = %p.name, error = %e, "cannot delete an unused audience part");
+        }
+    }
 }
 
 fn generation_of(s: &Secret) -> Option<u64> {

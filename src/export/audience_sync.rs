@@ -237,6 +237,17 @@ enum Removal {
     Done { failed: KeySet },
 }
 
+/// What the audience side of a run needs once the Look was read.
+pub(super) struct Settling<'a> {
+    pub braze: Option<Arc<BrazeClient>>,
+    pub plan: &'a ExportPlan,
+    pub opts: &'a RunOptions,
+    pub start_time: Timestamp,
+    /// The Look's result may have been cut at its row limit (`results: Table`): the
+    /// sentence of the `LookLimitReached` group; every removal is withheld.
+    pub cut: Option<String>,
+}
+
 /// After the adds: counts `added`, removes users who left (or withholds the removals), and
 /// builds the new stored audience. In this order: the removals need to know which adds
 /// Braze took, and the new audience what the removals did.
@@ -244,11 +255,9 @@ pub(super) async fn settle(
     audience: AudiencePlan,
     read: ReadSide,
     ended: &mut Ended,
-    braze: Option<Arc<BrazeClient>>,
-    plan: &ExportPlan,
-    opts: &RunOptions,
-    start_time: Timestamp,
+    settling: Settling<'_>,
 ) -> AudienceUpdate {
+    let (plan, opts, start_time) = (settling.plan, settling.opts, settling.start_time);
     let picker = Picker {
         seen: Arc::new(read.seen),
         add_failed: Arc::new(KeySet::new(read.failed_keys)),
@@ -263,7 +272,7 @@ pub(super) async fn settle(
         "adds settled"
     );
     let picked = picker.clone();
-    let removal = remove_leavers(&audience, picked, complete, ended, braze, plan, opts).await;
+    let removal = remove_leavers(&audience, picked, complete, ended, &settling).await;
     if opts.dry_run {
         return AudienceUpdate::Keep;
     }
@@ -302,26 +311,24 @@ fn count_added(picker: &Picker, pushed_new: u64) -> u64 {
 }
 
 /// With `removal: Remove`, the removals (within the limit) of a run that read the whole
-/// Look: a Look read in part, or a failed run, removes nobody.
+/// Look: a Look read in part, or a failed run, removes nobody; nor does a Look that may have
+/// been cut at its row limit (its removals are withheld).
 async fn remove_leavers(
     audience: &AudiencePlan,
     picker: Picker,
     complete: bool,
     ended: &mut Ended,
-    braze: Option<Arc<BrazeClient>>,
-    plan: &ExportPlan,
-    opts: &RunOptions,
+    s: &Settling<'_>,
 ) -> Removal {
-    if plan.removal != RemovalMode::Remove {
+    if s.plan.removal != RemovalMode::Remove {
         return Removal::NotRun;
     }
     zero_removals(ended);
-    match (&audience.previous, complete) {
-        (Some(previous), true) => {
-            remove_within_limit(previous, picker, ended, braze, plan, opts).await
-        }
-        _ => Removal::NotRun,
-    }
+    let Some(previous) = audience.previous.as_ref().filter(|_| complete) else {
+        return Removal::NotRun;
+    };
+    let (braze, plan, opts) = (s.braze.clone(), s.plan, s.opts);
+    remove_within_limit(previous, picker, ended, braze, plan, opts, s.cut.as_deref()).await
 }
 
 /// The new audience's header: this run's export and flag; the last full resync is this run
@@ -420,8 +427,9 @@ impl Picker {
     }
 }
 
-/// The removal limit, then the removals. Over the limit (unless allowed once), nobody is
-/// removed and the candidates are only counted, as withheld.
+/// The removal limit, then the removals. A Look that may have been cut at its row limit
+/// (`cut`), or a run over the limit (unless allowed once), removes nobody: the candidates
+/// are only counted, as withheld.
 async fn remove_within_limit(
     previous: &Arc<Encoded>,
     picker: Picker,
@@ -429,6 +437,7 @@ async fn remove_within_limit(
     braze: Option<Arc<BrazeClient>>,
     plan: &ExportPlan,
     opts: &RunOptions,
+    cut: Option<&str>,
 ) -> Removal {
     let seen = Arc::clone(&picker.seen);
     let (before, present) = (seen.previous_len(), seen.present_count());
@@ -442,9 +451,42 @@ async fn remove_within_limit(
             failed: KeySet::default(),
         };
     }
+    if let Some(message) = cut {
+        // Also past `--allow-removal`: that allows a large share, not removing users who
+        // may still be in the Look.
+        tracing::warn!(leaving, audience = before, "{message}");
+        return withhold(
+            previous,
+            picker,
+            ended,
+            RowReason::LookLimitReached,
+            message,
+        )
+        .await;
+    }
     if !over || opts.allow_removal_over_limit {
         return send_removals(previous, picker, ended, braze, plan, opts).await;
     }
+    let message = limit_message(leaving, before, plan.removal_limit_percent, empty);
+    tracing::warn!(leaving, audience = before, "{message}");
+    withhold(
+        previous,
+        picker,
+        ended,
+        RowReason::RemovalLimitExceeded,
+        &message,
+    )
+    .await
+}
+
+/// Removes nobody: counts the candidates as withheld, under `reason` and `message`.
+async fn withhold(
+    previous: &Arc<Encoded>,
+    picker: Picker,
+    ended: &mut Ended,
+    reason: RowReason,
+    message: &str,
+) -> Removal {
     let counted = {
         let (p, pk) = (Arc::clone(previous), picker);
         tokio::task::spawn_blocking(move || produce(&p, &pk, removal_names(&p), usize::MAX, None))
@@ -456,11 +498,7 @@ async fn remove_within_limit(
     let c = &mut ended.tally.counts;
     c.removal_candidates = Some(candidates);
     c.removal_withheld = Some(candidates);
-    let message = limit_message(leaving, before, plan.removal_limit_percent, empty);
-    tracing::warn!(leaving, audience = before, "{message}");
-    ended
-        .tally
-        .note_n(RowReason::RemovalLimitExceeded, &message, candidates, &[]);
+    ended.tally.note_n(reason, message, candidates, &[]);
     Removal::Withheld
 }
 

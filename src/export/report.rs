@@ -114,7 +114,9 @@ pub struct Counts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_failed: Option<u64>,
     /// With `removal: Remove`: removals not attempted because the run would have removed more
-    /// than `removalLimitPercent` of the audience (error group `RemovalLimitExceeded`).
+    /// than `removalLimitPercent` of the audience (error group `RemovalLimitExceeded`), or
+    /// because a `results: Table` run read as many rows as the Look's row limit, so the
+    /// result may be cut (error group `LookLimitReached`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub removal_withheld: Option<u64>,
     /// HTTP requests to Braze.
@@ -443,6 +445,9 @@ pub enum RowReason {
     RemovalNotDelivered(&'static str),
     /// Removals withheld by the removal limit (detail: the whole sentence).
     RemovalLimitExceeded,
+    /// Removals withheld because a `results: Table` run read as many rows as the Look's
+    /// row limit: the result may have been cut (detail: the whole sentence).
+    LookLimitReached,
 }
 
 impl RowReason {
@@ -458,6 +463,7 @@ impl RowReason {
             Self::NotDelivered(reason) | Self::RemovalNotDelivered(reason) => reason,
             Self::RemovalRejected => "RemovalRejected",
             Self::RemovalLimitExceeded => "RemovalLimitExceeded",
+            Self::LookLimitReached => "LookLimitReached",
         }
     }
 }
@@ -587,7 +593,19 @@ pub fn finish_synced(
     sync_mode: Option<SyncMode>,
 ) -> RunReport {
     let outcome = outcome_of(&tally.counts, failure.is_some(), interrupted);
-    let message = message_of(&tally.counts, failure.as_ref(), outcome, &ctx, sync_mode);
+    let cut = tally
+        .groups
+        .iter()
+        .find(|g| g.reason == RowReason::LookLimitReached)
+        .map(|g| g.detail.as_str());
+    let message = message_of(
+        &tally.counts,
+        failure.as_ref(),
+        outcome,
+        &ctx,
+        sync_mode,
+        cut,
+    );
     let errors = error_summaries(&tally, failure.as_ref());
     RunReport {
         trigger: ctx.trigger,
@@ -621,15 +639,25 @@ fn outcome_of(c: &Counts, failed: bool, interrupted: bool) -> Outcome {
 }
 
 /// The report's sentence: what stopped the run (shutdown, or the failure), then the counts,
-/// prefixed with the kind of sync.
+/// prefixed with the kind of sync; after removals withheld because the Look may have been
+/// cut at its row limit, that sentence (`cut`), which says what to do.
 fn message_of(
     c: &Counts,
     failure: Option<&RunFailure>,
     outcome: Outcome,
     ctx: &RunContext,
     sync_mode: Option<SyncMode>,
+    cut: Option<&str>,
 ) -> String {
-    let mut counts = counts_phrase(c, ctx.dry_run);
+    let withheld = if cut.is_some() {
+        WITHHELD_BY_LOOK_LIMIT
+    } else {
+        WITHHELD_BY_REMOVAL_LIMIT
+    };
+    let mut counts = counts_phrase_of(c, ctx.dry_run, withheld);
+    if let Some(cut) = cut {
+        counts = format!("{counts}; {cut}");
+    }
     match sync_mode {
         Some(SyncMode::Delta) => counts = format!("delta run: {counts}"),
         Some(SyncMode::Full) => counts = format!("full resync: {counts}"),
@@ -718,8 +746,24 @@ pub fn ensure_balanced(mut report: RunReport) -> RunReport {
     report
 }
 
+/// How withheld removals are named in the counts: by the removal limit, or for the Look's
+/// row limit (the sentence that follows says more).
+type Withheld = (&'static str, &'static str);
+const WITHHELD_BY_REMOVAL_LIMIT: Withheld = (
+    "removal withheld by the removal limit",
+    "removals withheld by the removal limit",
+);
+const WITHHELD_BY_LOOK_LIMIT: Withheld = (
+    "removal withheld at the Look's row limit",
+    "removals withheld at the Look's row limit",
+);
+
 /// "12480 users flagged, 31 duplicates, 2 invalid rows": the non-zero counts.
 pub fn counts_phrase(t: &Counts, dry_run: bool) -> String {
+    counts_phrase_of(t, dry_run, WITHHELD_BY_REMOVAL_LIMIT)
+}
+
+fn counts_phrase_of(t: &Counts, dry_run: bool, withheld: Withheld) -> String {
     let users = plural(t.sent, "user", "users");
     let mut parts = vec![match (dry_run, t.added) {
         (true, Some(n)) => format!("{users} would be flagged ({n} new, dry run)"),
@@ -757,11 +801,7 @@ pub fn counts_phrase(t: &Counts, dry_run: bool) -> String {
             "removal not delivered",
             "removals not delivered",
         ),
-        (
-            t.removal_withheld.unwrap_or(0),
-            "removal withheld by the removal limit",
-            "removals withheld by the removal limit",
-        ),
+        (t.removal_withheld.unwrap_or(0), withheld.0, withheld.1),
     ] {
         if n > 0 {
             parts.push(plural(n, one, many));
@@ -812,7 +852,7 @@ fn describe(g: &Group) -> String {
             "{} not delivered (the users stay in the stored audience, and a later run removes them): {d}",
             plural(g.count, "removal", "removals")
         ),
-        RowReason::RemovalLimitExceeded => d.clone(),
+        RowReason::RemovalLimitExceeded | RowReason::LookLimitReached => d.clone(),
     }
 }
 
@@ -1151,6 +1191,31 @@ mod tests {
         assert_eq!(
             r.message,
             "10 users flagged, 30 removals withheld by the removal limit"
+        );
+
+        // Withheld at the Look's row limit: the message says why and what to do.
+        let mut cut = tally(10, 0, 0, 0, 0, 0);
+        cut.counts.removal_candidates = Some(30);
+        cut.counts.removed = Some(0);
+        cut.counts.removal_withheld = Some(30);
+        cut.note_n(
+            RowReason::LookLimitReached,
+            "Look 42 returned its row limit",
+            30,
+            &[],
+        );
+        let r = finish(cut, None, false, ctx());
+        assert_eq!(
+            (r.outcome, r.balanced()),
+            (Outcome::PartiallySucceeded, true)
+        );
+        assert_eq!(
+            r.message,
+            "10 users flagged, 30 removals withheld at the Look's row limit; Look 42 returned its row limit"
+        );
+        assert_eq!(
+            (r.errors[0].reason.as_str(), r.errors[0].count),
+            ("LookLimitReached", 30)
         );
     }
 }

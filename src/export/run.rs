@@ -27,7 +27,8 @@ use crate::audience::seen::Seen;
 use crate::braze::{Batch, BrazeClient, BrazeError};
 use crate::looker::body::{self, Transfer, WaitBudget};
 use crate::looker::json_detail::{self, DetailError};
-use crate::looker::{LookerClient, LookerError};
+use crate::looker::{LookLimit, LookRun, LookerClient, LookerError};
+use crate::spec::{RemovalMode, ResultsMode};
 
 /// Runs one export to its end and reports what happened. Never fails: every error ends up
 /// in the report, and every row read is counted exactly once (checked, also in release
@@ -138,9 +139,9 @@ async fn export_look(
             let ended = Ended { interrupted: true, ..Ended::default() };
             return (ended, AudienceUpdate::Keep);
         }
-        r = looker.run_look(&plan.look_id, plan.results, &mut budget) => r,
+        r = looker.run_look(&plan.look_id, plan.results, reads_limit(plan), &mut budget) => r,
     };
-    let response = match response {
+    let LookRun { response, limit } = match response {
         Ok(r) => r,
         Err(e) => return (Ended::failed(e.into()), AudienceUpdate::Keep),
     };
@@ -149,14 +150,49 @@ async fn export_look(
         None => (None, Seen::new(), SinkSync::default()),
     };
     let (mut ended, read) = stream(response, braze.clone(), plan, opts, seen, sync).await;
+    let cut = limit_reached(limit, ended.tally.counts.rows_read, plan);
     // The audience is settled only after every add was settled (see `audience_sync`).
     let update = match (audience, read) {
         (Some(audience), Some(read)) => {
-            audience_sync::settle(audience, read, &mut ended, braze, plan, opts, start_time).await
+            let settling = audience_sync::Settling {
+                braze,
+                plan,
+                opts,
+                start_time,
+                cut,
+            };
+            audience_sync::settle(audience, read, &mut ended, settling).await
         }
         _ => AudienceUpdate::Keep,
     };
     (ended, update)
+}
+
+/// Whether the run reads the Look's saved row limit first: only when a `results: Table` run
+/// could remove users (`removal: Remove`), the one case where a cut result does harm.
+fn reads_limit(plan: &ExportPlan) -> bool {
+    plan.results == ResultsMode::Table && plan.removal == RemovalMode::Remove
+}
+
+/// The sentence of a `results: Table` run whose rows reached the Look's row limit (the
+/// result may have been cut there: Looker's body ends cleanly and says nothing, and
+/// `json_detail` has no truncation flag), else `None`.
+fn limit_reached(limit: Option<LookLimit>, rows_read: u64, plan: &ExportPlan) -> Option<String> {
+    let Some(LookLimit::Rows { rows, saved }) = limit else {
+        return None;
+    };
+    if plan.results != ResultsMode::Table || rows_read < rows {
+        return None;
+    }
+    let whose = if saved {
+        ""
+    } else {
+        ", Looker's default: the Look saves none"
+    };
+    Some(format!(
+        "Look {} returned its row limit ({rows} rows{whose}): it may be cut, so nobody was removed; set spec.looker.results: All, or raise the Look's row limit in Looker",
+        plan.look_id
+    ))
 }
 
 /// Streams Looker's body through the parser thread to the senders, then merges both sides'

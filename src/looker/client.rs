@@ -1,4 +1,5 @@
-//! Looker API 4.0 client: log in with client credentials, run a Look as `json_detail`.
+//! Looker API 4.0 client: log in with client credentials, read a Look's saved row limit
+//! (`GET /looks/{id}?fields=query(limit)`), run a Look as `json_detail`.
 //!
 //! `baseUrl` is chosen by whoever may create an export, and the operator calls it from inside
 //! the cluster. So an unexpected answer is described by its status and, at most, Looker's own
@@ -36,6 +37,65 @@ pub struct LookerClient {
 #[derive(Deserialize)]
 struct AccessToken {
     access_token: String,
+}
+
+/// The row count Looker applies to a Look's query when the Look has no limit saved (absent,
+/// null, empty or `"0"`): the 5,000 rows its UI shows ("Results in Table", see the API
+/// reference, 2.3).
+pub const LOOKER_DEFAULT_ROW_LIMIT: u64 = 5000;
+
+/// The row limit a `results: Table` run of a Look gets: its saved `query.limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LookLimit {
+    /// At most this many rows; `saved` is false when the Look has none saved and Looker's
+    /// default ([`LOOKER_DEFAULT_ROW_LIMIT`]) applies.
+    Rows { rows: u64, saved: bool },
+    /// The saved limit is `-1`: all results.
+    Unlimited,
+}
+
+impl LookLimit {
+    /// Reads `query.limit` of a `GET /looks/{id}` answer: a string such as `"5000"` (a number
+    /// is accepted too); absent, null, empty or `"0"` is Looker's default; a negative one is
+    /// unlimited. `None`: not a Look, or a limit that is not a number.
+    pub fn from_look(body: &[u8]) -> Option<Self> {
+        let parsed: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let query = parsed.as_object()?.get("query")?.as_object()?;
+        let text = match query.get("limit") {
+            None | Some(serde_json::Value::Null) => String::new(),
+            Some(serde_json::Value::String(s)) => s.trim().to_owned(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            Some(_) => return None,
+        };
+        if text.is_empty() {
+            return Some(Self::default_rows());
+        }
+        match text.parse::<i64>().ok()? {
+            n if n < 0 => Some(Self::Unlimited),
+            0 => Some(Self::default_rows()),
+            n => Some(Self::Rows {
+                rows: n.unsigned_abs(),
+                saved: true,
+            }),
+        }
+    }
+
+    fn default_rows() -> Self {
+        Self::Rows {
+            rows: LOOKER_DEFAULT_ROW_LIMIT,
+            saved: false,
+        }
+    }
+}
+
+/// A Look started: the response whose body is the streamed result, and the Look's saved
+/// row limit when it was asked for.
+#[derive(Debug)]
+pub struct LookRun {
+    /// The `json_detail` response, its body not read yet.
+    pub response: Response,
+    /// The Look's row limit (`None`: not asked for).
+    pub limit: Option<LookLimit>,
 }
 
 impl LookerClient {
@@ -78,6 +138,17 @@ impl LookerClient {
                 q.append_pair("limit", "-1");
             }
         }
+        url
+    }
+
+    /// `GET /looks/{look_id}?fields=query(limit)`: only the saved query's row limit.
+    pub fn look_url(api: &Url, look_id: &str) -> Url {
+        let mut url = api.clone();
+        url.path_segments_mut()
+            .expect("http URLs have paths")
+            .pop_if_empty()
+            .extend(["looks", look_id]);
+        url.query_pairs_mut().append_pair("fields", "query(limit)");
         url
     }
 
@@ -137,64 +208,129 @@ impl LookerClient {
         Ok(Redacted::new(token.access_token))
     }
 
-    /// Logs in and starts running the Look; logs in once more if the token is refused (401).
-    /// Returns the response whose body is the streamed result.
+    /// Logs in and starts running the Look; logs in once more if a token is refused (401).
+    /// With `read_limit`, first reads the Look's saved row limit ([`Self::look_url`]), in
+    /// the same wait budget.
     pub async fn run_look(
         &self,
         look_id: &str,
         results: ResultsMode,
+        read_limit: bool,
         budget: &mut WaitBudget,
-    ) -> Result<Response, LookerError> {
+    ) -> Result<LookRun, LookerError> {
         let url = Self::run_url(&self.api, look_id, results);
+        let look_url = Self::look_url(&self.api, look_id);
         let mut relogged = false;
+        let mut limit = None;
         loop {
-            let token = self.login(budget, look_id).await?;
-            let mut auth =
-                HeaderValue::from_str(&format!("token {}", token.expose())).map_err(|_| {
-                    LookerError::BadAnswer {
-                        look_id: look_id.to_owned(),
-                        method: "POST",
-                        path: self.login_url().path().to_owned(),
-                        status: StatusCode::OK,
-                        what: "with an access token that is not a valid header value",
-                    }
-                })?;
-            auth.set_sensitive(true);
-            // No reqwest timeout here: it would also cover the body, which may take hours
-            // when Braze paces the run. The budget bounds the wait for the answer; the body
-            // reader bounds each stall (see `body::forward`).
-            let request = self.http.get(url.clone()).header(AUTHORIZATION, auth);
-            let response = self.send(budget, request, &url, look_id).await?;
-            match response.status() {
-                s if s.is_success() => return Ok(response),
-                s if s.is_redirection() => {
-                    return Err(redirect_error("GET", &url, &response, look_id));
-                }
-                StatusCode::UNAUTHORIZED if !relogged => {
+            let auth = self.authorization(budget, look_id).await?;
+            if read_limit && limit.is_none() {
+                let request = self
+                    .http
+                    .get(look_url.clone())
+                    .timeout(budget.remaining())
+                    .header(AUTHORIZATION, auth.clone());
+                let response = self.send(budget, request, &look_url, look_id).await?;
+                if response.status() == StatusCode::UNAUTHORIZED && !relogged {
                     tracing::info!(
                         look_id,
                         "Looker refused the access token (401); logging in again"
                     );
                     relogged = true;
+                    continue;
                 }
-                StatusCode::NOT_FOUND => {
-                    return Err(LookerError::LookNotFound {
-                        look_id: look_id.to_owned(),
-                        url: url.to_string(),
-                    });
-                }
-                StatusCode::TOO_MANY_REQUESTS => {
-                    return Err(LookerError::RateLimited {
-                        url: url.to_string(),
-                    });
-                }
-                _ => {
-                    return Err(self
-                        .http_error("GET", &url, response, budget, look_id)
-                        .await);
-                }
+                let response = self
+                    .ok_or_error(response, &look_url, budget, look_id)
+                    .await?;
+                limit = Some(
+                    self.read_limit(response, &look_url, budget, look_id)
+                        .await?,
+                );
+                tracing::debug!(look_id, ?limit, "Look row limit read");
             }
+            // No reqwest timeout here: it would also cover the body, which may take hours
+            // when Braze paces the run. The budget bounds the wait for the answer; the body
+            // reader bounds each stall (see `body::forward`).
+            let request = self.http.get(url.clone()).header(AUTHORIZATION, auth);
+            let response = self.send(budget, request, &url, look_id).await?;
+            if response.status() == StatusCode::UNAUTHORIZED && !relogged {
+                tracing::info!(
+                    look_id,
+                    "Looker refused the access token (401); logging in again"
+                );
+                relogged = true;
+                continue;
+            }
+            let response = self.ok_or_error(response, &url, budget, look_id).await?;
+            return Ok(LookRun { response, limit });
         }
+    }
+
+    /// Logs in, and makes the access token a sensitive `Authorization` header.
+    async fn authorization(
+        &self,
+        budget: &mut WaitBudget,
+        look_id: &str,
+    ) -> Result<HeaderValue, LookerError> {
+        let token = self.login(budget, look_id).await?;
+        let mut auth =
+            HeaderValue::from_str(&format!("token {}", token.expose())).map_err(|_| {
+                LookerError::BadAnswer {
+                    look_id: look_id.to_owned(),
+                    method: "POST",
+                    path: self.login_url().path().to_owned(),
+                    status: StatusCode::OK,
+                    what: "with an access token that is not a valid header value",
+                }
+            })?;
+        auth.set_sensitive(true);
+        Ok(auth)
+    }
+
+    /// A success of a `GET`, or the error its status means (a 401 here is one after the
+    /// one new login).
+    async fn ok_or_error(
+        &self,
+        response: Response,
+        url: &Url,
+        budget: &mut WaitBudget,
+        look_id: &str,
+    ) -> Result<Response, LookerError> {
+        match response.status() {
+            s if s.is_success() => Ok(response),
+            s if s.is_redirection() => Err(redirect_error("GET", url, &response, look_id)),
+            StatusCode::NOT_FOUND => Err(LookerError::LookNotFound {
+                look_id: look_id.to_owned(),
+                url: url.to_string(),
+            }),
+            StatusCode::TOO_MANY_REQUESTS => Err(LookerError::RateLimited {
+                url: url.to_string(),
+            }),
+            _ => Err(self.http_error("GET", url, response, budget, look_id).await),
+        }
+    }
+
+    /// The row limit in a `GET /looks/{id}` answer (at most [`MAX_SMALL_BODY`] read).
+    async fn read_limit(
+        &self,
+        response: Response,
+        url: &Url,
+        budget: &mut WaitBudget,
+        look_id: &str,
+    ) -> Result<LookLimit, LookerError> {
+        let status = response.status();
+        let bad = |what| LookerError::BadAnswer {
+            look_id: look_id.to_owned(),
+            method: "GET",
+            path: url.path().to_owned(),
+            status,
+            what,
+        };
+        let body = self
+            .read_small(response, budget, url, look_id)
+            .await?
+            .ok_or_else(|| bad("with an answer too large to be a Look's row limit"))?;
+        LookLimit::from_look(&body).ok_or_else(|| bad("without a Look's query row limit"))
     }
 
     async fn send(
@@ -335,6 +471,50 @@ mod tests {
             LookerClient::run_url(&api, "a/b c", ResultsMode::All).as_str(),
             "https://acme.cloud.looker.com/api/4.0/looks/a%2Fb%20c/run/json_detail?apply_formatting=false&apply_vis=false&generate_drill_links=false&limit=-1"
         );
+    }
+
+    #[test]
+    fn look_url_asks_only_for_the_query_limit() {
+        let api = super::super::api::api_base("https://acme.cloud.looker.com").unwrap();
+        assert_eq!(
+            LookerClient::look_url(&api, "42").as_str(),
+            "https://acme.cloud.looker.com/api/4.0/looks/42?fields=query%28limit%29"
+        );
+    }
+
+    #[test]
+    fn a_look_s_limit_is_read_leniently_and_never_guessed() {
+        let l = |b: &str| LookLimit::from_look(b.as_bytes());
+        let rows = |rows, saved| Some(LookLimit::Rows { rows, saved });
+        assert_eq!(l(r#"{"query": {"limit": "5000"}}"#), rows(5000, true));
+        assert_eq!(l(r#"{"query": {"limit": " 500 "}}"#), rows(500, true));
+        assert_eq!(l(r#"{"query": {"limit": 250}}"#), rows(250, true));
+        for default in [
+            r#"{"query": {}}"#,
+            r#"{"query": {"limit": null}}"#,
+            r#"{"query": {"limit": ""}}"#,
+            r#"{"query": {"limit": "0"}}"#,
+        ] {
+            assert_eq!(
+                l(default),
+                rows(LOOKER_DEFAULT_ROW_LIMIT, false),
+                "{default}"
+            );
+        }
+        assert_eq!(
+            l(r#"{"query": {"limit": "-1"}}"#),
+            Some(LookLimit::Unlimited)
+        );
+        for bad in [
+            r#"{"query": {"limit": "lots"}}"#,
+            r#"{"query": {"limit": true}}"#,
+            r#"{"query": null}"#,
+            r#"{"id": "42"}"#,
+            r#"[{"query": {"limit": "5"}}]"#,
+            "<html></html>",
+        ] {
+            assert_eq!(l(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -9,6 +9,6 @@ pub mod hosts;
 pub mod json_detail;
 
 pub use api::{API_PREFIX, api_base};
-pub use client::LookerClient;
+pub use client::{LookLimit, LookRun, LookerClient};
 pub use error::LookerError;
 pub use hosts::AllowedHosts;

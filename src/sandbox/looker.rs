@@ -1,7 +1,8 @@
-//! Sandbox Looker API 4.0: `POST /login` and `GET /looks/{id}/run/json_detail`, streamed in
+//! Sandbox Looker API 4.0: `POST /login`, `GET /looks/{id}` (the Look's query and its row
+//! limit) and `GET /looks/{id}/run/json_detail`, streamed in
 //! the shape of a real result, for any number of generated rows, with optional latency and
 //! bodies that slow down, stall or trickle, and with oversized parts (an array cell or a
-//! `pivots` section of any size, streamed without being held). Login and the run can be made to give any answer
+//! `pivots` section of any size, streamed without being held). Login, the Look and the run can be made to give any answer
 //! (a status, a JSON or HTML body, a redirect), and requests to any other path are recorded
 //! too (answered 404), so a test can show that nothing was sent somewhere it should not be.
 
@@ -52,8 +53,12 @@ pub struct Look {
     pub fields: Value,
     /// The rows.
     pub rows: Rows,
-    /// The Look's own row limit, applied when the request has no `limit`.
+    /// The Look's own row limit, applied when the request has no `limit`; also what
+    /// `GET /looks/{id}` answers as `query.limit` (a string), unless [`Look::query_limit`].
     pub table_limit: u64,
+    /// `query.limit` as `GET /looks/{id}` answers it instead (`null`, `""`, …), for a Look
+    /// whose saved limit is absent or odd; `None`: `table_limit` as a string.
+    pub query_limit: Option<Value>,
     /// Top-level `pivots` to send (pivoted Looks).
     pub pivots: Option<Value>,
     /// Top-level `errors` to send with an empty `data` (SQL errors).
@@ -88,6 +93,7 @@ impl Look {
             fields,
             rows,
             table_limit: 5000,
+            query_limit: None,
             pivots: None,
             errors: None,
             cut_after: None,
@@ -261,6 +267,7 @@ struct LookerState {
     latency: Mutex<Duration>,
     login_answer: Mutex<Option<LookerAnswer>>,
     run_answer: Mutex<Option<LookerAnswer>>,
+    look_answer: Mutex<Option<LookerAnswer>>,
 }
 
 /// A running sandbox Looker.
@@ -296,9 +303,11 @@ impl LookerSandbox {
             latency: Mutex::default(),
             login_answer: Mutex::default(),
             run_answer: Mutex::default(),
+            look_answer: Mutex::default(),
         });
         let router = Router::new()
             .route("/api/4.0/login", post(login))
+            .route("/api/4.0/looks/{look_id}", get(look))
             .route("/api/4.0/looks/{look_id}/run/{format}", get(run_look))
             .fallback(unknown)
             .method_not_allowed_fallback(unknown)
@@ -335,6 +344,12 @@ impl LookerSandbox {
     /// `None`.
     pub fn answer_run_with(&self, answer: Option<LookerAnswer>) {
         *lock(&self.state.run_answer) = answer;
+    }
+
+    /// Every `GET /looks/{id}` is answered with `answer` (whatever the token and Look),
+    /// until `None`.
+    pub fn answer_look_with(&self, answer: Option<LookerAnswer>) {
+        *lock(&self.state.look_answer) = answer;
     }
 
     /// Every request so far (also those to paths the sandbox does not serve).
@@ -457,6 +472,65 @@ async fn unknown(
     error(StatusCode::NOT_FOUND, "Not found")
 }
 
+/// Whether the request carries a token the sandbox issued and that has not expired.
+fn authorized(state: &LookerState, headers: &HeaderMap) -> bool {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("token ")
+                .or_else(|| v.strip_prefix("Bearer "))
+        })
+        .unwrap_or_default()
+        .to_owned();
+    lock(&state.tokens)
+        .get(&token)
+        .is_some_and(|exp| *exp > Instant::now())
+}
+
+/// `GET /looks/{id}`: a `LookWithQuery` with the Look's query, whose `limit` is the Look's
+/// saved row limit (the `fields` parameter is recorded, not applied).
+async fn look(
+    State(state): State<Arc<LookerState>>,
+    Path(look_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    record(
+        &state,
+        "GET",
+        format!("/api/4.0/looks/{look_id}"),
+        query.as_deref().unwrap_or(""),
+        &headers,
+        vec![],
+    );
+    latency(&state).await;
+    if let Some(answer) = lock(&state.look_answer).clone() {
+        return answer.into_response();
+    }
+    if !authorized(&state, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "Requires authentication.");
+    }
+    let Some(look) = lock(&state.looks).get(&look_id).cloned() else {
+        return error(StatusCode::NOT_FOUND, "Not found");
+    };
+    let limit = look
+        .query_limit
+        .unwrap_or_else(|| Value::String(look.table_limit.to_string()));
+    let body = json!({
+        "id": look_id,
+        "title": format!("Sandbox Look {look_id}"),
+        "query_id": "1",
+        "query": {"id": "1", "model": "sandbox", "view": "users", "limit": limit},
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 async fn run_look(
     State(state): State<Arc<LookerState>>,
     Path((look_id, format)): Path<(String, String)>,
@@ -476,19 +550,7 @@ async fn run_look(
     if let Some(answer) = lock(&state.run_answer).clone() {
         return answer.into_response();
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("token ")
-                .or_else(|| v.strip_prefix("Bearer "))
-        })
-        .unwrap_or_default()
-        .to_owned();
-    let valid = lock(&state.tokens)
-        .get(&token)
-        .is_some_and(|exp| *exp > Instant::now());
-    if !valid {
+    if !authorized(&state, &headers) {
         return error(StatusCode::UNAUTHORIZED, "Requires authentication.");
     }
     let Some(look) = lock(&state.looks).get(&look_id).cloned() else {
