@@ -772,3 +772,54 @@ async fn a_look_at_its_row_limit_is_partially_succeeded_in_the_cluster() {
     assert_eq!(segment(&w), 300, "nobody removed");
     op.stop().await;
 }
+
+/// A run whose audience cannot be saved is not `Succeeded`: it says what that means, the
+/// metric counts it, and the previous audience stays.
+#[tokio::test]
+async fn a_run_whose_audience_cannot_be_saved_is_partially_succeeded() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(50, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "mirror", "42", "removal: Remove", "");
+    // RBAC changed under the operator: it may no longer create Secrets.
+    let rules: Vec<_> = chart_rules()
+        .into_iter()
+        .map(|mut r| {
+            if r.resources.iter().any(|x| x == "secrets") {
+                r.verbs.retain(|v| v != "create");
+            }
+            r
+        })
+        .collect();
+    let op = Operator::start_with(api.client_with_rules(rules), config());
+    run_now(&api, "mirror", "r1");
+    let s = wait_ready(&api, "mirror", "PartiallySucceeded", 20).await;
+    let run = &s["lastRun"];
+    assert_eq!(run["sent"], 50, "the flags went out: {run}");
+    assert_eq!(run["errors"][0]["reason"], "AudienceNotSaved", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("50 users flagged")
+            && message.contains("the audience of this run could not be saved (")
+            && message.ends_with(
+                "the previous one stays, so users this run flagged for the first time who leave the Look before the next saved run keep the flag"
+            ),
+        "{message}"
+    );
+    assert_eq!(
+        op.metric("braze_export_audience_save_failures_total"),
+        Some(1.0)
+    );
+    assert!(
+        events(&api, "mirror")
+            .iter()
+            .any(|(kind, reason, _)| kind == "Warning" && reason == "AudienceNotSaved"),
+        "{:?}",
+        events(&api, "mirror")
+    );
+    assert!(
+        audience_secrets(&api, "mirror").is_empty(),
+        "nothing half-saved"
+    );
+    op.stop().await;
+}

@@ -24,7 +24,8 @@ use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, QUEUE_GRACE};
 use super::watched::Watched;
 use super::writer::{self, RunWriter};
 use crate::audience::{Encoded, Owner};
-use crate::export::report::{RunContext, RunFailure, RunReport, Tally};
+use crate::export::error::AUDIENCE_MISMATCH;
+use crate::export::report::{RunContext, RunFailure, RunReport, Tally, audience_not_saved};
 use crate::export::{
     AudienceInput, AudienceUpdate, Credentials, RunOptions, run_export, run_export_synced,
 };
@@ -256,17 +257,19 @@ impl RunTask {
         };
         let input = AudienceInput { owner, previous };
         let result = run_export_synced(&ctx.services, plan, &self.creds, opts, Some(input)).await;
-        if let AudienceUpdate::Replace(audience) = &result.audience {
-            self.save(&secrets, audience, &fence).await;
-        }
         let mut report = result.report;
+        if let AudienceUpdate::Replace(audience) = &result.audience
+            && let Err(why) = self.save(&secrets, audience, &fence).await
+        {
+            report = audience_not_saved(report, &why);
+        }
         if discard {
             report.message = format!("{}; {DISCARDED}", report.message);
         }
         // A stored audience of another identifier type or export: tell the way back.
         let mut mismatch = false;
         for e in &mut report.errors {
-            if e.reason == "AudienceMismatch" {
+            if e.reason == AUDIENCE_MISMATCH {
                 e.message = format!("{}; {}", e.message, discard_hint(&self.export));
                 mismatch = true;
             }
@@ -338,27 +341,34 @@ impl RunTask {
         Ok(())
     }
 
-    /// Saves the run's audience; a failure is told in a Warning Event. The stored audience
-    /// then stays the previous one: the next run adds the users this one flagged again, and
-    /// removes nobody it should not.
-    async fn save(&self, secrets: &Api<Secret>, audience: &Encoded, fence: &audience_store::Fence) {
+    /// Saves the run's audience; a failure (why) is counted and told in a Warning Event, and
+    /// makes the run `PartiallySucceeded`. The stored audience then stays the previous one:
+    /// the next run adds the users this one flagged again, and removes nobody it should not.
+    async fn save(
+        &self,
+        secrets: &Api<Secret>,
+        audience: &Encoded,
+        fence: &audience_store::Fence,
+    ) -> Result<(), String> {
         let saved = tokio::time::timeout(
             AUDIENCE_TIMEOUT,
             audience_store::save_audience(secrets, &self.export, audience, fence),
         )
         .await;
         let why = match saved {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "timed out".into(),
         };
         tracing::warn!(export = %self.key, error = %why, "cannot save the audience");
+        self.ctx.metrics.audience_save_failure();
         let note = Note {
             warning: true,
             reason: reason::AUDIENCE_NOT_SAVED,
             message: format!("the audience of this run could not be saved: {why}"),
         };
         events::publish(&self.ctx, &self.export, &note).await;
+        Err(why)
     }
 
     /// A report for a run whose stored audience could not be read (before Looker was).

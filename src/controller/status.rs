@@ -46,7 +46,7 @@ pub mod reason {
     /// Event: a run stopped before its end (shutdown, lost leadership, crash).
     pub const RUN_INTERRUPTED: &str = "RunInterrupted";
     /// Event: the audience of a run could not be saved (the previous one stays).
-    pub const AUDIENCE_NOT_SAVED: &str = "AudienceNotSaved";
+    pub const AUDIENCE_NOT_SAVED: &str = crate::export::report::AUDIENCE_NOT_SAVED;
     /// Event: the stored audience was discarded on request; the run starts a new one.
     pub const AUDIENCE_DISCARDED: &str = "AudienceDiscarded";
     /// `Running`: a deleted export's flag is being removed from its audience.

@@ -6,6 +6,9 @@ use crate::audience::AudienceError;
 use crate::braze::BrazeError;
 use crate::looker::LookerError;
 
+/// The reason of a run whose stored audience belongs to another export or identifier type.
+pub const AUDIENCE_MISMATCH: &str = "AudienceMismatch";
+
 /// The reason of a run stopped at its deadline, and of the rows it could not send.
 pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
 
@@ -54,7 +57,7 @@ impl RunError {
             Self::Braze(e) => e.reason(),
             Self::Internal(_) => "InternalError",
             Self::AudienceRequired => "AudienceRequired",
-            Self::AudienceMismatch(_) => "AudienceMismatch",
+            Self::AudienceMismatch(_) => AUDIENCE_MISMATCH,
             Self::AudienceUnreadable(_) => "AudienceUnreadable",
             Self::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
         }

@@ -703,6 +703,31 @@ fn error_summaries(tally: &Tally, failure: Option<&RunFailure>) -> Vec<ErrorSumm
     errors
 }
 
+/// Reason of a run whose stored audience could not be saved.
+pub const AUDIENCE_NOT_SAVED: &str = "AudienceNotSaved";
+
+/// The report of a run whose new audience could not be saved (`why`): a run that succeeded
+/// is `PartiallySucceeded`, and the report says what that means for removals.
+pub fn audience_not_saved(mut report: RunReport, why: &str) -> RunReport {
+    let message = format!(
+        "the audience of this run could not be saved ({why}): the previous one stays, so users this run flagged for the first time who leave the Look before the next saved run keep the flag"
+    );
+    if report.outcome == Outcome::Succeeded {
+        report.outcome = Outcome::PartiallySucceeded;
+    }
+    report.message = format!("{}; {message}", report.message);
+    report.errors.insert(
+        0,
+        ErrorSummary {
+            reason: AUDIENCE_NOT_SAVED.into(),
+            message,
+            count: 1,
+        },
+    );
+    report.errors.truncate(MAX_REPORTED_ERRORS);
+    report
+}
+
 /// Checks the report's invariant (`rowsRead = sent + duplicates + invalid + rejected +
 /// failed + skipped`). A report that does not add up is a bug; it becomes `Failed` and
 /// says so, rather than passing a wrong count off as the truth.

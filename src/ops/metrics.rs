@@ -103,6 +103,7 @@ pub struct Metrics {
     reconcile_errors: Family<ReasonLabel, Counter>,
     watch_errors: Family<ReasonLabel, Counter>,
     status_write_failures: Family<ReasonLabel, Counter>,
+    audience_save_failures: Counter,
     leader: Gauge,
     exports: Family<ReadyLabel, Gauge>,
     overdue: Gauge,
@@ -173,6 +174,12 @@ impl Metrics {
             "Runs whose final status the apiserver refused (Forbidden: RBAC; Invalid: the object cannot take it) and that were given up unrecorded, by reason",
             status_write_failures.clone(),
         );
+        let audience_save_failures = Counter::default();
+        registry.register(
+            "audience_save_failures",
+            "Runs whose stored audience could not be saved (the previous one stays)",
+            audience_save_failures.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -226,6 +233,7 @@ impl Metrics {
             reconcile_errors,
             watch_errors,
             status_write_failures,
+            audience_save_failures,
             leader,
             exports,
         }
@@ -268,6 +276,11 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// Counts a run whose stored audience could not be saved.
+    pub fn audience_save_failure(&self) {
+        self.audience_save_failures.inc();
     }
 
     /// Counts a run's final status given up because the apiserver refused it (`reason`:
