@@ -322,3 +322,38 @@ async fn discarding_deletes_the_audience_and_a_foreign_manifest() {
         Some(&again)
     );
 }
+
+/// A manifest of the export's name that names a *live* export as its owner (a label proves
+/// nothing): discarding removes that manifest, never the live export's audience.
+#[tokio::test]
+async fn discarding_never_deletes_a_live_export_s_audience() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Secret> = Api::namespaced(server.client(), NS);
+    let (a, b) = (
+        created(&server, "churn-risk").await,
+        created(&server, "vip").await,
+    );
+    let term = CancellationToken::new();
+    let kept = audience(5, 1);
+    save_audience(&api, &b, &kept, &fenced(&server, &term))
+        .await
+        .unwrap();
+    // A forged manifest named after churn-risk, labelled with vip's uid.
+    server.put(
+        SECRETS,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "churn-risk-audience", "namespace": NS,
+                         "labels": {"looker-braze.dev/audience-of": b.metadata.uid}},
+            "data": {"manifest": "e30="}
+        }),
+    );
+    discard_audience(&api, &a, &fenced(&server, &term))
+        .await
+        .unwrap();
+    assert_eq!(
+        load_audience(&api, &b).await.unwrap().as_ref(),
+        Some(&kept),
+        "vip's audience stays"
+    );
+}

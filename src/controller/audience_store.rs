@@ -103,6 +103,16 @@ impl Fence {
         }
     }
 
+    /// Whether an export of the namespace has `uid` now (`true` when the fence reads no
+    /// exports: then nothing of another owner is touched).
+    async fn is_live(&self, uid: &str) -> Result<bool, StoreError> {
+        let Some(exports) = &self.exports else {
+            return Ok(true);
+        };
+        let all = exports.list(&ListParams::default()).await?;
+        Ok(all.items.iter().any(|e| e.uid().as_deref() == Some(uid)))
+    }
+
     /// `Ok` while `o` may still write: its term goes on and its export is the live one.
     async fn check(&self, o: &SecretOwner) -> Result<(), StoreError> {
         if self.term.is_cancelled() {
@@ -441,8 +451,11 @@ pub async fn discard_audience(
     fence.check(&o).await?;
     delete_audience(api, export).await?;
     if let Some(m) = api.get_opt(&manifest_name(&o.name)).await? {
-        // With the parts of its owner (their names would collide with the new ones').
-        if let Some(uid) = m.labels().get(OWNER_LABEL) {
+        // With the parts of its owner (their names would collide with the new ones'), unless
+        // that owner is a live export: a label names it, and a label proves nothing.
+        if let Some(uid) = m.labels().get(OWNER_LABEL)
+            && !fence.is_live(uid).await?
+        {
             for s in owned(api, uid).await? {
                 discard(api, &s).await?;
             }
