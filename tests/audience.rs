@@ -906,3 +906,34 @@ async fn a_look_under_its_row_limit_removes_who_left() {
     let m = members(&stored(&second));
     assert_eq!(m.keys().cloned().collect::<BTreeSet<_>>(), users(1..=5400));
 }
+
+/// A Look at its row limit is never `Succeeded` with `removal: Remove`, even when nobody is
+/// to be removed: on a first run, and on a run nobody left, users past the cut were never
+/// read, so never flagged.
+#[tokio::test]
+async fn a_look_at_its_row_limit_is_partially_succeeded_even_when_nobody_left() {
+    let w = World::start().await;
+    let yaml = w.yaml("1", REMOVE, "");
+    let cut = "Look 1 returned its row limit (5000 rows): it may be cut, so nobody was removed; set spec.looker.results: All, or raise the Look's row limit in Looker";
+    let mut first = look_of(1..=5400);
+    first.table_limit = 5000;
+    w.looker.add_look("1", first);
+    let r1 = w.sync(&yaml, None, opts()).await;
+    let r = &r1.report;
+    assert_eq!(r.outcome, Outcome::PartiallySucceeded, "{r:#?}");
+    assert_eq!((r.counts.sent, r.counts.removed), (5000, Some(0)));
+    assert_eq!(r.errors[0].reason, "LookLimitReached");
+    assert_eq!((r.errors[0].message.as_str(), r.errors[0].count), (cut, 1));
+    assert!(r.message.ends_with(cut), "{}", r.message);
+
+    // The same 5,000 again: nobody left, and the result may still be cut.
+    let state = match r1.audience {
+        braze_export_operator::export::AudienceUpdate::Replace(a) => a,
+        other => panic!("an audience to keep: {other:?}"),
+    };
+    let r2 = w.sync(&yaml, Some(state), opts()).await;
+    let r = &r2.report;
+    assert_eq!(r.outcome, Outcome::PartiallySucceeded, "{r:#?}");
+    assert_eq!(r.counts.removal_withheld.unwrap_or(0), 0);
+    assert_eq!(r.errors[0].reason, "LookLimitReached");
+}

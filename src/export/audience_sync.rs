@@ -323,6 +323,9 @@ async fn remove_leavers(
     if s.plan.removal != RemovalMode::Remove {
         return Removal::NotRun;
     }
+    // Said even when nobody would be removed (a first run, nobody left): who is past the cut
+    // was never flagged.
+    ended.tally.look_cut = s.cut.clone();
     zero_removals(ended);
     let Some(previous) = audience.previous.as_ref().filter(|_| complete) else {
         return Removal::NotRun;

@@ -479,6 +479,9 @@ pub struct Tally {
     /// The counts so far.
     pub counts: Counts,
     groups: Vec<Group>,
+    /// The Look's result may have been cut at its row limit: the sentence that says so and
+    /// what to do (the run is then at best `PartiallySucceeded`, even if nobody was removed).
+    pub look_cut: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -545,6 +548,7 @@ impl Tally {
     /// Adds another tally's counts and groups.
     pub fn merge(&mut self, other: Tally) {
         self.counts.add(other.counts);
+        self.look_cut = self.look_cut.take().or(other.look_cut);
         for g in other.groups {
             self.note_n(g.reason, &g.detail, g.count, &g.rows);
         }
@@ -592,12 +596,18 @@ pub fn finish_synced(
     ctx: RunContext,
     sync_mode: Option<SyncMode>,
 ) -> RunReport {
-    let outcome = outcome_of(&tally.counts, failure.is_some(), interrupted);
-    let cut = tally
-        .groups
-        .iter()
-        .find(|g| g.reason == RowReason::LookLimitReached)
-        .map(|g| g.detail.as_str());
+    let mut outcome = outcome_of(&tally.counts, failure.is_some(), interrupted);
+    let cut = tally.look_cut.as_deref().or_else(|| {
+        tally
+            .groups
+            .iter()
+            .find(|g| g.reason == RowReason::LookLimitReached)
+            .map(|g| g.detail.as_str())
+    });
+    // A Look that may be cut is not all flagged: users past the cut were never read.
+    if cut.is_some() && outcome == Outcome::Succeeded {
+        outcome = Outcome::PartiallySucceeded;
+    }
     let message = message_of(
         &tally.counts,
         failure.as_ref(),
@@ -606,7 +616,19 @@ pub fn finish_synced(
         sync_mode,
         cut,
     );
-    let errors = error_summaries(&tally, failure.as_ref());
+    let mut errors = error_summaries(&tally, failure.as_ref());
+    if let Some(cut) = cut
+        && !errors
+            .iter()
+            .any(|e| e.reason == RowReason::LookLimitReached.as_str())
+    {
+        errors.push(ErrorSummary {
+            reason: RowReason::LookLimitReached.as_str().into(),
+            message: cut.to_owned(),
+            count: 1,
+        });
+        errors.truncate(MAX_REPORTED_ERRORS);
+    }
     RunReport {
         trigger: ctx.trigger,
         start_time: ctx.start_time,
