@@ -357,3 +357,132 @@ async fn discarding_never_deletes_a_live_export_s_audience() {
         "vip's audience stays"
     );
 }
+
+/// The generations of the parts stored now, lowest first.
+fn generations(server: &FakeApiServer) -> Vec<u64> {
+    let mut g: Vec<u64> = server
+        .list(SECRETS)
+        .iter()
+        .filter_map(|s| s["metadata"]["labels"]["looker-braze.dev/audience-generation"].as_str())
+        .map(|g| g.parse().unwrap())
+        .collect();
+    g.sort_unstable();
+    g.dedup();
+    g
+}
+
+/// The most generations of parts that were ever stored at once, replayed from the requests in
+/// their order (a part's generation read from its name, `churn-risk-audience-<g>-<i>`).
+fn most_generations_at_once(server: &FakeApiServer) -> usize {
+    let generation = |name: &str| {
+        let rest = name.strip_prefix("churn-risk-audience-")?;
+        rest.split('-').next()?.parse::<u64>().ok()
+    };
+    let mut created = server
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "POST" && w.resource == SECRETS)
+        .map(|w| w.name);
+    let mut live = std::collections::BTreeSet::new();
+    let mut most = 0;
+    for r in server.requests() {
+        if r.starts_with("POST /api/v1/namespaces/marketing/secrets") {
+            live.insert(created.next().expect("a POST is a write"));
+        } else if let Some(path) = r.strip_prefix("DELETE /api/v1/namespaces/marketing/secrets/") {
+            let name = path.split(['?', ' ']).next().unwrap();
+            live.remove(name);
+        }
+        let at_once: std::collections::BTreeSet<u64> =
+            live.iter().filter_map(|n| generation(n)).collect();
+        most = most.max(at_once.len());
+    }
+    most
+}
+
+/// Secrets the way the operator's Role allows them, but without `update`: a save over an
+/// existing manifest fails at its switch, after it wrote its parts.
+fn cannot_replace_manifests(server: &FakeApiServer) -> Api<Secret> {
+    let rules = vec![apiserver::Rule {
+        api_groups: vec![String::new()],
+        resources: vec!["secrets".into()],
+        verbs: ["get", "list", "watch", "create", "patch", "delete"]
+            .map(String::from)
+            .to_vec(),
+        resource_names: vec![],
+    }];
+    Api::namespaced(server.client_with_rules(rules), NS)
+}
+
+#[tokio::test]
+async fn a_save_deletes_the_parts_of_failed_saves_first_and_never_holds_three_generations() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Secret> = Api::namespaced(server.client(), NS);
+    let failing = cannot_replace_manifests(&server);
+    let e = export("churn-risk", "uid-42");
+    let first = audience(60_000, 1);
+    assert!(first.parts().len() >= 2, "{} parts", first.parts().len());
+    save_audience(&api, &e, &first, &open()).await.unwrap();
+    assert_eq!(generations(&server), [1]);
+
+    // Two saves that fail at the switch: each leaves its parts, the next deletes them.
+    let err = save_audience(&failing, &e, &audience(60_000, 2), &open())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Kube(_)), "{err}");
+    assert_eq!(generations(&server), [1, 2]);
+    save_audience(&failing, &e, &audience(60_000, 3), &open())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        generations(&server),
+        [1, 3],
+        "the failed save's parts went first"
+    );
+    assert_eq!(
+        load_audience(&api, &e).await.unwrap().as_ref(),
+        Some(&first),
+        "the generation in force stays"
+    );
+
+    let last = audience(60_000, 4);
+    save_audience(&api, &e, &last, &open()).await.unwrap();
+    assert_eq!(generations(&server), [4]);
+    assert_eq!(load_audience(&api, &e).await.unwrap().as_ref(), Some(&last));
+    assert_eq!(most_generations_at_once(&server), 2);
+}
+
+#[tokio::test]
+async fn saving_and_deleting_never_list_or_read_the_parts_whole() {
+    let server = FakeApiServer::start().await;
+    let api: Api<Secret> = Api::namespaced(server.client(), NS);
+    let e = export("churn-risk", "uid-42");
+    save_audience(&api, &e, &audience(60_000, 1), &open())
+        .await
+        .unwrap();
+    save_audience(&api, &e, &audience(60_000, 2), &open())
+        .await
+        .unwrap();
+    delete_audience(&api, &e).await.unwrap();
+    assert!(names(&server).is_empty());
+
+    let secrets = "/api/v1/namespaces/marketing/secrets";
+    let manifest = format!("{secrets}/churn-risk-audience");
+    let reads: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with(&format!("GET {secrets}")))
+        .collect();
+    assert!(
+        reads
+            .iter()
+            .any(|r| r.starts_with(&format!("GET {secrets}?")) && r.ends_with(" (metadata)")),
+        "{reads:#?}"
+    );
+    for r in &reads {
+        let path = r["GET ".len()..].split(['?', ' ']).next().unwrap();
+        assert!(
+            r.ends_with(" (metadata)") || path == manifest,
+            "only the manifest is read whole: {r}"
+        );
+    }
+}

@@ -16,11 +16,14 @@
 //! They are let go only by [`delete_audience`] (or [`hold_audience`] with `hold: false`, when
 //! the field is turned off).
 //!
-//! A save writes a new generation's parts under new names, then replaces the manifest, then
-//! deletes every other generation. A crash before the manifest is replaced leaves the old
-//! generation in force (the new parts are garbage, deleted by the next save); after it, the
-//! new one. A load never mixes parts of two generations: it reads the parts the manifest
-//! names, and checks their generation, size and checksum.
+//! A save first deletes the parts of every generation but the one in force (a failed or
+//! crashed save's), then writes a new generation's parts under new names, then replaces the
+//! manifest, then deletes the generation it replaced: never more than two generations at
+//! once. A crash before the manifest is replaced leaves the old generation in force (the new
+//! parts are garbage, deleted at the start of the next save); after it, the new one.
+//! Everything but a load reads the Secrets' metadata alone (`PartialObjectMetadata`): a
+//! listing never carries the parts' data. A load never mixes parts of two generations: it
+//! reads the parts the manifest names, and checks their generation, size and checksum.
 //!
 //! A save is fenced: it never replaces a manifest labelled with another uid (a deleted
 //! namesake's, or another export's), and right before the manifest switch it checks its
@@ -35,6 +38,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -290,13 +294,17 @@ pub async fn load_audience(
     Ok(Some(encoded))
 }
 
+/// A Secret's metadata alone, as a metadata-only list or read answers it.
+type SecretMeta = PartialObjectMeta<Secret>;
+
 fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
     s.data.as_ref()?.get(key).map(|b| b.0.as_slice())
 }
 
-/// Saves `audience` as the export's stored audience: a new generation of parts, then the
-/// manifest, then the other generations deleted (see the module's header for why a crash
-/// never mixes generations). A manifest of another owner is never replaced
+/// Saves `audience` as the export's stored audience: the parts of a failed save deleted (a
+/// failure to delete one fails the save: never three generations at once), a new generation
+/// of parts, then the manifest, then the replaced generation deleted (see the module's header
+/// for why a crash never mixes generations). A manifest of another owner is never replaced
 /// ([`StoreError::NotOwned`]), and `fence` is checked first and right before the manifest
 /// switch ([`StoreError::Fenced`]: the new parts are deleted again, the audience in force
 /// stays).
@@ -330,6 +338,15 @@ pub async fn save_audience(
         .max()
         .unwrap_or(0)
         + 1;
+    // A failed save's parts go before this one writes: only the generation in force stays.
+    let mut existing_kept = Vec::with_capacity(existing.len());
+    for s in existing {
+        match generation_of(&s) {
+            Some(g) if g != in_force => discard(api, &s).await?,
+            _ => existing_kept.push(s),
+        }
+    }
+    let existing = existing_kept;
     let parts = write_parts(api, &o, generation, audience).await?;
     if let Err(e) = fence.check(&o).await {
         discard_parts(api, &parts).await;
@@ -359,7 +376,7 @@ pub async fn save_audience(
 /// garbage collector, deletes them).
 async fn discard_parts(api: &Api<Secret>, parts: &[PartRef]) {
     for p in parts {
-        let gone = match api.get_opt(&p.name).await {
+        let gone = match api.get_metadata_opt(&p.name).await {
             Ok(Some(s)) => discard(api, &s).await,
             other => other.map(drop),
         };
@@ -369,7 +386,7 @@ async fn discard_parts(api: &Api<Secret>, parts: &[PartRef]) {
     }
 }
 
-fn generation_of(s: &Secret) -> Option<u64> {
+fn generation_of(s: &SecretMeta) -> Option<u64> {
     s.labels()
         .get(GENERATION_LABEL)
         .and_then(|g| g.parse::<u64>().ok())
@@ -450,7 +467,7 @@ pub async fn discard_audience(
     let o = owner(export)?;
     fence.check(&o).await?;
     delete_audience(api, export).await?;
-    if let Some(m) = api.get_opt(&manifest_name(&o.name)).await? {
+    if let Some(m) = api.get_metadata_opt(&manifest_name(&o.name)).await? {
         // With the parts of its owner (their names would collide with the new ones'), unless
         // that owner is a live export: a label names it, and a label proves nothing.
         if let Some(uid) = m.labels().get(OWNER_LABEL)
@@ -478,15 +495,16 @@ pub async fn hold_audience(api: &Api<Secret>, uid: &str, hold: bool) -> Result<(
     first_error.map_or(Ok(()), |e| Err(e.into()))
 }
 
-/// Every audience Secret of the export `uid`.
-async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<Secret>, StoreError> {
+/// Every audience Secret of the export `uid`, by its metadata alone (the parts' data, MiBs,
+/// stays in the API server).
+async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<SecretMeta>, StoreError> {
     let lp = ListParams::default().labels(&format!("{OWNER_LABEL}={uid}"));
-    Ok(api.list(&lp).await?.items)
+    Ok(api.list_metadata(&lp).await?.items)
 }
 
 /// Puts the finalizer on `s` or takes it off ([`finalizer_patch`]; read again after a
 /// conflict). A Secret being deleted gets no new finalizer.
-async fn set_held(api: &Api<Secret>, s: &Secret, hold: bool) -> Result<(), kube::Error> {
+async fn set_held(api: &Api<Secret>, s: &SecretMeta, hold: bool) -> Result<(), kube::Error> {
     let name = s.name_any();
     let current = std::sync::Mutex::new(Some(s.clone()));
     let attempt = |_| async {
@@ -505,7 +523,7 @@ async fn set_held(api: &Api<Secret>, s: &Secret, hold: bool) -> Result<(), kube:
             Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 // Tried again on the fresh object; gone is as good as let go.
-                let fresh = api.get_opt(&name).await?;
+                let fresh = api.get_metadata_opt(&name).await?;
                 *current.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
                 Err(kube::Error::Api(e))
             }
@@ -517,7 +535,7 @@ async fn set_held(api: &Api<Secret>, s: &Secret, hold: bool) -> Result<(), kube:
 }
 
 /// Lets `s` go, then deletes it.
-async fn discard(api: &Api<Secret>, s: &Secret) -> Result<(), kube::Error> {
+async fn discard(api: &Api<Secret>, s: &SecretMeta) -> Result<(), kube::Error> {
     set_held(api, s, false).await?;
     match api.delete(&s.name_any(), &DeleteParams::default()).await {
         Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),

@@ -20,7 +20,7 @@ use super::error::Error;
 use super::events;
 use super::status::{self, reason};
 use super::step::{self, Note, Start, Then};
-use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, QUEUE_GRACE};
+use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, QUEUE_GRACE, audience_save_timeout};
 use super::watched::Watched;
 use super::writer::{self, RunWriter};
 use crate::audience::{Encoded, Owner};
@@ -350,15 +350,17 @@ impl RunTask {
         audience: &Encoded,
         fence: &audience_store::Fence,
     ) -> Result<(), String> {
+        // Within the Lease term: the fence refuses the manifest switch once it has ended.
+        let timeout = audience_save_timeout(audience.parts().len());
         let saved = tokio::time::timeout(
-            AUDIENCE_TIMEOUT,
+            timeout,
             audience_store::save_audience(secrets, &self.export, audience, fence),
         )
         .await;
         let why = match saved {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".into(),
+            Err(_) => format!("timed out after {} s", timeout.as_secs()),
         };
         tracing::warn!(export = %self.key, error = %why, "cannot save the audience");
         self.ctx.metrics.audience_save_failure();

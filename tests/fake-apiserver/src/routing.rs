@@ -265,8 +265,9 @@ struct Request {
     content_type: String,
     /// The JSON body (null when empty).
     body: Value,
-    /// `Accept: …;as=PartialObjectMetadata`: a GET answers the object's metadata alone, as
-    /// the real apiserver does (a Secret's data never leaves it).
+    /// `Accept: …;as=PartialObjectMetadata` (or `…List`): a GET of an object or a list answers
+    /// the objects' metadata alone, as the real apiserver does (a Secret's data never leaves
+    /// it).
     metadata_only: bool,
 }
 
@@ -324,7 +325,7 @@ fn asks_metadata_only(headers: &HeaderMap) -> bool {
 }
 
 /// The answer to a metadata-only GET: `PartialObjectMetadata` with the object's metadata.
-fn partial_metadata(object: &Value) -> Value {
+pub(crate) fn partial_metadata(object: &Value) -> Value {
     json!({
         "apiVersion": "meta.k8s.io/v1",
         "kind": "PartialObjectMetadata",
@@ -489,7 +490,7 @@ fn serve_read_or_delete(state: &ApiState, req: Request) -> Response {
     };
     match (&req.method, &t.name) {
         (&Method::GET, None) if is_watch(&req.query) => watch_stream(state, t, &req.query),
-        (&Method::GET, None) => list(state, t, &req.query),
+        (&Method::GET, None) => list(state, t, &req.query, req.metadata_only),
         (&Method::GET, Some(name)) => {
             let inner = state.lock();
             match inner

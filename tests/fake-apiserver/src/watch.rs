@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::routing::{Target, channel_stream, ok_json};
+use crate::routing::{Target, channel_stream, ok_json, partial_metadata};
 use crate::storage::{ApiState, Change, Inner, api_version_of, kind_of};
 
 fn selector_matches(selector: &str, labels: &Value) -> bool {
@@ -101,8 +101,15 @@ fn visible(c_resource: &str, c_ns: &str, object: &Value, t: &Target, sel: &Selec
             .is_none_or(|f| fields_match(f, object))
 }
 
-/// A list (counted for [`FakeApiServer::list_count`](crate::FakeApiServer::list_count)).
-pub(crate) fn list(state: &ApiState, t: &Target, query: &HashMap<String, String>) -> Response {
+/// A list (counted for [`FakeApiServer::list_count`](crate::FakeApiServer::list_count)); with
+/// `metadata_only` (`Accept: …;as=PartialObjectMetadataList`), a `PartialObjectMetadataList`
+/// of the objects' metadata alone.
+pub(crate) fn list(
+    state: &ApiState,
+    t: &Target,
+    query: &HashMap<String, String>,
+    metadata_only: bool,
+) -> Response {
     let mut inner = state.lock();
     *inner.lists.entry(t.resource.clone()).or_default() += 1;
     let selectors = Selectors::of(query);
@@ -110,11 +117,28 @@ pub(crate) fn list(state: &ApiState, t: &Target, query: &HashMap<String, String>
         .objects
         .iter()
         .filter(|(k, v)| visible(&k.0, &k.1, v, t, &selectors))
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| {
+            if metadata_only {
+                partial_metadata(v)
+            } else {
+                v.clone()
+            }
+        })
         .collect();
+    let (api_version, kind) = if metadata_only {
+        (
+            "meta.k8s.io/v1".to_owned(),
+            "PartialObjectMetadataList".to_owned(),
+        )
+    } else {
+        (
+            api_version_of(&t.resource),
+            format!("{}List", kind_of(&t.resource)),
+        )
+    };
     ok_json(&json!({
-        "apiVersion": api_version_of(&t.resource),
-        "kind": format!("{}List", kind_of(&t.resource)),
+        "apiVersion": api_version,
+        "kind": kind,
         "metadata": {"resourceVersion": inner.rv.to_string()},
         "items": items,
     }))

@@ -1276,3 +1276,62 @@ async fn status_writes_of_one_export_can_be_refused() {
         "r2"
     );
 }
+
+#[tokio::test]
+async fn a_metadata_list_answers_metadata_alone_and_is_recorded_so() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::ListParams;
+    let server = FakeApiServer::start().await;
+    server.put_secret(NS, "a", &[("part", "secret bytes")]);
+    server.put_secret(NS, "b", &[("part", "more secret bytes")]);
+    let api: Api<Secret> = Api::namespaced(server.client(), NS);
+
+    let listed = api.list_metadata(&ListParams::default()).await.unwrap();
+    let names: Vec<_> = listed
+        .items
+        .iter()
+        .filter_map(|s| s.metadata.name.as_deref())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(
+        listed
+            .items
+            .iter()
+            .all(|s| s.metadata.resource_version.is_some())
+    );
+    let requests = server.requests();
+    assert!(
+        requests.last().unwrap().ends_with(" (metadata)"),
+        "{requests:?}"
+    );
+
+    // The answer itself: a PartialObjectMetadataList with no data in it.
+    let request = axum::http::Request::get("/api/v1/namespaces/marketing/secrets")
+        .header(
+            "Accept",
+            "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1",
+        )
+        .body(Vec::new())
+        .unwrap();
+    let raw: Value =
+        serde_json::from_str(&server.client().request_text(request).await.unwrap()).unwrap();
+    assert_eq!(raw["kind"], "PartialObjectMetadataList");
+    assert_eq!(raw["apiVersion"], "meta.k8s.io/v1");
+    let items = raw["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    for item in items {
+        assert_eq!(item["kind"], "PartialObjectMetadata");
+        assert!(item.get("data").is_none(), "{item}");
+        assert!(item["metadata"]["name"].is_string(), "{item}");
+    }
+
+    // A full list is recorded without the marker, and carries the data.
+    let full = api.list(&ListParams::default()).await.unwrap();
+    assert!(full.items.iter().all(|s| s.data.is_some()));
+    let last = server.requests().last().cloned().unwrap();
+    assert!(
+        last.starts_with("GET /api/v1/namespaces/marketing/secrets"),
+        "{last}"
+    );
+    assert!(!last.ends_with(" (metadata)"), "{last}");
+}
