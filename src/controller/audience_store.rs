@@ -338,15 +338,7 @@ pub async fn save_audience(
         .max()
         .unwrap_or(0)
         + 1;
-    // A failed save's parts go before this one writes: only the generation in force stays.
-    let mut existing_kept = Vec::with_capacity(existing.len());
-    for s in existing {
-        match generation_of(&s) {
-            Some(g) if g != in_force => discard(api, &s).await?,
-            _ => existing_kept.push(s),
-        }
-    }
-    let existing = existing_kept;
+    let existing = discard_unused(api, existing, in_force).await?;
     let parts = write_parts(api, &o, generation, audience).await?;
     if let Err(e) = fence.check(&o).await {
         discard_parts(api, &parts).await;
@@ -370,6 +362,23 @@ pub async fn save_audience(
         }
     }
     Ok(())
+}
+
+/// Deletes the parts of every generation but the one in force (a failed save's), before a
+/// save writes its own: never three generations at once. Answers the Secrets kept.
+async fn discard_unused(
+    api: &Api<Secret>,
+    existing: Vec<SecretMeta>,
+    in_force: u64,
+) -> Result<Vec<SecretMeta>, StoreError> {
+    let mut kept = Vec::with_capacity(existing.len());
+    for s in existing {
+        match generation_of(&s) {
+            Some(g) if g != in_force => discard(api, &s).await?,
+            _ => kept.push(s),
+        }
+    }
+    Ok(kept)
 }
 
 /// Deletes the parts a refused save wrote; a failure is only logged (the next save, or the
