@@ -823,3 +823,69 @@ async fn a_run_whose_audience_cannot_be_saved_is_partially_succeeded() {
     );
     op.stop().await;
 }
+
+/// One owner per flag: two `Remove` exports on one flag (workspace, attribute, value) would
+/// take it off each other's users. The later one is `FlagConflict`, naming the first, and
+/// never runs; the first runs as usual; once the later one has its own `exportName` it runs.
+#[tokio::test]
+async fn a_second_remover_of_one_flag_is_refused_until_it_has_its_own() {
+    let (api, w) = (FakeApiServer::start().await, World::start().await);
+    w.looker.add_look("42", Look::users(100, Generator::Clean));
+    w.looker.add_look("43", Look::users(50, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "a-first", "42", "removal: Remove", "");
+    // Ties in creationTimestamp go by name: `a-first` is first either way.
+    put_export(&api, &w, "b-later", "43", "removal: Remove", "");
+    let op = Operator::start(&api, config());
+    run_now(&api, "b-later", "r1");
+    run_now(&api, "a-first", "r1");
+
+    let s = wait_ready(&api, "b-later", "FlagConflict", 20).await;
+    let message = condition(&s, "Ready")["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.starts_with(&format!(
+            "export {NS}/a-first already removes looker_export=LOOKER_EXPORT with Secret {NS}/braze-api (key api_key)"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("give one of them a different spec.braze.exportName, or set one to spec.braze.removal: Keep"),
+        "{message}"
+    );
+    let s = wait_ready(&api, "a-first", "Succeeded", 20).await;
+    assert_eq!(s["lastRun"]["sent"], 100, "{s}");
+    assert_eq!(segment(&w), 100);
+    let refused = status(&api, "b-later");
+    assert!(
+        refused["lastRun"].is_null() && refused["lastHandledRunRequest"].is_null(),
+        "the later one never ran: {refused}"
+    );
+    assert_eq!(
+        condition(&refused, "Ready")["reason"],
+        "FlagConflict",
+        "{refused}"
+    );
+    let told: Vec<Value> = api
+        .list(EVENTS)
+        .into_iter()
+        .filter(|e| e["reason"] == "FlagConflict")
+        .collect();
+    assert_eq!(told.len(), 1, "told once: {told:?}");
+    assert_eq!(told[0]["regarding"]["name"], "b-later");
+
+    // Its own flag: it runs the request it was refused.
+    api.patch(
+        EXPORTS,
+        NS,
+        "b-later",
+        json!({"spec": {"braze": {"exportName": "LATER"}}}),
+    );
+    let s = wait_ready(&api, "b-later", "Succeeded", 20).await;
+    assert_eq!(s["lastRun"]["sent"], 50, "{s}");
+    assert_eq!(w.braze.segment("looker_export", "LATER").len(), 50);
+    assert_eq!(segment(&w), 100, "the first export's flag is untouched");
+    op.stop().await;
+}

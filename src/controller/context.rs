@@ -12,11 +12,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::gauges::{StoreSlot, cached};
 use super::step::Facts;
+use super::watched::Watched;
 use crate::export::Services;
 use crate::looker::hosts::AllowedHosts;
 use crate::ops::metrics::Metrics;
-use crate::spec::BrazeExport;
+use crate::spec::{BrazeExport, RemovalMode};
 
 /// What every reconcile and task of one leadership term shares.
 pub struct Context {
@@ -54,6 +56,8 @@ pub struct Context {
     pub clock_offset: SignedDuration,
     /// See [`Config::cleanup_timeout`](super::Config::cleanup_timeout).
     pub cleanup_timeout: Duration,
+    /// The caches of the term's Controllers, one per watched namespace.
+    pub stores: StoreSlot,
 }
 
 /// The exports with a task in this process, each with its kind and the token that stops it.
@@ -107,13 +111,25 @@ impl Context {
         Timestamp::now() + self.clock_offset
     }
 
-    /// What a step reads besides the export, now; `active`: this process has a task for it.
-    pub fn facts(&self, active: bool) -> Facts<'_> {
+    /// What a step reads besides the export, now; `active`: this process has a task for it;
+    /// `exports`: what [`Context::others`] found.
+    pub fn facts<'a>(&'a self, active: bool, exports: &'a [Arc<Watched>]) -> Facts<'a> {
         Facts {
             active,
             allowed_hosts: &self.allowed_hosts,
             retry_base: self.retry_base,
+            exports,
             now: self.now(),
+        }
+    }
+
+    /// The cached exports that may remove the flag `export` removes: every export of the
+    /// caches when it has `removal: Remove`, none otherwise (a `Keep` export shares flags).
+    pub fn others(&self, export: &BrazeExport) -> Vec<Arc<Watched>> {
+        if export.spec.braze.removal == RemovalMode::Remove {
+            cached(&self.stores)
+        } else {
+            Vec::new()
         }
     }
 }

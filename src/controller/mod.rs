@@ -10,7 +10,7 @@
 //! - the leaves, which import nothing above them: [`effect`] (write, publish, next action),
 //!   [`writer`] (status writes), [`events`], [`credentials`], [`audience_store`],
 //!   [`finalizer`], [`retry`], [`timeouts`], [`context`], [`error`];
-//! - the pure parts: [`step`], [`status`], [`watched`], [`freshness`], [`gauges`].
+//! - the pure parts: [`step`], [`flags`], [`status`], [`watched`], [`freshness`], [`gauges`].
 
 pub mod audience_store;
 pub mod cleanup;
@@ -21,6 +21,7 @@ pub mod effect;
 pub mod error;
 pub mod events;
 pub mod finalizer;
+pub mod flags;
 pub mod freshness;
 pub mod gauges;
 pub mod lease;

@@ -57,7 +57,8 @@ async fn handle(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Erro
         cleanup::set_finalizer(ctx, export, wanted(export)).await?;
         return Ok(Action::await_change());
     }
-    match step::step(export, &ctx.facts(ctx.is_active(&key))) {
+    let others = ctx.others(export);
+    match step::step(export, &ctx.facts(ctx.is_active(&key), &others)) {
         // A crash found on the way to a start is told once the start is recorded: under a
         // lagging watch the start may be refused, and then nothing was interrupted.
         Step {

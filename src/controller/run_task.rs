@@ -121,7 +121,8 @@ impl RunTask {
         if fresh.uid() != self.export.uid() || fresh.metadata.deletion_timestamp.is_some() {
             return None;
         }
-        let next = step::step(&fresh, &self.ctx.facts(false));
+        let others = self.ctx.others(&fresh);
+        let next = step::step(&fresh, &self.ctx.facts(false, &others));
         match next.then {
             Then::Start(start) => {
                 // Secrets too may have changed while it waited.
@@ -398,7 +399,7 @@ impl RunTask {
         report: &RunReport,
     ) -> Result<(), Error> {
         let ctx = &self.ctx;
-        let facts = ctx.facts(false);
+        let facts = ctx.facts(false, &[]);
         let ended = step::run_ended(&self.export, &self.start, started, report, &facts);
         ctx.metrics.record_run(report, facts.now);
         let target = Target::RunEnd {

@@ -59,11 +59,14 @@ pub mod reason {
     pub const AUDIENCE_UNREADABLE: &str = "AudienceUnreadable";
     /// `Ready`: the export's Looker host may not receive its Secret's values.
     pub const CREDENTIALS_NOT_ALLOWED: &str = "CredentialsNotAllowed";
+    /// `Ready` and Event: an export created earlier removes the same flag (workspace,
+    /// attribute and value) with `removal: Remove`; this one does not run.
+    pub const FLAG_CONFLICT: &str = "FlagConflict";
     /// Watch error (metric): an export this version cannot decode.
     pub const UNDECODABLE_OBJECT: &str = "UndecodableObject";
 
     /// All of them but the metric-only [`UNDECODABLE_OBJECT`].
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 24] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -87,6 +90,7 @@ pub mod reason {
         CLEANUP_INCOMPLETE,
         AUDIENCE_UNREADABLE,
         CREDENTIALS_NOT_ALLOWED,
+        FLAG_CONFLICT,
     ];
 }
 

@@ -1,13 +1,17 @@
-//! The reconcile's pure steps: from the export and `now` alone, the next status, the Events
-//! and what to do next. [`step`] validates and decides; [`secret_blocked`], [`undecodable`]
-//! and [`run_ended`] are the other outcomes. [`effect`](super::effect::effect) applies them.
+//! The reconcile's pure steps: from the export, the exports cached beside it and `now`, the
+//! next status, the Events and what to do next. [`step`] validates and decides;
+//! [`secret_blocked`], [`undecodable`] and [`run_ended`] are the other outcomes.
+//! [`effect`](super::effect::effect) applies them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
+use super::flags::conflict;
 use super::status::{self, reason};
-use super::timeouts::{MAX_REQUEUE, RUN_POLL, SECRET_RETRY};
+use super::timeouts::{FLAG_CONFLICT_RETRY, MAX_REQUEUE, RUN_POLL, SECRET_RETRY};
+use super::watched::Watched;
 use crate::export::ExportPlan;
 use crate::export::report::{Outcome, RunReport};
 use crate::looker::hosts::AllowedHosts;
@@ -23,6 +27,9 @@ pub struct Facts<'a> {
     pub allowed_hosts: &'a AllowedHosts,
     /// Wait before the first retry.
     pub retry_base: SignedDuration,
+    /// The exports in the controller's caches (this one may be among them), to find another
+    /// that removes the same flag; empty for an export with `removal: Keep`.
+    pub exports: &'a [Arc<Watched>],
     /// Now.
     pub now: Timestamp,
 }
@@ -121,6 +128,15 @@ pub fn step(export: &BrazeExport, f: &Facts<'_>) -> Step {
         Ok(ok) => ok,
         Err(message) => return invalid(export, &before, current, notes, message, f.now),
     };
+    let others: Vec<&BrazeExport> = f.exports.iter().filter_map(|w| w.export()).collect();
+    if let Some(message) = conflict(export, &others) {
+        let refused = Refusal {
+            reason: reason::FLAG_CONFLICT,
+            message,
+            then: Then::Requeue(FLAG_CONFLICT_RETRY),
+        };
+        return refuse(export, &before, current, notes, refused, f.now);
+    }
     let inputs = inputs(export, &schedule, &current, f);
     match decide(&inputs) {
         Decision::Wait(until) => {
@@ -184,23 +200,52 @@ fn invalid(
     export: &BrazeExport,
     before: &BrazeExportStatus,
     current: BrazeExportStatus,
-    mut notes: Vec<Note>,
+    notes: Vec<Note>,
     message: String,
     now: Timestamp,
 ) -> Step {
+    let refused = Refusal {
+        reason: reason::INVALID_SPEC,
+        message,
+        then: Then::AwaitChange,
+    };
+    refuse(export, before, current, notes, refused, now)
+}
+
+/// Why an export may not run, and when to look again.
+struct Refusal {
+    reason: &'static str,
+    message: String,
+    then: Then,
+}
+
+/// An export that may not run: `Ready=False` with the refusal's reason, told once per change.
+fn refuse(
+    export: &BrazeExport,
+    before: &BrazeExportStatus,
+    current: BrazeExportStatus,
+    mut notes: Vec<Note>,
+    refused: Refusal,
+    now: Timestamp,
+) -> Step {
     let generation = export.metadata.generation;
-    let next = status::blocked(&current, generation, reason::INVALID_SPEC, &message, now);
+    let Refusal {
+        reason,
+        message,
+        then,
+    } = refused;
+    let next = status::blocked(&current, generation, reason, &message, now);
     if status::ready(&next) != status::ready(before) {
         notes.push(Note {
             warning: true,
-            reason: reason::INVALID_SPEC,
+            reason,
             message,
         });
     }
     Step {
         status: changed(before, next),
         notes,
-        then: Then::AwaitChange,
+        then,
     }
 }
 
@@ -368,6 +413,7 @@ mod tests {
             active: false,
             allowed_hosts: hosts,
             retry_base: crate::schedule::RETRY_BASE,
+            exports: &[],
             now: ts(NOW),
         }
     }
@@ -500,6 +546,59 @@ mod tests {
         assert_eq!(
             ready(&s.status.unwrap()).2,
             "spec.looker.baseUrl: host acme.looker.com is not allowed by this operator (--looker-allowed-hosts *.cloud.looker.com)"
+        );
+    }
+
+    #[test]
+    fn a_second_remover_of_one_flag_is_refused_and_does_not_start() {
+        let any = AllowedHosts::any();
+        let first = export(serde_json::json!({"spec": {"braze": {"removal": "Remove"}}}));
+        let mut later = export(serde_json::json!({
+            "metadata": {"name": "later", "creationTimestamp": "2026-11-02T00:00:00Z",
+                         "annotations": {"looker-braze.dev/run-now": "r1"}},
+            "spec": {"braze": {"removal": "Remove"}}
+        }));
+        let cached = [
+            Arc::new(Watched::Decoded(first.clone())),
+            Arc::new(Watched::Decoded(later.clone())),
+        ];
+        let f = Facts {
+            exports: &cached,
+            ..facts(&any)
+        };
+        let s = step(&later, &f);
+        let next = s.status.expect("a status");
+        let (st, why, message) = ready(&next);
+        assert_eq!((st.as_str(), why.as_str()), ("False", "FlagConflict"));
+        assert!(
+            message.starts_with("export m/churn already removes"),
+            "{message}"
+        );
+        assert_eq!(next.next_schedule_time, None);
+        assert_eq!(s.notes.len(), 1);
+        assert_eq!(s.notes[0].reason, reason::FLAG_CONFLICT);
+        assert!(matches!(s.then, Then::Requeue(d) if d == FLAG_CONFLICT_RETRY));
+        later.status = Some(next);
+        let again = step(&later, &f);
+        assert!(
+            again.status.is_none() && again.notes.is_empty(),
+            "told once"
+        );
+
+        let s = step(&first, &f);
+        assert!(
+            s.notes.is_empty()
+                && s.status.as_ref().map(|n| ready(n).1) != Some("FlagConflict".into()),
+            "the first is unaffected"
+        );
+        let own = export(serde_json::json!({
+            "metadata": {"name": "later", "creationTimestamp": "2026-11-02T00:00:00Z",
+                         "annotations": {"looker-braze.dev/run-now": "r1"}},
+            "spec": {"braze": {"removal": "Remove", "exportName": "LATER"}}
+        }));
+        assert!(
+            matches!(step(&own, &f).then, Then::Start(_)),
+            "its own flag"
         );
     }
 

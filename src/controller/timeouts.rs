@@ -22,6 +22,9 @@ pub const MAX_REQUEUE: Duration = Duration::from_secs(3600);
 pub const RUN_POLL: Duration = Duration::from_secs(2);
 /// Wait before looking again at an export whose Secret is missing or unreadable.
 pub const SECRET_RETRY: Duration = Duration::from_secs(30);
+/// Wait before looking again at an export refused for a flag another export removes (that
+/// one may change or go without this one hearing of it).
+pub const FLAG_CONFLICT_RETRY: Duration = Duration::from_secs(30);
 /// How long a run may wait for a slot before it is shown as `Queued`: a short wait costs no
 /// status write and no fresh read (1,000 exports due at once with enough slots).
 pub const QUEUE_GRACE: Duration = Duration::from_secs(1);
