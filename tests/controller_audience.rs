@@ -275,10 +275,10 @@ async fn a_deletion_does_not_wait_on_a_refused_key() {
     op.stop().await;
 }
 
-/// An export deleted mid-run: the run stops and saves whom it flagged, then the cleanup
-/// removes the flag from them too.
-#[tokio::test]
-async fn deleting_mid_run_cleans_up_what_the_run_flagged() {
+/// Export `mirror` (`Remove`, with `extra_braze` and `extra_spec`) on a 400-user Look, sent
+/// slowly (100 ms a request of 10 users, one at a time), its run-now run `r1` under way: at
+/// least 30 users flagged.
+async fn mid_run(extra_braze: &str, extra_spec: &str) -> (FakeApiServer, World, Operator) {
     let (api, w) = (FakeApiServer::start().await, World::start().await);
     w.looker.add_look("42", Look::users(400, Generator::Clean));
     w.braze.set_latency(
@@ -286,20 +286,22 @@ async fn deleting_mid_run_cleans_up_what_the_run_flagged() {
         std::time::Duration::ZERO,
     );
     secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "mirror",
-        "42",
-        "removal: Remove\nbatchSize: 10\nconcurrency: 1",
-        "cleanupOnDelete: true",
-    );
+    let braze = format!("removal: Remove\nbatchSize: 10\nconcurrency: 1\n{extra_braze}");
+    put_export(&api, &w, "mirror", "42", braze.trim_end(), extra_spec);
     let op = Operator::start(&api, config());
     run_now(&api, "mirror", "r1");
     wait_for("some users flagged", 20, || {
         (segment(&w) >= 30).then_some(())
     })
     .await;
+    (api, w, op)
+}
+
+/// An export deleted mid-run: the run stops and saves whom it flagged, then the cleanup
+/// removes the flag from them too.
+#[tokio::test]
+async fn deleting_mid_run_cleans_up_what_the_run_flagged() {
+    let (api, w, op) = mid_run("", "cleanupOnDelete: true").await;
     api.delete(EXPORTS, NS, "mirror");
     wait_for("the export to go", 30, || {
         api.get(EXPORTS, NS, "mirror").is_none().then_some(())
@@ -670,27 +672,7 @@ async fn a_recreated_namesake_keeps_its_own_audience() {
 /// take the flag off those of them who left.
 #[tokio::test]
 async fn a_run_stopped_by_a_rollout_still_saves_whom_it_flagged() {
-    let (api, w) = (FakeApiServer::start().await, World::start().await);
-    w.looker.add_look("42", Look::users(400, Generator::Clean));
-    w.braze.set_latency(
-        std::time::Duration::from_millis(100),
-        std::time::Duration::ZERO,
-    );
-    secrets(&api);
-    put_export(
-        &api,
-        &w,
-        "mirror",
-        "42",
-        "removal: Remove\nremovalLimitPercent: 100\nbatchSize: 10\nconcurrency: 1",
-        "",
-    );
-    let op = Operator::start(&api, config());
-    run_now(&api, "mirror", "r1");
-    wait_for("some users flagged", 20, || {
-        (segment(&w) >= 30).then_some(())
-    })
-    .await;
+    let (api, w, op) = mid_run("removalLimitPercent: 100", "").await;
     op.stop().await;
     let flagged = segment(&w);
     assert!(flagged < 400, "the run was stopped: {flagged} flagged");
