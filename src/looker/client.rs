@@ -231,12 +231,7 @@ impl LookerClient {
                     .timeout(budget.remaining())
                     .header(AUTHORIZATION, auth.clone());
                 let response = self.send(budget, request, &look_url, look_id).await?;
-                if response.status() == StatusCode::UNAUTHORIZED && !relogged {
-                    tracing::info!(
-                        look_id,
-                        "Looker refused the access token (401); logging in again"
-                    );
-                    relogged = true;
+                if retry_login(&response, &mut relogged, look_id) {
                     continue;
                 }
                 let response = self
@@ -253,12 +248,7 @@ impl LookerClient {
             // reader bounds each stall (see `body::forward`).
             let request = self.http.get(url.clone()).header(AUTHORIZATION, auth);
             let response = self.send(budget, request, &url, look_id).await?;
-            if response.status() == StatusCode::UNAUTHORIZED && !relogged {
-                tracing::info!(
-                    look_id,
-                    "Looker refused the access token (401); logging in again"
-                );
-                relogged = true;
+            if retry_login(&response, &mut relogged, look_id) {
                 continue;
             }
             let response = self.ok_or_error(response, &url, budget, look_id).await?;
@@ -454,6 +444,20 @@ fn redirect_error(
         status: response.status(),
         location_host,
     }
+}
+
+/// A 401 to a call made with the token: true the first time (the caller logs in again and
+/// repeats the call), false after that (the 401 is then the answer).
+fn retry_login(response: &reqwest::Response, relogged: &mut bool, look_id: &str) -> bool {
+    if response.status() != StatusCode::UNAUTHORIZED || *relogged {
+        return false;
+    }
+    tracing::info!(
+        look_id,
+        "Looker refused the access token (401); logging in again"
+    );
+    *relogged = true;
+    true
 }
 
 #[cfg(test)]
