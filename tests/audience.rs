@@ -752,12 +752,16 @@ fn recent_signups_today(w: &World, table_limit: u64) {
     w.looker.add_look("1", today);
 }
 
+/// The removal objects Braze received since request `from`, by identifier (requests in
+/// flight at once land in any order).
 fn removals_since(w: &World, from: usize) -> Vec<Value> {
-    objects_since(w, from)
+    let mut removals: Vec<Value> = objects_since(w, from)
         .concat()
         .into_iter()
         .filter(|o| o["looker_export"].get("remove").is_some())
-        .collect()
+        .collect();
+    removals.sort_by(|a, b| a["external_id"].as_str().cmp(&b["external_id"].as_str()));
+    removals
 }
 
 #[tokio::test]
