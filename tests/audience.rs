@@ -475,6 +475,7 @@ async fn the_library_refuses_an_audience_of_another_export() {
             name: "other".into(),
         },
         previous: Some(first),
+        pending_log: None,
     };
     let r = braze_export_operator::export::run_export_synced(
         &fast_services(),

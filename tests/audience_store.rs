@@ -49,11 +49,14 @@ fn audience(n: usize, seed: u64) -> Encoded {
             export_name: "CHURN_RISK".into(),
             last_full_resync: None,
             members: 0,
+            workspace: None,
+            stray_flags: Vec::new(),
         },
         members: (0..n)
             .map(|_| Member {
                 id: format!("{:016x}{:016x}", rng.u64(..), rng.u64(..)),
                 state: MemberState::Flagged,
+                fingerprint: 0,
             })
             .collect(),
     };

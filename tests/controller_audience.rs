@@ -8,6 +8,7 @@ mod fake;
 mod operator;
 mod support;
 
+use braze_export_operator::controller::audience_store::ROLE_LABEL;
 use braze_export_operator::sandbox::{Generator, Look};
 use fake::Start as _;
 use fake_apiserver::{EVENTS, EXPORTS, FakeApiServer, SECRETS};
@@ -762,18 +763,18 @@ async fn a_run_whose_audience_cannot_be_saved_is_partially_succeeded() {
     let (api, w) = (FakeApiServer::start().await, World::start().await);
     w.looker.add_look("42", Look::users(50, Generator::Clean));
     secrets(&api);
-    put_export(&api, &w, "mirror", "42", "removal: Remove", "");
-    // RBAC changed under the operator: it may no longer create Secrets.
-    let rules: Vec<_> = chart_rules()
-        .into_iter()
-        .map(|mut r| {
-            if r.resources.iter().any(|x| x == "secrets") {
-                r.verbs.retain(|v| v != "create");
-            }
-            r
-        })
-        .collect();
-    let op = Operator::start_with(api.client_with_rules(rules), config());
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove\nremovalLimitPercent: 100",
+        "",
+    );
+    // A ResourceQuota with room for one more Secret: the run's pending record of its 50
+    // new users, not the audience's part and manifest.
+    api.set_quota(NS, SECRETS, 3);
+    let op = Operator::start(&api, config());
     run_now(&api, "mirror", "r1");
     let s = wait_ready(&api, "mirror", "PartiallySucceeded", 20).await;
     let run = &s["lastRun"];
@@ -782,9 +783,11 @@ async fn a_run_whose_audience_cannot_be_saved_is_partially_succeeded() {
     let message = run["message"].as_str().unwrap();
     assert!(
         message.starts_with("50 users flagged")
-            && message.contains("the audience of this run could not be saved (")
+            && message.contains(
+                "the audience of this run could not be saved (the audience Secrets: secrets \"mirror-audience-1-0\" is forbidden: exceeded quota: test-quota, requested: count/secrets=1, used: count/secrets=3, limited: count/secrets=3)"
+            )
             && message.ends_with(
-                "the previous one stays, so users this run flagged for the first time who leave the Look before the next saved run keep the flag"
+                "the previous one stays, with the users this run flagged for the first time recorded as pending, so the next run still removes those who left (and may send some users again)"
             ),
         "{message}"
     );
@@ -799,10 +802,44 @@ async fn a_run_whose_audience_cannot_be_saved_is_partially_succeeded() {
         "{:?}",
         events(&api, "mirror")
     );
-    assert!(
-        audience_secrets(&api, "mirror").is_empty(),
-        "nothing half-saved"
+    let kept: Vec<String> = audience_secrets(&api, "mirror")
+        .iter()
+        .map(|s| {
+            s["metadata"]["labels"][ROLE_LABEL]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(kept, ["pending"], "nothing half-saved, the record kept");
+
+    // The quota is raised; ten users left meanwhile. The audience was never saved, and still
+    // they lose the flag: the record named them.
+    api.set_quota(NS, SECRETS, 100);
+    w.looker.add_look("42", Look::users(40, Generator::Clean));
+    run_now(&api, "mirror", "r2");
+    let s = wait_for("the next run", 20, || {
+        let s = status(&api, "mirror");
+        (s["lastHandledRunRequest"] == "r2" && s["lastRun"]["outcome"] == "Succeeded").then_some(s)
+    })
+    .await;
+    let run = &s["lastRun"];
+    assert_eq!(
+        (run["removed"].as_u64(), run["sent"].as_u64()),
+        (Some(10), Some(40)),
+        "{run}"
     );
+    assert_eq!(segment(&w), 40);
+    let roles: Vec<String> = audience_secrets(&api, "mirror")
+        .iter()
+        .map(|s| {
+            s["metadata"]["labels"][ROLE_LABEL]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(!roles.iter().any(|r| r == "pending"), "{roles:?}");
     op.stop().await;
 }
 

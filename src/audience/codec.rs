@@ -1,10 +1,13 @@
-//! The stored audience's binary form, version 1:
+//! The stored audience's binary form, version 2:
 //!
 //! ```text
 //! "BZXA"  version (1 byte)  header length (u32 LE)  header (JSON)  CRC-32 of the header (u32 LE)  body (zlib)
 //! body, once inflated:  member*  0xFF  count (varint)
-//! member:               state (1 byte: 0 flagged, 1 pending)  length (varint)  identifier
+//! member:               state (1 byte: 0 flagged, 1 pending)  fingerprint (u32 LE)  length (varint)  identifier
 //! ```
+//!
+//! Version 1, still read, has no fingerprint (read as 0, unknown: a delta run sends the
+//! user once more).
 //!
 //! The header is small and uncompressed (with its own checksum), so the owner can be checked
 //! without inflating the body. The body is one zlib stream (its Adler-32 catches
@@ -21,8 +24,10 @@ use super::header::{Header, MemberState};
 
 /// First bytes of every stored audience.
 pub const MAGIC: &[u8; 4] = b"BZXA";
-/// The version this build writes (and the only one it reads).
-pub const VERSION: u8 = 1;
+/// The version this build writes.
+pub const VERSION: u8 = 2;
+/// The oldest version this build reads.
+pub const OLDEST_VERSION: u8 = 1;
 /// Longest identifier a body may hold: Braze's 987 bytes, with room to spare. Longer
 /// lengths mean corruption, and are refused before anything is allocated.
 pub const MAX_ID_BYTES: usize = 4096;
@@ -55,18 +60,20 @@ impl BodyWriter {
     pub fn new(level: u32) -> Self {
         Self {
             zlib: ZlibEncoder::new(Vec::new(), Compression::new(level.min(9))),
-            staged: Vec::with_capacity(STAGE_BYTES + MAX_ID_BYTES + 11),
+            staged: Vec::with_capacity(STAGE_BYTES + MAX_ID_BYTES + 15),
             count: 0,
         }
     }
 
-    /// Appends one member. Writing into memory cannot fail; identifiers longer than
-    /// [`MAX_ID_BYTES`] are cut (none is: the pipeline refuses ids over 987 bytes).
-    pub fn push(&mut self, id: &str, state: MemberState) {
+    /// Appends one member with the fingerprint of what was sent for it (0: unknown).
+    /// Writing into memory cannot fail; identifiers longer than [`MAX_ID_BYTES`] are cut
+    /// (none is: the pipeline refuses ids over 987 bytes).
+    pub fn push(&mut self, id: &str, state: MemberState, fingerprint: u32) {
         let bytes = &id.as_bytes()[..id.len().min(MAX_ID_BYTES)];
-        let mut head = [0u8; 11];
+        let mut head = [0u8; 15];
         head[0] = state as u8;
-        let n = 1 + varint(bytes.len() as u64, &mut head[1..]);
+        head[1..5].copy_from_slice(&fingerprint.to_le_bytes());
+        let n = 5 + varint(bytes.len() as u64, &mut head[5..]);
         self.staged.extend_from_slice(&head[..n]);
         self.staged.extend_from_slice(bytes);
         self.count += 1;
@@ -84,6 +91,11 @@ impl BodyWriter {
     /// Members written so far.
     pub fn count(&self) -> u64 {
         self.count
+    }
+
+    /// At most the bytes the body would take if finished now (less the trailer's few).
+    pub fn len_bound(&self) -> usize {
+        self.zlib.get_ref().len() + self.staged.len()
     }
 
     /// Ends the body: the end marker, the count, and the zlib trailer.
@@ -110,16 +122,18 @@ pub fn header_bytes(header: &Header) -> Vec<u8> {
     out
 }
 
-/// Reads the magic, version and header from the start of a stored audience.
-pub fn read_header(r: &mut impl Read) -> Result<Header, AudienceError> {
+/// Reads the magic, version and header from the start of a stored audience: the header and
+/// the body's version.
+pub fn read_header(r: &mut impl Read) -> Result<(Header, u8), AudienceError> {
     let mut magic = [0u8; 5];
     r.read_exact(&mut magic)
         .map_err(|_| AudienceError::NotAnAudience)?;
     if &magic[..4] != MAGIC {
         return Err(AudienceError::NotAnAudience);
     }
-    if magic[4] != VERSION {
-        return Err(AudienceError::UnsupportedVersion(magic[4]));
+    let version = magic[4];
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+        return Err(AudienceError::UnsupportedVersion(version));
     }
     let mut len = [0u8; 4];
     r.read_exact(&mut len)
@@ -137,7 +151,15 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, AudienceError> {
     if u32::from_le_bytes(crc) != crc32fast::hash(&json) {
         return Err(corrupt("the header's checksum does not match"));
     }
-    serde_json::from_slice(&json).map_err(|e| corrupt(&format!("the header is not valid: {e}")))
+    let header = serde_json::from_slice(&json)
+        .map_err(|e| corrupt(&format!("the header is not valid: {e}")))?;
+    Ok((header, version))
+}
+
+/// The fingerprint of what is sent for a user: the CRC-32 of the object's bytes (identifier
+/// type and value, attributes and their values, the flag), never 0 (0 means unknown).
+pub fn fingerprint(object_bytes: &[u8]) -> u32 {
+    crc32fast::hash(object_bytes).max(1)
 }
 
 /// Reads the members of a body one at a time, checking the end marker and the count.
@@ -146,22 +168,35 @@ pub struct BodyReader<R: Read> {
     id: Vec<u8>,
     read: u64,
     done: bool,
+    fingerprints: bool,
 }
 
 impl<R: Read> BodyReader<R> {
-    /// Reads the body that `r` yields (positioned just after the header).
-    pub fn new(r: R) -> Self {
+    /// Reads a body of `version` that `r` yields (positioned just after the header).
+    pub fn new(r: R, version: u8) -> Self {
         Self {
             zlib: io::BufReader::with_capacity(64 * 1024, ZlibDecoder::new(r)),
             id: Vec::with_capacity(64),
             read: 0,
             done: false,
+            fingerprints: version >= 2,
         }
     }
 
-    /// The next member (identifier and state), `None` after the last one. Any corruption,
-    /// truncation or trailing data is an error; nothing panics.
-    pub fn next_member(&mut self) -> Result<Option<(&str, MemberState)>, AudienceError> {
+    /// The next member (identifier, state, fingerprint), `None` after the last one. Any
+    /// corruption, truncation or trailing data is an error; nothing panics.
+    pub fn next_member(&mut self) -> Result<Option<(&str, MemberState, u32)>, AudienceError> {
+        Ok(self.advance()?.map(|(state, fp)| (self.id(), state, fp)))
+    }
+
+    /// The identifier of the member [`BodyReader::advance`] read last.
+    pub fn id(&self) -> &str {
+        std::str::from_utf8(&self.id).unwrap_or_default()
+    }
+
+    /// Reads the next member: its state and fingerprint, the identifier left in
+    /// [`BodyReader::id`].
+    pub fn advance(&mut self) -> Result<Option<(MemberState, u32)>, AudienceError> {
         if self.done {
             return Ok(None);
         }
@@ -187,6 +222,12 @@ impl<R: Read> BodyReader<R> {
             }
             other => return Err(corrupt(&format!("unknown member state {other}"))),
         };
+        let mut fingerprint = [0u8; 4];
+        if self.fingerprints {
+            self.zlib
+                .read_exact(&mut fingerprint)
+                .map_err(|e| cut_or_damaged(&e))?;
+        }
         let len = self.varint()?;
         if len == 0 || len > MAX_ID_BYTES as u64 {
             return Err(corrupt("an identifier length is out of range"));
@@ -195,10 +236,9 @@ impl<R: Read> BodyReader<R> {
         self.zlib
             .read_exact(&mut self.id)
             .map_err(|e| cut_or_damaged(&e))?;
-        let id =
-            std::str::from_utf8(&self.id).map_err(|_| corrupt("an identifier is not UTF-8"))?;
+        std::str::from_utf8(&self.id).map_err(|_| corrupt("an identifier is not UTF-8"))?;
         self.read += 1;
-        Ok(Some((id, state)))
+        Ok(Some((state, u32::from_le_bytes(fingerprint))))
     }
 
     fn byte(&mut self) -> Result<u8, AudienceError> {
@@ -256,7 +296,7 @@ pub enum AudienceError {
     #[error("it is not a stored audience (the first bytes are not BZXA)")]
     NotAnAudience,
     /// Written by a newer build.
-    #[error("it is of version {0}, and this build reads version {v}", v = VERSION)]
+    #[error("it is of version {0}, and this build reads versions {OLDEST_VERSION} to {VERSION}")]
     UnsupportedVersion(u8),
     /// Damaged or cut short.
     #[error("it is damaged: {0}")]
@@ -278,7 +318,7 @@ mod tests {
             let mut w = BodyWriter::new(1);
             w.count = n;
             let (body, _) = w.finish();
-            let mut r = BodyReader::new(&body[..]);
+            let mut r = BodyReader::new(&body[..], VERSION);
             r.read = n;
             assert!(r.next_member().unwrap().is_none(), "{n}");
             assert!(used <= 10);
@@ -288,22 +328,22 @@ mod tests {
     #[test]
     fn members_round_trip_with_their_state() {
         let mut w = BodyWriter::new(6);
-        w.push("u1", MemberState::Flagged);
-        w.push("é-2", MemberState::Pending);
-        w.push(&"x".repeat(987), MemberState::Flagged);
+        w.push("u1", MemberState::Flagged, 7);
+        w.push("é-2", MemberState::Pending, 0);
+        w.push(&"x".repeat(987), MemberState::Flagged, u32::MAX);
         let (body, count) = w.finish();
         assert_eq!(count, 3);
-        let mut r = BodyReader::new(&body[..]);
+        let mut r = BodyReader::new(&body[..], VERSION);
         let mut got = Vec::new();
-        while let Some((id, state)) = r.next_member().unwrap() {
-            got.push((id.len(), state));
+        while let Some((id, state, fp)) = r.next_member().unwrap() {
+            got.push((id.len(), state, fp));
         }
         assert_eq!(
             got,
             [
-                (2, MemberState::Flagged),
-                (4, MemberState::Pending),
-                (987, MemberState::Flagged)
+                (2, MemberState::Flagged, 7),
+                (4, MemberState::Pending, 0),
+                (987, MemberState::Flagged, u32::MAX)
             ]
         );
         assert!(r.next_member().unwrap().is_none());

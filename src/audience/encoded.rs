@@ -1,11 +1,13 @@
 //! An audience in its encoded form: the header, then the compressed body, split into parts
-//! small enough for a Secret; read back part after part without joining them.
+//! small enough for a Secret; read back part after part without joining them. An audience
+//! loaded with the records of runs that stopped before they saved ([`Encoded::with_pending`])
+//! reads their users after its own, as pending.
 
 use std::fmt;
 use std::io::{self, Read};
 
 use super::codec::{self, AudienceError, BodyReader, BodyWriter};
-use super::header::{Audience, Header, Member};
+use super::header::{Audience, Header, Member, MemberState};
 
 /// Largest part of an encoded audience. A Secret holds at most 1 MiB, and its data is
 /// base64 in the API: 720 KiB of bytes is 960 KiB of base64, leaving room for metadata.
@@ -15,8 +17,12 @@ pub const MAX_PART_BYTES: usize = 720 * 1024;
 /// [`MAX_PART_BYTES`] (their concatenation is the file form).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Encoded {
-    header: Header,
+    /// Boxed: an `Encoded` is moved around whole, its header is large.
+    header: Box<Header>,
+    version: u8,
     parts: Vec<Vec<u8>>,
+    /// Pending records of runs that stopped before they saved, read after the body.
+    pending: Vec<Encoded>,
 }
 
 impl fmt::Debug for Encoded {
@@ -25,6 +31,7 @@ impl fmt::Debug for Encoded {
             .field("header", &self.header)
             .field("bytes", &self.len_bytes())
             .field("parts", &self.parts.len())
+            .field("pending", &self.pending.len())
             .finish()
     }
 }
@@ -38,16 +45,85 @@ impl Encoded {
         bytes.extend_from_slice(&body);
         drop(body);
         Self {
-            header,
+            header: Box::new(header),
+            version: codec::VERSION,
             parts: split(bytes),
+            pending: Vec::new(),
         }
     }
 
     /// Reads the header of stored parts (in order); the body is checked when it is read
     /// ([`Encoded::verify`], [`Encoded::members`]).
     pub fn from_parts(parts: Vec<Vec<u8>>) -> Result<Self, AudienceError> {
-        let header = codec::read_header(&mut Chain::new(&parts))?;
-        Ok(Self { header, parts })
+        let (header, version) = codec::read_header(&mut Chain::new(&parts))?;
+        Ok(Self {
+            header: Box::new(header),
+            version,
+            parts,
+            pending: Vec::new(),
+        })
+    }
+
+    /// This audience (or, when there is none, an empty one about the first record) with the
+    /// pending records of runs that stopped before they saved: their users are read after
+    /// its own, as pending, so that a run removes those who left. A record of another export
+    /// or identifier type is refused; one written under another flag (by a run that changed
+    /// `attribute` or `exportName`) adds that flag to [`Header::stray_flags`].
+    pub fn with_pending(
+        main: Option<Encoded>,
+        pending: Vec<Encoded>,
+    ) -> Result<Option<Encoded>, String> {
+        let mut pending = pending.into_iter();
+        let mut main = match main {
+            Some(m) => m,
+            None => {
+                let Some(first) = pending.next() else {
+                    return Ok(None);
+                };
+                let header = Header {
+                    last_full_resync: None,
+                    ..(*first.header).clone()
+                };
+                let mut empty = Self::new(header, BodyWriter::new(1));
+                empty.attach(first)?;
+                empty
+            }
+        };
+        for record in pending {
+            main.attach(record)?;
+        }
+        Ok(Some(main))
+    }
+
+    fn attach(&mut self, record: Encoded) -> Result<(), String> {
+        let (h, r) = (&mut self.header, record.header());
+        let owner = (r.export.namespace.as_ref(), &r.export.name);
+        if owner != (h.export.namespace.as_ref(), &h.export.name)
+            || r.identifier != h.identifier
+            || r.alias_label != h.alias_label
+        {
+            return Err(format!(
+                "a pending record of {} does not match the audience of {}",
+                r.export, h.export
+            ));
+        }
+        let flag = r.flag();
+        if flag != h.flag() && !h.stray_flags.contains(&flag) {
+            h.stray_flags.push(flag);
+            h.stray_flags.sort();
+        }
+        self.pending.push(record);
+        Ok(())
+    }
+
+    /// The pending records attached (see [`Encoded::with_pending`]).
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Members of the pending records attached (some may also be members of the body).
+    pub fn pending_members(&self) -> u64 {
+        self.pending.iter().map(|p| p.header.members).sum()
     }
 
     /// Reads the file form.
@@ -75,16 +151,26 @@ impl Encoded {
         self.parts.iter().map(Vec::len).sum()
     }
 
-    /// Streams the members, one at a time.
-    pub fn members(&self) -> Result<BodyReader<Chain<'_>>, AudienceError> {
-        let mut chain = Chain::new(&self.parts);
-        codec::read_header(&mut chain)?;
-        Ok(BodyReader::new(chain))
+    /// Streams the members, one at a time: the body's, then the pending records' (as
+    /// pending, fingerprint unknown). A user may come more than once.
+    pub fn members(&self) -> Result<Members<'_>, AudienceError> {
+        Ok(Members {
+            body: self.body()?,
+            pending: self.pending.iter(),
+            in_pending: false,
+        })
     }
 
-    /// Reads the whole body once: every member, the count and the checksum.
+    fn body(&self) -> Result<BodyReader<Chain<'_>>, AudienceError> {
+        let mut chain = Chain::new(&self.parts);
+        codec::read_header(&mut chain)?;
+        Ok(BodyReader::new(chain, self.version))
+    }
+
+    /// Reads the whole body once (and every pending record's): every member, the count and
+    /// the checksum.
     pub fn verify(&self) -> Result<(), AudienceError> {
-        let mut r = self.members()?;
+        let mut r = self.body()?;
         let mut n = 0u64;
         while r.next_member()?.is_some() {
             n += 1;
@@ -95,7 +181,35 @@ impl Encoded {
                 self.header.members
             )));
         }
-        Ok(())
+        self.pending.iter().try_for_each(Encoded::verify)
+    }
+}
+
+/// The members of an audience and of its pending records, in turn (see [`Encoded::members`]).
+pub struct Members<'a> {
+    body: BodyReader<Chain<'a>>,
+    pending: std::slice::Iter<'a, Encoded>,
+    in_pending: bool,
+}
+
+impl Members<'_> {
+    /// The next member (identifier, state, fingerprint), `None` after the last one.
+    pub fn next_member(&mut self) -> Result<Option<(&str, MemberState, u32)>, AudienceError> {
+        loop {
+            if let Some((state, fp)) = self.body.advance()? {
+                let read = if self.in_pending {
+                    (MemberState::Pending, 0)
+                } else {
+                    (state, fp)
+                };
+                return Ok(Some((self.body.id(), read.0, read.1)));
+            }
+            let Some(next) = self.pending.next() else {
+                return Ok(None);
+            };
+            self.body = next.body()?;
+            self.in_pending = true;
+        }
     }
 }
 
@@ -103,7 +217,7 @@ impl Encoded {
 pub fn encode(audience: &Audience) -> Vec<Vec<u8>> {
     let mut body = BodyWriter::new(6);
     for m in &audience.members {
-        body.push(&m.id, m.state);
+        body.push(&m.id, m.state, m.fingerprint);
     }
     Encoded::new(audience.header.clone(), body).into_parts()
 }
@@ -113,10 +227,11 @@ pub fn decode(parts: Vec<Vec<u8>>) -> Result<Audience, AudienceError> {
     let encoded = Encoded::from_parts(parts)?;
     let mut members = Vec::new();
     let mut r = encoded.members()?;
-    while let Some((id, state)) = r.next_member()? {
+    while let Some((id, state, fingerprint)) = r.next_member()? {
         members.push(Member {
             id: id.to_owned(),
             state,
+            fingerprint,
         });
     }
     drop(r);
@@ -128,7 +243,10 @@ pub fn decode(parts: Vec<Vec<u8>>) -> Result<Audience, AudienceError> {
             members.len()
         )));
     }
-    Ok(Audience { header, members })
+    Ok(Audience {
+        header: *header,
+        members,
+    })
 }
 
 fn split(bytes: Vec<u8>) -> Vec<Vec<u8>> {

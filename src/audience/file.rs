@@ -1,7 +1,9 @@
-//! The `run` command's state file: the encoded audience in one file, replaced atomically.
+//! The `run` command's state file: the encoded audience in one file, replaced atomically;
+//! and beside it the pending records of runs that stopped before they saved
+//! (`STATE.pending-N`, each written whole like the state file), deleted once a run saved.
 
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::codec::AudienceError;
 use super::encoded::Encoded;
@@ -13,6 +15,61 @@ pub fn read_file(path: &Path) -> Result<Option<Encoded>, AudienceError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The path of pending record `n` (`STATE.pending-N`, zero-padded so that names sort).
+pub fn pending_path(state: &Path, n: u64) -> PathBuf {
+    let mut name = state.as_os_str().to_owned();
+    name.push(format!(".pending-{n:020}"));
+    PathBuf::from(name)
+}
+
+/// The pending records beside a state file, oldest first.
+pub fn pending_files(state: &Path) -> io::Result<Vec<PathBuf>> {
+    let dir = match state.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(name) = state.file_name() else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{}.pending-", name.to_string_lossy());
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let n = entry.file_name();
+        let n = n.to_string_lossy();
+        if n.strip_prefix(&prefix)
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+        {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Reads the pending records beside a state file, each checked whole.
+pub fn read_pending(state: &Path) -> Result<Vec<Encoded>, AudienceError> {
+    let mut records = Vec::new();
+    for path in pending_files(state)? {
+        if let Some(record) = read_file(&path)? {
+            record.verify()?;
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
+/// Deletes the pending records beside a state file (after a run saved it).
+pub fn remove_pending(state: &Path) -> io::Result<()> {
+    for path in pending_files(state)? {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes a state file atomically: a new temporary file beside it (see

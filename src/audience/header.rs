@@ -50,9 +50,52 @@ pub struct Header {
     /// How many members the body holds.
     #[serde(default)]
     pub members: u64,
+    /// The Braze workspace the flags were written to: a keyed fingerprint of the endpoint
+    /// and the API key ([`workspace_fingerprint`]), never the key. Absent in audiences written
+    /// before it was recorded (taken to be the run's own workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// Flags besides this audience's own that some members may hold: written by a run that
+    /// changed `attribute` or `exportName` and stopped before it saved. Removals take them off
+    /// too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stray_flags: Vec<Flag>,
+}
+
+/// A flag: an array attribute and the value in it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Flag {
+    /// The array attribute.
+    pub attribute: String,
+    /// The value (the export's `exportName`).
+    pub export_name: String,
+}
+
+/// The fingerprint of a Braze workspace, as the stored audience records it: HMAC-SHA-256
+/// keyed by the API key over the endpoint, its first 8 bytes in hex. The same endpoint and
+/// key give the same fingerprint in every build; it says nothing of the key to whoever does
+/// not hold it.
+pub fn workspace_fingerprint(endpoint: &str, api_key: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, api_key.as_bytes());
+    let mut msg = b"braze-export-operator workspace v1\0".to_vec();
+    msg.extend_from_slice(endpoint.as_bytes());
+    let tag = ring::hmac::sign(&key, &msg);
+    tag.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Header {
+    /// The flag this audience's members carry.
+    pub fn flag(&self) -> Flag {
+        Flag {
+            attribute: self.attribute.clone(),
+            export_name: self.export_name.clone(),
+        }
+    }
+
     /// Refuses an audience that belongs to another export or identifies users another way:
     /// using it would remove flags from the wrong users. Says why, naming no user.
     pub fn check(
@@ -104,6 +147,9 @@ pub struct Member {
     pub id: String,
     /// Whether the flag is surely there.
     pub state: MemberState,
+    /// What was last sent for the user ([`crate::audience::codec::fingerprint`]); 0 when
+    /// unknown (an audience of version 1, or a member recorded pending).
+    pub fingerprint: u32,
 }
 
 impl fmt::Debug for Member {

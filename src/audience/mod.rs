@@ -19,6 +19,6 @@ mod tests;
 
 pub use codec::AudienceError;
 pub use encoded::{Chain, Encoded, MAX_PART_BYTES, decode, encode};
-pub use file::{read_file, write_file};
-pub use header::{Audience, Header, Member, MemberState, Owner};
+pub use file::{pending_path, read_file, read_pending, remove_pending, write_file};
+pub use header::{Audience, Flag, Header, Member, MemberState, Owner, workspace_fingerprint};
 pub use removal::{ALLOW_REMOVAL_ANNOTATION, removal_allowed_once};

@@ -1,8 +1,8 @@
 //! Who this run's Look holds, compared with the stored audience, in compact form: the
-//! previous audience as sorted 64-bit keyed hashes (8 bytes a member) with two bits each
-//! (seen in the Look at all; taken, that is sent or counted unchanged), and the users new to
-//! it in a hash set. It is also the run's deduplication: a million returning users cost 8 MiB
-//! and no hash set at all.
+//! previous audience as sorted 64-bit keyed hashes, each with the 32-bit fingerprint of what
+//! was last sent (12 bytes a member) and two bits (seen in the Look at all; taken, that is
+//! sent or counted unchanged), and the users new to it in a hash set. It is also the run's
+//! deduplication: a million returning users cost 12 MiB and no hash set at all.
 //!
 //! The hashes are keyed per run (like [`crate::export::mapping::Dedup`]): two identifiers
 //! collide with probability n²/2⁶⁴, and a collision never repeats. The low bit of each stored
@@ -10,10 +10,9 @@
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
-use std::io::Read;
 
 use super::codec::AudienceError;
-use super::codec::BodyReader;
+use super::encoded::Members;
 use super::header::MemberState;
 
 /// What a user's row is, the first time or again.
@@ -29,14 +28,24 @@ pub enum Offer {
         index: usize,
         /// Whether it surely holds the flag.
         flagged: bool,
+        /// The fingerprint of what was last sent for it (0: unknown).
+        fingerprint: u32,
     },
+}
+
+/// A previous member: its key (low bit: pending) and fingerprint, packed in 12 bytes.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, packed(4))]
+struct Entry {
+    key: u64,
+    fingerprint: u32,
 }
 
 /// The previous audience and this run's users (see the module's header).
 #[derive(Debug, Default)]
 pub struct Seen {
     keys: RandomState,
-    previous: Vec<u64>,
+    previous: Vec<Entry>,
     present: Bits,
     taken: Bits,
     new: HashSet<u64, BuildHasherDefault<Prehashed>>,
@@ -48,23 +57,27 @@ impl Seen {
         Self::default()
     }
 
-    /// Loads the previous audience's members from `body`, as keys (`expected` sizes the
-    /// allocation up front).
-    pub fn with_previous<R: Read>(
-        mut body: BodyReader<R>,
-        expected: u64,
-    ) -> Result<Self, AudienceError> {
+    /// Loads the previous audience's members, as keys (`expected` sizes the allocation up
+    /// front).
+    pub fn with_previous(mut members: Members<'_>, expected: u64) -> Result<Self, AudienceError> {
         let mut seen = Self::default();
         let mut previous = Vec::with_capacity(expected.min(1 << 26) as usize);
-        while let Some((id, state)) = body.next_member()? {
-            previous.push(seen.key(id) | u64::from(state == MemberState::Pending));
+        while let Some((id, state, fingerprint)) = members.next_member()? {
+            previous.push(Entry {
+                key: seen.key(id) | u64::from(state == MemberState::Pending),
+                fingerprint,
+            });
         }
-        previous.sort_unstable();
-        // A repeated key (a collision, or a repeated member) is one member; pending wins.
+        previous.sort_unstable_by_key(|e| e.key);
+        // A repeated key (a collision, or a member also in a pending record) is one member;
+        // pending wins, and a known fingerprint.
         previous.dedup_by(|later, kept| {
-            let same = *later & !1 == *kept & !1;
+            let same = later.key & !1 == kept.key & !1;
             if same {
-                *kept |= *later & 1;
+                kept.key |= later.key & 1;
+                if kept.fingerprint == 0 {
+                    kept.fingerprint = later.fingerprint;
+                }
             }
             same
         });
@@ -82,8 +95,8 @@ impl Seen {
 
     /// The index of a previous member, if `key` is one.
     pub fn index(&self, key: u64) -> Option<usize> {
-        let i = self.previous.partition_point(|k| k & !1 < key);
-        (self.previous.get(i).is_some_and(|k| k & !1 == key)).then_some(i)
+        let i = self.previous.partition_point(|e| e.key & !1 < key);
+        (self.previous.get(i).is_some_and(|e| e.key & !1 == key)).then_some(i)
     }
 
     /// A user's row that will be sent (or counted unchanged): duplicates are told apart.
@@ -95,9 +108,11 @@ impl Seen {
                 }
                 self.taken.set(index);
                 self.present.set(index);
+                let Entry { key, fingerprint } = self.previous[index];
                 Offer::Returning {
                     index,
-                    flagged: self.previous[index] & 1 == 0,
+                    flagged: key & 1 == 0,
+                    fingerprint,
                 }
             }
             None if self.new.insert(key) => Offer::New,
@@ -140,7 +155,12 @@ impl Seen {
 
     /// Whether previous member `i` surely held the flag.
     pub fn is_flagged(&self, i: usize) -> bool {
-        self.previous[i] & 1 == 0
+        self.previous[i].key & 1 == 0
+    }
+
+    /// The fingerprint of what was last sent for previous member `i` (0: unknown).
+    pub fn fingerprint(&self, i: usize) -> u32 {
+        self.previous[i].fingerprint
     }
 
     /// The state previous member `i` had.
@@ -155,16 +175,19 @@ impl Seen {
 
 /// A fixed set of bits.
 #[derive(Debug, Default)]
-struct Bits(Vec<u64>);
+pub struct Bits(Vec<u64>);
 
 impl Bits {
-    fn new(n: usize) -> Self {
+    /// `n` bits, all clear.
+    pub fn new(n: usize) -> Self {
         Self(vec![0; n.div_ceil(64)])
     }
-    fn get(&self, i: usize) -> bool {
+    /// Whether bit `i` is set.
+    pub fn get(&self, i: usize) -> bool {
         self.0.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
     }
-    fn set(&mut self, i: usize) {
+    /// Sets bit `i`.
+    pub fn set(&mut self, i: usize) {
         if let Some(w) = self.0.get_mut(i / 64) {
             *w |= 1 << (i % 64);
         }
@@ -229,14 +252,34 @@ impl Hasher for Prehashed {
 mod tests {
     use super::*;
     use crate::audience::codec::BodyWriter;
+    use crate::audience::{Encoded, Header, Owner};
+    use crate::spec::IdentifierKind;
+
+    fn encoded(members: &[(&str, MemberState)], flag: &str) -> Encoded {
+        let mut w = BodyWriter::new(1);
+        for (i, (id, s)) in members.iter().enumerate() {
+            w.push(id, *s, 100 + i as u32);
+        }
+        let header = Header {
+            export: Owner {
+                namespace: None,
+                name: "e".into(),
+            },
+            identifier: IdentifierKind::ExternalId,
+            alias_label: None,
+            attribute: "looker_export".into(),
+            export_name: flag.into(),
+            last_full_resync: None,
+            members: 0,
+            workspace: None,
+            stray_flags: Vec::new(),
+        };
+        Encoded::new(header, w)
+    }
 
     fn previous(members: &[(&str, MemberState)]) -> Seen {
-        let mut w = BodyWriter::new(1);
-        for (id, s) in members {
-            w.push(id, *s);
-        }
-        let (body, n) = w.finish();
-        Seen::with_previous(BodyReader::new(&body[..]), n).unwrap()
+        let e = encoded(members, "F");
+        Seen::with_previous(e.members().unwrap(), e.header().members).unwrap()
     }
 
     #[test]
@@ -284,7 +327,8 @@ mod tests {
             s.offer(c),
             Offer::Returning {
                 index: ci,
-                flagged: true
+                flagged: true,
+                fingerprint: 102
             }
         );
     }
@@ -294,6 +338,58 @@ mod tests {
         let s = previous(&[("a", MemberState::Flagged), ("a", MemberState::Pending)]);
         assert_eq!(s.previous_len(), 1);
         assert!(!s.is_flagged(0));
+    }
+
+    #[test]
+    fn pending_records_add_their_users_as_pending() {
+        use MemberState::Flagged;
+        let main = encoded(&[("a", Flagged), ("b", Flagged)], "F");
+        let stopped = encoded(&[("b", Flagged), ("c", Flagged)], "G");
+        let merged = Encoded::with_pending(Some(main), vec![stopped])
+            .unwrap()
+            .unwrap();
+        assert_eq!(merged.header().stray_flags.len(), 1);
+        assert_eq!(merged.header().stray_flags[0].export_name, "G");
+        assert_eq!((merged.pending_len(), merged.pending_members()), (1, 2));
+        let mut s = Seen::with_previous(merged.members().unwrap(), 4).unwrap();
+        assert_eq!(s.previous_len(), 3);
+        let (a, b, c) = (s.key("a"), s.key("b"), s.key("c"));
+        assert_eq!(
+            s.offer(a),
+            Offer::Returning {
+                index: s.index(a).unwrap(),
+                flagged: true,
+                fingerprint: 100
+            }
+        );
+        // In both: pending wins, and the body's fingerprint is kept.
+        let bi = s.index(b).unwrap();
+        assert!(!s.is_flagged(bi));
+        assert_eq!(s.fingerprint(bi), 101);
+        let ci = s.index(c).unwrap();
+        assert!(!s.is_flagged(ci));
+        assert_eq!(s.fingerprint(ci), 0);
+    }
+
+    #[test]
+    fn pending_records_alone_make_an_audience_and_others_are_refused() {
+        let stopped = encoded(&[("c", MemberState::Flagged)], "F");
+        let alone = Encoded::with_pending(None, vec![stopped.clone()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(alone.header().members, 0);
+        assert!(alone.header().stray_flags.is_empty());
+        assert_eq!(alone.pending_members(), 1);
+        assert!(Encoded::with_pending(None, Vec::new()).unwrap().is_none());
+        let mut other = encoded(&[], "F");
+        let mut h = other.header().clone();
+        h.export.name = "other".into();
+        other = Encoded::new(h, BodyWriter::new(1));
+        let err = Encoded::with_pending(Some(other), vec![stopped]).unwrap_err();
+        assert_eq!(
+            err,
+            "a pending record of e does not match the audience of other"
+        );
     }
 
     #[test]

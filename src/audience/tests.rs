@@ -19,6 +19,8 @@ fn header() -> Header {
         export_name: "CHURN_RISK".into(),
         last_full_resync: Some("2026-11-29T06:00:00Z".parse().unwrap()),
         members: 0,
+        workspace: Some("0123456789abcdef".into()),
+        stray_flags: Vec::new(),
     }
 }
 
@@ -33,6 +35,7 @@ fn audience(n: usize) -> Audience {
                 } else {
                     MemberState::Flagged
                 },
+                fingerprint: i as u32,
             })
             .collect(),
     }
@@ -63,6 +66,7 @@ fn a_large_audience_is_split_into_parts_under_the_secret_limit() {
         .map(|_| Member {
             id: format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
             state: MemberState::Flagged,
+            fingerprint: 0,
         })
         .collect();
     let parts = encode(&a);
@@ -80,7 +84,7 @@ fn ordinary_identifiers_take_a_few_bytes_each() {
     let n = 200_000;
     let mut body = BodyWriter::new(6);
     for i in 0..n {
-        body.push(&format!("user-{i:07}"), MemberState::Flagged);
+        body.push(&format!("user-{i:07}"), MemberState::Flagged, 0);
     }
     let e = Encoded::new(header(), body);
     assert!(e.len_bytes() < n * 4, "{} bytes", e.len_bytes());
@@ -98,7 +102,7 @@ fn damage_is_an_error_never_a_panic_and_names_no_user() {
     newer[4] = 9;
     assert_eq!(
         Encoded::from_bytes(newer).unwrap_err().to_string(),
-        "it is of version 9, and this build reads version 1"
+        "it is of version 9, and this build reads versions 1 to 2"
     );
     for cut in [3, 9, 40, bytes.len() / 2, bytes.len() - 1] {
         let r = decode(vec![bytes[..cut].to_vec()]);
@@ -127,6 +131,7 @@ fn member_debug_hides_the_identifier() {
     let m = Member {
         id: "user-secret".into(),
         state: MemberState::Flagged,
+        fingerprint: 9,
     };
     assert_eq!(format!("{m:?}"), "Member(<11 bytes>, Flagged)");
     let e = Encoded::from_parts(encode(&audience(3))).unwrap();
@@ -266,4 +271,72 @@ braze: {endpoint: "https://rest.iad-01.braze.com", apiKeySecretRef: {name: b}, r
     let mut keep = spec.clone();
     keep.braze.removal = RemovalMode::Keep;
     assert!(!removal_allowed_once(&keep, &both, None));
+}
+
+/// An audience written by version 1 (no fingerprints), as its bytes were.
+fn version_1_bytes(header: &Header, members: &[(&str, u8)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut body = Vec::new();
+    for (id, state) in members {
+        body.push(*state);
+        body.push(id.len() as u8);
+        body.extend_from_slice(id.as_bytes());
+    }
+    body.push(0xFF);
+    body.push(members.len() as u8);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    z.write_all(&body).unwrap();
+    let json = serde_json::to_vec(header).unwrap();
+    let mut out = b"BZXA\x01".to_vec();
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+    out.extend_from_slice(&z.finish().unwrap());
+    out
+}
+
+#[test]
+fn an_audience_of_version_1_is_still_read_with_unknown_fingerprints() {
+    let mut h = header();
+    h.workspace = None;
+    h.members = 2;
+    let bytes = version_1_bytes(&h, &[("u1", 0), ("u2", 1)]);
+    let e = Encoded::from_bytes(bytes).unwrap();
+    e.verify().unwrap();
+    let a = decode(e.into_parts()).unwrap();
+    let got: Vec<_> = a
+        .members
+        .iter()
+        .map(|m| (m.id.as_str(), m.state, m.fingerprint))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("u1", MemberState::Flagged, 0),
+            ("u2", MemberState::Pending, 0)
+        ]
+    );
+    assert_eq!(a.header.workspace, None);
+    // Written again, it is of version 2.
+    assert_eq!(encode(&a)[0][4], codec::VERSION);
+}
+
+#[test]
+fn workspace_fingerprints_are_stable_and_keyed() {
+    let a = workspace_fingerprint("https://rest.iad-01.braze.com/users/track", "key-1");
+    assert_eq!(a.len(), 16);
+    assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        a,
+        workspace_fingerprint("https://rest.iad-01.braze.com/users/track", "key-1")
+    );
+    assert_ne!(
+        a,
+        workspace_fingerprint("https://rest.iad-01.braze.com/users/track", "key-2")
+    );
+    assert_ne!(
+        a,
+        workspace_fingerprint("https://rest.fra-01.braze.eu/users/track", "key-1")
+    );
+    assert!(!a.contains("key"));
 }

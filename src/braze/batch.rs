@@ -52,6 +52,14 @@ impl Batch {
         Ok(())
     }
 
+    /// Appends an object already serialized (`json`: one JSON object).
+    pub fn push_bytes(&mut self, row: u64, key: u64, json: &[u8]) {
+        self.bytes.extend_from_slice(json);
+        self.ends.push(self.bytes.len());
+        self.rows.push(row);
+        self.keys.push(key);
+    }
+
     /// Number of objects.
     pub fn len(&self) -> usize {
         self.rows.len()

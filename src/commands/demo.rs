@@ -75,6 +75,7 @@ async fn try_demo(rows: u64) -> Result<i32, String> {
     let input = AudienceInput {
         owner: owner.clone(),
         previous: None,
+        pending_log: None,
     };
     let first = run_export_synced(&services, &plan, &creds, opts(), Some(input)).await;
     print!("{}", first.report.to_text(&title));
@@ -121,6 +122,7 @@ async fn try_demo(rows: u64) -> Result<i32, String> {
     let input = AudienceInput {
         owner,
         previous: Some(state),
+        pending_log: None,
     };
     let second = run_export_synced(&services, &plan, &creds, opts(), Some(input)).await;
     print!("{}", second.report.to_text(&title));

@@ -3,6 +3,7 @@
 pub mod controller;
 pub mod demo;
 pub mod load;
+pub mod pending_files;
 pub mod plugin;
 pub mod run;
 pub mod run_request;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::load::load_export;
+use super::pending_files::PendingFiles;
 use crate::audience::{self, Encoded, Owner};
 use crate::braze::PayloadDump;
 use crate::export::{
@@ -90,11 +91,18 @@ pub async fn run(args: RunArgs) -> i32 {
             let title = report_title(&p.plan.name, &p.plan.look_id);
             let (report, update) = execute(p, &args).await;
             print_report(&report, &title, args.output);
-            if let (Some(path), AudienceUpdate::Replace(encoded)) = (&args.state, &update)
-                && let Err(e) = audience::write_file(path, encoded)
-            {
-                eprintln!("error: cannot write the state file {}: {e}", path.display());
-                return 1;
+            if let (Some(path), AudienceUpdate::Replace(encoded)) = (&args.state, &update) {
+                if let Err(e) = audience::write_file(path, encoded) {
+                    eprintln!("error: cannot write the state file {}: {e}", path.display());
+                    return 1;
+                }
+                // Only once the new state is on disk: it holds the records' users.
+                if let Err(e) = audience::remove_pending(path) {
+                    eprintln!(
+                        "warning: cannot delete the pending records beside {}: {e}",
+                        path.display()
+                    );
+                }
             }
             report.outcome.exit_code()
         }
@@ -173,7 +181,10 @@ fn load_state(
             path.display()
         ))
     };
-    let previous: Option<Encoded> = audience::read_file(path).map_err(|e| refuse(e.to_string()))?;
+    let main: Option<Encoded> = audience::read_file(path).map_err(|e| refuse(e.to_string()))?;
+    let pending = audience::read_pending(path).map_err(|e| refuse(e.to_string()))?;
+    // The records of runs that stopped before they saved: their users are members too.
+    let previous = Encoded::with_pending(main, pending).map_err(refuse)?;
     if let Some(p) = &previous {
         let alias = (plan.shape.identifier == crate::spec::IdentifierKind::UserAlias)
             .then_some(plan.shape.alias_label.as_str());
@@ -182,7 +193,12 @@ fn load_state(
             .map_err(refuse)?;
         p.verify().map_err(|e| refuse(e.to_string()))?;
     }
-    Ok(Some(AudienceInput { owner, previous }))
+    let pending_log = Arc::new(PendingFiles::new(path.clone()));
+    Ok(Some(AudienceInput {
+        owner,
+        previous,
+        pending_log: Some(pending_log),
+    }))
 }
 
 /// Reads the credentials from the environment; a dry run needs no Braze key.

@@ -8,7 +8,11 @@
 //!   [`MAX_PART_BYTES`], so under the 1 MiB Secret limit once base64), immutable, labelled
 //!   `looker-braze.dev/audience-of: U` and `looker-braze.dev/audience-generation: g`;
 //! - `churn-risk-audience`: the manifest, written last: the generation in force, and each
-//!   part's name, size and CRC-32.
+//!   part's name, size and CRC-32;
+//! - `churn-risk-audience-pending-<n>`: a pending record of a run ([`PendingSecrets`]): users
+//!   it was about to flag for the first time, written before it sent them. A load reads them
+//!   with the audience ([`load_pending`]); a save deletes them once its manifest is in force
+//!   (the new audience holds their users).
 //!
 //! With `cleanupOnDelete`, every one of them carries the cleanup finalizer: a foreground
 //! deletion of the export (`kubectl delete --cascade=foreground`, Argo CD's prune) or of its
@@ -45,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::finalizer::{self, FINALIZER, finalizer_patch};
 use super::retry::{self, retry};
+use super::timeouts::PENDING_RECORD_TIMEOUT;
 use super::watched::Watched;
 use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
 use crate::spec::BrazeExport;
@@ -57,12 +62,13 @@ pub const GENERATION_LABEL: &str = "looker-braze.dev/audience-generation";
 pub const ROLE_LABEL: &str = "looker-braze.dev/audience-role";
 const MANIFEST_KEY: &str = "manifest";
 const PART_KEY: &str = "part";
+const PENDING_ROLE: &str = "pending";
 
 /// Why an audience could not be loaded or saved. Never names a user.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The Kubernetes API refused or failed.
-    #[error("the audience Secrets: {0}")]
+    #[error("the audience Secrets: {}", api_words(.0))]
     Kube(#[from] kube::Error),
     /// The export has no uid (it was not read from the API server).
     #[error("the BrazeExport has no uid or namespace")]
@@ -79,6 +85,14 @@ pub enum StoreError {
     /// The parts do not form an audience.
     #[error("the stored audience cannot be read: {0}")]
     Audience(#[from] AudienceError),
+}
+
+/// What the API server said, in its own words (a refusal's message, not the whole status).
+fn api_words(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if !s.message.is_empty() => s.message.clone(),
+        other => other.to_string(),
+    }
 }
 
 /// What a write of the audience checks first and right before the manifest switch.
@@ -163,6 +177,10 @@ pub fn manifest_name(export: &str) -> String {
     format!("{}-audience", short(export))
 }
 
+fn pending_name(export: &str, n: u64) -> String {
+    format!("{}-audience-pending-{n:020}", short(export))
+}
+
 fn part_name(export: &str, generation: u64, index: usize) -> String {
     format!("{}-audience-{generation}-{index}", short(export))
 }
@@ -243,6 +261,17 @@ fn secret(
     }
 }
 
+/// Loads the export's stored audience with the pending records of its runs that stopped
+/// before they saved ([`Encoded::with_pending`]): `None` when there is neither.
+pub async fn load_with_pending(
+    api: &Api<Secret>,
+    export: &BrazeExport,
+) -> Result<Option<Encoded>, StoreError> {
+    let main = load_audience(api, export).await?;
+    let pending = load_pending(api, export).await?;
+    Encoded::with_pending(main, pending).map_err(StoreError::Damaged)
+}
+
 /// Loads the export's stored audience from `api` (Secrets in the export's namespace):
 /// `None` when there is none yet.
 pub async fn load_audience(
@@ -292,6 +321,108 @@ pub async fn load_audience(
         ));
     }
     Ok(Some(encoded))
+}
+
+/// The pending records of the export's runs that stopped before they saved, oldest first,
+/// each checked whole.
+pub async fn load_pending(
+    api: &Api<Secret>,
+    export: &BrazeExport,
+) -> Result<Vec<Encoded>, StoreError> {
+    let o = owner(export)?;
+    let mut names: Vec<String> = owned(api, &o.uid)
+        .await?
+        .iter()
+        .filter(|s| is_pending(s))
+        .map(ResourceExt::name_any)
+        .collect();
+    names.sort();
+    let mut records = Vec::with_capacity(names.len());
+    for name in names {
+        // Deleted meanwhile: a save of this export took it in.
+        let Some(s) = api.get_opt(&name).await? else {
+            continue;
+        };
+        let bytes = data(&s, PART_KEY)
+            .ok_or_else(|| StoreError::Damaged(format!("the pending record {name} has no data")))?;
+        let record = Encoded::from_bytes(bytes.to_vec())?;
+        record.verify()?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+fn is_pending(s: &SecretMeta) -> bool {
+    s.labels().get(ROLE_LABEL).map(String::as_str) == Some(PENDING_ROLE)
+}
+
+/// Writes a run's pending records as Secrets beside the export's audience.
+pub struct PendingSecrets {
+    api: Api<Secret>,
+    owner: SecretOwner,
+    first: u64,
+    written: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for PendingSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingSecrets")
+            .field("export", &self.owner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingSecrets {
+    /// The records of a run of `export` (numbered after `now`, so that names sort as they
+    /// were written).
+    pub fn new(
+        api: Api<Secret>,
+        export: &BrazeExport,
+        now: jiff::Timestamp,
+    ) -> Result<Self, StoreError> {
+        let ms = u64::try_from(now.as_millisecond()).unwrap_or(0);
+        Ok(Self {
+            api,
+            owner: owner(export)?,
+            first: ms.saturating_mul(1000),
+            written: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    async fn create(&self, record: Encoded) -> Result<(), StoreError> {
+        let mut parts = record.into_parts();
+        if parts.len() != 1 {
+            return Err(StoreError::Damaged(format!(
+                "a pending record of {} parts (one is the most)",
+                parts.len()
+            )));
+        }
+        let n = self.first
+            + self
+                .written
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = pending_name(&self.owner.name, n);
+        let bytes = parts.pop().unwrap_or_default();
+        let mut s = secret(&self.owner, name, PENDING_ROLE, None, PART_KEY, bytes);
+        s.immutable = Some(true);
+        self.api.create(&PostParams::default(), &s).await?;
+        Ok(())
+    }
+}
+
+impl crate::export::PendingLog for PendingSecrets {
+    fn record(&self, record: Encoded) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            match tokio::time::timeout(PENDING_RECORD_TIMEOUT, self.create(record)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "the pending record was not written within {} s",
+                    PENDING_RECORD_TIMEOUT.as_secs()
+                )),
+            }
+        })
+    }
 }
 
 /// A Secret's metadata alone, as a metadata-only list or read answers it.
@@ -352,8 +483,10 @@ pub async fn save_audience(
     };
     // The switch to the new generation: one write.
     write_manifest(api, &o, current, &manifest).await?;
+    // Then, and only then, the replaced generation and the pending records this audience
+    // took in (listed before it was built: a record written later is not in it).
     for old in existing {
-        if generation_of(&old).is_some_and(|g| g != generation) {
+        if generation_of(&old).is_some_and(|g| g != generation) || is_pending(&old) {
             let name = old.name_any();
             if let Err(e) = discard(api, &old).await {
                 // Harmless: the next save deletes it.

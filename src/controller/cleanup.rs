@@ -230,9 +230,11 @@ impl Cleanup {
             namespace: export.namespace(),
             name: export.name_any(),
         };
+        // A cleanup flags nobody: nothing to record.
         let input = AudienceInput {
             owner,
             previous: Some(previous),
+            pending_log: None,
         };
         let opts = RunOptions {
             cancel: bound.clone(),
@@ -259,7 +261,7 @@ impl Cleanup {
         let read_key = credentials::braze_key(&ctx.client, &ns, &export.spec);
         let creds = within(API_TIMEOUT, "the Braze Secret", read_key).await?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let loaded = audience_store::load_audience(&api, export);
+        let loaded = audience_store::load_with_pending(&api, export);
         let previous = within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await?;
         Ok(previous.map(|p| (plan, creds, p)))
     }

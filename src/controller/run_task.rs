@@ -27,7 +27,8 @@ use crate::audience::{Encoded, Owner};
 use crate::export::error::AUDIENCE_MISMATCH;
 use crate::export::report::{RunContext, RunFailure, RunReport, Tally, audience_not_saved};
 use crate::export::{
-    AudienceInput, AudienceUpdate, Credentials, RunOptions, run_export, run_export_synced,
+    AudienceInput, AudienceUpdate, Credentials, PendingLog, RunOptions, run_export,
+    run_export_synced,
 };
 use crate::schedule::{DISCARD_AUDIENCE_ANNOTATION, FULL_RESYNC_ANNOTATION};
 use crate::spec::{BrazeExport, BrazeExportStatus};
@@ -256,7 +257,17 @@ impl RunTask {
             namespace: self.export.namespace(),
             name: self.export.name_any(),
         };
-        let input = AudienceInput { owner, previous };
+        // Users new to the audience are recorded before they are flagged: a run that stops
+        // before its save (a crash, a lost Lease) is not forgotten by the next one.
+        let pending_log =
+            audience_store::PendingSecrets::new(secrets.clone(), &self.export, ctx.now())
+                .ok()
+                .map(|p| Arc::new(p) as Arc<dyn PendingLog>);
+        let input = AudienceInput {
+            owner,
+            previous,
+            pending_log,
+        };
         let result = run_export_synced(&ctx.services, plan, &self.creds, opts, Some(input)).await;
         let mut report = result.report;
         if let AudienceUpdate::Replace(audience) = &result.audience
@@ -296,7 +307,7 @@ impl RunTask {
     async fn load(&self, secrets: &Api<Secret>) -> Result<Option<Encoded>, String> {
         let loaded = tokio::time::timeout(
             AUDIENCE_TIMEOUT,
-            audience_store::load_audience(secrets, &self.export),
+            audience_store::load_with_pending(secrets, &self.export),
         )
         .await;
         match loaded {

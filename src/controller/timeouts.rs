@@ -16,6 +16,9 @@ const AUDIENCE_SAVE_PER_PART: Duration = Duration::from_secs(2);
 /// The longest a save may take, however many parts: as long as a cleanup; the fence still
 /// refuses the manifest switch once the Lease term has ended.
 const AUDIENCE_SAVE_MAX: Duration = Duration::from_secs(15 * 60);
+/// Longest write of one pending record (the users a run is about to flag): past it, the run
+/// stops sending.
+pub const PENDING_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait before looking at an export again.
 pub const MAX_REQUEUE: Duration = Duration::from_secs(3600);
 /// How often an export whose run (or cleanup) is in this process is looked at.

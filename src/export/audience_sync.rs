@@ -20,13 +20,14 @@ use super::ended::Ended;
 use super::error::RunError;
 use super::mapping::RemovalObject;
 use super::options::{RunOptions, Services};
+use super::pending::{Journal, PendingLog};
 use super::plan::{Credentials, ExportPlan};
 use super::report::{RowReason, RunReport, SyncMode, Tally};
 use super::send::{Side, braze_client, send_all, stop_reason};
 use super::sink::{ReadSide, SinkSync};
-use crate::audience::codec::{BodyReader, BodyWriter};
-use crate::audience::seen::{KeySet, Seen};
-use crate::audience::{AudienceError, Encoded, Header, MemberState, Owner};
+use crate::audience::codec::{self, BodyReader, BodyWriter};
+use crate::audience::seen::{Bits, KeySet, Seen};
+use crate::audience::{AudienceError, Encoded, Flag, Header, MemberState, Owner};
 use crate::braze::{Batch, BrazeClient, BrazeError};
 use crate::spec::{IdentifierKind, RemovalMode};
 
@@ -35,8 +36,12 @@ use crate::spec::{IdentifierKind, RemovalMode};
 pub struct AudienceInput {
     /// The export it belongs to (checked against the stored header).
     pub owner: Owner,
-    /// What the last run left; `None` before the first run.
+    /// What the last run left, with the pending records of runs that stopped before they
+    /// saved ([`Encoded::with_pending`]); `None` before the first run.
     pub previous: Option<Encoded>,
+    /// Where this run records users new to the audience before it flags them; `None`: not
+    /// recorded (then a run that stops before its audience is saved forgets them).
+    pub pending_log: Option<Arc<dyn PendingLog>>,
 }
 
 /// What to do with the stored audience after a run.
@@ -69,6 +74,11 @@ pub(super) struct AudiencePlan {
     pub full: bool,
     /// With `delta: true`: which kind of run.
     pub mode: Option<SyncMode>,
+    /// The Braze workspace this run writes to ([`crate::audience::workspace_fingerprint`]).
+    pub workspace: Option<String>,
+    /// The stored audience was written to another workspace: its fingerprint and members
+    /// (it is set aside: this run is a first run in its own workspace).
+    pub moved_from: Option<(String, u64)>,
 }
 
 fn alias_label(plan: &ExportPlan) -> Option<&str> {
@@ -81,6 +91,7 @@ pub(super) async fn plan_audience(
     plan: &ExportPlan,
     opts: &RunOptions,
     input: Option<AudienceInput>,
+    workspace: Option<String>,
     now: Timestamp,
 ) -> Result<Option<(AudiencePlan, Seen, SinkSync)>, RunError> {
     let Some(input) = input else {
@@ -89,11 +100,16 @@ pub(super) async fn plan_audience(
         }
         return Ok(None);
     };
-    let previous = input.previous.map(Arc::new);
+    let mut previous = input.previous.map(Arc::new);
     if let Some(p) = &previous {
         p.header()
             .check(&input.owner, plan.shape.identifier, alias_label(plan))
             .map_err(RunError::AudienceMismatch)?;
+    }
+    let moved_from = moved_from(previous.as_deref(), workspace.as_deref());
+    if moved_from.is_some() {
+        // Its users were flagged in another workspace: nobody here holds the flag.
+        previous = None;
     }
     let (rename, full) = run_kind(plan, opts, previous.as_deref(), now);
     let mode = plan.delta.then_some(if full {
@@ -111,21 +127,39 @@ pub(super) async fn plan_audience(
         full,
         "stored audience loaded"
     );
-    let sink = SinkSync {
-        track: true,
-        delta_skip: plan.delta && !full,
-        rename,
-        current: (!opts.dry_run).then(|| BodyWriter::new(1)),
-        ..SinkSync::default()
-    };
     let audience = AudiencePlan {
         owner: input.owner,
         previous,
         rename,
         full,
         mode,
+        workspace,
+        moved_from,
+    };
+    let journal = input
+        .pending_log
+        .filter(|_| !opts.dry_run)
+        .map(|log| Journal::new(log, new_header(&audience, plan, false, now)));
+    let sink = SinkSync {
+        track: true,
+        delta_skip: plan.delta && !full,
+        rename,
+        current: (!opts.dry_run).then(|| BodyWriter::new(1)),
+        journal,
+        ..SinkSync::default()
     };
     Ok(Some((audience, seen, sink)))
+}
+
+/// When the stored audience records another workspace than this run's: its fingerprint and
+/// members. An audience that records none was written before workspaces were recorded, and
+/// is taken to be this one's.
+fn moved_from(previous: Option<&Encoded>, workspace: Option<&str>) -> Option<(String, u64)> {
+    let p = previous?.header();
+    let (Some(was), Some(now)) = (p.workspace.as_deref(), workspace) else {
+        return None;
+    };
+    (was != now).then(|| (was.to_owned(), p.members))
 }
 
 /// Whether the flag changed since the previous audience was written (`rename`), and whether
@@ -220,9 +254,10 @@ async fn clear(
         seen: Arc::new(load_members(&previous).await?),
         add_failed: Arc::default(),
         add_rejected: Arc::default(),
-        rename: false,
+        clearing: false,
     };
-    send_removals(&previous, picker, &mut ended, braze, plan, opts).await;
+    let names = Names::of(&previous, Vec::new());
+    send_removals(&previous, picker, names, &mut ended, braze, plan, opts).await;
     Ok(ended)
 }
 
@@ -262,9 +297,16 @@ pub(super) async fn settle(
         seen: Arc::new(read.seen),
         add_failed: Arc::new(KeySet::new(read.failed_keys)),
         add_rejected: Arc::new(KeySet::new(read.rejected_keys)),
-        rename: audience.rename,
+        clearing: !clear_flags(&audience, plan).is_empty(),
     };
-    ended.tally.counts.added = Some(count_added(&picker, read.sync.pushed_new));
+    ended.tally.counts.added = Some(count_added(&picker, audience.rename, read.sync.pushed_new));
+    if let Some((was, members)) = &audience.moved_from {
+        let message = moved_message(was, audience.workspace.as_deref(), *members);
+        tracing::warn!("{message}");
+        ended
+            .tally
+            .note_n(RowReason::WorkspaceChanged, &message, *members, &[]);
+    }
     let complete = ended.failure.is_none() && !ended.interrupted;
     tracing::debug!(
         present = picker.seen.present_count(),
@@ -284,7 +326,8 @@ pub(super) async fn settle(
     {
         return AudienceUpdate::Keep;
     }
-    let header = new_header(&audience, plan, complete, start_time);
+    let mut header = new_header(&audience, plan, complete, start_time);
+    header.stray_flags = stray_flags(&audience, plan, &removal);
     let state = NewState {
         seen: picker.seen,
         add_failed: picker.add_failed,
@@ -299,8 +342,8 @@ pub(super) async fn settle(
 
 /// Users newly flagged: the objects handed over for users new to the audience, less those
 /// Braze did not take (a key both failed and rejected is lost once).
-fn count_added(picker: &Picker, pushed_new: u64) -> u64 {
-    let is_new = |k: u64| picker.rename || picker.seen.index(k).is_none();
+fn count_added(picker: &Picker, rename: bool, pushed_new: u64) -> u64 {
+    let is_new = |k: u64| rename || picker.seen.index(k).is_none();
     let (add_failed, add_rejected) = (&picker.add_failed, &picker.add_rejected);
     let lost_new = add_failed.iter().filter(|k| is_new(*k)).count()
         + add_rejected
@@ -308,6 +351,32 @@ fn count_added(picker: &Picker, pushed_new: u64) -> u64 {
             .filter(|k| is_new(*k) && !add_failed.contains(*k))
             .count();
     pushed_new.saturating_sub(lost_new as u64)
+}
+
+/// The sentence of a run whose stored audience was written to another Braze workspace.
+fn moved_message(was: &str, now: Option<&str>, members: u64) -> String {
+    format!(
+        "the stored audience was written to another Braze workspace (fingerprint {was}; this run's is {}): this run sent everyone to this workspace and removed nobody, and the {members} users flagged in the other workspace keep the flag there (take it off there in Braze, or point the export back at that workspace and run it with removal: Remove)",
+        now.unwrap_or("unknown")
+    )
+}
+
+/// The flags that users in the Look lose besides getting the current one: the old flag
+/// after a change of `attribute` or `exportName`, and any flag a stopped run left
+/// ([`Header::stray_flags`]), never the current one.
+fn clear_flags(audience: &AudiencePlan, plan: &ExportPlan) -> Vec<Flag> {
+    let Some(previous) = &audience.previous else {
+        return Vec::new();
+    };
+    let current = plan.flag();
+    let h = previous.header();
+    let mut flags: Vec<Flag> = std::iter::once(h.flag())
+        .chain(h.stray_flags.iter().cloned())
+        .filter(|f| *f != current)
+        .collect();
+    flags.sort();
+    flags.dedup();
+    flags
 }
 
 /// With `removal: Remove`, the removals (within the limit) of a run that read the whole
@@ -331,7 +400,33 @@ async fn remove_leavers(
         return Removal::NotRun;
     };
     let (braze, plan, opts) = (s.braze.clone(), s.plan, s.opts);
-    remove_within_limit(previous, picker, ended, braze, plan, opts, s.cut.as_deref()).await
+    let names = Names::of(previous, clear_flags(audience, plan));
+    remove_within_limit(
+        previous,
+        picker,
+        names,
+        ended,
+        braze,
+        plan,
+        opts,
+        s.cut.as_deref(),
+    )
+    .await
+}
+
+/// The flags some members of the new audience may still hold besides its own: none once
+/// every removal went through; those a `Keep` export never removes carried as they were;
+/// else every flag this run was to take off.
+fn stray_flags(audience: &AudiencePlan, plan: &ExportPlan, removal: &Removal) -> Vec<Flag> {
+    match removal {
+        Removal::Done { failed } if failed.is_empty() => Vec::new(),
+        Removal::NotRun if plan.removal == RemovalMode::Keep => audience
+            .previous
+            .as_ref()
+            .map(|p| p.header().stray_flags.clone())
+            .unwrap_or_default(),
+        _ => clear_flags(audience, plan),
+    }
 }
 
 /// The new audience's header: this run's export and flag; the last full resync is this run
@@ -350,6 +445,10 @@ fn new_header(
             .as_ref()
             .and_then(|p| p.header().last_full_resync)
     };
+    let workspace = audience.workspace.clone().or_else(|| {
+        let p = audience.previous.as_ref()?;
+        p.header().workspace.clone()
+    });
     Header {
         export: audience.owner.clone(),
         identifier: plan.shape.identifier,
@@ -358,6 +457,8 @@ fn new_header(
         export_name: plan.shape.export_name.clone(),
         last_full_resync,
         members: 0,
+        workspace,
+        stray_flags: Vec::new(),
     }
 }
 
@@ -415,15 +516,17 @@ struct Picker {
     seen: Arc<Seen>,
     add_failed: Arc<KeySet>,
     add_rejected: Arc<KeySet>,
-    rename: bool,
+    /// Users in the Look lose other flags ([`clear_flags`]): the old one after a change of
+    /// the flag, or those a stopped run left.
+    clearing: bool,
 }
 
 impl Picker {
-    /// Members absent from the Look; after a change of the flag, also the members whose new
+    /// Members absent from the Look; when other flags are cleared, also the members whose
     /// flag Braze accepted (users whose add failed keep the old one).
     fn picks(&self, i: usize, key: u64) -> bool {
         !self.seen.is_present(i)
-            || (self.rename
+            || (self.clearing
                 && self.seen.is_taken(i)
                 && !self.add_failed.contains(key)
                 && !self.add_rejected.contains(key))
@@ -433,9 +536,11 @@ impl Picker {
 /// The removal limit, then the removals. A Look that may have been cut at its row limit
 /// (`cut`), or a run over the limit (unless allowed once), removes nobody: the candidates
 /// are only counted, as withheld.
+#[allow(clippy::too_many_arguments)]
 async fn remove_within_limit(
     previous: &Arc<Encoded>,
     picker: Picker,
+    names: Names,
     ended: &mut Ended,
     braze: Option<Arc<BrazeClient>>,
     plan: &ExportPlan,
@@ -449,7 +554,7 @@ async fn remove_within_limit(
     let over = u128::from(leaving) * 100
         > u128::from(plan.removal_limit_percent) * u128::from(before)
         || (empty && leaving > 0);
-    if leaving == 0 && !picker.rename {
+    if leaving == 0 && !picker.clearing {
         return Removal::Done {
             failed: KeySet::default(),
         };
@@ -461,6 +566,7 @@ async fn remove_within_limit(
         return withhold(
             previous,
             picker,
+            names,
             ended,
             RowReason::LookLimitReached,
             message,
@@ -468,13 +574,14 @@ async fn remove_within_limit(
         .await;
     }
     if !over || opts.allow_removal_over_limit {
-        return send_removals(previous, picker, ended, braze, plan, opts).await;
+        return send_removals(previous, picker, names, ended, braze, plan, opts).await;
     }
     let message = limit_message(leaving, before, plan.removal_limit_percent, empty);
     tracing::warn!(leaving, audience = before, "{message}");
     withhold(
         previous,
         picker,
+        names,
         ended,
         RowReason::RemovalLimitExceeded,
         &message,
@@ -486,14 +593,14 @@ async fn remove_within_limit(
 async fn withhold(
     previous: &Arc<Encoded>,
     picker: Picker,
+    names: Names,
     ended: &mut Ended,
     reason: RowReason,
     message: &str,
 ) -> Removal {
     let counted = {
         let (p, pk) = (Arc::clone(previous), picker);
-        tokio::task::spawn_blocking(move || produce(&p, &pk, removal_names(&p), usize::MAX, None))
-            .await
+        tokio::task::spawn_blocking(move || produce(&p, &pk, names, usize::MAX, None)).await
     };
     let Some(candidates) = produced_or_fail(counted, ended).map(|p| p.candidates) else {
         return Removal::NotRun;
@@ -539,23 +646,32 @@ fn limit_message(leaving: u64, before: u64, limit: u32, empty: bool) -> String {
     }
 }
 
-/// The names the removals use: the previous audience's (the old ones after a change).
-fn removal_names(previous: &Encoded) -> Names {
-    let h = previous.header();
-    Names {
-        identifier: h.identifier,
-        alias_label: h.alias_label.clone().unwrap_or_default(),
-        attribute: h.attribute.clone(),
-        export_name: h.export_name.clone(),
-    }
-}
-
-/// The identifier and the flag of the removal objects.
+/// The identifier and the flags of the removal objects.
 struct Names {
     identifier: IdentifierKind,
     alias_label: String,
-    attribute: String,
-    export_name: String,
+    /// What a user who left loses: the previous audience's flag and its stray ones.
+    all: Vec<Flag>,
+    /// What a user still in the Look loses ([`clear_flags`]).
+    clear: Vec<Flag>,
+}
+
+impl Names {
+    /// The names of the removals from `previous`'s members; `clear` for those in the Look.
+    fn of(previous: &Encoded, clear: Vec<Flag>) -> Self {
+        let h = previous.header();
+        let mut all: Vec<Flag> = std::iter::once(h.flag())
+            .chain(h.stray_flags.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        Self {
+            identifier: h.identifier,
+            alias_label: h.alias_label.clone().unwrap_or_default(),
+            all,
+            clear,
+        }
+    }
 }
 
 /// What a removal producer did: the users picked, and the removals it could not hand over.
@@ -577,6 +693,8 @@ fn produce(
 ) -> Result<Produced, AudienceError> {
     let mut out = Produced::default();
     let mut members = previous.members()?;
+    // A user may come twice (in the body and in a pending record): picked once.
+    let mut visited = Bits::new(picker.seen.previous_len() as usize);
     let mut batch = Batch::with_capacity(batch_size.min(75));
     let mut tx = tx;
     let hand = |batch: Batch, out: &mut Produced, tx: &mut Option<mpsc::Sender<Batch>>| {
@@ -593,23 +711,28 @@ fn produce(
             out.unsent_keys.extend_from_slice(b.keys());
         }
     };
-    while let Some((id, _)) = members.next_member()? {
+    while let Some((id, _, _)) = members.next_member()? {
         let key = picker.seen.key(id);
         let Some(i) = picker.seen.index(key) else {
             continue;
         };
-        if !picker.picks(i, key) {
+        if visited.get(i) || !picker.picks(i, key) {
             continue;
         }
+        visited.set(i);
         out.candidates += 1;
         if tx.is_none() && batch_size == usize::MAX {
             continue;
         }
+        let flags = if picker.seen.is_present(i) {
+            &names.clear
+        } else {
+            &names.all
+        };
         let object = RemovalObject {
             identifier: names.identifier,
             alias_label: &names.alias_label,
-            attribute: &names.attribute,
-            export_name: &names.export_name,
+            flags,
             id,
         };
         if batch.push_keyed(out.candidates, key, &object).is_err() {
@@ -628,6 +751,7 @@ fn produce(
 async fn send_removals(
     previous: &Arc<Encoded>,
     picker: Picker,
+    names: Names,
     ended: &mut Ended,
     braze: Option<Arc<BrazeClient>>,
     plan: &ExportPlan,
@@ -638,10 +762,7 @@ async fn send_removals(
     let producer = {
         let p = Arc::clone(previous);
         let batch_size = plan.batch_size;
-        tokio::task::spawn_blocking(move || {
-            let names = removal_names(&p);
-            produce(&p, &picker, names, batch_size, Some(tx))
-        })
+        tokio::task::spawn_blocking(move || produce(&p, &picker, names, batch_size, Some(tx)))
     };
     let sent = send_all(rx, braze, plan.concurrency, opts, &stop, Side::Removals).await;
     stop.cancel();
@@ -705,22 +826,26 @@ impl NewState {
         let mut out = BodyWriter::new(6);
         if let Some(current) = current {
             let (body, _) = current.finish();
-            let mut r = BodyReader::new(&body[..]);
-            while let Some((id, _)) = r.next_member()? {
+            let mut r = BodyReader::new(&body[..], codec::VERSION);
+            while let Some((id, _, fingerprint)) = r.next_member()? {
                 if let Some(state) = self.written_current(self.seen.key(id)) {
-                    out.push(id, state);
+                    out.push(id, state, fingerprint);
                 }
             }
         }
         if let Some(previous) = previous {
             let mut r = previous.members()?;
-            while let Some((id, _)) = r.next_member()? {
+            // A user may come twice (in the body and in a pending record): written once,
+            // with the body's fingerprint (it comes first).
+            let mut visited = Bits::new(self.seen.previous_len() as usize);
+            while let Some((id, _, fingerprint)) = r.next_member()? {
                 let key = self.seen.key(id);
-                let Some(i) = self.seen.index(key) else {
+                let Some(i) = self.seen.index(key).filter(|i| !visited.get(*i)) else {
                     continue;
                 };
+                visited.set(i);
                 if let Some(state) = self.written_previous(i, key) {
-                    out.push(id, state);
+                    out.push(id, state, fingerprint);
                 }
             }
         }

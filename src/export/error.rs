@@ -41,6 +41,11 @@ pub enum RunError {
     /// The stored audience is damaged.
     #[error("the stored audience cannot be read: {0}")]
     AudienceUnreadable(AudienceError),
+    /// The users about to be flagged could not be recorded in the stored audience first.
+    #[error(
+        "the users this run was about to flag could not be recorded in the stored audience first ({0}), so nothing more was sent"
+    )]
+    PendingNotRecorded(String),
     /// The run took longer than `spec.activeDeadlineSeconds` and was stopped.
     #[error(
         "the run took longer than spec.activeDeadlineSeconds ({seconds} s) and was stopped; raise it if the Look needs longer"
@@ -59,6 +64,7 @@ impl RunError {
             Self::AudienceRequired => "AudienceRequired",
             Self::AudienceMismatch(_) => AUDIENCE_MISMATCH,
             Self::AudienceUnreadable(_) => "AudienceUnreadable",
+            Self::PendingNotRecorded(_) => super::report::AUDIENCE_NOT_SAVED,
             Self::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
         }
     }

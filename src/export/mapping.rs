@@ -12,6 +12,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
 
 pub use super::report::{Invalid, MAX_ATTRIBUTE_CHARS};
+use crate::audience::Flag;
 use crate::audience::seen::Prehashed;
 use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
@@ -351,10 +352,8 @@ pub struct RemovalObject<'a> {
     pub identifier: IdentifierKind,
     /// Alias label (for `user_alias`).
     pub alias_label: &'a str,
-    /// The array attribute.
-    pub attribute: &'a str,
-    /// The value removed from it.
-    pub export_name: &'a str,
+    /// The flags removed (sorted by attribute: one entry per attribute).
+    pub flags: &'a [Flag],
     /// The identifier.
     pub id: &'a str,
 }
@@ -373,18 +372,23 @@ impl Serialize for RemovalObject<'_> {
             kind => map.serialize_entry(kind.key(), self.id)?,
         }
         map.serialize_entry("_update_existing_only", &true)?;
-        map.serialize_entry(self.attribute, &Remove([self.export_name]))?;
+        for same in self.flags.chunk_by(|a, b| a.attribute == b.attribute) {
+            map.serialize_entry(&same[0].attribute, &Remove(same))?;
+        }
         map.end()
     }
 }
 
-#[derive(Serialize)]
-struct Remove<'a>(#[serde(serialize_with = "remove")] [&'a str; 1]);
+/// `{"remove": [values]}` for flags of one attribute.
+struct Remove<'a>(&'a [Flag]);
 
-fn remove<S: Serializer>(values: &[&str; 1], s: S) -> Result<S::Ok, S::Error> {
-    let mut map = s.serialize_map(Some(1))?;
-    map.serialize_entry("remove", values)?;
-    map.end()
+impl Serialize for Remove<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let names: Vec<&str> = self.0.iter().map(|f| f.export_name.as_str()).collect();
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry("remove", &names)?;
+        map.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -710,12 +714,16 @@ mod tests {
 
     #[test]
     fn removal_objects_take_the_value_off_existing_users_only() {
+        let flag = |attribute: &str, export_name: &str| Flag {
+            attribute: attribute.into(),
+            export_name: export_name.into(),
+        };
+        let churn = [flag("looker_export", "CHURN")];
         let r = |identifier, id| {
             serde_json::to_string(&RemovalObject {
                 identifier,
                 alias_label: "looker",
-                attribute: "looker_export",
-                export_name: "CHURN",
+                flags: &churn,
                 id,
             })
             .unwrap()
@@ -729,6 +737,22 @@ mod tests {
             r#"{"user_alias":{"alias_name":"a\"b","alias_label":"looker"},"_update_existing_only":true,"looker_export":{"remove":["CHURN"]}}"#
         );
         assert!(r(IdentifierKind::BrazeId, "b1").starts_with(r#"{"braze_id":"b1","#));
+        // Several flags: one entry per attribute.
+        let several = [
+            flag("crm", "VIP"),
+            flag("looker_export", "CHURN"),
+            flag("looker_export", "CHURN_V2"),
+        ];
+        let o = RemovalObject {
+            identifier: IdentifierKind::ExternalId,
+            alias_label: "",
+            flags: &several,
+            id: "u1",
+        };
+        assert_eq!(
+            serde_json::to_string(&o).unwrap(),
+            r#"{"external_id":"u1","_update_existing_only":true,"crm":{"remove":["VIP"]},"looker_export":{"remove":["CHURN","CHURN_V2"]}}"#
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Imports run one way, from the top: [`run`] (the orchestrator) → [`audience_sync`] (the
 //! stored audience: kind of run, removals, new audience; also the cleanup) → `sink` (the
-//! read side) and `send` (the senders) → `ended` (how a run ended) → [`options`],
+//! read side, which records new users through [`pending`] before their batches go) and
+//! `send` (the senders) → `ended` (how a run ended) → [`options`],
 //! [`plan`], [`error`] → [`mapping`] → [`report`], which imports nothing from the crate.
 //! This file only declares the modules and re-exports what the rest of the crate uses.
 
@@ -12,6 +13,7 @@ mod ended;
 pub mod error;
 pub mod mapping;
 pub mod options;
+pub mod pending;
 pub mod plan;
 pub mod report;
 pub mod run;
@@ -21,6 +23,7 @@ mod sink;
 pub use audience_sync::{AudienceInput, AudienceUpdate, RunResult, remove_audience};
 pub use error::RunError;
 pub use options::{Progress, RunOptions, Services};
+pub use pending::PendingLog;
 pub use plan::{Credentials, ExportPlan};
 pub use report::{Outcome, RunReport, SyncMode, Trigger};
 pub use run::{run_export, run_export_synced};

@@ -5,6 +5,7 @@ use std::time::Duration;
 use reqwest::Url;
 
 use super::mapping::ObjectShape;
+use crate::audience::{Flag, workspace_fingerprint};
 use crate::redacted::Redacted;
 use crate::spec::{
     BrazeExportSpec, DEFAULT_ACTIVE_DEADLINE_SECONDS, FieldError, RateLimitSpec, RemovalMode,
@@ -115,6 +116,21 @@ impl ExportPlan {
     /// Whether runs need the stored audience (`removal: Remove` or `delta: true`).
     pub fn needs_audience(&self) -> bool {
         self.removal == RemovalMode::Remove || self.delta
+    }
+
+    /// The flag this export gives.
+    pub fn flag(&self) -> Flag {
+        Flag {
+            attribute: self.shape.attribute.clone(),
+            export_name: self.shape.export_name.clone(),
+        }
+    }
+
+    /// The fingerprint of the Braze workspace a run with `creds` writes to (`None` without
+    /// a key: a dry run).
+    pub fn workspace(&self, creds: &Credentials) -> Option<String> {
+        let key = creds.braze_api_key.as_ref()?;
+        Some(workspace_fingerprint(self.track_url.as_str(), key.expose()))
     }
 
     /// The Looker timeout as a duration.

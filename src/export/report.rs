@@ -448,6 +448,9 @@ pub enum RowReason {
     /// Removals withheld because a `results: Table` run read as many rows as the Look's
     /// row limit: the result may have been cut (detail: the whole sentence).
     LookLimitReached,
+    /// The stored audience was written to another Braze workspace; its users (the count)
+    /// keep the flag there (detail: the whole sentence).
+    WorkspaceChanged,
 }
 
 impl RowReason {
@@ -464,6 +467,7 @@ impl RowReason {
             Self::RemovalRejected => "RemovalRejected",
             Self::RemovalLimitExceeded => "RemovalLimitExceeded",
             Self::LookLimitReached => "LookLimitReached",
+            Self::WorkspaceChanged => "WorkspaceChanged",
         }
     }
 }
@@ -732,7 +736,7 @@ pub const AUDIENCE_NOT_SAVED: &str = "AudienceNotSaved";
 /// is `PartiallySucceeded`, and the report says what that means for removals.
 pub fn audience_not_saved(mut report: RunReport, why: &str) -> RunReport {
     let message = format!(
-        "the audience of this run could not be saved ({why}): the previous one stays, so users this run flagged for the first time who leave the Look before the next saved run keep the flag"
+        "the audience of this run could not be saved ({why}): the previous one stays, with the users this run flagged for the first time recorded as pending, so the next run still removes those who left (and may send some users again)"
     );
     if report.outcome == Outcome::Succeeded {
         report.outcome = Outcome::PartiallySucceeded;
@@ -899,7 +903,9 @@ fn describe(g: &Group) -> String {
             "{} not delivered (the users stay in the stored audience, and a later run removes them): {d}",
             plural(g.count, "removal", "removals")
         ),
-        RowReason::RemovalLimitExceeded | RowReason::LookLimitReached => d.clone(),
+        RowReason::RemovalLimitExceeded
+        | RowReason::LookLimitReached
+        | RowReason::WorkspaceChanged => d.clone(),
     }
 }
 

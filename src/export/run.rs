@@ -20,11 +20,11 @@ use super::error::RunError;
 pub use super::options::Failpoint;
 use super::options::{RunOptions, Services};
 use super::plan::{Credentials, ExportPlan};
-use super::report::{RowReason, RunReport, Tally};
+use super::report::{AUDIENCE_NOT_SAVED, RowReason, RunReport, Tally};
 use super::send::{SendSummary, Side, braze_client, send_all, stop_reason};
 use super::sink::{ExportSink, ReadSide, ReadSummary, SinkSync, Unsent};
 use crate::audience::seen::Seen;
-use crate::braze::{Batch, BrazeClient, BrazeError};
+use crate::braze::{Batch, BrazeClient, BrazeError, FailReason};
 use crate::looker::body::{self, Transfer, WaitBudget};
 use crate::looker::json_detail::{self, DetailError};
 use crate::looker::{LookLimit, LookRun, LookerClient, LookerError};
@@ -68,7 +68,9 @@ pub async fn run_export_synced(
             cancel: deadline.stop.clone(),
             ..opts
         };
-        let planned = audience_sync::plan_audience(plan, &opts, audience, start_time).await;
+        let workspace = plan.workspace(creds);
+        let planned =
+            audience_sync::plan_audience(plan, &opts, audience, workspace, start_time).await;
         let (mut ended, mode, update) = match planned {
             Err(e) => (Ended::failed(e), None, AudienceUpdate::Keep),
             Ok(planned) => {
@@ -267,7 +269,12 @@ fn merge_sides(
     );
     let mut tally = read.tally;
     tally.merge(sent.tally);
-    count_unsent(&mut tally, &read.unsent, sent.fatal.as_ref());
+    count_unsent(
+        &mut tally,
+        &read.unsent,
+        read.journal_failed.as_deref(),
+        sent.fatal.as_ref(),
+    );
     let mut failed_keys = sent.failed_keys;
     let mut sync = read.sync;
     failed_keys.append(&mut sync.unsent_keys);
@@ -298,6 +305,8 @@ fn first_failure(
 ) -> Option<RunError> {
     if let Some(fatal) = fatal {
         Some(RunError::Braze(fatal.clone()))
+    } else if let Some(why) = &read.journal_failed {
+        Some(RunError::PendingNotRecorded(why.clone()))
     } else if interrupted {
         None
     } else if parsed.is_err() {
@@ -317,12 +326,24 @@ fn first_failure(
     }
 }
 
-/// Rows mapped but never handed to a sender count failed, under what stopped the senders.
-fn count_unsent(tally: &mut Tally, unsent: &Unsent, fatal: Option<&BrazeError>) {
+/// Rows mapped but never handed to a sender count failed, under what stopped the senders
+/// (or the read side, when its users could not be recorded).
+fn count_unsent(
+    tally: &mut Tally,
+    unsent: &Unsent,
+    journal_failed: Option<&str>,
+    fatal: Option<&BrazeError>,
+) {
     if unsent.count == 0 {
         return;
     }
-    let r = stop_reason(fatal);
+    let r = match (journal_failed, fatal) {
+        (Some(why), None) => FailReason::Stopped(
+            AUDIENCE_NOT_SAVED,
+            format!("the users could not be recorded in the stored audience first ({why})"),
+        ),
+        _ => stop_reason(fatal),
+    };
     tally.counts.failed += unsent.count;
     tally.note_n(
         RowReason::NotDelivered(r.reason()),

@@ -10,10 +10,11 @@ use tokio::sync::mpsc;
 
 use super::mapping::{self, Columns, near_miss_tag};
 use super::options::{Failpoint, Progress, RunOptions};
+use super::pending::Journal;
 use super::plan::ExportPlan;
 use super::report::{RowReason, Tally};
 use crate::audience::MemberState;
-use crate::audience::codec::BodyWriter;
+use crate::audience::codec::{self, BodyWriter};
 use crate::audience::seen::{Offer, Seen};
 use crate::braze::Batch;
 use crate::braze::batch::MAX_REQUEST_BYTES;
@@ -38,6 +39,8 @@ pub(super) struct SinkSync {
     pub unchanged: u64,
     /// Keys of objects that were never handed to a sender.
     pub unsent_keys: Vec<u64>,
+    /// Records users new to the audience before their batches go (not in a dry run).
+    pub journal: Option<Journal>,
 }
 
 /// What the read and send sides leave for the audience: who was in the Look, and the keys
@@ -66,6 +69,8 @@ pub(super) struct ReadSummary {
     pub unsent: Unsent,
     pub seen: Seen,
     pub sync: SinkSync,
+    /// Why the users about to be flagged could not be recorded first (the run stopped).
+    pub journal_failed: Option<String>,
 }
 
 /// The parser thread's side of a run: rows to objects to batches.
@@ -84,6 +89,8 @@ pub(super) struct ExportSink {
     unsent: Unsent,
     progress: Arc<Progress>,
     failpoint: Failpoint,
+    /// The object being mapped, serialized (its fingerprint is taken from these bytes).
+    scratch: Vec<u8>,
 }
 
 impl ExportSink {
@@ -109,6 +116,7 @@ impl ExportSink {
             unsent: Unsent::default(),
             progress,
             failpoint,
+            scratch: Vec::with_capacity(256),
         }
     }
 
@@ -118,10 +126,42 @@ impl ExportSink {
         self.hand_over(batch)
     }
 
+    /// Hands a batch to the senders, or to the journal to hold until its users are
+    /// recorded; false when nothing more may be sent.
     fn hand_over(&mut self, batch: Batch) -> bool {
         if batch.is_empty() {
             return self.tx.is_some();
         }
+        let Some(journal) = &mut self.sync.journal else {
+            return self.send(batch);
+        };
+        if let Some(batch) = journal.admit(batch) {
+            return self.send(batch);
+        }
+        if journal.due() {
+            return self.release();
+        }
+        self.tx.is_some()
+    }
+
+    /// Records the journal's users, then sends the batches it held (after a failed record,
+    /// counts them unsent); false when nothing more may be sent.
+    fn release(&mut self) -> bool {
+        let Some(journal) = &mut self.sync.journal else {
+            return self.tx.is_some();
+        };
+        let held = journal.record();
+        if journal.failed.is_some() {
+            self.tx = None;
+        }
+        let mut open = true;
+        for batch in held {
+            open &= self.send(batch);
+        }
+        open
+    }
+
+    fn send(&mut self, batch: Batch) -> bool {
         let len = batch.len() as u64;
         let refused = match &self.tx {
             Some(tx) => tx.blocking_send(batch).err().map(|e| e.0),
@@ -145,6 +185,8 @@ impl ExportSink {
     /// counted nor batched: it is counted failed here, so the report still adds up.
     pub(super) fn finish(mut self, panicked: bool) -> ReadSummary {
         self.flush();
+        // The last users are recorded, and their batches sent, only once the Look is read.
+        self.release();
         let t = &self.tally;
         let accounted = t.counts.duplicates
             + t.counts.invalid
@@ -168,35 +210,39 @@ impl ExportSink {
         if self.plan.delta && self.sync.track {
             self.tally.counts.unchanged = Some(self.sync.unchanged);
         }
+        let journal_failed = self.sync.journal.take().and_then(|j| j.failed);
         ReadSummary {
             tally: self.tally,
             column_error: self.column_error,
             unsent: self.unsent,
             seen: self.seen,
             sync: self.sync,
+            journal_failed,
         }
     }
 
-    /// Adds a mapped object to the batch, sending the batch first when the object would
-    /// take its body past the byte budget. False when the object could not be serialized
+    /// Serializes a mapped object into the scratch buffer; false when it cannot be
     /// (counted invalid).
-    fn push(
-        &mut self,
-        number: u64,
-        key: u64,
-        object: &mapping::BrazeObject<'_>,
-    ) -> Result<bool, Stop> {
-        if self.batch.push_keyed(number, key, object).is_err() {
-            self.tally.counts.invalid += 1;
-            let id_field = self
-                .columns
-                .as_ref()
-                .map_or("", |c| c.id_field())
-                .to_owned();
-            let reason = RowReason::Invalid(mapping::Invalid::MalformedCell(0));
-            self.tally.note(reason, &id_field, &[number]);
-            return Ok(false);
+    fn serialize(&mut self, number: u64, object: &mapping::BrazeObject<'_>) -> bool {
+        self.scratch.clear();
+        if serde_json::to_writer(&mut self.scratch, object).is_ok() {
+            return true;
         }
+        self.tally.counts.invalid += 1;
+        let id_field = self
+            .columns
+            .as_ref()
+            .map_or("", |c| c.id_field())
+            .to_owned();
+        let reason = RowReason::Invalid(mapping::Invalid::MalformedCell(0));
+        self.tally.note(reason, &id_field, &[number]);
+        false
+    }
+
+    /// Adds the serialized object to the batch, sending the batch first when the object
+    /// would take its body past the byte budget.
+    fn push(&mut self, number: u64, key: u64) -> Result<(), Stop> {
+        self.batch.push_bytes(number, key, &self.scratch);
         if self.batch.body_len() > MAX_REQUEST_BYTES && self.batch.len() > 1 {
             let last = self.batch.pop_last();
             if !self.flush() {
@@ -210,7 +256,7 @@ impl ExportSink {
         {
             return Err(Stop);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// A user in the Look whose row is not sent: with a previous audience, not one to remove.
@@ -322,39 +368,61 @@ impl ExportSink {
                 }
                 Ok(())
             }
-            Ok(object) => {
-                let key = self.seen.key(&object.id);
-                let offer = self.seen.offer(key);
-                match offer {
-                    Offer::Duplicate => {
-                        self.tally.counts.duplicates += 1;
-                        return Ok(());
-                    }
-                    // Delta: flagged by the last run, not sent again.
-                    Offer::Returning { flagged: true, .. } if self.sync.delta_skip => {
-                        self.sync.unchanged += 1;
-                        if let Some(w) = &mut self.sync.current {
-                            w.push(&object.id, MemberState::Flagged);
-                        }
-                        return Ok(());
-                    }
-                    _ => {}
-                }
-                for name in object.too_long_attributes() {
-                    self.tally
-                        .note(RowReason::AttributeTooLong, name, &[number]);
-                }
-                let pushed = self.push(number, key, &object)?;
-                if pushed && self.sync.track {
-                    if matches!(offer, Offer::New) || self.sync.rename {
-                        self.sync.pushed_new += 1;
-                    }
-                    if let Some(w) = &mut self.sync.current {
-                        w.push(&object.id, MemberState::Flagged);
-                    }
-                }
-                Ok(())
+            Ok(object) => self.offer_and_push(number, &object),
+        }
+    }
+
+    /// Deduplicates a mapped object against the run and the stored audience, skips it when
+    /// delta finds it sent as it is, else batches it (a user new to the audience is noted in
+    /// the journal first) and writes it down for the new audience.
+    fn offer_and_push(
+        &mut self,
+        number: u64,
+        object: &mapping::BrazeObject<'_>,
+    ) -> Result<(), Stop> {
+        let key = self.seen.key(&object.id);
+        let offer = self.seen.offer(key);
+        if offer == Offer::Duplicate {
+            self.tally.counts.duplicates += 1;
+            return Ok(());
+        }
+        if !self.serialize(number, object) {
+            return Ok(());
+        }
+        let fingerprint = if self.sync.track {
+            codec::fingerprint(&self.scratch)
+        } else {
+            0
+        };
+        // Delta: flagged by the last run with exactly this object, not sent again.
+        if let Offer::Returning {
+            flagged: true,
+            fingerprint: last,
+            ..
+        } = offer
+            && self.sync.delta_skip
+            && last == fingerprint
+        {
+            self.sync.unchanged += 1;
+            if let Some(w) = &mut self.sync.current {
+                w.push(&object.id, MemberState::Flagged, fingerprint);
+            }
+            return Ok(());
+        }
+        for name in object.too_long_attributes() {
+            self.tally
+                .note(RowReason::AttributeTooLong, name, &[number]);
+        }
+        let new = matches!(offer, Offer::New) || self.sync.rename;
+        if self.sync.track && new {
+            self.sync.pushed_new += 1;
+            if let Some(j) = &mut self.sync.journal {
+                j.note(&object.id);
             }
         }
+        if let Some(w) = &mut self.sync.current {
+            w.push(&object.id, MemberState::Flagged, fingerprint);
+        }
+        self.push(number, key)
     }
 }

@@ -1,8 +1,9 @@
 //! Sandbox Braze `/users/track`: Bearer auth, the 75-object limit, per-object `errors`,
 //! 401/403, 413 (or 400) over 4 MB, per-key fixed-window rate limiting with Braze's headers
 //! (on by default), latency, and injectable faults. Accepted objects are applied to stored
-//! users: array attributes take `add` and `remove` (and whole arrays), so tests and `demo`
-//! can read a segment (the users whose array holds a value) after each run.
+//! users: array attributes take `add` and `remove` (and whole arrays), other attributes keep
+//! the value last sent, so tests and `demo` can read a segment (the users whose array holds
+//! a value) and each user's attributes after each run.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
@@ -137,7 +138,7 @@ struct BrazeState {
     record: AtomicBool,
     requests: Mutex<Vec<TrackRequest>>,
     store: AtomicBool,
-    users: Mutex<HashMap<UserKey, HashMap<String, Vec<String>>>>,
+    users: Mutex<HashMap<UserKey, StoredUser>>,
     request_count: AtomicU64,
     accepted_count: AtomicU64,
     in_flight: AtomicUsize,
@@ -299,8 +300,8 @@ impl BrazeSandbox {
     pub fn segment(&self, attribute: &str, value: &str) -> BTreeSet<String> {
         lock(&self.state.users)
             .iter()
-            .filter(|(_, attrs)| {
-                attrs
+            .filter(|(_, user)| {
+                user.arrays
                     .get(attribute)
                     .is_some_and(|a| a.iter().any(|v| v == value))
             })
@@ -313,7 +314,18 @@ impl BrazeSandbox {
     pub fn array(&self, external_id: &str, attribute: &str) -> Option<Vec<String>> {
         lock(&self.state.users)
             .get(&UserKey::external(external_id))?
+            .arrays
             .get(attribute)
+            .cloned()
+    }
+
+    /// A non-array attribute of the user with this external id, as last sent (`None` when
+    /// never sent).
+    pub fn attribute(&self, external_id: &str, name: &str) -> Option<Value> {
+        lock(&self.state.users)
+            .get(&UserKey::external(external_id))?
+            .scalars
+            .get(name)
             .cloned()
     }
 
@@ -323,6 +335,7 @@ impl BrazeSandbox {
         lock(&self.state.users)
             .entry(UserKey::external(external_id))
             .or_default()
+            .arrays
             .insert(
                 attribute.to_owned(),
                 values.iter().map(|v| (*v).to_owned()).collect(),
@@ -351,6 +364,14 @@ impl BrazeSandbox {
     pub fn accepted_count(&self) -> u64 {
         self.state.accepted_count.load(Ordering::Relaxed)
     }
+}
+
+/// What the sandbox keeps of a user: array attributes (as `add`/`remove` leave them) and
+/// every other attribute as last sent.
+#[derive(Clone, Debug, Default)]
+struct StoredUser {
+    arrays: HashMap<String, Vec<String>>,
+    scalars: HashMap<String, Value>,
 }
 
 /// A stored user: the kind of identifier (`user_alias` with its label) and the id.
@@ -390,7 +411,7 @@ impl UserKey {
 /// given as `{"add": [...], "remove": [...]}` loses the removed values and gains the added
 /// ones (a value is kept once, and re-adding it moves it to the end, as in Braze); an array
 /// replaces the attribute. Other attributes are not stored.
-fn apply(users: &mut HashMap<UserKey, HashMap<String, Vec<String>>>, objects: &[Value]) {
+fn apply(users: &mut HashMap<UserKey, StoredUser>, objects: &[Value]) {
     const IDS: [&str; 4] = [
         "external_id",
         "braze_id",
@@ -414,10 +435,10 @@ fn apply(users: &mut HashMap<UserKey, HashMap<String, Vec<String>>>, objects: &[
             };
             match value {
                 Value::Array(_) => {
-                    user.insert(name.clone(), strings(Some(value)));
+                    user.arrays.insert(name.clone(), strings(Some(value)));
                 }
                 Value::Object(ops) => {
-                    let array = user.entry(name.clone()).or_default();
+                    let array = user.arrays.entry(name.clone()).or_default();
                     let remove = strings(ops.get("remove"));
                     array.retain(|v| !remove.contains(v));
                     for v in strings(ops.get("add")) {
@@ -425,7 +446,9 @@ fn apply(users: &mut HashMap<UserKey, HashMap<String, Vec<String>>>, objects: &[
                         array.push(v);
                     }
                 }
-                _ => {}
+                other => {
+                    user.scalars.insert(name.clone(), other.clone());
+                }
             }
         }
     }

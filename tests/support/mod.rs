@@ -83,13 +83,26 @@ impl World {
 
     /// Runs the export with its stored audience (`previous`), as the controller will.
     pub async fn sync(&self, yaml: &str, previous: Option<Encoded>, opts: RunOptions) -> RunResult {
+        self.sync_with(yaml, previous, opts, None, &creds()).await
+    }
+
+    /// [`World::sync`] recording new users through `pending_log`, with `creds`.
+    pub async fn sync_with(
+        &self,
+        yaml: &str,
+        previous: Option<Encoded>,
+        opts: RunOptions,
+        pending_log: Option<std::sync::Arc<dyn braze_export_operator::export::PendingLog>>,
+        creds: &Credentials,
+    ) -> RunResult {
         let doc = load_export(yaml).expect("test spec parses");
         let plan = ExportPlan::new("test-export", &doc.spec).expect("test spec is valid");
         let input = AudienceInput {
             owner: owner(),
             previous,
+            pending_log,
         };
-        let result = run_export_synced(&fast_services(), &plan, &creds(), opts, Some(input)).await;
+        let result = run_export_synced(&fast_services(), &plan, creds, opts, Some(input)).await;
         assert!(
             result.report.balanced(),
             "counts must add up: {:#?}",

@@ -457,6 +457,15 @@ impl FakeApiServer {
             .insert((namespace.to_owned(), name.to_owned()), code);
     }
 
+    /// From now on `namespace` holds at most `max` objects of `resource` (`v1/secrets`), as
+    /// a ResourceQuota's `count/secrets` does: a create beyond it is refused with 403 and
+    /// the API server's words (`exceeded quota`).
+    pub fn set_quota(&self, namespace: &str, resource: &str, max: usize) {
+        self.lock()
+            .quotas
+            .insert((namespace.to_owned(), resource.to_owned()), max);
+    }
+
     /// Lifts [`FakeApiServer::refuse_status_writes`] for `namespace/name`.
     pub fn accept_status_writes(&self, namespace: &str, name: &str) {
         self.lock()

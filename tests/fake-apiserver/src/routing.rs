@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use crate::storage::{ApiState, delete_object, qualified_resource};
+use crate::storage::{ApiState, Inner, delete_object, qualified_resource};
 use crate::watch::{field_selector_error, list, watch_stream};
 use crate::write::{Op, Rejection, Scope, WriteRequest, apply_write, unsupported_media_type};
 use crate::{EXPORTS, Write};
@@ -392,6 +392,30 @@ fn refused_status_write(code: u16, namespace: &str, name: &str) -> Rejection {
     )
 }
 
+/// The answer to a create beyond the namespace's quota of the resource
+/// ([`FakeApiServer::set_quota`](crate::FakeApiServer::set_quota)), worded as the quota
+/// admission plugin does.
+fn over_quota(inner: &Inner, resource: &str, namespace: &str, name: &str) -> Option<Rejection> {
+    let max = *inner
+        .quotas
+        .get(&(namespace.to_owned(), resource.to_owned()))?;
+    let used = inner
+        .objects
+        .keys()
+        .filter(|(r, ns, _)| r == resource && ns == namespace)
+        .count();
+    let plural = resource.rsplit('/').next().unwrap_or(resource);
+    (used >= max).then(|| {
+        Rejection::new(
+            403,
+            "Forbidden",
+            format!(
+                "{plural} \"{name}\" is forbidden: exceeded quota: test-quota, requested: count/{plural}=1, used: count/{plural}={used}, limited: count/{plural}={max}"
+            ),
+        )
+    })
+}
+
 /// A POST, PUT or PATCH: recorded (see [`FakeApiServer::writes`](crate::FakeApiServer::writes)),
 /// its options checked, then written.
 fn serve_write(state: &ApiState, req: Request) -> Response {
@@ -426,6 +450,11 @@ fn serve_write(state: &ApiState, req: Request) -> Response {
         && let Some(code) = inner.refused_status.get(&(namespace.clone(), name.clone()))
     {
         return refused_status_write(*code, &namespace, &name).response();
+    }
+    if req.method == Method::POST
+        && let Some(refused) = over_quota(&inner, &t.resource, &namespace, &name)
+    {
+        return refused.response();
     }
     let op = match req.method {
         Method::POST => Op::Create,

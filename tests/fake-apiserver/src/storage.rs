@@ -55,6 +55,9 @@ pub(crate) struct Inner {
     /// (namespace, name) of BrazeExports whose status writes are refused, with the code
     /// (403 or 422); see `FakeApiServer::refuse_status_writes`.
     pub(crate) refused_status: HashMap<(String, String), u16>,
+    /// (namespace, resource) -> how many objects of it the namespace may hold (a
+    /// ResourceQuota's `count/<resource>`); see `FakeApiServer::set_quota`.
+    pub(crate) quotas: HashMap<(String, String), usize>,
 }
 
 /// The state every listener shares.
