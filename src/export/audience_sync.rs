@@ -356,7 +356,7 @@ fn count_added(picker: &Picker, rename: bool, pushed_new: u64) -> u64 {
 /// The sentence of a run whose stored audience was written to another Braze workspace.
 fn moved_message(was: &str, now: Option<&str>, members: u64) -> String {
     format!(
-        "the stored audience was written to another Braze workspace (fingerprint {was}; this run's is {}): this run sent everyone to this workspace and removed nobody, and the {members} users flagged in the other workspace keep the flag there (take it off there in Braze, or point the export back at that workspace and run it with removal: Remove)",
+        "the stored audience was written to another Braze workspace (fingerprint {was}; this run's is {}): this run sent everyone to this workspace and removed nobody, and the {members} users flagged in the other workspace keep the flag there (take it off there in Braze; to move an export and clear its flag behind it, delete it with cleanupOnDelete first and create it anew)",
         now.unwrap_or("unknown")
     )
 }
