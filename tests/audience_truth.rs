@@ -159,9 +159,13 @@ async fn delta_sends_users_whose_attributes_changed_and_only_them() {
 }
 
 #[tokio::test]
-async fn another_workspace_gets_a_full_run_and_the_report_says_who_stayed_behind() {
+async fn another_workspace_or_key_is_a_full_run_that_forgets_nobody() {
     let w = World::start().await;
-    let yaml = w.yaml("1", "removal: Remove\ndelta: true\nbatchSize: 75", "");
+    let yaml = w.yaml(
+        "1",
+        "removal: Remove\ndelta: true\nremovalLimitPercent: 100",
+        "",
+    );
     w.looker.add_look("1", look_of(1..=20));
     let first = w.sync(&yaml, None, opts()).await;
     let state = stored_of(&first);
@@ -173,21 +177,23 @@ async fn another_workspace_gets_a_full_run_and_the_report_says_who_stayed_behind
     assert_eq!(was.len(), 16);
     assert!(!format!("{:?}", state.header()).contains(API_KEY));
 
-    // The export moves to another workspace (a new key); five users left the Look.
-    w.braze.add_key("other-workspace-key");
-    let other = Credentials {
-        braze_api_key: Some(Redacted::new("other-workspace-key")),
+    // A new key (rotated, or another workspace: nothing tells them apart); five users left.
+    w.braze.add_key("rotated-key");
+    let rotated = Credentials {
+        braze_api_key: Some(Redacted::new("rotated-key")),
         ..creds()
     };
     w.looker.add_look("1", look_of(1..=15));
     let before = w.braze.requests().len();
-    let moved = w.sync_with(&yaml, Some(state), opts(), None, &other).await;
+    let moved = w
+        .sync_with(&yaml, Some(state), opts(), None, &rotated)
+        .await;
     let r = &moved.report;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
     assert_eq!(
         (r.counts.sent, r.counts.unchanged, r.counts.removed),
         (15, Some(0), Some(0)),
-        "everyone is sent there, nobody removed: {r:#?}"
+        "everyone is sent, nobody removed: {r:#?}"
     );
     let note = r
         .errors
@@ -197,14 +203,14 @@ async fn another_workspace_gets_a_full_run_and_the_report_says_who_stayed_behind
     assert_eq!(note.count, 20);
     assert!(
         note.message.starts_with(&format!(
-            "the stored audience was written to another Braze workspace (fingerprint {was}; this run's is "
-        )) && note
-            .message
-            .contains("and the 20 users flagged in the other workspace keep the flag there"),
+            "the stored audience was written to another Braze workspace, or with another API key (fingerprint {was}; this run's is "
+        )) && note.message.contains(
+            "its 20 users stay in the audience as pending, so later runs take the flag off those who leave"
+        ),
         "{}",
         note.message
     );
-    assert!(!note.message.contains("other-workspace-key"));
+    assert!(!note.message.contains("rotated-key"));
     let removals = w.braze.requests()[before..]
         .iter()
         .filter(|q| q.body.to_string().contains("\"remove\""))
@@ -212,7 +218,42 @@ async fn another_workspace_gets_a_full_run_and_the_report_says_who_stayed_behind
     assert_eq!(removals, 0);
     let now = stored_of(&moved);
     assert_ne!(now.header().workspace.as_deref(), Some(was.as_str()));
-    assert_eq!(now.header().members, 15);
+    assert_eq!(
+        now.header().members,
+        20,
+        "the five who left are kept, pending"
+    );
+
+    // The next run (same key) removes the five: a rotated key forgets nobody.
+    let next = w.sync_with(&yaml, Some(now), opts(), None, &rotated).await;
+    assert_eq!(next.report.counts.removed, Some(5), "{:#?}", next.report);
+    assert_eq!(segment(&w, "LOOKER_EXPORT"), users(1..=15));
+}
+
+#[tokio::test]
+async fn a_change_of_flag_held_back_by_the_limit_records_it_once() {
+    let w = World::start().await;
+    let yaml_a = w.yaml("1", "removal: Remove\nexportName: CHURN_A", "");
+    let yaml_b = w.yaml("1", "removal: Remove\nexportName: CHURN_B", "");
+    w.looker.add_look("1", look_of(1..=10));
+    let first = stored_of(&w.sync(&yaml_a, None, opts()).await);
+    // Renamed while half the audience left: the removals are withheld, the audience kept.
+    w.looker.add_look("1", look_of(1..=5));
+    let log = Arc::new(MemoryLog::default());
+    let held = w
+        .sync_with(&yaml_b, Some(first.clone()), opts(), logged(&log), &creds())
+        .await;
+    assert_eq!(held.audience, AudienceUpdate::Keep, "{:#?}", held.report);
+    let records = log.taken();
+    assert_eq!(records.len(), 1, "one record naming the new value");
+    assert_eq!(records[0].header().members, 0, "nobody new to the audience");
+    assert_eq!(records[0].header().export_name, "CHURN_B");
+    // Again: the value is known as stray already, so nothing more is recorded.
+    let previous = Encoded::with_pending(Some(first), records).unwrap();
+    let again = Arc::new(MemoryLog::default());
+    w.sync_with(&yaml_b, previous, opts(), logged(&again), &creds())
+        .await;
+    assert!(again.taken().is_empty());
 }
 
 #[tokio::test]
@@ -274,7 +315,7 @@ async fn a_record_that_cannot_be_written_stops_the_run_before_a_new_user_is_sent
         .await
         .report;
     assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
-    assert_eq!(r.errors[0].reason, "AudienceNotSaved");
+    assert_eq!(r.errors[0].reason, "PendingNotRecorded");
     assert!(
         r.message.starts_with(
             "the users this run was about to flag could not be recorded in the stored audience first (the store refused the record (test)), so nothing more was sent"
@@ -322,7 +363,9 @@ async fn a_stopped_change_of_flag_leaves_no_stray_flag() {
         .sync_with(&yaml_b, Some(first.clone()), opts(), logged(&log), &creds())
         .await;
     assert_eq!(segment(&w, "CHURN_B"), users(1..=10));
-    assert_eq!(recorded(&log.taken()), users(1..=10));
+    // They were in the audience already: the record names the new value, and nobody.
+    assert_eq!(log.taken().len(), 1);
+    assert_eq!(recorded(&log.taken()), BTreeSet::new());
 
     // Three users leave: they lose both values; those who stay keep CHURN_B alone.
     w.looker.add_look("1", look_of(1..=7));

@@ -49,22 +49,22 @@ pub fn pending_files(state: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-/// Reads the pending records beside a state file, each checked whole.
-pub fn read_pending(state: &Path) -> Result<Vec<Encoded>, AudienceError> {
+/// Reads the pending records beside a state file, each checked whole, with their paths.
+pub fn read_pending(state: &Path) -> Result<Vec<(PathBuf, Encoded)>, AudienceError> {
     let mut records = Vec::new();
     for path in pending_files(state)? {
         if let Some(record) = read_file(&path)? {
             record.verify()?;
-            records.push(record);
+            records.push((path, record));
         }
     }
     Ok(records)
 }
 
-/// Deletes the pending records beside a state file (after a run saved it).
-pub fn remove_pending(state: &Path) -> io::Result<()> {
-    for path in pending_files(state)? {
-        match std::fs::remove_file(&path) {
+/// Deletes pending records (those a run read and wrote, once it saved the state file).
+pub fn remove_pending(paths: &[PathBuf]) -> io::Result<()> {
+    for path in paths {
+        match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }

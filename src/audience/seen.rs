@@ -138,6 +138,11 @@ impl Seen {
         self.present.count()
     }
 
+    /// Previous members sent (or counted unchanged) in this run.
+    pub fn taken_count(&self) -> u64 {
+        self.taken.count()
+    }
+
     /// Users in this run's Look who were not in the previous audience (and were offered).
     pub fn new_count(&self) -> u64 {
         self.new.len() as u64

@@ -78,7 +78,12 @@ struct Prepared {
     creds: Credentials,
     dump: Option<Arc<PayloadDump>>,
     audience: Option<AudienceInput>,
+    /// The pending records the run read and the log it writes them with.
+    records: Option<Records>,
 }
+
+/// The pending records a run read, and the log it writes its own with.
+type Records = (Vec<PathBuf>, Arc<PendingFiles>);
 
 /// Runs the command; returns the process exit code (0, 3, 1 or 2).
 pub async fn run(args: RunArgs) -> i32 {
@@ -89,6 +94,7 @@ pub async fn run(args: RunArgs) -> i32 {
         }
         Ok(p) => {
             let title = report_title(&p.plan.name, &p.plan.look_id);
+            let records = p.records.clone();
             let (report, update) = execute(p, &args).await;
             print_report(&report, &title, args.output);
             if let (Some(path), AudienceUpdate::Replace(encoded)) = (&args.state, &update) {
@@ -97,7 +103,12 @@ pub async fn run(args: RunArgs) -> i32 {
                     return 1;
                 }
                 // Only once the new state is on disk: it holds the records' users.
-                if let Err(e) = audience::remove_pending(path) {
+                let mut gone = Vec::new();
+                if let Some((read, log)) = records {
+                    gone = read;
+                    gone.extend(log.written());
+                }
+                if let Err(e) = audience::remove_pending(&gone) {
                     eprintln!(
                         "warning: cannot delete the pending records beside {}: {e}",
                         path.display()
@@ -143,7 +154,10 @@ fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
         namespace: doc.metadata.namespace.clone(),
         name,
     };
-    let audience = load_state(args, &plan, owner)?;
+    let (audience, records) = match load_state(args, &plan, owner)? {
+        Some((input, records)) => (Some(input), Some(records)),
+        None => (None, None),
+    };
     let creds = credentials_from_env(args.dry_run)?;
     let dump = match &args.dump_payloads {
         Some(p) => Some(Arc::new(PayloadDump::create(p).map_err(|e| {
@@ -156,6 +170,7 @@ fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
         creds,
         dump,
         audience,
+        records,
     })
 }
 
@@ -165,7 +180,7 @@ fn load_state(
     args: &RunArgs,
     plan: &ExportPlan,
     owner: Owner,
-) -> Result<Option<AudienceInput>, BadInput> {
+) -> Result<Option<(AudienceInput, Records)>, BadInput> {
     let Some(path) = &args.state else {
         if plan.needs_audience() {
             return Err(BadInput(format!(
@@ -182,7 +197,10 @@ fn load_state(
         ))
     };
     let main: Option<Encoded> = audience::read_file(path).map_err(|e| refuse(e.to_string()))?;
-    let pending = audience::read_pending(path).map_err(|e| refuse(e.to_string()))?;
+    let (read, pending): (Vec<PathBuf>, Vec<Encoded>) = audience::read_pending(path)
+        .map_err(|e| refuse(e.to_string()))?
+        .into_iter()
+        .unzip();
     // The records of runs that stopped before they saved: their users are members too.
     let previous = Encoded::with_pending(main, pending).map_err(refuse)?;
     if let Some(p) = &previous {
@@ -193,12 +211,13 @@ fn load_state(
             .map_err(refuse)?;
         p.verify().map_err(|e| refuse(e.to_string()))?;
     }
-    let pending_log = Arc::new(PendingFiles::new(path.clone()));
-    Ok(Some(AudienceInput {
+    let log = Arc::new(PendingFiles::new(path.clone()));
+    let input = AudienceInput {
         owner,
         previous,
-        pending_log: Some(pending_log),
-    }))
+        pending_log: Some(Arc::clone(&log) as Arc<dyn crate::export::PendingLog>),
+    };
+    Ok(Some((input, (read, log))))
 }
 
 /// Reads the credentials from the environment; a dry run needs no Braze key.

@@ -9,10 +9,8 @@
 //!   `looker-braze.dev/audience-of: U` and `looker-braze.dev/audience-generation: g`;
 //! - `churn-risk-audience`: the manifest, written last: the generation in force, and each
 //!   part's name, size and CRC-32;
-//! - `churn-risk-audience-pending-<n>`: a pending record of a run ([`PendingSecrets`]): users
-//!   it was about to flag for the first time, written before it sent them. A load reads them
-//!   with the audience ([`load_pending`]); a save deletes them once its manifest is in force
-//!   (the new audience holds their users).
+//! - `churn-risk-audience-pending-<n>`: a pending record of a run (see
+//!   [`super::pending_store`]), labelled like the parts (role `pending`, no generation).
 //!
 //! With `cleanupOnDelete`, every one of them carries the cleanup finalizer: a foreground
 //! deletion of the export (`kubectl delete --cascade=foreground`, Argo CD's prune) or of its
@@ -49,7 +47,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::finalizer::{self, FINALIZER, finalizer_patch};
 use super::retry::{self, retry};
-use super::timeouts::PENDING_RECORD_TIMEOUT;
 use super::watched::Watched;
 use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
 use crate::spec::BrazeExport;
@@ -61,8 +58,9 @@ pub const GENERATION_LABEL: &str = "looker-braze.dev/audience-generation";
 /// Label telling the manifest from the parts.
 pub const ROLE_LABEL: &str = "looker-braze.dev/audience-role";
 const MANIFEST_KEY: &str = "manifest";
-const PART_KEY: &str = "part";
-const PENDING_ROLE: &str = "pending";
+pub(super) const PART_KEY: &str = "part";
+/// The role of a pending record.
+pub(super) const PENDING_ROLE: &str = "pending";
 
 /// Why an audience could not be loaded or saved. Never names a user.
 #[derive(Debug, thiserror::Error)]
@@ -177,7 +175,8 @@ pub fn manifest_name(export: &str) -> String {
     format!("{}-audience", short(export))
 }
 
-fn pending_name(export: &str, n: u64) -> String {
+/// The name of pending record `n`.
+pub(super) fn pending_name(export: &str, n: u64) -> String {
     format!("{}-audience-pending-{n:020}", short(export))
 }
 
@@ -196,15 +195,15 @@ fn short(name: &str) -> String {
 }
 
 /// The export that owns the Secrets, as they record it.
-struct SecretOwner {
-    name: String,
-    uid: String,
+pub(super) struct SecretOwner {
+    pub(super) name: String,
+    pub(super) uid: String,
     reference: OwnerReference,
     /// The export wants a cleanup on delete: its Secrets carry the finalizer.
     hold: bool,
 }
 
-fn owner(export: &BrazeExport) -> Result<SecretOwner, StoreError> {
+pub(super) fn owner(export: &BrazeExport) -> Result<SecretOwner, StoreError> {
     let uid = export.meta().uid.clone().ok_or(StoreError::NoOwner)?;
     let name = export.name_any();
     let reference = OwnerReference {
@@ -238,7 +237,7 @@ fn labels(o: &SecretOwner, role: &str, generation: Option<u64>) -> BTreeMap<Stri
     l
 }
 
-fn secret(
+pub(super) fn secret(
     o: &SecretOwner,
     name: String,
     role: &str,
@@ -259,17 +258,6 @@ fn secret(
         data: Some(BTreeMap::from([(key.to_owned(), ByteString(bytes))])),
         ..Secret::default()
     }
-}
-
-/// Loads the export's stored audience with the pending records of its runs that stopped
-/// before they saved ([`Encoded::with_pending`]): `None` when there is neither.
-pub async fn load_with_pending(
-    api: &Api<Secret>,
-    export: &BrazeExport,
-) -> Result<Option<Encoded>, StoreError> {
-    let main = load_audience(api, export).await?;
-    let pending = load_pending(api, export).await?;
-    Encoded::with_pending(main, pending).map_err(StoreError::Damaged)
 }
 
 /// Loads the export's stored audience from `api` (Secrets in the export's namespace):
@@ -323,112 +311,10 @@ pub async fn load_audience(
     Ok(Some(encoded))
 }
 
-/// The pending records of the export's runs that stopped before they saved, oldest first,
-/// each checked whole.
-pub async fn load_pending(
-    api: &Api<Secret>,
-    export: &BrazeExport,
-) -> Result<Vec<Encoded>, StoreError> {
-    let o = owner(export)?;
-    let mut names: Vec<String> = owned(api, &o.uid)
-        .await?
-        .iter()
-        .filter(|s| is_pending(s))
-        .map(ResourceExt::name_any)
-        .collect();
-    names.sort();
-    let mut records = Vec::with_capacity(names.len());
-    for name in names {
-        // Deleted meanwhile: a save of this export took it in.
-        let Some(s) = api.get_opt(&name).await? else {
-            continue;
-        };
-        let bytes = data(&s, PART_KEY)
-            .ok_or_else(|| StoreError::Damaged(format!("the pending record {name} has no data")))?;
-        let record = Encoded::from_bytes(bytes.to_vec())?;
-        record.verify()?;
-        records.push(record);
-    }
-    Ok(records)
-}
-
-fn is_pending(s: &SecretMeta) -> bool {
-    s.labels().get(ROLE_LABEL).map(String::as_str) == Some(PENDING_ROLE)
-}
-
-/// Writes a run's pending records as Secrets beside the export's audience.
-pub struct PendingSecrets {
-    api: Api<Secret>,
-    owner: SecretOwner,
-    first: u64,
-    written: std::sync::atomic::AtomicU64,
-}
-
-impl std::fmt::Debug for PendingSecrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingSecrets")
-            .field("export", &self.owner.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PendingSecrets {
-    /// The records of a run of `export` (numbered after `now`, so that names sort as they
-    /// were written).
-    pub fn new(
-        api: Api<Secret>,
-        export: &BrazeExport,
-        now: jiff::Timestamp,
-    ) -> Result<Self, StoreError> {
-        let ms = u64::try_from(now.as_millisecond()).unwrap_or(0);
-        Ok(Self {
-            api,
-            owner: owner(export)?,
-            first: ms.saturating_mul(1000),
-            written: std::sync::atomic::AtomicU64::new(0),
-        })
-    }
-
-    async fn create(&self, record: Encoded) -> Result<(), StoreError> {
-        let mut parts = record.into_parts();
-        if parts.len() != 1 {
-            return Err(StoreError::Damaged(format!(
-                "a pending record of {} parts (one is the most)",
-                parts.len()
-            )));
-        }
-        let n = self.first
-            + self
-                .written
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = pending_name(&self.owner.name, n);
-        let bytes = parts.pop().unwrap_or_default();
-        let mut s = secret(&self.owner, name, PENDING_ROLE, None, PART_KEY, bytes);
-        s.immutable = Some(true);
-        self.api.create(&PostParams::default(), &s).await?;
-        Ok(())
-    }
-}
-
-impl crate::export::PendingLog for PendingSecrets {
-    fn record(&self, record: Encoded) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
-        Box::pin(async move {
-            match tokio::time::timeout(PENDING_RECORD_TIMEOUT, self.create(record)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!(
-                    "the pending record was not written within {} s",
-                    PENDING_RECORD_TIMEOUT.as_secs()
-                )),
-            }
-        })
-    }
-}
-
 /// A Secret's metadata alone, as a metadata-only list or read answers it.
-type SecretMeta = PartialObjectMeta<Secret>;
+pub(super) type SecretMeta = PartialObjectMeta<Secret>;
 
-fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
+pub(super) fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
     s.data.as_ref()?.get(key).map(|b| b.0.as_slice())
 }
 
@@ -483,10 +369,8 @@ pub async fn save_audience(
     };
     // The switch to the new generation: one write.
     write_manifest(api, &o, current, &manifest).await?;
-    // Then, and only then, the replaced generation and the pending records this audience
-    // took in (listed before it was built: a record written later is not in it).
     for old in existing {
-        if generation_of(&old).is_some_and(|g| g != generation) || is_pending(&old) {
+        if generation_of(&old).is_some_and(|g| g != generation) {
             let name = old.name_any();
             if let Err(e) = discard(api, &old).await {
                 // Harmless: the next save deletes it.
@@ -639,7 +523,7 @@ pub async fn hold_audience(api: &Api<Secret>, uid: &str, hold: bool) -> Result<(
 
 /// Every audience Secret of the export `uid`, by its metadata alone (the parts' data, MiBs,
 /// stays in the API server).
-async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<SecretMeta>, StoreError> {
+pub(super) async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<SecretMeta>, StoreError> {
     let lp = ListParams::default().labels(&format!("{OWNER_LABEL}={uid}"));
     Ok(api.list_metadata(&lp).await?.items)
 }
@@ -677,7 +561,7 @@ async fn set_held(api: &Api<Secret>, s: &SecretMeta, hold: bool) -> Result<(), k
 }
 
 /// Lets `s` go, then deletes it.
-async fn discard(api: &Api<Secret>, s: &SecretMeta) -> Result<(), kube::Error> {
+pub(super) async fn discard(api: &Api<Secret>, s: &SecretMeta) -> Result<(), kube::Error> {
     set_held(api, s, false).await?;
     match api.delete(&s.name_any(), &DeleteParams::default()).await {
         Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),

@@ -26,7 +26,7 @@ use super::status::{self, reason};
 use super::step::Note;
 use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, RUN_POLL};
 use super::watched::Watched;
-use super::{audience_store, credentials, events, writer};
+use super::{audience_store, credentials, events, pending_store, writer};
 use crate::audience::{Encoded, Owner};
 use crate::export::report::{Outcome, RunReport, Trigger};
 use crate::export::{AudienceInput, Credentials, ExportPlan, RunOptions, remove_audience};
@@ -261,8 +261,8 @@ impl Cleanup {
         let read_key = credentials::braze_key(&ctx.client, &ns, &export.spec);
         let creds = within(API_TIMEOUT, "the Braze Secret", read_key).await?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let loaded = audience_store::load_with_pending(&api, export);
-        let previous = within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await?;
+        let loaded = pending_store::load_with_pending(&api, export);
+        let (previous, _) = within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await?;
         Ok(previous.map(|p| (plan, creds, p)))
     }
 }

@@ -25,6 +25,7 @@ pub mod flags;
 pub mod freshness;
 pub mod gauges;
 pub mod lease;
+pub mod pending_store;
 pub mod reconcile;
 pub mod retry;
 pub mod run_task;

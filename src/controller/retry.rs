@@ -50,6 +50,14 @@ pub const SECRET_CONFLICT: Policy = Policy {
     max_steps: 1,
 };
 
+/// A pending record's create, throttled or failed by the server: four tries, pausing
+/// 250 ms, 500 ms, 750 ms (within the record's timeout).
+pub const PENDING_RECORD: Policy = Policy {
+    attempts: Some(4),
+    pause: Duration::from_millis(250),
+    max_steps: 3,
+};
+
 impl Policy {
     fn pause_after(&self, attempt: u32) -> Duration {
         self.pause * attempt.min(self.max_steps)

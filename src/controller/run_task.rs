@@ -18,6 +18,7 @@ use super::credentials::read_credentials;
 use super::effect::{Target, effect};
 use super::error::Error;
 use super::events;
+use super::pending_store::{self, PendingSecrets};
 use super::status::{self, reason};
 use super::step::{self, Note, Start, Then};
 use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, QUEUE_GRACE, audience_save_timeout};
@@ -244,13 +245,15 @@ impl RunTask {
         // flagged (this instance holds the Lease until its runs are recorded).
         let fence = audience_store::Fence::new(ctx.leadership.clone(), self.api());
         let discard = self.discard_requested();
-        let previous = if discard {
-            self.discard(&secrets, &fence).await.map(|()| None)
+        let loaded = if discard {
+            self.discard(&secrets, &fence)
+                .await
+                .map(|()| (None, Vec::new()))
         } else {
             self.load(&secrets).await
         };
-        let previous = match previous {
-            Ok(previous) => previous,
+        let (previous, mut records) = match loaded {
+            Ok(loaded) => loaded,
             Err(message) => return self.failed(&opts, message),
         };
         let owner = Owner {
@@ -259,21 +262,26 @@ impl RunTask {
         };
         // Users new to the audience are recorded before they are flagged: a run that stops
         // before its save (a crash, a lost Lease) is not forgotten by the next one.
-        let pending_log =
-            audience_store::PendingSecrets::new(secrets.clone(), &self.export, ctx.now())
-                .ok()
-                .map(|p| Arc::new(p) as Arc<dyn PendingLog>);
+        let log = match PendingSecrets::new(secrets.clone(), &self.export, ctx.now()) {
+            Ok(log) => Arc::new(log),
+            Err(e) => return self.failed(&opts, e.to_string()),
+        };
         let input = AudienceInput {
             owner,
             previous,
-            pending_log,
+            pending_log: Some(Arc::clone(&log) as Arc<dyn PendingLog>),
         };
         let result = run_export_synced(&ctx.services, plan, &self.creds, opts, Some(input)).await;
         let mut report = result.report;
-        if let AudienceUpdate::Replace(audience) = &result.audience
-            && let Err(why) = self.save(&secrets, audience, &fence).await
-        {
-            report = audience_not_saved(report, &why);
+        if let AudienceUpdate::Replace(audience) = &result.audience {
+            match self.save(&secrets, audience, &fence).await {
+                // The saved audience holds their users: the records read and written go.
+                Ok(()) => {
+                    records.extend(log.written());
+                    pending_store::delete_records(&secrets, &records).await;
+                }
+                Err(why) => report = audience_not_saved(report, &why),
+            }
         }
         if discard {
             report.message = format!("{}; {DISCARDED}", report.message);
@@ -304,10 +312,10 @@ impl RunTask {
     }
 
     /// The stored audience, or why it cannot be read.
-    async fn load(&self, secrets: &Api<Secret>) -> Result<Option<Encoded>, String> {
+    async fn load(&self, secrets: &Api<Secret>) -> Result<(Option<Encoded>, Vec<String>), String> {
         let loaded = tokio::time::timeout(
             AUDIENCE_TIMEOUT,
-            audience_store::load_with_pending(secrets, &self.export),
+            pending_store::load_with_pending(secrets, &self.export),
         )
         .await;
         match loaded {

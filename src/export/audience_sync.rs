@@ -100,18 +100,17 @@ pub(super) async fn plan_audience(
         }
         return Ok(None);
     };
-    let mut previous = input.previous.map(Arc::new);
+    let previous = input.previous.map(Arc::new);
     if let Some(p) = &previous {
         p.header()
             .check(&input.owner, plan.shape.identifier, alias_label(plan))
             .map_err(RunError::AudienceMismatch)?;
     }
+    // Written to another workspace (or the same one under a new key: nothing tells them
+    // apart): everyone is sent, nobody removed, and its members stay, as pending.
     let moved_from = moved_from(previous.as_deref(), workspace.as_deref());
-    if moved_from.is_some() {
-        // Its users were flagged in another workspace: nobody here holds the flag.
-        previous = None;
-    }
     let (rename, full) = run_kind(plan, opts, previous.as_deref(), now);
+    let full = full || moved_from.is_some();
     let mode = plan.delta.then_some(if full {
         SyncMode::Full
     } else {
@@ -136,10 +135,17 @@ pub(super) async fn plan_audience(
         workspace,
         moved_from,
     };
+    // A run that changes the flag records it first: if it stops, the next run knows the new
+    // value as stray (unless it already does).
+    let flag_owed = rename
+        && audience
+            .previous
+            .as_ref()
+            .is_some_and(|p| !p.header().stray_flags.contains(&plan.flag()));
     let journal = input
         .pending_log
         .filter(|_| !opts.dry_run)
-        .map(|log| Journal::new(log, new_header(&audience, plan, false, now)));
+        .map(|log| Journal::new(log, new_header(&audience, plan, false, now), flag_owed));
     let sink = SinkSync {
         track: true,
         delta_skip: plan.delta && !full,
@@ -155,11 +161,11 @@ pub(super) async fn plan_audience(
 /// members. An audience that records none was written before workspaces were recorded, and
 /// is taken to be this one's.
 fn moved_from(previous: Option<&Encoded>, workspace: Option<&str>) -> Option<(String, u64)> {
-    let p = previous?.header();
-    let (Some(was), Some(now)) = (p.workspace.as_deref(), workspace) else {
+    let p = previous?;
+    let (Some(was), Some(now)) = (p.header().workspace.as_deref(), workspace) else {
         return None;
     };
-    (was != now).then(|| (was.to_owned(), p.members))
+    (was != now).then(|| (was.to_owned(), p.header().members + p.pending_members()))
 }
 
 /// Whether the flag changed since the previous audience was written (`rename`), and whether
@@ -189,7 +195,8 @@ fn run_kind(
 /// compressed body).
 async fn load_members(previous: &Arc<Encoded>) -> Result<Seen, RunError> {
     let p = Arc::clone(previous);
-    tokio::task::spawn_blocking(move || Seen::with_previous(p.members()?, p.header().members))
+    let expected = p.header().members + p.pending_members();
+    tokio::task::spawn_blocking(move || Seen::with_previous(p.members()?, expected))
         .await
         .map_err(|e| RunError::Internal(format!("loading the stored audience failed: {e}")))?
         .map_err(RunError::AudienceUnreadable)
@@ -321,13 +328,14 @@ pub(super) async fn settle(
     // A changed flag whose old value could not be removed keeps the old audience, so that a
     // later run still knows whom to remove it from.
     if audience.rename
+        && audience.moved_from.is_none()
         && plan.removal == RemovalMode::Remove
         && !matches!(removal, Removal::Done { .. })
     {
         return AudienceUpdate::Keep;
     }
     let mut header = new_header(&audience, plan, complete, start_time);
-    header.stray_flags = stray_flags(&audience, plan, &removal);
+    header.stray_flags = stray_flags(&audience, plan, &removal, &picker);
     let state = NewState {
         seen: picker.seen,
         add_failed: picker.add_failed,
@@ -335,6 +343,7 @@ pub(super) async fn settle(
         removal,
         rename: audience.rename,
         keep_leavers: plan.removal == RemovalMode::Keep,
+        moved: audience.moved_from.is_some(),
     };
     tracing::debug!("removals settled");
     build_audience(state, header, read.sync.current, audience.previous, ended).await
@@ -356,7 +365,7 @@ fn count_added(picker: &Picker, rename: bool, pushed_new: u64) -> u64 {
 /// The sentence of a run whose stored audience was written to another Braze workspace.
 fn moved_message(was: &str, now: Option<&str>, members: u64) -> String {
     format!(
-        "the stored audience was written to another Braze workspace (fingerprint {was}; this run's is {}): this run sent everyone to this workspace and removed nobody, and the {members} users flagged in the other workspace keep the flag there (take it off there in Braze; to move an export and clear its flag behind it, delete it with cleanupOnDelete first and create it anew)",
+        "the stored audience was written to another Braze workspace, or with another API key (fingerprint {was}; this run's is {}): this run sent everyone and removed nobody; its {members} users stay in the audience as pending, so later runs take the flag off those who leave. If it really is another workspace, they keep the flag in the old one: take it off there in Braze",
         now.unwrap_or("unknown")
     )
 }
@@ -396,30 +405,34 @@ async fn remove_leavers(
     // was never flagged.
     ended.tally.look_cut = s.cut.clone();
     zero_removals(ended);
-    let Some(previous) = audience.previous.as_ref().filter(|_| complete) else {
+    let Some(previous) = audience
+        .previous
+        .as_ref()
+        .filter(|_| complete && audience.moved_from.is_none())
+    else {
         return Removal::NotRun;
     };
-    let (braze, plan, opts) = (s.braze.clone(), s.plan, s.opts);
+    let plan = s.plan;
     let names = Names::of(previous, clear_flags(audience, plan));
-    remove_within_limit(
-        previous,
-        picker,
-        names,
-        ended,
-        braze,
-        plan,
-        opts,
-        s.cut.as_deref(),
-    )
-    .await
+    remove_within_limit(previous, picker, names, ended, s).await
 }
 
 /// The flags some members of the new audience may still hold besides its own: none once
-/// every removal went through; those a `Keep` export never removes carried as they were;
-/// else every flag this run was to take off.
-fn stray_flags(audience: &AudiencePlan, plan: &ExportPlan, removal: &Removal) -> Vec<Flag> {
+/// every removal went through and every previous member in the Look was sent and taken;
+/// those a `Keep` export never removes carried as they were; else every flag this run was to
+/// take off.
+fn stray_flags(
+    audience: &AudiencePlan,
+    plan: &ExportPlan,
+    removal: &Removal,
+    picker: &Picker,
+) -> Vec<Flag> {
+    let seen = &picker.seen;
+    let all_taken = seen.taken_count() == seen.present_count()
+        && picker.add_failed.is_empty()
+        && picker.add_rejected.is_empty();
     match removal {
-        Removal::Done { failed } if failed.is_empty() => Vec::new(),
+        Removal::Done { failed } if failed.is_empty() && all_taken => Vec::new(),
         Removal::NotRun if plan.removal == RemovalMode::Keep => audience
             .previous
             .as_ref()
@@ -536,17 +549,14 @@ impl Picker {
 /// The removal limit, then the removals. A Look that may have been cut at its row limit
 /// (`cut`), or a run over the limit (unless allowed once), removes nobody: the candidates
 /// are only counted, as withheld.
-#[allow(clippy::too_many_arguments)]
 async fn remove_within_limit(
     previous: &Arc<Encoded>,
     picker: Picker,
     names: Names,
     ended: &mut Ended,
-    braze: Option<Arc<BrazeClient>>,
-    plan: &ExportPlan,
-    opts: &RunOptions,
-    cut: Option<&str>,
+    s: &Settling<'_>,
 ) -> Removal {
+    let (plan, opts, cut) = (s.plan, s.opts, s.cut.as_deref());
     let seen = Arc::clone(&picker.seen);
     let (before, present) = (seen.previous_len(), seen.present_count());
     let leaving = before - present;
@@ -574,6 +584,7 @@ async fn remove_within_limit(
         .await;
     }
     if !over || opts.allow_removal_over_limit {
+        let braze = s.braze.clone();
         return send_removals(previous, picker, names, ended, braze, plan, opts).await;
     }
     let message = limit_message(leaving, before, plan.removal_limit_percent, empty);
@@ -811,6 +822,8 @@ struct NewState {
     removal: Removal,
     rename: bool,
     keep_leavers: bool,
+    /// The audience was written to another workspace: its members stay, as pending.
+    moved: bool,
 }
 
 impl NewState {
@@ -870,6 +883,9 @@ impl NewState {
         if seen.is_taken(i) {
             // Written with this run's users.
             return None;
+        }
+        if self.moved {
+            return Some(MemberState::Pending);
         }
         if seen.is_present(i) {
             // In the Look, not sent (an invalid row, beyond maxRows): as it was; after a

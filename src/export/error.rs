@@ -9,6 +9,9 @@ use crate::looker::LookerError;
 /// The reason of a run whose stored audience belongs to another export or identifier type.
 pub const AUDIENCE_MISMATCH: &str = "AudienceMismatch";
 
+/// The reason of a run stopped because the users it was about to flag could not be recorded.
+pub const PENDING_NOT_RECORDED: &str = "PendingNotRecorded";
+
 /// The reason of a run stopped at its deadline, and of the rows it could not send.
 pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
 
@@ -64,7 +67,7 @@ impl RunError {
             Self::AudienceRequired => "AudienceRequired",
             Self::AudienceMismatch(_) => AUDIENCE_MISMATCH,
             Self::AudienceUnreadable(_) => "AudienceUnreadable",
-            Self::PendingNotRecorded(_) => super::report::AUDIENCE_NOT_SAVED,
+            Self::PendingNotRecorded(_) => PENDING_NOT_RECORDED,
             Self::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
         }
     }

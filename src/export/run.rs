@@ -15,12 +15,12 @@ use tracing::Instrument;
 use super::audience_sync::{self, AudienceInput, AudiencePlan, AudienceUpdate, RunResult};
 use super::deadline::Deadline;
 use super::ended::Ended;
-use super::error::RunError;
+use super::error::{PENDING_NOT_RECORDED, RunError};
 /// Re-exported here, where the tests that make the pipeline panic have always found it.
 pub use super::options::Failpoint;
 use super::options::{RunOptions, Services};
 use super::plan::{Credentials, ExportPlan};
-use super::report::{AUDIENCE_NOT_SAVED, RowReason, RunReport, Tally};
+use super::report::{RowReason, RunReport, Tally};
 use super::send::{SendSummary, Side, braze_client, send_all, stop_reason};
 use super::sink::{ExportSink, ReadSide, ReadSummary, SinkSync, Unsent};
 use crate::audience::seen::Seen;
@@ -339,7 +339,7 @@ fn count_unsent(
     }
     let r = match (journal_failed, fatal) {
         (Some(why), None) => FailReason::Stopped(
-            AUDIENCE_NOT_SAVED,
+            PENDING_NOT_RECORDED,
             format!("the users could not be recorded in the stored audience first ({why})"),
         ),
         _ => stop_reason(fatal),

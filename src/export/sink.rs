@@ -135,27 +135,32 @@ impl ExportSink {
         let Some(journal) = &mut self.sync.journal else {
             return self.send(batch);
         };
-        if let Some(batch) = journal.admit(batch) {
-            return self.send(batch);
-        }
-        if journal.due() {
-            return self.release();
-        }
-        self.tx.is_some()
+        let ready = journal.admit(batch);
+        self.send_ready(ready)
     }
 
-    /// Records the journal's users, then sends the batches it held (after a failed record,
-    /// counts them unsent); false when nothing more may be sent.
+    /// At the end of the read: the journal's last record, then the batches it held.
     fn release(&mut self) -> bool {
+        let sending = self.tx.is_some();
         let Some(journal) = &mut self.sync.journal else {
-            return self.tx.is_some();
+            return sending;
         };
-        let held = journal.record();
-        if journal.failed.is_some() {
+        let ready = journal.drain(sending);
+        self.send_ready(ready)
+    }
+
+    /// Sends batches the journal let go; after a failed record, counts them unsent.
+    fn send_ready(&mut self, ready: Vec<Batch>) -> bool {
+        if self
+            .sync
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.failed.is_some())
+        {
             self.tx = None;
         }
-        let mut open = true;
-        for batch in held {
+        let mut open = self.tx.is_some();
+        for batch in ready {
             open &= self.send(batch);
         }
         open
@@ -381,12 +386,15 @@ impl ExportSink {
         object: &mapping::BrazeObject<'_>,
     ) -> Result<(), Stop> {
         let key = self.seen.key(&object.id);
+        // Serialized before it is offered: an object that cannot be is counted invalid, and
+        // a previous member stays one (present, not taken).
+        if !self.serialize(number, object) {
+            self.seen.mark_present(key);
+            return Ok(());
+        }
         let offer = self.seen.offer(key);
         if offer == Offer::Duplicate {
             self.tally.counts.duplicates += 1;
-            return Ok(());
-        }
-        if !self.serialize(number, object) {
             return Ok(());
         }
         let fingerprint = if self.sync.track {
@@ -413,12 +421,12 @@ impl ExportSink {
             self.tally
                 .note(RowReason::AttributeTooLong, name, &[number]);
         }
-        let new = matches!(offer, Offer::New) || self.sync.rename;
-        if self.sync.track && new {
+        if self.sync.track && (matches!(offer, Offer::New) || self.sync.rename) {
             self.sync.pushed_new += 1;
-            if let Some(j) = &mut self.sync.journal {
-                j.note(&object.id);
-            }
+        }
+        // Only users new to the audience need a record: the others are in it already.
+        if let (Offer::New, Some(j)) = (offer, &mut self.sync.journal) {
+            j.note(&object.id);
         }
         if let Some(w) = &mut self.sync.current {
             w.push(&object.id, MemberState::Flagged, fingerprint);
