@@ -286,7 +286,12 @@ impl RunTask {
         if discard {
             report.message = format!("{}; {DISCARDED}", report.message);
         }
-        // A stored audience of another identifier type or export: tell the way back.
+        self.hint_the_way_back(report)
+    }
+
+    /// A stored audience of another identifier type or export: the report tells the way
+    /// back.
+    fn hint_the_way_back(&self, mut report: RunReport) -> RunReport {
         let mut mismatch = false;
         for e in &mut report.errors {
             if e.reason == AUDIENCE_MISMATCH {

@@ -124,7 +124,7 @@ pub(super) async fn plan_audience(
         members = seen.previous_len(),
         rename,
         full,
-        "stored audience loaded"
+        "audience loaded"
     );
     let audience = AudiencePlan {
         owner: input.owner,
@@ -135,17 +135,10 @@ pub(super) async fn plan_audience(
         workspace,
         moved_from,
     };
-    // A run that changes the flag records it first: if it stops, the next run knows the new
-    // value as stray (unless it already does).
-    let flag_owed = rename
-        && audience
-            .previous
-            .as_ref()
-            .is_some_and(|p| !p.header().stray_flags.contains(&plan.flag()));
     let journal = input
         .pending_log
         .filter(|_| !opts.dry_run)
-        .map(|log| Journal::new(log, new_header(&audience, plan, false, now), flag_owed));
+        .map(|log| journal(log, &audience, plan, now));
     let sink = SinkSync {
         track: true,
         delta_skip: plan.delta && !full,
@@ -155,6 +148,22 @@ pub(super) async fn plan_audience(
         ..SinkSync::default()
     };
     Ok(Some((audience, seen, sink)))
+}
+
+/// The run's journal, writing through `log`. A run that changes the flag records it first:
+/// if it stops, the next run knows the new value as stray (unless it already does).
+fn journal(
+    log: Arc<dyn PendingLog>,
+    audience: &AudiencePlan,
+    plan: &ExportPlan,
+    now: Timestamp,
+) -> Journal {
+    let flag_owed = audience.rename
+        && audience
+            .previous
+            .as_ref()
+            .is_some_and(|p| !p.header().stray_flags.contains(&plan.flag()));
+    Journal::new(log, new_header(audience, plan, false, now), flag_owed)
 }
 
 /// When the stored audience records another workspace than this run's: its fingerprint and
