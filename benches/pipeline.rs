@@ -161,7 +161,7 @@ fn main() {
         spec(
             &looker.url,
             &braze.url,
-            "    rateLimit: {requests: 100000000, periodSeconds: 1}\n    concurrency: 16\n",
+            "    rateLimit: {requests: 1000000, periodSeconds: 1}\n    concurrency: 16\n",
         ),
     )
     .unwrap();
@@ -299,7 +299,7 @@ fn audience(
         .unwrap();
         path.to_str().unwrap().to_owned()
     };
-    let off = "    rateLimit: {requests: 100000000, periodSeconds: 1}\n    concurrency: 16\n";
+    let off = "    rateLimit: {requests: 1000000, periodSeconds: 1}\n    concurrency: 16\n";
     let remove = "    removal: Remove\n";
     let scenarios: Vec<(&str, bool, bool)> = if skip_limited {
         vec![("limit off", false, false)]

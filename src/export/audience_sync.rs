@@ -849,8 +849,8 @@ impl NewState {
         if let Some(current) = current {
             let (body, _) = current.finish();
             let mut r = BodyReader::new(&body[..], codec::VERSION);
-            while let Some((id, _, fingerprint)) = r.next_member()? {
-                if let Some(state) = self.written_current(self.seen.key(id)) {
+            while let Some((id, recorded, fingerprint)) = r.next_member()? {
+                if let Some(state) = self.written_current(self.seen.key(id), recorded) {
                     out.push(id, state, fingerprint);
                 }
             }
@@ -874,8 +874,8 @@ impl NewState {
         Ok(Encoded::new(header, out))
     }
 
-    /// What this run's user is written as (`None`: left out).
-    fn written_current(&self, key: u64) -> Option<MemberState> {
+    /// What this run's user (written down as `recorded`) is written as (`None`: left out).
+    fn written_current(&self, key: u64, recorded: MemberState) -> Option<MemberState> {
         if self.add_rejected.contains(key) {
             let known = !self.rename && self.seen.index(key).is_some();
             return known.then_some(MemberState::Pending);
@@ -883,7 +883,7 @@ impl NewState {
         if self.add_failed.contains(key) {
             return Some(MemberState::Pending);
         }
-        Some(MemberState::Flagged)
+        Some(recorded)
     }
 
     /// What a previous member this run did not take is written as (`None`: left out).

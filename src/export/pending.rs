@@ -57,8 +57,9 @@ const RECORD_USERS: u64 = 50_000;
 /// Compressed bytes that make a record due: with the batch then held and the header, a
 /// record stays one part of a stored audience ([`crate::audience::MAX_PART_BYTES`]).
 pub const RECORD_BYTES: usize = 512 << 10;
-/// Bytes of held batches that make a record due.
-const HELD_BYTES: usize = 8 << 20;
+/// Bytes of held batches that make a record due (twice as much at most wait: one record in
+/// flight, one in the making).
+const HELD_BYTES: usize = 4 << 20;
 /// How long held batches wait at most before their record is started.
 const HELD_FOR: Duration = Duration::from_secs(2);
 

@@ -373,31 +373,33 @@ impl ExportSink {
                 }
                 Ok(())
             }
-            Ok(object) => self.offer_and_push(number, &object),
+            Ok(object) => {
+                let fingerprinted = !columns.attributes.is_empty();
+                self.offer_and_push(number, &object, fingerprinted)
+            }
         }
     }
 
     /// Deduplicates a mapped object against the run and the stored audience, skips it when
     /// delta finds it sent as it is, else batches it (a user new to the audience is noted in
-    /// the journal first) and writes it down for the new audience.
+    /// the journal first) and writes it down for the new audience. `fingerprinted`: the
+    /// Look has attributes (without, the object is the identifier and the flag alone, which
+    /// the audience's header holds: its fingerprint is 0, and no object is serialized to
+    /// count a user unchanged).
     fn offer_and_push(
         &mut self,
         number: u64,
         object: &mapping::BrazeObject<'_>,
+        fingerprinted: bool,
     ) -> Result<(), Stop> {
         let key = self.seen.key(&object.id);
-        // Serialized before it is offered: an object that cannot be is counted invalid, and
-        // a previous member stays one (present, not taken).
-        if !self.serialize(number, object) {
-            self.seen.mark_present(key);
-            return Ok(());
-        }
         let offer = self.seen.offer(key);
         if offer == Offer::Duplicate {
             self.tally.counts.duplicates += 1;
             return Ok(());
         }
-        let fingerprint = if self.sync.track {
+        let serialized = fingerprinted && self.serialize(number, object);
+        let fingerprint = if serialized && self.sync.track {
             codec::fingerprint(&self.scratch)
         } else {
             0
@@ -410,10 +412,18 @@ impl ExportSink {
         } = offer
             && self.sync.delta_skip
             && last == fingerprint
+            && (serialized || !fingerprinted)
         {
             self.sync.unchanged += 1;
             if let Some(w) = &mut self.sync.current {
                 w.push(&object.id, MemberState::Flagged, fingerprint);
+            }
+            return Ok(());
+        }
+        if !serialized && !self.serialize(number, object) {
+            // Counted invalid; still in the Look, so kept in the audience, as pending.
+            if let Some(w) = &mut self.sync.current {
+                w.push(&object.id, MemberState::Pending, 0);
             }
             return Ok(());
         }
