@@ -416,6 +416,78 @@ async fn the_finalizer_follows_the_spec_and_never_holds_an_unreadable_export() {
     op.stop().await;
 }
 
+/// The finalizers on Secret `name` (`Null` when none; `None` when it is gone).
+fn secret_finalizers(api: &FakeApiServer, name: &str) -> Option<Value> {
+    api.get(SECRETS, NS, name)
+        .map(|s| s["metadata"]["finalizers"].clone())
+}
+
+/// Waits until Secret `name` carries the cleanup finalizer (`held`) or none.
+async fn wait_key(api: &FakeApiServer, name: &str, held: bool) {
+    let want = if held {
+        json!(["looker-braze.dev/cleanup"])
+    } else {
+        Value::Null
+    };
+    wait_for(&format!("{name} held: {held}"), 10, || {
+        (secret_finalizers(api, name)? == want).then_some(())
+    })
+    .await;
+}
+
+/// The Braze key Secret is held with the cleanup finalizer while an export with
+/// `cleanupOnDelete` names it, and shared: let go only once no such export names it (one
+/// turned the field off, the other named another Secret), and the other one's after its
+/// cleanup ended.
+#[tokio::test]
+async fn a_shared_braze_key_is_held_until_no_cleanup_needs_it() {
+    let (api, w, op) = flagged_with_cleanup(20, "", config()).await;
+    wait_key(&api, "braze-api", true).await;
+    put_export(
+        &api,
+        &w,
+        "other",
+        "42",
+        "removal: Remove\nexportName: OTHER",
+        "cleanupOnDelete: true",
+    );
+    run_now(&api, "other", "r1");
+    wait_ready(&api, "other", "Succeeded", 20).await;
+
+    turn_cleanup_off(&api, "mirror").await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        secret_finalizers(&api, "braze-api"),
+        Some(json!(["looker-braze.dev/cleanup"])),
+        "other still names it"
+    );
+
+    api.put_secret(NS, "braze-api-2", &[("api_key", API_KEY)]);
+    api.patch(
+        EXPORTS,
+        NS,
+        "other",
+        json!({"spec": {"braze": {"apiKeySecretRef": {"name": "braze-api-2"}}}}),
+    );
+    wait_key(&api, "braze-api-2", true).await;
+    wait_key(&api, "braze-api", false).await;
+
+    assert_eq!(segment_of(&w, "OTHER"), 20);
+    api.delete(EXPORTS, NS, "other");
+    wait_for("the export to go", 20, || {
+        api.get(EXPORTS, NS, "other").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(segment_of(&w, "OTHER"), 0, "cleaned up with the held key");
+    wait_key(&api, "braze-api-2", false).await;
+    assert!(api.denied().is_empty(), "{:?}", api.denied());
+    op.stop().await;
+}
+
+fn segment_of(w: &World, value: &str) -> usize {
+    w.braze.segment("looker_export", value).len()
+}
+
 /// A cleanup that takes too long is stopped at `cleanup_timeout`: the export goes, and the
 /// Warning says how many users keep the flag.
 #[tokio::test]

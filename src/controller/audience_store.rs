@@ -39,14 +39,13 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::core::PartialObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::finalizer::{self, FINALIZER, finalizer_patch};
-use super::retry::{self, retry};
+use super::finalizer::{self, FINALIZER};
+pub(super) use super::finalizer::SecretMeta;
 use super::watched::Watched;
 use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
 use crate::spec::BrazeExport;
@@ -311,9 +310,6 @@ pub async fn load_audience(
     Ok(Some(encoded))
 }
 
-/// A Secret's metadata alone, as a metadata-only list or read answers it.
-pub(super) type SecretMeta = PartialObjectMeta<Secret>;
-
 pub(super) fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
     s.data.as_ref()?.get(key).map(|b| b.0.as_slice())
 }
@@ -514,7 +510,7 @@ pub async fn discard_audience(
 pub async fn hold_audience(api: &Api<Secret>, uid: &str, hold: bool) -> Result<(), StoreError> {
     let mut first_error = None;
     for s in owned(api, uid).await? {
-        if let Err(e) = set_held(api, &s, hold).await {
+        if let Err(e) = finalizer::set_on_secret(api, &s, hold).await {
             first_error.get_or_insert(e);
         }
     }
@@ -528,41 +524,9 @@ pub(super) async fn owned(api: &Api<Secret>, uid: &str) -> Result<Vec<SecretMeta
     Ok(api.list_metadata(&lp).await?.items)
 }
 
-/// Puts the finalizer on `s` or takes it off ([`finalizer_patch`]; read again after a
-/// conflict). A Secret being deleted gets no new finalizer.
-async fn set_held(api: &Api<Secret>, s: &SecretMeta, hold: bool) -> Result<(), kube::Error> {
-    let name = s.name_any();
-    let current = std::sync::Mutex::new(Some(s.clone()));
-    let attempt = |_| async {
-        let Some(now) = current.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Ok(());
-        };
-        let has = now.finalizers().iter().any(|f| f == FINALIZER);
-        if has == hold || (hold && now.metadata.deletion_timestamp.is_some()) {
-            return Ok(());
-        }
-        let patch = finalizer_patch(now.finalizers(), hold, now.resource_version(), None);
-        match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                // Tried again on the fresh object; gone is as good as let go.
-                let fresh = api.get_metadata_opt(&name).await?;
-                *current.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
-                Err(kube::Error::Api(e))
-            }
-            other => other.map(|_| ()),
-        }
-    };
-    let conflict = |e: &kube::Error, _| matches!(e, kube::Error::Api(s) if s.code == 409);
-    retry(retry::SECRET_CONFLICT, attempt, conflict).await
-}
-
 /// Lets `s` go, then deletes it.
 pub(super) async fn discard(api: &Api<Secret>, s: &SecretMeta) -> Result<(), kube::Error> {
-    set_held(api, s, false).await?;
+    finalizer::set_on_secret(api, s, false).await?;
     match api.delete(&s.name_any(), &DeleteParams::default()).await {
         Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
         other => other.map(|_| ()),

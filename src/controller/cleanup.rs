@@ -4,9 +4,13 @@
 //!
 //! A deletion never hangs: the finalizer goes when the cleanup ends however it ended (Braze
 //! refusing the key, the Braze Secret already gone, an invalid spec, the cleanup timeout),
-//! with a Warning Event saying how many users keep the flag. Only a term that ends (shutdown,
-//! a lost Lease) leaves it, so that the next leader cleans up; removing a value twice is
-//! harmless.
+//! with a Warning saying how many users keep the flag. Only a term that ends (shutdown, a lost
+//! Lease) leaves it, so that the next leader cleans up; removing a value twice is harmless.
+//!
+//! The Braze key Secret is held too ([`key_hold`]), so that a namespace deletion, which deletes
+//! every kind at once, leaves the cleanup its key; it is let go once the cleanup ended. How
+//! the cleanup ended goes to the export's status, an Event, one log line and the metrics: a
+//! terminating namespace refuses the Event, and the status is then where a user sees it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +30,7 @@ use super::status::{self, reason};
 use super::step::Note;
 use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, RUN_POLL};
 use super::watched::Watched;
-use super::{audience_store, credentials, events, pending_store, writer};
+use super::{audience_store, credentials, events, key_hold, pending_store, writer};
 use crate::audience::{Encoded, Owner};
 use crate::export::report::{Outcome, RunReport, Trigger};
 use crate::export::{AudienceInput, Credentials, ExportPlan, RunOptions, remove_audience};
@@ -34,10 +38,19 @@ use crate::spec::BrazeExport;
 
 /// Adds the finalizer, or removes it, as [`wanted`] says.
 pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Result<(), Error> {
-    // Its audience Secrets first: held before a deletion could take them, or let go so that
-    // none is left holding on.
-    set_audience_held(ctx, &namespace(export), &uid(export), on).await?;
-    finalizer::set_on_export(&exports(ctx, &namespace(export)), export, on).await
+    let ns = namespace(export);
+    // What the cleanup reads first, the Braze key and the audience Secrets: held before a
+    // deletion could take them, or let go so that none is left holding on.
+    if on {
+        key_hold::hold(ctx, export).await;
+    }
+    set_audience_held(ctx, &ns, &uid(export), on).await?;
+    finalizer::set_on_export(&exports(ctx, &ns), export, on).await?;
+    if !on {
+        // Read fresh, the export no longer needs its key.
+        key_hold::release_unneeded(ctx, &ns, None).await;
+    }
+    Ok(())
 }
 
 /// Puts the finalizer on the audience Secrets of the export `uid`, or takes it off.
@@ -64,7 +77,9 @@ async fn set_audience_held(
 /// cleanup.
 async fn let_go(ctx: &Context, namespace: &str, name: &str, uid: &str) -> Result<(), Error> {
     set_audience_held(ctx, namespace, uid, false).await?;
-    finalizer::release(&exports(ctx, namespace), name, uid).await
+    finalizer::release(&exports(ctx, namespace), name, uid).await?;
+    key_hold::release_unneeded(ctx, namespace, Some(uid)).await;
+    Ok(())
 }
 
 /// An export being deleted. With the finalizer: stops its run (which records its end and
@@ -119,9 +134,27 @@ struct Cleanup {
     active: ActiveGuard,
 }
 
+/// How a cleanup ended: what to tell, the report of its removals (when it ran), and the size
+/// of the stored audience (when it was read).
+struct Ended {
+    note: Note,
+    report: Option<RunReport>,
+    members: Option<u64>,
+}
+
+impl From<Note> for Ended {
+    fn from(note: Note) -> Self {
+        Self {
+            note,
+            report: None,
+            members: None,
+        }
+    }
+}
+
 impl Cleanup {
-    /// The cleanup, then its Event, then the audience Secrets deleted and the finalizer
-    /// released, in that order: the Event is the only record once the export is gone.
+    /// The cleanup, then its record, then the audience Secrets deleted and the finalizer
+    /// released, in that order: the record must be written while the export exists.
     async fn carry_out(self) {
         let ctx = &self.ctx;
         let (ns, name, uid) = (
@@ -135,22 +168,49 @@ impl Cleanup {
             Ok(Some(_)) => {}
             Ok(None) => {
                 let _ = set_audience_held(ctx, &ns, &uid, false).await;
+                key_hold::release_unneeded(ctx, &ns, Some(&uid)).await;
                 return;
             }
             Err(_) => return,
         }
-        let note = self.bounded().await;
+        let ended = self.bounded().await;
         if self.active.stop().is_cancelled() {
             // The term ended: the finalizer stays, and the next leader cleans up again.
             return;
         }
-        events::publish(ctx, &self.export, &note).await;
+        self.record(&ended).await;
         self.finish(&ns, &name, &uid).await;
+    }
+
+    /// Writes how the cleanup ended to the export's status, then tells it in an Event, one log
+    /// line and the metrics. The status first: in a terminating namespace the Event is refused
+    /// (nothing new may be created there), while the export, held by its finalizer, still
+    /// takes a status.
+    async fn record(&self, ended: &Ended) {
+        let (ctx, export, note) = (&self.ctx, &self.export, &ended.note);
+        let api = exports(ctx, &namespace(export));
+        let next = |current: &crate::spec::BrazeExportStatus| {
+            let (generation, now) = (export.metadata.generation, ctx.now());
+            status::cleaned(
+                current,
+                ended.report.as_ref(),
+                generation,
+                note.reason,
+                &note.message,
+                now,
+            )
+        };
+        if let Err(e) = writer::write_fresh(&api, &export.name_any(), &uid(export), next).await {
+            tracing::warn!(error = %e, "cannot write the cleanup's end to the status");
+        }
+        events::publish(ctx, export, note).await;
+        ctx.metrics.record_cleanup(note.reason);
+        log_end(&key(export), ended);
     }
 
     /// The cleanup within the cleanup timeout, which counts the wait for a run slot too: a
     /// deletion must not wait on long runs of other exports for ever.
-    async fn bounded(&self) -> Note {
+    async fn bounded(&self) -> Ended {
         let bound = self.active.stop().child_token();
         let timer = {
             let (bound, after) = (bound.clone(), self.ctx.cleanup_timeout);
@@ -164,13 +224,13 @@ impl Cleanup {
             () = bound.cancelled() => None,
             p = Arc::clone(&self.ctx.permits).acquire_owned() => p.ok(),
         };
-        let note = match permit {
+        let ended = match permit {
             Some(_) => self.clean(bound).await,
-            None => incomplete("no run slot came free in time".into()),
+            None => incomplete("no run slot came free in time".into()).into(),
         };
         timer.abort();
         drop(permit);
-        note
+        ended
     }
 
     /// Deletes the audience Secrets, then releases the export.
@@ -192,21 +252,28 @@ impl Cleanup {
         if let Err(e) = finalizer::release(&exports(ctx, ns), name, uid).await {
             // Looked at again after RUN_POLL.
             tracing::warn!(error = %e, "cannot remove the finalizer");
+            return;
         }
+        // Only now: until the finalizer went, a failure would have the cleanup done again.
+        key_hold::release_unneeded(ctx, ns, Some(uid)).await;
     }
 
     /// Removes the flag from the stored audience; what to tell about it.
-    async fn clean(&self, bound: CancellationToken) -> Note {
+    async fn clean(&self, bound: CancellationToken) -> Ended {
         let (plan, creds, previous) = match self.gather().await {
             Ok(Some(ready)) => ready,
             Ok(None) => {
-                return Note {
+                let note = Note {
                     warning: false,
                     reason: reason::CLEANED_UP,
                     message: "no stored audience: nobody to remove the flag from".into(),
                 };
+                return Ended {
+                    members: Some(0),
+                    ..note.into()
+                };
             }
-            Err(why) => return incomplete(why),
+            Err(why) => return incomplete(why).into(),
         };
         let ctx = &self.ctx;
         let export = &self.export;
@@ -246,7 +313,11 @@ impl Cleanup {
         report.start_time = started;
         report.completion_time = Some(ctx.now());
         ctx.metrics.record_run(&report, ctx.now());
-        outcome_note(&report, &flag, members, bound.is_cancelled())
+        Ended {
+            note: outcome_note(&report, &flag, members, bound.is_cancelled()),
+            report: Some(report),
+            members: Some(members),
+        }
     }
 
     /// The plan, the Braze key and the stored audience (`None`: there is none), or why not.
@@ -312,6 +383,25 @@ fn outcome_note(report: &RunReport, flag: &str, members: u64, stopped: bool) -> 
         message: format!(
             "removed {flag} for {removed} of the {members} users of the stored audience; {kept} may keep it ({why})"
         ),
+    }
+}
+
+/// The one log line of a cleanup's end, with its counts (`unknown`: the stored audience was
+/// not read).
+fn log_end(export: &str, ended: &Ended) {
+    let removed = ended
+        .report
+        .as_ref()
+        .map_or(0, |r| r.counts.removed.unwrap_or(0));
+    let (members, kept) = match ended.members {
+        Some(m) => (m.to_string(), m.saturating_sub(removed).to_string()),
+        None => ("unknown".to_owned(), "unknown".to_owned()),
+    };
+    let outcome = ended.note.reason;
+    if ended.note.warning {
+        tracing::warn!(export, outcome, removed, %members, %kept, message = %ended.note.message, "the cleanup ended");
+    } else {
+        tracing::info!(export, outcome, removed, %members, %kept, "the cleanup ended");
     }
 }
 

@@ -58,6 +58,9 @@ pub struct Context {
     pub cleanup_timeout: Duration,
     /// The caches of the term's Controllers, one per watched namespace.
     pub stores: StoreSlot,
+    /// The Braze key Secret each export (by uid) was seen to hold this term (see
+    /// [`key_hold`](super::key_hold)).
+    pub held_keys: Mutex<HashMap<String, String>>,
 }
 
 /// The exports with a task in this process, each with its kind and the token that stops it.

@@ -1,8 +1,10 @@
 //! The cleanup finalizer, `looker-braze.dev/cleanup`: whether an export wants it, the patch
-//! that puts it on an object or takes it off (exports and their audience Secrets alike), and
-//! its release from a deleted export.
+//! that puts it on an object or takes it off (exports, their audience Secrets and their Braze
+//! key Secret alike), and its release from a deleted export.
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -48,6 +50,45 @@ pub fn finalizer_patch(
         metadata["uid"] = json!(uid);
     }
     json!({ "metadata": metadata })
+}
+
+/// A Secret's metadata alone, as a metadata-only list or read answers it.
+pub type SecretMeta = PartialObjectMeta<Secret>;
+
+/// Puts the finalizer on the Secret `s` or takes it off ([`finalizer_patch`]; read again
+/// after a conflict). A Secret being deleted gets no new finalizer; one gone is let go.
+pub async fn set_on_secret(
+    api: &Api<Secret>,
+    s: &SecretMeta,
+    hold: bool,
+) -> Result<(), kube::Error> {
+    let name = s.name_any();
+    let current = std::sync::Mutex::new(Some(s.clone()));
+    let attempt = |_| async {
+        let Some(now) = current.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let has = now.finalizers().iter().any(|f| f == FINALIZER);
+        if has == hold || (hold && now.metadata.deletion_timestamp.is_some()) {
+            return Ok(());
+        }
+        let patch = finalizer_patch(now.finalizers(), hold, now.resource_version(), None);
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.is_not_found() => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Tried again on the fresh object; gone is as good as let go.
+                let fresh = api.get_metadata_opt(&name).await?;
+                *current.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+                Err(kube::Error::Api(e))
+            }
+            other => other.map(|_| ()),
+        }
+    };
+    let conflict = |e: &kube::Error, _| matches!(e, kube::Error::Api(s) if s.code == 409);
+    retry(retry::SECRET_CONFLICT, attempt, conflict).await
 }
 
 /// Puts the finalizer on `export` (`hold`) or takes it off, on the version it shows.

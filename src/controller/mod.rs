@@ -9,7 +9,8 @@
 //! - [`run_task`] and [`cleanup`]: a run in its own task, a deleted export's cleanup;
 //! - the leaves, which import nothing above them: [`effect`] (write, publish, next action),
 //!   [`writer`] (status writes), [`events`], [`credentials`], [`audience_store`],
-//!   [`finalizer`], [`retry`], [`timeouts`], [`context`], [`error`];
+//!   [`key_hold`] (the Braze key Secret held for a cleanup), [`finalizer`], [`retry`],
+//!   [`timeouts`], [`context`], [`error`];
 //! - the pure parts: [`step`], [`flags`], [`status`], [`watched`], [`freshness`], [`gauges`].
 
 pub mod audience_store;
@@ -24,6 +25,7 @@ pub mod finalizer;
 pub mod flags;
 pub mod freshness;
 pub mod gauges;
+pub mod key_hold;
 pub mod lease;
 pub mod pending_store;
 pub mod reconcile;

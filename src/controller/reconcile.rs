@@ -14,6 +14,7 @@ use super::credentials::read_credentials;
 use super::effect::{Target, effect};
 use super::error::Error;
 use super::finalizer::{held, wanted};
+use super::key_hold;
 use super::run_task::RunTask;
 use super::status::reason;
 use super::step::{self, Note, Start, Step, Then};
@@ -56,6 +57,10 @@ async fn handle(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Erro
         }
         cleanup::set_finalizer(ctx, export, wanted(export)).await?;
         return Ok(Action::await_change());
+    }
+    if wanted(export) {
+        // Once a term per key name (the export may name another one now).
+        key_hold::hold(ctx, export).await;
     }
     let others = ctx.others(export);
     match step::step(export, &ctx.facts(ctx.is_active(&key), &others)) {

@@ -58,6 +58,15 @@ pub const PENDING_RECORD: Policy = Policy {
     max_steps: 3,
 };
 
+/// Letting go of a Braze key Secret (the last cleanup naming it ended): five tries, pausing
+/// 200 ms, 400 ms, …, since nothing looks at it again once its export is gone (in a
+/// terminating namespace, a Secret left held would hold the namespace).
+pub const KEY_RELEASE: Policy = Policy {
+    attempts: Some(5),
+    pause: Duration::from_millis(200),
+    max_steps: 5,
+};
+
 impl Policy {
     fn pause_after(&self, attempt: u32) -> Duration {
         self.pause * attempt.min(self.max_steps)

@@ -62,11 +62,14 @@ pub mod reason {
     /// `Ready` and Event: an export created earlier removes the same flag (workspace,
     /// attribute and value) with `removal: Remove`; this one does not run.
     pub const FLAG_CONFLICT: &str = "FlagConflict";
+    /// Event: the operator may not put the cleanup finalizer on the export's Braze key
+    /// Secret (a deletion of the namespace may delete the key before the cleanup reads it).
+    pub const BRAZE_KEY_NOT_HELD: &str = "BrazeKeyNotHeld";
     /// Watch error (metric): an export this version cannot decode.
     pub const UNDECODABLE_OBJECT: &str = "UndecodableObject";
 
     /// All of them but the metric-only [`UNDECODABLE_OBJECT`].
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 25] = [
         SUCCEEDED,
         PARTIALLY_SUCCEEDED,
         FAILED,
@@ -91,6 +94,7 @@ pub mod reason {
         AUDIENCE_UNREADABLE,
         CREDENTIALS_NOT_ALLOWED,
         FLAG_CONFLICT,
+        BRAZE_KEY_NOT_HELD,
     ];
 }
 
@@ -343,6 +347,35 @@ pub fn cleaning(
     s
 }
 
+/// Status when a deleted export's cleanup ended: its `report` (when it ran) in `lastRun` and
+/// `history`, and `Running=False` with the cleanup's reason (`CleanedUp` or
+/// `CleanupIncomplete`) and `message`. `Ready` stays as the last scheduled run left it.
+pub fn cleaned(
+    current: &BrazeExportStatus,
+    report: Option<&RunReport>,
+    generation: Option<i64>,
+    why: &str,
+    message: &str,
+    now: Timestamp,
+) -> BrazeExportStatus {
+    let mut s = current.clone();
+    if let Some(report) = report {
+        s.last_run = Some(report.clone());
+        push_history(&mut s, report, now);
+    }
+    s.runner = None;
+    set_condition(
+        &mut s.conditions,
+        "Running",
+        "False",
+        why,
+        message.to_owned(),
+        generation,
+        now,
+    );
+    s
+}
+
 /// Status while a run goes on: the counts so far in `lastRun`.
 pub fn progress(current: &BrazeExportStatus, rows_read: u64, sent: u64) -> BrazeExportStatus {
     let mut s = current.clone();
@@ -371,6 +404,17 @@ pub fn finished(
     if report.outcome == Outcome::Succeeded {
         s.last_successful_time = report.completion_time;
     }
+    push_history(&mut s, report, now);
+    if next.is_some() {
+        s.next_schedule_time = next;
+    }
+    ready_from_run(&mut s, generation, retry, now);
+    set_idle(&mut s, generation, now);
+    s
+}
+
+/// `report` first in `status.history`, which keeps [`HISTORY`] runs.
+fn push_history(s: &mut BrazeExportStatus, report: &RunReport, now: Timestamp) {
     s.history.insert(
         0,
         RunSummary {
@@ -382,12 +426,6 @@ pub fn finished(
         },
     );
     s.history.truncate(HISTORY);
-    if next.is_some() {
-        s.next_schedule_time = next;
-    }
-    ready_from_run(&mut s, generation, retry, now);
-    set_idle(&mut s, generation, now);
-    s
 }
 
 /// Status of a run left `Running` by an operator instance that is gone (it crashed, or lost

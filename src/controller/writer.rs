@@ -62,6 +62,35 @@ pub async fn write_undecodable(
     .await
 }
 
+/// Writes `next(current status)` to the export `name` as it is now, if it still has `uid`
+/// (read fresh, and again after a conflict): for a writer that keeps no version of its own,
+/// such as a cleanup's end. [`Error::Gone`] when the export is gone or recreated.
+pub async fn write_fresh(
+    api: &Api<Watched>,
+    name: &str,
+    uid: &str,
+    next: impl Fn(&BrazeExportStatus) -> BrazeExportStatus,
+) -> Result<(), Error> {
+    let attempt = |_| async {
+        let fresh = tokio::time::timeout(API_TIMEOUT, api.get_opt(name))
+            .await
+            .map_err(|_| Error::Timeout("reading the export"))??;
+        let Some(Watched::Decoded(export)) = fresh.filter(|f| f.uid().as_deref() == Some(uid))
+        else {
+            return Err(Error::Gone);
+        };
+        let status = next(&export.status.clone().unwrap_or_default());
+        let rv = export.resource_version();
+        apply_status(api, name, uid, rv.as_deref(), &status)
+            .await
+            .map(drop)
+    };
+    retry(retry::STATUS_CONFLICT, attempt, |e, _| {
+        matches!(e, Error::Conflict(_))
+    })
+    .await
+}
+
 /// Applies `status` to the object `name` if it still has `uid` and `resource_version`;
 /// returns the new `resourceVersion`. The answer is read as [`Watched`], so a write to an
 /// export this version cannot decode succeeds as such.

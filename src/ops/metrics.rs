@@ -104,6 +104,7 @@ pub struct Metrics {
     watch_errors: Family<ReasonLabel, Counter>,
     status_write_failures: Family<ReasonLabel, Counter>,
     audience_save_failures: Counter,
+    cleanups: Family<ResultLabel, Counter>,
     leader: Gauge,
     exports: Family<ReadyLabel, Gauge>,
     overdue: Gauge,
@@ -180,6 +181,12 @@ impl Metrics {
             "Runs whose stored audience could not be saved (the previous one stays)",
             audience_save_failures.clone(),
         );
+        let cleanups = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "cleanups",
+            "Cleanups of deleted exports (cleanupOnDelete) that ended, by result (CleanedUp, CleanupIncomplete)",
+            cleanups.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -234,6 +241,7 @@ impl Metrics {
             watch_errors,
             status_write_failures,
             audience_save_failures,
+            cleanups,
             leader,
             exports,
         }
@@ -253,6 +261,12 @@ impl Metrics {
         self.requests.inc_by(r.counts.requests);
         self.retries.inc_by(r.counts.retries);
         self.rate_limited.inc_by(r.counts.rate_limited);
+    }
+
+    /// Counts a cleanup that ended, by its result (`CleanedUp` or `CleanupIncomplete`); its
+    /// removals are counted by [`Metrics::record_run`], when it ran.
+    pub fn record_cleanup(&self, result: &'static str) {
+        self.cleanups.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Records how late a scheduled run started.

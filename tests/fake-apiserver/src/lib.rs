@@ -22,7 +22,10 @@
 //!   [`FakeApiServer::set_crd`] (another CRD version), [`FakeApiServer::put_unchecked`] and
 //!   [`FakeApiServer::refuse_status_writes`] (one export's status writes refused, 403 or 422);
 //! - an events.k8s.io Event whose `note` is over 1,024 bytes is refused (422 `Invalid`), as
-//!   the apiserver's own validation does.
+//!   the apiserver's own validation does;
+//! - a namespace's deletion ([`FakeApiServer::delete_namespace`], or a DELETE of
+//!   `/api/v1/namespaces/NAME`) is the namespace controller's: `Terminating`, creates in it
+//!   refused (403), every object in it deleted at once, the namespace gone once empty.
 //!
 //! Where things are:
 //! - this file: the public API, [`FakeApiServer`] with its test-side helpers and knobs;
@@ -32,10 +35,12 @@
 //! - `watch`: list and watch, with label and field selectors;
 //! - `storage`: the stored objects and their change log, deletion with finalizers and
 //!   garbage collection;
+//! - `namespaces`: namespaces, their termination and the namespace controller;
 //! - `admission`: the CRD's schema (pruning, defaulting, validation) and its CEL rules; the
 //!   Event note's limit.
 
 mod admission;
+mod namespaces;
 mod routing;
 mod storage;
 mod watch;
@@ -64,6 +69,8 @@ pub const SECRETS: &str = "v1/secrets";
 pub const EVENTS: &str = "events.k8s.io/v1/events";
 /// Leases.
 pub const LEASES: &str = "coordination.k8s.io/v1/leases";
+/// Namespaces (cluster-scoped: stored, read and deleted with the namespace `""`).
+pub const NAMESPACES: &str = "v1/namespaces";
 
 /// The field manager the test-side helpers ([`FakeApiServer::put`], [`FakeApiServer::patch`])
 /// write as.
@@ -262,11 +269,15 @@ impl FakeApiServer {
         .map(|(_, v)| v)
     }
 
-    fn key_of(object: &Value) -> (String, String) {
+    fn key_of(resource: &str, object: &Value) -> (String, String) {
         let ns = object
             .pointer("/metadata/namespace")
             .and_then(Value::as_str)
-            .unwrap_or("default")
+            .unwrap_or(if resource == NAMESPACES {
+                ""
+            } else {
+                "default"
+            })
             .to_owned();
         let name = object
             .pointer("/metadata/name")
@@ -286,13 +297,13 @@ impl FakeApiServer {
 
     /// Like [`FakeApiServer::put`], answering the refusal instead of panicking.
     pub fn try_put(&self, resource: &str, object: Value) -> Result<Value, Rejection> {
-        let (ns, name) = Self::key_of(&object);
+        let (ns, name) = Self::key_of(resource, &object);
         self.helper_write(resource, ns, name, Op::Create, object, true)
     }
 
     /// Stores an object without admission (as an older or newer CRD may have let it in).
     pub fn put_unchecked(&self, resource: &str, object: Value) -> Value {
-        let (ns, name) = Self::key_of(&object);
+        let (ns, name) = Self::key_of(resource, &object);
         self.helper_write(resource, ns, name, Op::Create, object, false)
             .unwrap_or_else(|r| panic!("the fake apiserver refused the object: {r}"))
     }
@@ -354,6 +365,25 @@ impl FakeApiServer {
             (resource.to_owned(), namespace.to_owned(), name.to_owned()),
             true,
         );
+    }
+
+    /// Deletes namespace `name` as `kubectl delete namespace` would, and answers at once (the
+    /// namespace controller's work goes on as finalizers are removed): it is `Terminating`,
+    /// nothing new may be created in it, every object in it is deleted, and it is removed once
+    /// empty. A namespace never created is created first.
+    pub fn delete_namespace(&self, name: &str) {
+        self.delete(NAMESPACES, "", name);
+    }
+
+    /// Every object removed so far (deletions completed), oldest first: its resource and the
+    /// object as it was last stored.
+    pub fn removed(&self) -> Vec<(String, Value)> {
+        self.lock()
+            .log
+            .iter()
+            .filter(|c| c.kind == "DELETED")
+            .map(|c| (c.resource.clone(), c.object.clone()))
+            .collect()
     }
 
     /// The stored object.

@@ -3,7 +3,7 @@
 //! removing an object (each a watch event); a DELETE, which only marks an object with
 //! finalizers (`deletionTimestamp`) until the last one is removed; and the garbage collector,
 //! which deletes what an object owns (`ownerReferences`), before it (foreground) or after it
-//! (background).
+//! (background). A namespace's deletion is `namespaces`'.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
-use crate::Write;
 use crate::admission::Crd;
 use crate::write::Owner;
+use crate::{NAMESPACES, Write, namespaces};
 
 /// (resource, namespace, name); resource is `group/version/plural` (`v1/secrets` for core).
 pub(crate) type Key = (String, String, String);
@@ -80,6 +80,7 @@ pub(crate) fn kind_of(resource: &str) -> &'static str {
         "secrets" => "Secret",
         "events" => "Event",
         "leases" => "Lease",
+        "namespaces" => "Namespace",
         _ => "Unknown",
     }
 }
@@ -110,7 +111,7 @@ pub(crate) fn qualified_resource(resource: &str) -> String {
 }
 
 /// Now, to the second, as metadata timestamps are written.
-fn now() -> Value {
+pub(crate) fn now() -> Value {
     json!(
         jiff::Timestamp::now()
             .round(jiff::Unit::Second)
@@ -143,6 +144,9 @@ pub(crate) fn delete_object(
     key: Key,
     foreground: bool,
 ) -> Option<Value> {
+    if key.0 == NAMESPACES {
+        return Some(namespaces::terminate(state, inner, &key.2));
+    }
     let object = inner.objects.get(&key)?;
     if foreground {
         let uid = object["metadata"]["uid"].clone();
@@ -182,27 +186,28 @@ fn dependents(inner: &Inner, uid: &Value) -> Vec<Key> {
         .collect()
 }
 
-/// Removes an object and tells the watchers.
+/// Removes an object and tells the watchers; then the garbage collector deletes what it
+/// owned, and a terminating namespace goes with its last object.
 pub(crate) fn remove(state: &ApiState, inner: &mut Inner, key: Key) -> Option<Value> {
-    let object = inner.objects.remove(&key)?;
-    // The garbage collector: what it owned goes too.
-    for dependent in dependents(inner, &object["metadata"]["uid"]) {
-        delete_object(state, inner, dependent, false);
-    }
+    let mut object = inner.objects.remove(&key)?;
     inner.owners.remove(&key);
     inner.rv += 1;
-    let mut object = object;
     object["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+    let (resource, namespace, _) = key;
     let change = Change {
         rv: inner.rv,
-        resource: key.0,
-        namespace: key.1,
+        resource,
+        namespace: namespace.clone(),
         kind: "DELETED",
         object: object.clone(),
         due: Instant::now() + inner.watch_lag,
     };
     inner.log.push(change.clone());
     let _ = state.changes.send(change);
+    for dependent in dependents(inner, &object["metadata"]["uid"]) {
+        delete_object(state, inner, dependent, false);
+    }
+    namespaces::finish(state, inner, &namespace);
     Some(object)
 }
 
@@ -218,7 +223,12 @@ pub(crate) fn store(state: &ApiState, inner: &mut Inner, key: Key, mut object: V
         object["metadata"] = json!({});
     }
     let meta = object["metadata"].as_object_mut().expect("metadata");
-    meta.insert("namespace".into(), json!(key.1));
+    if key.1.is_empty() {
+        // Cluster-scoped (a Namespace).
+        meta.remove("namespace");
+    } else {
+        meta.insert("namespace".into(), json!(key.1));
+    }
     meta.insert("name".into(), json!(key.2));
     meta.insert("resourceVersion".into(), json!(rv.to_string()));
     meta.entry("uid")

@@ -3,7 +3,8 @@
 //! the `uid` and `resourceVersion` preconditions), made (a create, a replace, an RFC 7386
 //! merge patch, or a server-side apply with its conflicts and the removal of what its
 //! manager no longer sets), kept to its scope (the main resource or the `/status`
-//! subresource), admitted by the CRD, and stored, with the fields each manager owns.
+//! subresource), admitted by the CRD, and stored, with the fields each manager owns. Nothing
+//! new is created in a terminating namespace (`crate::namespaces`).
 
 use std::collections::HashMap;
 
@@ -11,12 +12,12 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use crate::EVENTS;
 use crate::admission::{Crd, FieldError, check_event};
 use crate::storage::{
     ApiState, Inner, Key, api_version_of, finalizers, group_plural, kind_of, qualified_resource,
     remove, store,
 };
+use crate::{EVENTS, NAMESPACES, namespaces};
 
 /// A write the server refused: the `Status` it answered.
 #[derive(Clone, Debug, PartialEq)]
@@ -355,6 +356,16 @@ pub(crate) fn apply_write(
     let has_status = crd.is_some();
     let old = inner.objects.get(&key).cloned();
     check_request(&req, old.as_ref(), crd.as_deref())?;
+    if old.is_none() && namespaces::terminating(inner, &req.namespace) {
+        let (group, _) = group_plural(&req.resource);
+        return Err(namespaces::refused_create(
+            &qualified_resource(&req.resource),
+            kind_of(&req.resource),
+            &group,
+            &req.name,
+            &req.namespace,
+        ));
+    }
     let base = old.clone().unwrap_or_else(|| json!({"metadata": {}}));
     let mut owners = inner.owners.get(&key).cloned().unwrap_or_default();
     let mut object = match req.op {
@@ -367,6 +378,9 @@ pub(crate) fn apply_write(
         }
         Op::Apply => applied(&req, &base, &mut owners, has_status)?,
     };
+    if old.is_none() && req.resource == NAMESPACES {
+        object = namespaces::created(object);
+    }
     keep_identity(&mut object, old.as_ref());
     if req.op != Op::Apply {
         own_updated(&mut owners, &req, &object, old.as_ref(), has_status);

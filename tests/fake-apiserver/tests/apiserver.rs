@@ -1335,3 +1335,171 @@ async fn a_metadata_list_answers_metadata_alone_and_is_recorded_so() {
     );
     assert!(!last.ends_with(" (metadata)"), "{last}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Namespace deletion
+
+/// A namespace's deletion as the namespace controller does it: `Terminating` at once, creates
+/// in it refused (403 in the NamespaceLifecycle plugin's words) while reads and writes of what
+/// is there go on, every object of every kind deleted at once (those with finalizers stay
+/// until they are removed, whatever they own or are owned by), the namespace gone once empty.
+#[tokio::test]
+async fn a_namespace_deletion_terminates_deletes_everything_at_once_and_ends_when_empty() {
+    use fake_apiserver::{NAMESPACES, SECRETS};
+    use k8s_openapi::api::core::v1::{Namespace, Secret};
+    let api = FakeApiServer::start().await;
+    let namespaces: Api<Namespace> = Api::all(api.client());
+    let created = namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        created.status.and_then(|s| s.phase).as_deref(),
+        Some("Active")
+    );
+    let x = create(&api, export("x")).await.unwrap();
+    dynamic(api.client())
+        .patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["looker-braze.dev/cleanup"]}})),
+        )
+        .await
+        .unwrap();
+    create(&api, export("y")).await.unwrap();
+    api.put_secret(NS, "held", &[("api_key", "k")]);
+    api.patch(
+        SECRETS,
+        NS,
+        "held",
+        json!({"metadata": {"finalizers": ["looker-braze.dev/cleanup"]}}),
+    );
+    api.put_secret(NS, "plain", &[("a", "b")]);
+    // Owned by the held export: deleted at once all the same (no foreground wait).
+    api.put(
+        SECRETS,
+        json!({"metadata": {"name": "owned", "namespace": NS, "ownerReferences": [{"apiVersion": AV, "kind": "BrazeExport", "name": "x", "uid": x.metadata.uid.clone().unwrap()}]}}),
+    );
+    api.put_secret("other", "elsewhere", &[("a", "b")]);
+
+    namespaces
+        .delete(NS, &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    let ns = namespaces.get(NS).await.unwrap();
+    assert!(ns.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        ns.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    let gone: Vec<String> = api
+        .removed()
+        .into_iter()
+        .map(|(r, o)| format!("{r} {}", o["metadata"]["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        gone,
+        [
+            "looker-braze.dev/v1alpha1/brazeexports y",
+            "v1/secrets owned",
+            "v1/secrets plain"
+        ]
+    );
+    for (resource, name) in [(EXPORTS, "x"), (SECRETS, "held")] {
+        let o = api.get(resource, NS, name).expect("held by its finalizer");
+        assert!(o["metadata"]["deletionTimestamp"].is_string(), "{o}");
+    }
+    assert!(api.get(SECRETS, "other", "elsewhere").is_some());
+
+    // Nothing new, of any kind; a create elsewhere is fine.
+    let secrets: Api<Secret> = Api::namespaced(api.client(), NS);
+    let refused = api_error(
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "new"}})).unwrap(),
+            )
+            .await,
+    );
+    assert_eq!((refused.code, refused.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        refused.message,
+        "secrets \"new\" is forbidden: unable to create new content in namespace marketing because it is being terminated"
+    );
+    let refused = api_error(create(&api, export("z")).await);
+    assert_eq!(
+        refused.message,
+        "brazeexports.looker-braze.dev \"z\" is forbidden: unable to create new content in namespace marketing because it is being terminated"
+    );
+    let event = json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e", "namespace": NS}, "eventTime": "2026-01-01T06:00:00.000000Z", "reportingController": "c", "reportingInstance": "i", "action": "Reconcile", "reason": "CleanedUp", "type": "Normal", "regarding": {"kind": "BrazeExport", "name": "x", "namespace": NS}});
+    let refused = api.try_put(fake_apiserver::EVENTS, event).unwrap_err();
+    assert_eq!(refused.code, 403);
+    assert!(
+        refused
+            .message
+            .starts_with("events.events.k8s.io \"e\" is forbidden: unable to create new content in namespace marketing")
+    );
+    api.put_secret("other", "new", &[("a", "b")]);
+
+    // What is there is still read and written: the status of a terminating export too.
+    let uid = x.metadata.uid.clone().unwrap();
+    dynamic(api.client())
+        .patch_status(
+            "x",
+            &PatchParams::apply("braze-export-operator").force(),
+            &Patch::Apply(json!({"apiVersion": AV, "kind": "BrazeExport", "metadata": {"uid": uid}, "status": {"lastHandledRunRequest": "r9"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get(EXPORTS, NS, "x").unwrap()["status"]["lastHandledRunRequest"],
+        "r9"
+    );
+    assert!(secrets.get("held").await.unwrap().data.is_some());
+
+    // The last finalizers go: so do their objects, then the namespace.
+    api.patch(
+        SECRETS,
+        NS,
+        "held",
+        json!({"metadata": {"finalizers": null}}),
+    );
+    assert!(api.get(NAMESPACES, "", NS).is_some(), "x is still there");
+    dynamic(api.client())
+        .patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    assert!(api.get(EXPORTS, NS, "x").is_none());
+    assert!(
+        api.get(NAMESPACES, "", NS).is_none(),
+        "the namespace is gone"
+    );
+    assert!(matches!(namespaces.get_opt(NS).await, Ok(None)));
+    let last: Vec<String> = api
+        .removed()
+        .into_iter()
+        .skip(3)
+        .map(|(r, o)| format!("{r} {}", o["metadata"]["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        last,
+        [
+            "v1/secrets held",
+            "looker-braze.dev/v1alpha1/brazeexports x",
+            "v1/namespaces marketing"
+        ]
+    );
+
+    // A namespace never created is there until deleted; its deletion works the same.
+    api.put_secret("plain-ns", "s", &[("a", "b")]);
+    api.delete_namespace("plain-ns");
+    assert!(api.get(SECRETS, "plain-ns", "s").is_none());
+    assert!(api.get(NAMESPACES, "", "plain-ns").is_none());
+}
