@@ -296,7 +296,7 @@ async fn without_rights_on_the_key_the_export_warns_and_goes_on() {
     let refused = |api: &FakeApiServer| {
         api.denied()
             .iter()
-            .filter(|d| *d == "patch /secrets")
+            .filter(|d| *d == "patch /secrets braze-api")
             .count()
     };
     assert_eq!(refused(&api), 1, "{:?}", api.denied());

@@ -44,8 +44,8 @@ use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::finalizer::{self, FINALIZER};
 pub(super) use super::finalizer::SecretMeta;
+use super::finalizer::{self, FINALIZER};
 use super::watched::Watched;
 use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
 use crate::spec::BrazeExport;
@@ -509,7 +509,13 @@ pub async fn discard_audience(
 /// `cleanupOnDelete` turned on) the audience Secrets of the export `uid`.
 pub async fn hold_audience(api: &Api<Secret>, uid: &str, hold: bool) -> Result<(), StoreError> {
     let mut first_error = None;
-    for s in owned(api, uid).await? {
+    // Pending records are never held (see `pending_store`): a hold put on now would only
+    // have to be taken off again.
+    let held = owned(api, uid)
+        .await?
+        .into_iter()
+        .filter(|s| !hold || s.labels().get(ROLE_LABEL).map(String::as_str) != Some(PENDING_ROLE));
+    for s in held {
         if let Err(e) = finalizer::set_on_secret(api, &s, hold).await {
             first_error.get_or_insert(e);
         }

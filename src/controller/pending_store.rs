@@ -7,6 +7,13 @@
 //! deletes exactly the records that load read and those the run wrote ([`delete_records`]),
 //! never one written meanwhile by another writer (a pod that lost its Lease and does not know
 //! it yet): its users are in no saved audience.
+//!
+//! Unlike the audience's parts, records never carry the cleanup finalizer: they live for one
+//! run (or until the next, after a crash), and a finalizer the operator could not take off
+//! again (a crash between a save and the deletion, a Role that lets it patch only the
+//! audience's names) would hold a namespace deletion for ever. So a foreground deletion may
+//! delete a crashed run's records before the cleanup reads them; a run in progress is stopped
+//! and saves whom it flagged first.
 
 use std::sync::Mutex;
 
@@ -141,6 +148,8 @@ impl PendingSecrets {
             bytes,
         );
         s.immutable = Some(true);
+        // Never held: see the module's header.
+        s.metadata.finalizers = None;
         let attempt = |_| async {
             match self.api.create(&PostParams::default(), &s).await {
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),

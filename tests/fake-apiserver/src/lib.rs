@@ -207,7 +207,7 @@ impl FakeApiServer {
         url
     }
 
-    /// The requests RBAC refused, as `verb group/resource`.
+    /// The requests RBAC refused, as `verb group/resource` (and ` name` for one object).
     pub fn denied(&self) -> Vec<String> {
         self.lock().denied.clone()
     }

@@ -203,10 +203,10 @@ fn forbidden(state: &ApiState, rules: &[Rule], method: &Method, uri: &Uri) -> Op
     {
         return None;
     }
-    state
-        .lock()
-        .denied
-        .push(format!("{verb} {group}/{resource}"));
+    state.lock().denied.push(match t.name.as_deref() {
+        Some(name) => format!("{verb} {group}/{resource} {name}"),
+        None => format!("{verb} {group}/{resource}"),
+    });
     let scope = t
         .namespace
         .map(|ns| format!(" in the namespace \"{ns}\""))
