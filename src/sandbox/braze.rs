@@ -129,6 +129,8 @@ struct BrazeState {
     limits: Mutex<Limits>,
     reset_form: Mutex<ResetForm>,
     latency: Mutex<(Duration, Duration)>,
+    /// Extra latency per request in flight (nanoseconds), see [`BrazeSandbox::set_latency_per_in_flight`].
+    latency_per_in_flight: AtomicU64,
     faults: Mutex<VecDeque<Fault>>,
     reject_ids: Mutex<HashSet<String>>,
     failing_ids: Mutex<HashSet<String>>,
@@ -148,10 +150,11 @@ struct BrazeState {
 struct InFlight<'a>(&'a BrazeState);
 
 impl<'a> InFlight<'a> {
-    fn enter(state: &'a BrazeState) -> Self {
+    /// Enters, with the number in flight counting this one.
+    fn enter(state: &'a BrazeState) -> (Self, usize) {
         let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        Self(state)
+        (Self(state), now)
     }
 }
 
@@ -197,6 +200,7 @@ impl BrazeSandbox {
             limits: Mutex::new(Limits::new(Some(DEFAULT_RATE_LIMIT))),
             reset_form: Mutex::default(),
             latency: Mutex::default(),
+            latency_per_in_flight: AtomicU64::new(0),
             faults: Mutex::default(),
             reject_ids: Mutex::default(),
             failing_ids: Mutex::default(),
@@ -239,6 +243,17 @@ impl BrazeSandbox {
     /// `jitter` after it arrived (requests still run concurrently). Default zero.
     pub fn set_latency(&self, fixed: Duration, jitter: Duration) {
         *lock(&self.state.latency) = (fixed, jitter);
+    }
+
+    /// A Braze that slows under load: every request also waits `per_in_flight` times the
+    /// requests in flight when it arrived (itself included), on top of [`Self::set_latency`].
+    /// So `n` in flight take `fixed + n × per_in_flight` each, and no number in flight gets
+    /// more than one request per `per_in_flight` through. Default zero.
+    pub fn set_latency_per_in_flight(&self, per_in_flight: Duration) {
+        let nanos = u64::try_from(per_in_flight.as_nanos()).unwrap_or(u64::MAX);
+        self.state
+            .latency_per_in_flight
+            .store(nanos, Ordering::Relaxed);
     }
 
     /// Queues faults for the next requests, in order.
@@ -496,8 +511,10 @@ fn json_response(status: StatusCode, body: Value, extra: &[(&'static str, String
 
 async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: Bytes) -> Response {
     let arrived = tokio::time::Instant::now();
-    let _in_flight = InFlight::enter(&state);
+    let (_in_flight, in_flight) = InFlight::enter(&state);
     let (fixed, jitter) = *lock(&state.latency);
+    let per_in_flight = state.latency_per_in_flight.load(Ordering::Relaxed);
+    let load = Duration::from_nanos(per_in_flight.saturating_mul(in_flight as u64));
     let jitter = match jitter.as_nanos() as u64 {
         0 => Duration::ZERO,
         n => Duration::from_nanos(fastrand::u64(0..n)),
@@ -557,7 +574,7 @@ async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: B
         }
         lock(&state.requests).push(log);
     }
-    tokio::time::sleep_until(arrived + fixed + jitter).await;
+    tokio::time::sleep_until(arrived + fixed + jitter + load).await;
     response
 }
 
