@@ -8,6 +8,7 @@ pub mod endpoint;
 pub mod error;
 pub mod limiter;
 pub mod retry;
+pub mod sizing;
 
 pub use batch::Batch;
 pub use client::{BrazeClient, Delivery, FailReason};
