@@ -2,6 +2,7 @@
 //! `/users/track` client.
 
 pub mod batch;
+pub mod budget;
 pub mod client;
 pub mod dump;
 pub mod endpoint;
@@ -11,6 +12,7 @@ pub mod retry;
 pub mod sizing;
 
 pub use batch::Batch;
+pub use budget::{Budget, Permit};
 pub use client::{BrazeClient, Delivery, FailReason};
 pub use dump::PayloadDump;
 pub use error::BrazeError;
