@@ -175,7 +175,11 @@ mod tests {
         assert_eq!(s.latency(ms(250)).budget(DEFAULT_RATE, 512), 372);
         assert_eq!(s.latency(ms(80)).budget(DEFAULT_RATE, 512), 122);
         assert_eq!(s.latency(ms(1)).budget(DEFAULT_RATE, 512), 6);
-        assert_eq!(s.latency(ms(250)).budget(DEFAULT_RATE, 16), 16, "the cap wins");
+        assert_eq!(
+            s.latency(ms(250)).budget(DEFAULT_RATE, 16),
+            16,
+            "the cap wins"
+        );
         assert_eq!(s.budget(DEFAULT_RATE, 0), 1);
         // A settled budget ignores rounds.
         let r = s.latency(ms(80)).round(round(1000, 1.0), DEFAULT_RATE, 512);
@@ -189,7 +193,10 @@ mod tests {
         let s = Sizer::new(DEFAULT_RATE).latency(ms(20));
         let loaded = (0..100).fold(s, |s, _| s.latency(ms(1000)));
         assert_eq!(loaded.low_latency, Some(ms(20)));
-        assert_eq!(loaded.budget(DEFAULT_RATE, 512), rate_ceiling(DEFAULT_RATE, ms(20)));
+        assert_eq!(
+            loaded.budget(DEFAULT_RATE, 512),
+            rate_ceiling(DEFAULT_RATE, ms(20))
+        );
         assert_eq!(loaded.budget(DEFAULT_RATE, 512), 34);
         // A faster answer lowers it.
         assert_eq!(loaded.latency(ms(2)).low_latency, Some(ms(2)));
@@ -260,7 +267,9 @@ mod tests {
         let s = Sizer::new(RAISED).latency(ms(250));
         let s = s.round(round(32, 1.0), RAISED, 16);
         assert_eq!((s.budget(RAISED, 16), s.settled), (16, true));
-        let s = Sizer::new(RAISED).latency(ms(250)).round(round(32, 1.0), RAISED, 8);
+        let s = Sizer::new(RAISED)
+            .latency(ms(250))
+            .round(round(32, 1.0), RAISED, 8);
         assert_eq!((s.budget(RAISED, 8), s.settled), (8, true));
         // A rate just out of reach: the ceiling ends the climb.
         let rate = 7_000.0;
