@@ -298,6 +298,13 @@ impl BrazeSandbox {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Starts [`Self::max_in_flight`] over from the requests in flight now (between the
+    /// scenarios of a benchmark).
+    pub fn reset_max_in_flight(&self) {
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.max_in_flight.store(now, Ordering::SeqCst);
+    }
+
     /// Whether to keep every request (off for benchmarks; counters always run).
     pub fn set_recording(&self, on: bool) {
         self.state.record.store(on, Ordering::Relaxed);
