@@ -168,7 +168,7 @@ fn main() {
         spec(
             &looker.url,
             &braze.url,
-            "    rateLimit: {requests: 100000000, periodSeconds: 1}\n    concurrency: 16\n",
+            "    rateLimit: {requests: 1000000, periodSeconds: 1}\n    concurrency: 16\n",
         ),
     )
     .unwrap();
@@ -302,7 +302,7 @@ fn raised(
     let path = dir.join("raised.yaml");
     let lines = "    rateLimit: {requests: 1000000, periodSeconds: 1}\n";
     std::fs::write(&path, spec(&looker.url, &braze.url, lines)).unwrap();
-    for ms in [0, 250] {
+    for ms in [0u64, 250] {
         let jitter = if ms == 0 { 0 } else { 10 };
         braze.set_latency(
             Duration::from_millis(ms.saturating_sub(5)),
@@ -359,7 +359,7 @@ fn audience(
         .unwrap();
         path.to_str().unwrap().to_owned()
     };
-    let off = "    rateLimit: {requests: 100000000, periodSeconds: 1}\n    concurrency: 16\n";
+    let off = "    rateLimit: {requests: 1000000, periodSeconds: 1}\n    concurrency: 16\n";
     let remove = "    removal: Remove\n";
     let scenarios: Vec<(&str, bool, bool)> = if skip_limited {
         vec![("limit off", false, false)]
