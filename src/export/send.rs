@@ -161,7 +161,8 @@ pub(super) async fn send_all(
                 (None, _) => break,
                 (Some(batch), None) => dry_send(&mut out.tally, &batch, opts, side),
                 (Some(batch), Some(client)) => {
-                    match permit(client, &batch, cap, &mut inflight, &mut out, opts, stop, side).await {
+                    let admitted = permit(client, &batch, cap, &mut inflight, &mut out, opts, stop, side);
+                    match admitted.await {
                         Some(p) => inflight.spawn(client, batch, p, opts, stop),
                         None => {
                             let mut d = Delivery::default();

@@ -129,7 +129,7 @@ struct BrazeState {
     limits: Mutex<Limits>,
     reset_form: Mutex<ResetForm>,
     latency: Mutex<(Duration, Duration)>,
-    /// Extra latency per request in flight (nanoseconds), see [`BrazeSandbox::set_latency_per_in_flight`].
+    /// Extra latency per request in flight, in ns (see `set_latency_per_in_flight`).
     latency_per_in_flight: AtomicU64,
     faults: Mutex<VecDeque<Fault>>,
     reject_ids: Mutex<HashSet<String>>,
