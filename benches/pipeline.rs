@@ -6,12 +6,18 @@
 //! rows/s) with Braze 80 ms or 250 ms away. A last scenario feeds one 20 MiB cell: peak RSS
 //! stays under the same bar.
 //!
+//! A raised limit (an enterprise contract: the export's ceiling out of reach, `concurrency`
+//! left at 512): in flight follows what latency shows. Bars: on loopback at least 90% of the
+//! limit-off figure (16 in flight) with at most 32 requests in flight at once; 250 ms away,
+//! at least 128 in flight (the most the sandbox saw), and peak RSS ≤ 64 MiB on both.
+//!
 //! Audience sync (`removal: Remove`, `--state`): a stored audience of N users against a new
 //! Look of N rows with 10% churn (N/10 users leave, N/10 join), with the limit off and with
 //! the default limit, and as a delta run. Bars: peak RSS ≤ 64 MiB; with the limit on, time
 //! within 10% of what Braze's rate limit allows for the objects sent (adds and removals).
 //!
-//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited --only-audience]`; set
+//! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited --skip-raised
+//! --only-audience]`; set
 //! `BENCH_BINARY` to measure another build of the binary (for a before/after comparison on
 //! one machine); `BENCH_RUST_LOG` sets the runs' `RUST_LOG` and shows their logs.
 
@@ -142,6 +148,7 @@ fn main() {
     });
     let dir = tempfile::tempdir().expect("temp dir");
     let mut ok = true;
+    let skip_raised = std::env::args().any(|a| a == "--skip-raised");
     println!(
         "run over {rows} generated rows, 75 objects per request ({} cores)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -189,6 +196,9 @@ fn main() {
         pass(peak <= 64.0)
     );
     ok &= peak <= 64.0 && (rows < 1_000_000 || rate >= 300_000.0);
+    if !skip_raised {
+        ok &= raised(&looker, &braze, dir.path(), rows, rate);
+    }
 
     if !skip_limited {
         // Default limit: the sandbox enforces 3,000 requests per 3 s, the export its default.
@@ -274,6 +284,56 @@ fn main() {
     if !ok {
         std::process::exit(1);
     }
+}
+
+/// The raised-limit scenarios: the export's ceiling out of reach (1,000,000 requests/s),
+/// `concurrency` at its default (512), the sandbox's limit off; Braze on loopback and 250 ms
+/// away. `limit_off` is the rows/s of the limit-off scenario (16 in flight).
+fn raised(
+    looker: &LookerSandbox,
+    braze: &BrazeSandbox,
+    dir: &std::path::Path,
+    rows: u64,
+    limit_off: f64,
+) -> bool {
+    let pass = |b: bool| if b { "ok" } else { "MISSED" };
+    let mut ok = true;
+    braze.set_rate_limit(None);
+    let path = dir.join("raised.yaml");
+    let lines = "    rateLimit: {requests: 1000000, periodSeconds: 1}\n";
+    std::fs::write(&path, spec(&looker.url, &braze.url, lines)).unwrap();
+    for ms in [0u64, 250] {
+        let jitter = if ms == 0 { 0 } else { 10 };
+        braze.set_latency(
+            Duration::from_millis(ms.saturating_sub(5)),
+            Duration::from_millis(jitter),
+        );
+        braze.reset_max_in_flight();
+        let m = run_binary(path.to_str().unwrap());
+        assert_eq!(m.report["sent"], rows, "every row delivered: {}", m.report);
+        let rate = rows as f64 / m.seconds;
+        let most = braze.max_in_flight();
+        let (bar, met) = if ms == 0 {
+            let met = rate >= 0.9 * limit_off && most <= 32;
+            (
+                format!("≥ 90% of {limit_off:.0} rows/s, ≤ 32 in flight"),
+                met,
+            )
+        } else {
+            ("≥ 128 in flight".to_owned(), most >= 128)
+        };
+        let met = met || rows < 1_000_000;
+        println!(
+            "raised limit, Braze {ms} ms away: {:.2} s, {rate:.0} rows/s, at most {most} requests in flight (bar {bar}: {}), peak RSS {:.1} MiB (bar ≤ 64: {})",
+            m.seconds,
+            pass(met),
+            m.peak_rss_mib,
+            pass(m.peak_rss_mib <= 64.0)
+        );
+        ok &= met && m.peak_rss_mib <= 64.0;
+    }
+    braze.set_latency(Duration::ZERO, Duration::ZERO);
+    ok
 }
 
 /// The audience scenarios: a stored audience of `rows` users (written by a first run of the

@@ -127,6 +127,32 @@ async fn braze_latency_does_not_serialize_concurrent_requests() {
     assert_eq!((braze.request_count(), braze.accepted_count()), (16, 16));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn braze_latency_grows_with_the_requests_in_flight() {
+    let (braze, c) = braze().await;
+    braze.set_latency(Duration::from_millis(10), Duration::ZERO);
+    braze.set_latency_per_in_flight(Duration::from_millis(25));
+    let start = Instant::now();
+    assert_eq!(track(&c, &braze, KEY, &one_object()).await.status, 201);
+    assert!(
+        start.elapsed() >= Duration::from_millis(35),
+        "alone: 10 + 1 × 25 ms"
+    );
+    let (c, sandbox) = (&c, &braze);
+    let took = futures_util::future::join_all((0..8).map(|_| async move {
+        let start = Instant::now();
+        assert_eq!(track(c, sandbox, KEY, &one_object()).await.status, 201);
+        start.elapsed()
+    }))
+    .await;
+    let slowest = took.iter().max().unwrap();
+    let peak = braze.max_in_flight();
+    assert!(
+        *slowest >= Duration::from_millis(10 + 25 * peak as u64),
+        "{peak} in flight, slowest {slowest:?}"
+    );
+}
+
 #[tokio::test]
 async fn braze_max_in_flight_is_one_for_sequential_requests() {
     let (braze, c) = braze().await;

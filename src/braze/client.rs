@@ -1,6 +1,6 @@
 //! `POST /users/track`: one batch delivered with retries, splits and per-object rejections.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Batch;
+use super::budget::Permit;
 use super::dump::PayloadDump;
 use super::error::BrazeError;
 use super::limiter::Limiter;
@@ -229,8 +230,6 @@ pub struct BrazeClient {
     limiter: Arc<Limiter>,
     retry: RetryPolicy,
     request_timeout: Duration,
-    /// Smoothed time Braze takes to answer, in microseconds (0 until the first answer).
-    latency_us: AtomicU64,
     /// When the current streak of 429s began (none since Braze last accepted a request).
     limited_since: Mutex<Option<Instant>>,
     /// The run gave up on rate limits: later batches fail without sending.
@@ -260,20 +259,16 @@ impl BrazeClient {
             limiter,
             retry,
             request_timeout: Duration::from_secs(30),
-            latency_us: AtomicU64::new(0),
             limited_since: Mutex::new(None),
             gave_up: AtomicBool::new(false),
         })
     }
 
-    /// How many requests this run should keep in flight: enough to fill the limiter's rate
-    /// at the latency seen so far, at most `cap`.
-    pub fn in_flight_target(&self, cap: usize) -> usize {
-        let latency = match self.latency_us.load(Ordering::Relaxed) {
-            0 => None,
-            us => Some(Duration::from_micros(us)),
-        };
-        in_flight_for(self.limiter.rate_per_second(), latency, cap)
+    /// Waits for the workspace's in-flight budget to admit a delivery of `bytes` from a
+    /// run allowed `cap` in flight; the delivery holds the permit until it ends.
+    pub async fn permit(&self, cap: usize, bytes: usize) -> Permit {
+        let rate = self.limiter.rate_per_second();
+        self.limiter.budget().acquire(rate, cap, bytes).await
     }
 
     /// Delivers `batch`: retries what can be retried, splits what is too large, and stops at
@@ -375,31 +370,22 @@ impl BrazeClient {
         }
     }
 
-    /// One request and what its answer means; teaches the limiter and the latency estimate.
+    /// One request and what its answer means; teaches the limiter and the in-flight budget
+    /// (a 429 says nothing of what Braze can serve).
     async fn exchange(&self, body: Bytes, len: usize) -> Verdict {
         let started = Instant::now();
         let (status, headers, bytes) = match self.post(body).await {
             Ok(answer) => answer,
             Err(reason) => return Verdict::Retry(reason),
         };
-        self.observe_latency(started.elapsed());
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            let rate = self.limiter.rate_per_second();
+            self.limiter.budget().answered(started.elapsed(), rate);
+        }
         self.limiter
             .observe(status, &headers, &self.retry, fastrand::f64());
         tracing::debug!(status = status.as_u16(), objects = len, "Braze answered");
         classify(&self.url, status, &bytes, len)
-    }
-
-    fn observe_latency(&self, took: Duration) {
-        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
-        let _ = self
-            .latency_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(if old == 0 {
-                    sample
-                } else {
-                    (old * 7 + sample) / 8
-                })
-            });
     }
 
     /// When the run's patience with 429s runs out, during a streak of them.
@@ -450,19 +436,6 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Requests to keep in flight so that `rate` requests a second keep flowing when each takes
-/// `latency` (in flight = rate × latency, with half as much again for jitter and a few for
-/// the pipeline); 100 ms is assumed until the first answer. Between 1 and `cap`.
-pub fn in_flight_for(rate: f64, latency: Option<Duration>, cap: usize) -> usize {
-    let latency = latency.unwrap_or(Duration::from_millis(100)).as_secs_f64();
-    let want = (rate * latency * 1.5).ceil() + 4.0;
-    if want.is_finite() && want < cap as f64 {
-        (want as usize).max(1)
-    } else {
-        cap.max(1)
     }
 }
 
@@ -623,19 +596,6 @@ mod tests {
             ),
             Verdict::Split
         );
-    }
-
-    #[test]
-    fn in_flight_follows_rate_and_latency() {
-        let ms = |n| Some(Duration::from_millis(n));
-        // 980 requests/s (the default ceiling at 98%): 80 ms away needs about 78 in flight.
-        assert_eq!(in_flight_for(980.0, ms(80), 512), 122);
-        assert_eq!(in_flight_for(980.0, ms(250), 512), 372);
-        assert_eq!(in_flight_for(980.0, ms(1), 512), 6);
-        assert_eq!(in_flight_for(980.0, None, 512), 151);
-        assert_eq!(in_flight_for(980.0, ms(250), 16), 16, "the user's cap wins");
-        assert_eq!(in_flight_for(f64::INFINITY, ms(1), 64), 64);
-        assert_eq!(in_flight_for(1.0, ms(1), 0), 1);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! than the ceiling), and the limiter stops everyone when Braze says the window is spent
 //! (`X-RateLimit-Remaining: 0`) or answers 429. A 429 without a usable wait (none, zero, or
 //! a reset already past) pauses for a jittered exponential backoff from a one-second floor.
+//! The limiter also holds the workspace's in-flight budget ([`Budget`]), shared the same way.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -14,6 +15,7 @@ use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
 
+use super::budget::Budget;
 use super::retry::RetryPolicy;
 use crate::redacted::Redacted;
 use crate::spec::RateLimitSpec;
@@ -23,10 +25,11 @@ pub const HEADROOM: f64 = 0.98;
 /// Longest wait a header can impose (Braze's hourly limits reset on the hour).
 pub const MAX_HEADER_WAIT: Duration = Duration::from_secs(3600);
 
-/// Paces requests for one Braze workspace.
+/// Paces requests for one Braze workspace, and holds its in-flight budget.
 #[derive(Debug)]
 pub struct Limiter {
     state: Mutex<State>,
+    budget: Budget,
 }
 
 #[derive(Debug)]
@@ -42,14 +45,21 @@ impl Limiter {
     /// A limiter allowing `ceiling.requests` per `ceiling.period_seconds`.
     pub fn new(ceiling: RateLimitSpec) -> Self {
         let now = Instant::now();
+        let interval = interval(ceiling);
         Self {
             state: Mutex::new(State {
-                interval: interval(ceiling),
+                interval,
                 next: now,
                 blocked_until: now,
                 strikes: 0,
             }),
+            budget: Budget::new(1.0 / interval.as_secs_f64()),
         }
+    }
+
+    /// The workspace's in-flight budget.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// Changes the ceiling (the latest spec using this workspace wins).

@@ -2,14 +2,17 @@
 //! `/users/track` client.
 
 pub mod batch;
+pub mod budget;
 pub mod client;
 pub mod dump;
 pub mod endpoint;
 pub mod error;
 pub mod limiter;
 pub mod retry;
+pub mod sizing;
 
 pub use batch::Batch;
+pub use budget::{Budget, Permit};
 pub use client::{BrazeClient, Delivery, FailReason};
 pub use dump::PayloadDump;
 pub use error::BrazeError;

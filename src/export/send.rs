@@ -1,6 +1,7 @@
 //! The sending machinery, shared by the adds and the removals: the Braze client of a run,
 //! and the senders that take batches from a channel and keep deliveries in flight within
-//! the rate limit, counting what Braze did with each object.
+//! the workspace's in-flight budget and the run's `concurrency`, counting what Braze did
+//! with each object.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use super::options::{Failpoint, Progress, RunOptions, Services};
 use super::plan::{Credentials, ExportPlan};
 use super::report::{RowReason, Tally};
 use crate::braze::client::INTERRUPTED;
-use crate::braze::{Batch, BrazeClient, BrazeError, Delivery, FailReason};
+use crate::braze::{Batch, BrazeClient, BrazeError, Delivery, FailReason, Permit};
 
 /// The Braze client of a run that sends; `None` for a dry run.
 pub(super) fn braze_client(
@@ -59,38 +60,35 @@ pub(super) enum Side {
     Removals,
 }
 
-/// Total bytes of request bodies in flight for one run: with objects far larger than usual,
-/// fewer requests fly, so memory stays bounded whatever the Look holds.
-const MAX_IN_FLIGHT_BYTES: usize = 24 << 20;
-
 /// The deliveries of one run in flight, with each one's rows so that a sender that panics
 /// still has its rows counted.
 #[derive(Default)]
 struct InFlight {
     tasks: JoinSet<Delivery>,
-    rows: HashMap<tokio::task::Id, (Vec<u64>, Vec<u64>, usize)>,
-    bytes: usize,
+    rows: HashMap<tokio::task::Id, (Vec<u64>, Vec<u64>)>,
 }
 
 impl InFlight {
-    /// Starts delivering `batch`; `stop` ends the delivery (shutdown, or a fatal answer to
-    /// another batch: a refused key must not go on being sent).
+    /// Starts delivering `batch`, which holds `permit` until it ends; `stop` ends the
+    /// delivery (shutdown, or a fatal answer to another batch: a refused key must not go on
+    /// being sent).
     fn spawn(
         &mut self,
         client: &Arc<BrazeClient>,
         batch: Batch,
+        permit: Permit,
         opts: &RunOptions,
         stop: &CancellationToken,
     ) {
         let rows = batch.rows().to_vec();
         let keys = batch.keys().to_vec();
-        let bytes = batch.body_len();
         let panics = matches!(opts.failpoint, Failpoint::SenderAtRow(r) if rows.contains(&r));
         let client = Arc::clone(client);
         let cancel = stop.clone();
         let dump = opts.dump.clone();
         let handle = self.tasks.spawn(
             async move {
+                let _permit = permit;
                 if panics {
                     panic!("failpoint: a sender panics");
                 }
@@ -98,8 +96,7 @@ impl InFlight {
             }
             .in_current_span(),
         );
-        self.rows.insert(handle.id(), (rows, keys, bytes));
-        self.bytes += bytes;
+        self.rows.insert(handle.id(), (rows, keys));
     }
 
     /// Waits for the next delivery to end; a panicked one counts its rows failed.
@@ -108,8 +105,7 @@ impl InFlight {
             Ok((id, d)) => (id, Some(d)),
             Err(e) => (e.id(), None),
         };
-        let (rows, keys, bytes) = self.rows.remove(&id).unwrap_or_default();
-        self.bytes -= bytes;
+        let (rows, keys) = self.rows.remove(&id).unwrap_or_default();
         Some(delivery.unwrap_or_else(|| {
             tracing::error!("a Braze sender failed unexpectedly; its rows are counted failed");
             Delivery {
@@ -127,17 +123,12 @@ impl InFlight {
     fn len(&self) -> usize {
         self.tasks.len()
     }
-
-    /// As many deliveries fly as fill the rate limit at the latency Braze shows (at most
-    /// `cap`), within [`MAX_IN_FLIGHT_BYTES`].
-    fn is_full(&self, client: &BrazeClient, cap: usize) -> bool {
-        self.len() >= client.in_flight_target(cap) || self.bytes >= MAX_IN_FLIGHT_BYTES
-    }
 }
 
-/// Receives batches and keeps deliveries in flight: as many as fill the rate limit at the
-/// latency Braze shows (at most `cap`, and at most [`MAX_IN_FLIGHT_BYTES`]). On a fatal
-/// answer or cancellation it stops taking batches and counts those still queued as failed.
+/// Receives batches and keeps deliveries in flight: as many as the workspace's in-flight
+/// budget admits (shared with the other runs on it, see [`crate::braze::budget`]), at most
+/// `cap` of this run's own. On a fatal answer or cancellation it stops taking batches and
+/// counts those still queued (or waiting for a permit) as failed.
 pub(super) async fn send_all(
     mut rx: mpsc::Receiver<Batch>,
     braze: Option<Arc<BrazeClient>>,
@@ -154,7 +145,7 @@ pub(super) async fn send_all(
     };
     let mut inflight = InFlight::default();
     while out.fatal.is_none() && !stop.is_cancelled() {
-        if braze.as_ref().is_some_and(|c| inflight.is_full(c, cap)) {
+        if braze.is_some() && inflight.len() >= cap.max(1) {
             if let Some(d) = inflight.next().await {
                 absorb_delivery(&mut out, d, &opts.progress, side);
             }
@@ -169,7 +160,17 @@ pub(super) async fn send_all(
             next = rx.recv() => match (next, &braze) {
                 (None, _) => break,
                 (Some(batch), None) => dry_send(&mut out.tally, &batch, opts, side),
-                (Some(batch), Some(client)) => inflight.spawn(client, batch, opts, stop),
+                (Some(batch), Some(client)) => {
+                    let admitted = permit(client, &batch, cap, &mut inflight, &mut out, opts, stop, side);
+                    match admitted.await {
+                        Some(p) => inflight.spawn(client, batch, p, opts, stop),
+                        None => {
+                            let mut d = Delivery::default();
+                            d.fail(&batch, &stop_reason(out.fatal.as_ref()), 0);
+                            absorb_delivery(&mut out, d, &opts.progress, side);
+                        }
+                    }
+                }
             },
         }
     }
@@ -180,6 +181,40 @@ pub(super) async fn send_all(
     }
     drain(&mut out, &mut inflight, &mut rx, &opts.progress, side).await;
     out
+}
+
+/// Waits for the budget to admit `batch`, absorbing this run's deliveries that end
+/// meanwhile; `None` when the run stops or one of them ends with a fatal answer first.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the sender loop's own state, passed down"
+)]
+async fn permit(
+    client: &BrazeClient,
+    batch: &Batch,
+    cap: usize,
+    inflight: &mut InFlight,
+    out: &mut SendSummary,
+    opts: &RunOptions,
+    stop: &CancellationToken,
+    side: Side,
+) -> Option<Permit> {
+    // Made once, so the wait keeps its place in the queue while deliveries end.
+    let acquire = client.permit(cap, batch.body_len());
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            Some(d) = inflight.next(), if inflight.len() > 0 => {
+                absorb_delivery(out, d, &opts.progress, side);
+                if out.fatal.is_some() {
+                    return None;
+                }
+            }
+            p = &mut acquire => return Some(p),
+        }
+    }
 }
 
 /// After the senders stopped: closes the channel and counts the batches still queued as

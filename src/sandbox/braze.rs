@@ -130,6 +130,8 @@ struct BrazeState {
     limits: Mutex<Limits>,
     reset_form: Mutex<ResetForm>,
     latency: Mutex<(Duration, Duration)>,
+    /// Extra latency per request in flight, in ns (see `set_latency_per_in_flight`).
+    latency_per_in_flight: AtomicU64,
     faults: Mutex<VecDeque<Fault>>,
     reject_ids: Mutex<HashSet<String>>,
     failing_ids: Mutex<HashSet<String>>,
@@ -149,10 +151,11 @@ struct BrazeState {
 struct InFlight<'a>(&'a BrazeState);
 
 impl<'a> InFlight<'a> {
-    fn enter(state: &'a BrazeState) -> Self {
+    /// Enters, with the number in flight counting this one.
+    fn enter(state: &'a BrazeState) -> (Self, usize) {
         let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        Self(state)
+        (Self(state), now)
     }
 }
 
@@ -198,6 +201,7 @@ impl BrazeSandbox {
             limits: Mutex::new(Limits::new(Some(DEFAULT_RATE_LIMIT))),
             reset_form: Mutex::default(),
             latency: Mutex::default(),
+            latency_per_in_flight: AtomicU64::new(0),
             faults: Mutex::default(),
             reject_ids: Mutex::default(),
             failing_ids: Mutex::default(),
@@ -242,6 +246,17 @@ impl BrazeSandbox {
         *lock(&self.state.latency) = (fixed, jitter);
     }
 
+    /// A Braze that slows under load: every request also waits `per_in_flight` times the
+    /// requests in flight when it arrived (itself included), on top of [`Self::set_latency`].
+    /// So `n` in flight take `fixed + n × per_in_flight` each, and no number in flight gets
+    /// more than one request per `per_in_flight` through. Default zero.
+    pub fn set_latency_per_in_flight(&self, per_in_flight: Duration) {
+        let nanos = u64::try_from(per_in_flight.as_nanos()).unwrap_or(u64::MAX);
+        self.state
+            .latency_per_in_flight
+            .store(nanos, Ordering::Relaxed);
+    }
+
     /// Queues faults for the next requests, in order.
     pub fn inject(&self, faults: impl IntoIterator<Item = Fault>) {
         lock(&self.state.faults).extend(faults);
@@ -282,6 +297,13 @@ impl BrazeSandbox {
     /// The most requests the sandbox was handling at once so far.
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Starts [`Self::max_in_flight`] over from the requests in flight now (between the
+    /// scenarios of a benchmark).
+    pub fn reset_max_in_flight(&self) {
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.max_in_flight.store(now, Ordering::SeqCst);
     }
 
     /// Whether to keep every request (off for benchmarks; counters always run).
@@ -519,8 +541,10 @@ fn json_response(status: StatusCode, body: Value, extra: &[(&'static str, String
 
 async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: Bytes) -> Response {
     let arrived = tokio::time::Instant::now();
-    let _in_flight = InFlight::enter(&state);
+    let (_in_flight, in_flight) = InFlight::enter(&state);
     let (fixed, jitter) = *lock(&state.latency);
+    let per_in_flight = state.latency_per_in_flight.load(Ordering::Relaxed);
+    let load = Duration::from_nanos(per_in_flight.saturating_mul(in_flight as u64));
     let jitter = match jitter.as_nanos() as u64 {
         0 => Duration::ZERO,
         n => Duration::from_nanos(fastrand::u64(0..n)),
@@ -580,7 +604,7 @@ async fn track(State(state): State<Arc<BrazeState>>, headers: HeaderMap, body: B
         }
         lock(&state.requests).push(log);
     }
-    tokio::time::sleep_until(arrived + fixed + jitter).await;
+    tokio::time::sleep_until(arrived + fixed + jitter + load).await;
     response
 }
 
