@@ -126,7 +126,9 @@ impl Journal {
     /// Takes a full batch; answers the batches that may go now: this one when nobody in it
     /// waits to be recorded, and those of a record that became durable. After a failure,
     /// everything is answered at once (and must not be sent: see [`Journal::failed`]).
-    pub(super) fn admit(&mut self, batch: Batch) -> Vec<Batch> {
+    /// `hungry`: the senders are running out of batches, so a record starts now if none is
+    /// being written (records are small while Braze is fast, large while it sets the pace).
+    pub(super) fn admit(&mut self, batch: Batch, hungry: bool) -> Vec<Batch> {
         let mut ready = self.landed(false);
         let waits = self.unrecorded.count() > 0 || self.flag_owed || !self.held.is_empty();
         if self.failed.is_some() || !waits {
@@ -135,7 +137,7 @@ impl Journal {
         }
         self.held_bytes += batch.body_len();
         self.held.push(batch);
-        if self.due() {
+        if (hungry && self.flight.is_none()) || self.due() {
             // One record at a time: the previous one lands first.
             ready.extend(self.landed(true));
             self.start();

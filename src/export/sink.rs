@@ -135,7 +135,12 @@ impl ExportSink {
         let Some(journal) = &mut self.sync.journal else {
             return self.send(batch);
         };
-        let ready = journal.admit(batch);
+        // Fewer than half the queue's batches wait for the senders.
+        let hungry = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.capacity() * 2 > tx.max_capacity());
+        let ready = journal.admit(batch, hungry);
         self.send_ready(ready)
     }
 
