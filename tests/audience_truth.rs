@@ -325,7 +325,10 @@ async fn a_record_that_cannot_be_written_stops_the_run_before_a_new_user_is_sent
     );
     assert_eq!(r.counts.sent, 0);
     // The read stops with the refused record: every row read is accounted for, as failed.
-    assert!(r.counts.rows_read > 0 && r.counts.rows_read <= 200, "{r:#?}");
+    assert!(
+        r.counts.rows_read > 0 && r.counts.rows_read <= 200,
+        "{r:#?}"
+    );
     assert_eq!(r.counts.failed, r.counts.rows_read, "{r:#?}");
     assert_eq!(w.braze.request_count(), requests, "nothing was sent");
     assert_eq!(segment(&w, "LOOKER_EXPORT"), users(1..=10));
