@@ -10,19 +10,8 @@ use std::time::Duration;
 
 use braze_export_operator::audience::{self, MemberState};
 use braze_export_operator::export::{AudienceUpdate, Outcome, RunOptions, SyncMode, Trigger};
-use braze_export_operator::sandbox::{Look, Rows};
 use serde_json::{Value, json};
 use support::*;
-
-/// A Look of the users `user-<i>` for each i, one row each, the id tagged `braze_id`.
-fn look_of(ids: impl IntoIterator<Item = u64>) -> Look {
-    let fields = json!({"dimensions": [field("users.external_id", &["braze_id"])]});
-    let rows = ids
-        .into_iter()
-        .map(|i| row(&[("users.external_id", json!(format!("user-{i:07}")))]))
-        .collect();
-    Look::new(fields, Rows::Fixed(rows))
-}
 
 fn add(id: &str, name: &str) -> Value {
     json!({"external_id": id, "_update_existing_only": true, "looker_export": {"add": [name]}})

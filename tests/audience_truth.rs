@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use braze_export_operator::audience::{self, Encoded};
 use braze_export_operator::export::{
-    AudienceUpdate, Credentials, Outcome, PendingLog, RunOptions, RunResult, Trigger,
+    AudienceUpdate, Credentials, Outcome, PendingLog, RunOptions, Trigger,
 };
 use braze_export_operator::redacted::Redacted;
 use braze_export_operator::sandbox::{Look, Rows};
@@ -40,16 +40,6 @@ fn look_with_plan(
                 ("users.plan", json!(plan_of(i))),
             ])
         })
-        .collect();
-    Look::new(fields, Rows::Fixed(rows))
-}
-
-/// A Look of the users `user-<i>`, the id alone.
-fn look_of(ids: impl IntoIterator<Item = u64>) -> Look {
-    let fields = json!({"dimensions": [field("users.external_id", &["braze_id"])]});
-    let rows = ids
-        .into_iter()
-        .map(|i| row(&[("users.external_id", json!(format!("user-{i:07}")))]))
         .collect();
     Look::new(fields, Rows::Fixed(rows))
 }
@@ -96,13 +86,6 @@ fn recorded(records: &[Encoded]) -> BTreeSet<String> {
         .collect()
 }
 
-fn stored_of(r: &RunResult) -> Encoded {
-    match &r.audience {
-        AudienceUpdate::Replace(e) => e.clone(),
-        AudienceUpdate::Keep => panic!("kept: {:#?}", r.report),
-    }
-}
-
 #[tokio::test]
 async fn delta_sends_users_whose_attributes_changed_and_only_them() {
     let w = World::start().await;
@@ -121,7 +104,7 @@ async fn delta_sends_users_whose_attributes_changed_and_only_them() {
         look_with_plan(1..=100, |i| if i <= 10 { "pro" } else { "free" }),
     );
     let before = w.braze.requests().len();
-    let second = w.sync(&yaml, Some(stored_of(&first)), opts()).await;
+    let second = w.sync(&yaml, Some(stored(&first)), opts()).await;
     let r = &second.report;
     assert_eq!(r.outcome, Outcome::Succeeded, "{r:#?}");
     assert_eq!(
@@ -149,7 +132,7 @@ async fn delta_sends_users_whose_attributes_changed_and_only_them() {
     );
 
     // Nothing changed since: nothing is sent.
-    let third = w.sync(&yaml, Some(stored_of(&second)), opts()).await;
+    let third = w.sync(&yaml, Some(stored(&second)), opts()).await;
     assert_eq!(
         (third.report.counts.sent, third.report.counts.unchanged),
         (0, Some(100)),
@@ -168,7 +151,7 @@ async fn another_workspace_or_key_is_a_full_run_that_forgets_nobody() {
     );
     w.looker.add_look("1", look_of(1..=20));
     let first = w.sync(&yaml, None, opts()).await;
-    let state = stored_of(&first);
+    let state = stored(&first);
     let was = state
         .header()
         .workspace
@@ -216,7 +199,7 @@ async fn another_workspace_or_key_is_a_full_run_that_forgets_nobody() {
         .filter(|q| q.body.to_string().contains("\"remove\""))
         .count();
     assert_eq!(removals, 0);
-    let now = stored_of(&moved);
+    let now = stored(&moved);
     assert_ne!(now.header().workspace.as_deref(), Some(was.as_str()));
     assert_eq!(
         now.header().members,
@@ -236,7 +219,7 @@ async fn a_change_of_flag_held_back_by_the_limit_records_it_once() {
     let yaml_a = w.yaml("1", "removal: Remove\nexportName: CHURN_A", "");
     let yaml_b = w.yaml("1", "removal: Remove\nexportName: CHURN_B", "");
     w.looker.add_look("1", look_of(1..=10));
-    let first = stored_of(&w.sync(&yaml_a, None, opts()).await);
+    let first = stored(&w.sync(&yaml_a, None, opts()).await);
     // Renamed while half the audience left: the removals are withheld, the audience kept.
     w.looker.add_look("1", look_of(1..=5));
     let log = Arc::new(MemoryLog::default());
@@ -261,7 +244,7 @@ async fn users_recorded_before_they_were_flagged_are_removed_after_a_lost_save()
     let w = World::start().await;
     let yaml = w.yaml("1", "removal: Remove\nremovalLimitPercent: 100", "");
     w.looker.add_look("1", look_of(1..=10));
-    let first = stored_of(&w.sync(&yaml, None, opts()).await);
+    let first = stored(&w.sync(&yaml, None, opts()).await);
 
     // Five users join; the run flags them, and its save is lost (a crash, a lost Lease).
     w.looker.add_look("1", look_of(1..=15));
@@ -286,7 +269,7 @@ async fn users_recorded_before_they_were_flagged_are_removed_after_a_lost_save()
         "{r:#?}"
     );
     assert_eq!(segment(&w, "LOOKER_EXPORT"), users((1..=8).chain([12, 14])));
-    let saved = stored_of(&third);
+    let saved = stored(&third);
     assert_eq!(saved.header().members, 10);
     assert_eq!(saved.pending_len(), 0, "a saved audience holds no record");
 }
@@ -296,7 +279,7 @@ async fn a_record_that_cannot_be_written_stops_the_run_before_a_new_user_is_sent
     let w = World::start().await;
     let yaml = w.yaml("1", "removal: Remove\nbatchSize: 75", "");
     w.looker.add_look("1", look_of(1..=10));
-    let first = stored_of(&w.sync(&yaml, None, opts()).await);
+    let first = stored(&w.sync(&yaml, None, opts()).await);
     let requests = w.braze.request_count();
 
     w.looker.add_look("1", look_of(1..=200));
@@ -360,7 +343,7 @@ async fn a_stopped_change_of_flag_leaves_no_stray_flag() {
         "",
     );
     w.looker.add_look("1", look_of(1..=10));
-    let first = stored_of(&w.sync(&yaml_a, None, opts()).await);
+    let first = stored(&w.sync(&yaml_a, None, opts()).await);
 
     // The flag is renamed; the run gives CHURN_B to everyone, then its save is lost.
     let log = Arc::new(MemoryLog::default());
@@ -382,7 +365,7 @@ async fn a_stopped_change_of_flag_leaves_no_stray_flag() {
     assert_eq!(r.report.outcome, Outcome::Succeeded, "{:#?}", r.report);
     assert_eq!(segment(&w, "CHURN_A"), BTreeSet::new());
     assert_eq!(segment(&w, "CHURN_B"), users(1..=7));
-    let saved = stored_of(&r);
+    let saved = stored(&r);
     assert!(saved.header().stray_flags.is_empty());
     assert_eq!(saved.header().export_name, "CHURN_B");
     drop(renamed);

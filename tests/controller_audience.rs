@@ -652,12 +652,7 @@ async fn a_discard_request_starts_a_new_audience() {
         "{s}"
     );
     assert_eq!(w.braze.accepted_count() - before, 250);
-    let discarded = wait_for("the AudienceDiscarded Event", 10, || {
-        events(&api, "mirror")
-            .into_iter()
-            .find(|(_, reason, _)| reason == "AudienceDiscarded")
-    })
-    .await;
+    let discarded = wait_event(&api, "mirror", "AudienceDiscarded", 10).await;
     assert_eq!(discarded.0, "Normal");
     assert!(discarded.2.contains("r3"), "{discarded:?}");
 

@@ -272,12 +272,7 @@ fn tenant_rules() -> Vec<Rule> {
 #[tokio::test]
 async fn without_rights_on_the_key_the_export_warns_and_goes_on() {
     let Setup { api, w, op } = flagged(40, |api| api.client_with_rules(tenant_rules())).await;
-    let warning = wait_for("the Warning", 10, || {
-        events(&api, "mirror")
-            .into_iter()
-            .find(|(_, reason, _)| reason == "BrazeKeyNotHeld")
-    })
-    .await;
+    let warning = wait_event(&api, "mirror", "BrazeKeyNotHeld", 10).await;
     assert_eq!(warning.0, "Warning");
     assert!(
         warning

@@ -88,6 +88,16 @@ pub fn workspace_fingerprint(endpoint: &str, api_key: &str) -> String {
 }
 
 impl Header {
+    /// Every flag its members may hold: its own and the stray ones, sorted, each once.
+    pub fn flags(&self) -> Vec<Flag> {
+        let mut all: Vec<Flag> = std::iter::once(self.flag())
+            .chain(self.stray_flags.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// The flag this audience's members carry.
     pub fn flag(&self) -> Flag {
         Flag {

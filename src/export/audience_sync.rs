@@ -387,13 +387,8 @@ fn clear_flags(audience: &AudiencePlan, plan: &ExportPlan) -> Vec<Flag> {
         return Vec::new();
     };
     let current = plan.flag();
-    let h = previous.header();
-    let mut flags: Vec<Flag> = std::iter::once(h.flag())
-        .chain(h.stray_flags.iter().cloned())
-        .filter(|f| *f != current)
-        .collect();
-    flags.sort();
-    flags.dedup();
+    let mut flags = previous.header().flags();
+    flags.retain(|f| *f != current);
     flags
 }
 
@@ -680,11 +675,7 @@ impl Names {
     /// The names of the removals from `previous`'s members; `clear` for those in the Look.
     fn of(previous: &Encoded, clear: Vec<Flag>) -> Self {
         let h = previous.header();
-        let mut all: Vec<Flag> = std::iter::once(h.flag())
-            .chain(h.stray_flags.iter().cloned())
-            .collect();
-        all.sort();
-        all.dedup();
+        let all = h.flags();
         Self {
             identifier: h.identifier,
             alias_label: h.alias_label.clone().unwrap_or_default(),

@@ -126,9 +126,7 @@ impl Journal {
     /// Takes a full batch; answers the batches that may go now: this one when nobody in it
     /// waits to be recorded, and those of a record that became durable. After a failure,
     /// everything is answered at once (and must not be sent: see [`Journal::failed`]).
-    /// `hungry`: the senders are running out of batches, so a record starts now if none is
-    /// being written (records are small while Braze is fast, large while it sets the pace).
-    pub(super) fn admit(&mut self, batch: Batch, hungry: bool) -> Vec<Batch> {
+    pub(super) fn admit(&mut self, batch: Batch) -> Vec<Batch> {
         let mut ready = self.landed(false);
         let waits = self.unrecorded.count() > 0 || self.flag_owed || !self.held.is_empty();
         if self.failed.is_some() || !waits {
@@ -137,7 +135,7 @@ impl Journal {
         }
         self.held_bytes += batch.body_len();
         self.held.push(batch);
-        if (hungry && self.flight.is_none()) || self.due() {
+        if self.due() {
             // One record at a time: the previous one lands first.
             ready.extend(self.landed(true));
             self.start();

@@ -135,12 +135,7 @@ impl ExportSink {
         let Some(journal) = &mut self.sync.journal else {
             return self.send(batch);
         };
-        // Fewer than half the queue's batches wait for the senders.
-        let hungry = self
-            .tx
-            .as_ref()
-            .is_some_and(|tx| tx.capacity() * 2 > tx.max_capacity());
-        let ready = journal.admit(batch, hungry);
+        let ready = journal.admit(batch);
         self.send_ready(ready)
     }
 

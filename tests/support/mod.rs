@@ -288,6 +288,19 @@ pub fn members(e: &Encoded) -> std::collections::BTreeMap<String, MemberState> {
     a.members.into_iter().map(|m| (m.id, m.state)).collect()
 }
 
+/// A Look of the users `user-<i>` for each i, one row each, the id tagged `braze_id`.
+pub fn look_of(ids: impl IntoIterator<Item = u64>) -> braze_export_operator::sandbox::Look {
+    let fields = json!({"dimensions": [field("users.external_id", &["braze_id"])]});
+    let rows = ids
+        .into_iter()
+        .map(|i| row(&[("users.external_id", json!(format!("user-{i:07}")))]))
+        .collect();
+    braze_export_operator::sandbox::Look::new(
+        fields,
+        braze_export_operator::sandbox::Rows::Fixed(rows),
+    )
+}
+
 /// `user-<i>` for each i in `range`, as the users Look names them.
 pub fn users(range: impl IntoIterator<Item = u64>) -> BTreeSet<String> {
     range.into_iter().map(|i| format!("user-{i:07}")).collect()

@@ -264,6 +264,19 @@ pub fn history(status: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Waits for the first Event of `reason` about export `name`: (type, reason, note).
+pub async fn wait_event(
+    api: &FakeApiServer,
+    name: &str,
+    reason: &str,
+    seconds: u64,
+) -> (String, String, String) {
+    wait_for(&format!("the {reason} Event"), seconds, || {
+        events(api, name).into_iter().find(|(_, r, _)| r == reason)
+    })
+    .await
+}
+
 /// (type, reason, note) of the Events about `name`.
 pub fn events(api: &FakeApiServer, name: &str) -> Vec<(String, String, String)> {
     api.list(EVENTS)
