@@ -21,5 +21,6 @@ pub mod redacted;
 pub mod sandbox;
 pub mod schedule;
 pub mod spec;
+pub mod spill;
 pub mod telemetry;
 pub mod text;
