@@ -22,6 +22,10 @@ pub enum Offer {
     Duplicate,
     /// Not in the previous audience.
     New,
+    /// Not in the previous audience, nor among the users new to it held in memory, which
+    /// are as many as may be: deduplicated later, in identifier order (see
+    /// [`crate::export::deferred`]).
+    Deferred,
     /// In the previous audience, at this index; `flagged` when Braze acknowledged its flag.
     Returning {
         /// Its index among the previous members.
@@ -42,13 +46,36 @@ struct Entry {
 }
 
 /// The previous audience and this run's users (see the module's header).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Seen {
     keys: RandomState,
     previous: Vec<Entry>,
     present: Bits,
     taken: Bits,
     new: HashSet<u64, BuildHasherDefault<Prehashed>>,
+    /// Most users new to the audience held in `new`.
+    new_cap: usize,
+    /// Users new to the audience deduplicated later ([`Offer::Deferred`]), once each.
+    deferred_new: u64,
+}
+
+/// Users new to the audience held in memory by default: as many as a table of 2²⁰ slots
+/// takes without growing (9 MiB): past them, a run's new users go through the scratch
+/// directory, so memory does not grow with the Look.
+pub const NEW_IN_MEMORY: usize = (1 << 20) / 8 * 7;
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self {
+            keys: RandomState::new(),
+            previous: Vec::new(),
+            present: Bits::default(),
+            taken: Bits::default(),
+            new: HashSet::default(),
+            new_cap: NEW_IN_MEMORY,
+            deferred_new: 0,
+        }
+    }
 }
 
 impl Seen {
@@ -88,6 +115,17 @@ impl Seen {
         Ok(seen)
     }
 
+    /// Holds at most `cap` users new to the audience in memory (see [`NEW_IN_MEMORY`]).
+    pub fn with_new_cap(mut self, cap: usize) -> Self {
+        self.new_cap = cap;
+        self
+    }
+
+    /// One more user new to the audience, deduplicated after an [`Offer::Deferred`].
+    pub fn note_deferred_new(&mut self) {
+        self.deferred_new += 1;
+    }
+
     /// The run's key for an identifier (its keyed hash, low bit clear).
     pub fn key(&self, id: &str) -> u64 {
         self.keys.hash_one(id) & !1
@@ -115,8 +153,12 @@ impl Seen {
                     fingerprint,
                 }
             }
-            None if self.new.insert(key) => Offer::New,
-            None => Offer::Duplicate,
+            None if self.new.contains(&key) => Offer::Duplicate,
+            None if self.new.len() >= self.new_cap => Offer::Deferred,
+            None => {
+                self.new.insert(key);
+                Offer::New
+            }
         }
     }
 
@@ -145,7 +187,7 @@ impl Seen {
 
     /// Users in this run's Look who were not in the previous audience (and were offered).
     pub fn new_count(&self) -> u64 {
-        self.new.len() as u64
+        self.new.len() as u64 + self.deferred_new
     }
 
     /// Whether previous member `i` was in this run's Look.
@@ -298,6 +340,25 @@ mod tests {
             (s.previous_len(), s.present_count(), s.new_count()),
             (0, 0, 2)
         );
+    }
+
+    #[test]
+    fn past_the_cap_new_users_are_deferred_and_known_ones_still_told() {
+        let mut s = previous(&[("a", MemberState::Flagged)]).with_new_cap(2);
+        let k: Vec<u64> = ["a", "x", "y", "z"].iter().map(|id| s.key(id)).collect();
+        assert_eq!(s.offer(k[1]), Offer::New);
+        assert_eq!(s.offer(k[2]), Offer::New);
+        assert_eq!(s.offer(k[3]), Offer::Deferred);
+        assert_eq!(
+            s.offer(k[3]),
+            Offer::Deferred,
+            "deferred users are not held"
+        );
+        assert_eq!(s.offer(k[1]), Offer::Duplicate);
+        assert!(matches!(s.offer(k[0]), Offer::Returning { .. }));
+        assert_eq!(s.offer(k[0]), Offer::Duplicate);
+        s.note_deferred_new();
+        assert_eq!(s.new_count(), 3);
     }
 
     #[test]

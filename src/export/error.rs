@@ -12,6 +12,9 @@ pub const AUDIENCE_MISMATCH: &str = "AudienceMismatch";
 /// The reason of a run stopped because the users it was about to flag could not be recorded.
 pub const PENDING_NOT_RECORDED: &str = "PendingNotRecorded";
 
+/// The reason of a run stopped because its scratch directory failed.
+pub const SCRATCH_FAILED: &str = "ScratchFailed";
+
 /// The reason of a run stopped at its deadline, and of the rows it could not send.
 pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
 
@@ -49,6 +52,12 @@ pub enum RunError {
         "the users this run was about to flag could not be recorded in the stored audience first ({0}), so nothing more was sent"
     )]
     PendingNotRecorded(String),
+    /// Rows that waited for the end of the Look could not be kept in the scratch directory
+    /// (a full disk, an unwritable directory).
+    #[error(
+        "{0}: the rows that were to wait there for the end of the Look were not sent (give it more room, or another place: run --scratch-dir, the chart's scratch.sizeLimit)"
+    )]
+    ScratchFailed(String),
     /// The run took longer than `spec.activeDeadlineSeconds` and was stopped.
     #[error(
         "the run took longer than spec.activeDeadlineSeconds ({seconds} s) and was stopped; raise it if the Look needs longer"
@@ -68,6 +77,7 @@ impl RunError {
             Self::AudienceMismatch(_) => AUDIENCE_MISMATCH,
             Self::AudienceUnreadable(_) => "AudienceUnreadable",
             Self::PendingNotRecorded(_) => PENDING_NOT_RECORDED,
+            Self::ScratchFailed(_) => SCRATCH_FAILED,
             Self::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
         }
     }

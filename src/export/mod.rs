@@ -2,13 +2,15 @@
 //!
 //! Imports run one way, from the top: [`run`] (the orchestrator) → [`audience_sync`] (the
 //! stored audience: kind of run, removals, new audience; also the cleanup) → `sink` (the
-//! read side, which records new users through [`pending`] before their batches go) and
+//! read side, which records new users through [`pending`] before their batches go, and
+//! sorts those past the memory budget through [`deferred`]) and
 //! `send` (the senders) → `ended` (how a run ended) → [`options`],
 //! [`plan`], [`error`] → [`mapping`] → [`report`], which imports nothing from the crate.
 //! This file only declares the modules and re-exports what the rest of the crate uses.
 
 pub mod audience_sync;
 mod deadline;
+pub mod deferred;
 mod ended;
 pub mod error;
 pub mod mapping;

@@ -7,8 +7,10 @@ use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 
 use super::report::Trigger;
+use crate::audience::seen::NEW_IN_MEMORY;
 use crate::braze::{LimiterRegistry, PayloadDump, RetryPolicy};
 use crate::http::HttpClients;
+use crate::spill::Scratch;
 
 /// What every run in the process shares: HTTP clients, Braze limiters, retry policy.
 #[derive(Debug, Default)]
@@ -51,9 +53,37 @@ pub struct RunOptions {
     pub allow_removal_over_limit: bool,
     /// Send everyone, as a full resync does, whatever `fullResyncInterval` says.
     pub full_resync: bool,
+    /// Where and past what a run's users go through the scratch directory.
+    pub spill: SpillOptions,
     /// Test hook: makes a part of the pipeline panic, to prove the counts survive it.
     #[doc(hidden)]
     pub failpoint: Failpoint,
+}
+
+/// What a run holds in memory before it sorts through the scratch directory
+/// ([`crate::spill`]).
+#[derive(Clone, Debug)]
+pub struct SpillOptions {
+    /// Where run files go (`run --scratch-dir`, the controller's `--scratch-dir`).
+    pub scratch: Scratch,
+    /// Users new to the audience held in memory; past them, rows wait for the end of the
+    /// Look in the scratch directory ([`crate::audience::seen::NEW_IN_MEMORY`]).
+    pub new_in_memory: usize,
+    /// Bytes of waiting rows held before a sorted run is written.
+    pub run_bytes: usize,
+}
+
+/// Bytes of waiting rows held in memory before they are written to the scratch directory.
+pub const SPILL_RUN_BYTES: usize = 8 << 20;
+
+impl Default for SpillOptions {
+    fn default() -> Self {
+        Self {
+            scratch: Scratch::default(),
+            new_in_memory: NEW_IN_MEMORY,
+            run_bytes: SPILL_RUN_BYTES,
+        }
+    }
 }
 
 /// Where a test makes the pipeline panic ([`RunOptions::failpoint`]).
@@ -80,6 +110,7 @@ impl RunOptions {
             progress: Arc::default(),
             allow_removal_over_limit: false,
             full_resync: false,
+            spill: SpillOptions::default(),
             failpoint: Failpoint::None,
         }
     }

@@ -15,14 +15,14 @@ use tracing::Instrument;
 use super::audience_sync::{self, AudienceInput, AudiencePlan, AudienceUpdate, RunResult};
 use super::deadline::Deadline;
 use super::ended::Ended;
-use super::error::{PENDING_NOT_RECORDED, RunError};
+use super::error::{PENDING_NOT_RECORDED, RunError, SCRATCH_FAILED};
 /// Re-exported here, where the tests that make the pipeline panic have always found it.
 pub use super::options::Failpoint;
 use super::options::{RunOptions, Services};
 use super::plan::{Credentials, ExportPlan};
 use super::report::{RowReason, RunReport, Tally};
 use super::send::{SendSummary, Side, braze_client, send_all, stop_reason};
-use super::sink::{ExportSink, ReadSide, ReadSummary, SinkSync, Unsent};
+use super::sink::{ExportSink, ReadSide, ReadSummary, SinkSync};
 use crate::audience::seen::Seen;
 use crate::braze::{Batch, BrazeClient, BrazeError, FailReason};
 use crate::looker::body::{self, Transfer, WaitBudget};
@@ -251,7 +251,7 @@ const QUEUED_BATCHES: usize = 32;
 /// Merges both sides' counts and decides what ended the run ([`first_failure`]); the rows
 /// the senders never took count failed under what stopped them.
 fn merge_sides(
-    read: ReadSummary,
+    mut read: ReadSummary,
     parsed: std::thread::Result<Result<u64, DetailError>>,
     sent: SendSummary,
     transfer: &Transfer,
@@ -267,14 +267,9 @@ fn merge_sides(
         transfer,
         plan,
     );
-    let mut tally = read.tally;
+    let mut tally = std::mem::take(&mut read.tally);
     tally.merge(sent.tally);
-    count_unsent(
-        &mut tally,
-        &read.unsent,
-        read.journal_failed.as_deref(),
-        sent.fatal.as_ref(),
-    );
+    count_unsent(&mut tally, &read, sent.fatal.as_ref());
     let mut failed_keys = sent.failed_keys;
     let mut sync = read.sync;
     failed_keys.append(&mut sync.unsent_keys);
@@ -307,6 +302,8 @@ fn first_failure(
         Some(RunError::Braze(fatal.clone()))
     } else if let Some(why) = &read.journal_failed {
         Some(RunError::PendingNotRecorded(why.clone()))
+    } else if let Some(why) = &read.spill_failed {
+        Some(RunError::ScratchFailed(why.clone()))
     } else if interrupted {
         None
     } else if parsed.is_err() {
@@ -328,20 +325,17 @@ fn first_failure(
 
 /// Rows mapped but never handed to a sender count failed, under what stopped the senders
 /// (or the read side, when its users could not be recorded).
-fn count_unsent(
-    tally: &mut Tally,
-    unsent: &Unsent,
-    journal_failed: Option<&str>,
-    fatal: Option<&BrazeError>,
-) {
+fn count_unsent(tally: &mut Tally, read: &ReadSummary, fatal: Option<&BrazeError>) {
+    let unsent = &read.unsent;
     if unsent.count == 0 {
         return;
     }
-    let r = match (journal_failed, fatal) {
-        (Some(why), None) => FailReason::Stopped(
+    let r = match (&read.journal_failed, &read.spill_failed, fatal) {
+        (Some(why), _, None) => FailReason::Stopped(
             PENDING_NOT_RECORDED,
             format!("the users could not be recorded in the stored audience first ({why})"),
         ),
+        (None, Some(why), None) => FailReason::Stopped(SCRATCH_FAILED, why.clone()),
         _ => stop_reason(fatal),
     };
     tally.counts.failed += unsent.count;

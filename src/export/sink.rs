@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::mpsc;
 
+use super::deferred::{Taken, Waiting, WaitingRow};
 use super::mapping::{self, Columns, near_miss_tag};
-use super::options::{Failpoint, Progress, RunOptions};
+use super::options::{Failpoint, Progress, RunOptions, SpillOptions};
 use super::pending::Journal;
 use super::plan::ExportPlan;
 use super::report::{RowReason, Tally};
@@ -71,6 +72,8 @@ pub(super) struct ReadSummary {
     pub sync: SinkSync,
     /// Why the users about to be flagged could not be recorded first (the run stopped).
     pub journal_failed: Option<String>,
+    /// Why rows could not wait in the scratch directory (the run stopped).
+    pub spill_failed: Option<String>,
 }
 
 /// The parser thread's side of a run: rows to objects to batches.
@@ -91,6 +94,10 @@ pub(super) struct ExportSink {
     failpoint: Failpoint,
     /// The object being mapped, serialized (its fingerprint is taken from these bytes).
     scratch: Vec<u8>,
+    spill: SpillOptions,
+    /// Rows of users new to the audience past those held in memory ([`super::deferred`]).
+    waiting: Option<Waiting>,
+    spill_failed: Option<String>,
 }
 
 impl ExportSink {
@@ -107,7 +114,7 @@ impl ExportSink {
             shape: Arc::new(plan.shape.clone()),
             columns: None,
             column_error: None,
-            seen,
+            seen: seen.with_new_cap(opts.spill.new_in_memory),
             sync,
             batch: Batch::with_capacity(plan.batch_size),
             tx: Some(tx),
@@ -117,6 +124,9 @@ impl ExportSink {
             progress,
             failpoint,
             scratch: Vec::with_capacity(256),
+            spill: opts.spill.clone(),
+            waiting: None,
+            spill_failed: None,
         }
     }
 
@@ -189,6 +199,11 @@ impl ExportSink {
     /// Ends the read side. After a panic, the row being mapped when it struck is neither
     /// counted nor batched: it is counted failed here, so the report still adds up.
     pub(super) fn finish(mut self, panicked: bool) -> ReadSummary {
+        // The rows that waited go after the Look was read (after a panic, they are lost
+        // rows, counted below).
+        if !panicked {
+            self.take_back();
+        }
         self.flush();
         // The last users are recorded, and their batches sent, only once the Look is read.
         self.release();
@@ -223,7 +238,102 @@ impl ExportSink {
             seen: self.seen,
             sync: self.sync,
             journal_failed,
+            spill_failed: self.spill_failed,
         }
+    }
+
+    /// Sets a row of a user new to the audience aside until the end of the Look
+    /// ([`Offer::Deferred`]). A row that cannot be serialized is counted invalid at once
+    /// (and its user kept as pending), as it is in memory.
+    fn set_aside(
+        &mut self,
+        number: u64,
+        object: &mapping::BrazeObject<'_>,
+        fingerprinted: bool,
+    ) -> Result<(), Stop> {
+        if !self.serialize(number, object) {
+            if let Some(w) = &mut self.sync.current {
+                w.push(&object.id, MemberState::Pending, 0);
+            }
+            return Ok(());
+        }
+        let fingerprint = if fingerprinted && self.sync.track {
+            codec::fingerprint(&self.scratch)
+        } else {
+            0
+        };
+        let row = WaitingRow {
+            id: object.id.to_string(),
+            number,
+            fingerprint,
+            too_long: object.too_long_attributes().map(str::to_owned).collect(),
+            object: self.scratch.clone(),
+        };
+        let spill = &self.spill;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Waiting::new(&spill.scratch, spill.run_bytes));
+        if let Err(e) = waiting.push(row) {
+            tracing::error!(error = %e, "rows could not wait in the scratch directory: the run stops");
+            self.spill_failed = Some(e.to_string());
+            return Err(Stop);
+        }
+        Ok(())
+    }
+
+    /// The rows set aside, back in identifier order: the first of each user is batched as a
+    /// user new to the audience, the others are duplicates. When the senders are gone, the
+    /// first rows are counted unsent (and the others still duplicates); when the scratch
+    /// directory fails, every row not yet taken back is counted unsent.
+    fn take_back(&mut self) {
+        let Some(waiting) = self.waiting.take() else {
+            return;
+        };
+        let mut left = waiting.len();
+        let users = match self.spill_failed {
+            Some(_) => None,
+            None => waiting
+                .finish()
+                .map_err(|e| self.spill_failed = Some(e.to_string()))
+                .ok(),
+        };
+        tracing::debug!(rows = left, "taking back the rows that waited");
+        for taken in users.into_iter().flatten() {
+            match taken {
+                Ok(Taken::Duplicate(_)) => self.tally.counts.duplicates += 1,
+                Ok(Taken::First(row)) => {
+                    self.seen.note_deferred_new();
+                    // Past a stop, the batch is counted unsent by `send`.
+                    let _ = self.push_waiting(row);
+                }
+                Err(e) => {
+                    self.spill_failed = Some(e.to_string());
+                    break;
+                }
+            }
+            left -= 1;
+        }
+        self.unsent.count += left;
+    }
+
+    /// Batches a row that waited, as [`ExportSink::offer_and_push`] does a new user's.
+    fn push_waiting(&mut self, row: WaitingRow) -> Result<(), Stop> {
+        let key = self.seen.key(&row.id);
+        for name in &row.too_long {
+            self.tally
+                .note(RowReason::AttributeTooLong, name, &[row.number]);
+        }
+        if self.sync.track {
+            self.sync.pushed_new += 1;
+        }
+        if let Some(j) = &mut self.sync.journal {
+            j.note(&row.id);
+        }
+        if let Some(w) = &mut self.sync.current {
+            w.push(&row.id, MemberState::Flagged, row.fingerprint);
+        }
+        self.scratch = row.object;
+        self.push(row.number, key)
     }
 
     /// Serializes a mapped object into the scratch buffer; false when it cannot be
@@ -394,9 +504,13 @@ impl ExportSink {
     ) -> Result<(), Stop> {
         let key = self.seen.key(&object.id);
         let offer = self.seen.offer(key);
-        if offer == Offer::Duplicate {
-            self.tally.counts.duplicates += 1;
-            return Ok(());
+        match offer {
+            Offer::Duplicate => {
+                self.tally.counts.duplicates += 1;
+                return Ok(());
+            }
+            Offer::Deferred => return self.set_aside(number, object, fingerprinted),
+            _ => {}
         }
         let serialized = fingerprinted && self.serialize(number, object);
         let fingerprint = if serialized && self.sync.track {
