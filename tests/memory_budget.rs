@@ -142,7 +142,7 @@ async fn an_audience_past_the_budget_is_stored_and_synced_as_one_in_memory_is() 
 
     // The Look moves on: users 1-30 leave, 301-330 arrive, and 20 users change plan.
     let moved: Vec<u64> = ids.iter().map(|i| i + 30).collect();
-    let plan_of = |i: u64| if i % 15 == 0 { "pro" } else { "free" }.to_owned();
+    let plan_of = |i: u64| if i.is_multiple_of(15) { "pro" } else { "free" }.to_owned();
     for w in [&roomy, &tight_world] {
         w.looker.add_look("1", look(&moved, plan_of));
     }

@@ -186,7 +186,7 @@ mod tests {
             id: id.into(),
             number,
             fingerprint: number as u32 * 7,
-            too_long: if number % 2 == 0 {
+            too_long: if number.is_multiple_of(2) {
                 vec!["city".into()]
             } else {
                 Vec::new()
