@@ -304,6 +304,9 @@ pub enum AudienceError {
     /// It could not be read or written.
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// It could not be sorted through the scratch directory ([`crate::spill`]).
+    #[error("{0}")]
+    Scratch(String),
 }
 
 #[cfg(test)]
