@@ -4,9 +4,11 @@
 //! sent or counted unchanged), and the users new to it in a hash set. It is also the run's
 //! deduplication: a million returning users cost 12 MiB and no hash set at all.
 //!
-//! The hashes are keyed per run (like [`crate::export::mapping::Dedup`]): two identifiers
-//! collide with probability n²/2⁶⁴, and a collision never repeats. The low bit of each stored
-//! key holds the member's state (set: pending), so keys compare with it cleared.
+//! The hashes are keyed per run: two identifiers collide with probability n²/2⁶⁴, and a
+//! collision never repeats. The low bit of each stored key holds the member's state (set:
+//! pending), so keys compare with it cleared. Past [`NEW_IN_MEMORY`] new users, or a previous
+//! audience past the run's limit ([`Seen::sorted`]), rows wait in the scratch directory
+//! instead ([`crate::export::deferred`]).
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
