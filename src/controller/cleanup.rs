@@ -30,7 +30,7 @@ use super::status::{self, reason};
 use super::step::Note;
 use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, RUN_POLL};
 use super::watched::Watched;
-use super::{audience_store, credentials, events, key_hold, pending_store, writer};
+use super::{audience_store, credentials, events, key_hold, writer};
 use crate::audience::{Encoded, Owner};
 use crate::export::report::{Outcome, RunReport, Trigger};
 use crate::export::{AudienceInput, Credentials, ExportPlan, RunOptions, remove_audience};
@@ -60,10 +60,20 @@ async fn set_audience_held(
     uid: &str,
     hold: bool,
 ) -> Result<(), Error> {
+    // In a bucket, nothing to hold; Secrets an earlier store left held are still let go, at
+    // best (the operator may then have no right to list them).
+    let in_secrets = ctx.audience_store.in_secrets();
+    if hold && !in_secrets {
+        return Ok(());
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let held = audience_store::hold_audience(&api, uid, hold);
     match tokio::time::timeout(API_TIMEOUT, held).await {
         Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if !in_secrets => {
+            tracing::debug!(error = %e, "cannot release audience Secrets left by the Secrets store");
+            Ok(())
+        }
         Ok(Err(audience_store::StoreError::Kube(e))) => Err(Error::from_kube(e)),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot hold or release the audience Secrets");
@@ -237,11 +247,8 @@ impl Cleanup {
     async fn finish(&self, ns: &str, name: &str, uid: &str) {
         let ctx = &self.ctx;
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        let deleted = tokio::time::timeout(
-            AUDIENCE_TIMEOUT,
-            audience_store::delete_audience(&secrets, &self.export),
-        )
-        .await;
+        let place = ctx.audience_store.place(secrets, &self.export);
+        let deleted = tokio::time::timeout(AUDIENCE_TIMEOUT, place.delete()).await;
         // Secrets still held must not outlive the export: they would be stuck once it is
         // gone. Let go, the garbage collector deletes them with it; else looked at again
         // after RUN_POLL.
@@ -332,7 +339,8 @@ impl Cleanup {
         let read_key = credentials::braze_key(&ctx.client, &ns, &export.spec);
         let creds = within(API_TIMEOUT, "the Braze Secret", read_key).await?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let loaded = pending_store::load_with_pending(&api, export);
+        let place = ctx.audience_store.place(api, export);
+        let loaded = place.load_with_pending();
         let (previous, _) = within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await?;
         Ok(previous.map(|p| (plan, creds, p)))
     }
