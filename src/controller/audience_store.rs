@@ -126,8 +126,11 @@ impl StoreError {
     }
 }
 
-/// Bytes in MiB, one decimal.
+/// Bytes in MiB with one decimal (KiB under 1 MiB).
 fn mib(bytes: usize) -> String {
+    if bytes < 1 << 20 {
+        return format!("{} KiB", bytes.div_ceil(1 << 10));
+    }
     format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
