@@ -264,3 +264,86 @@ async fn an_audience_over_the_secrets_budget_is_not_saved_and_the_previous_one_s
     assert_eq!(m["members"], 100, "{m}");
     op.stop().await;
 }
+
+/// With `rbac.holdBrazeKeySecrets: false` the operator may only read Secrets: an export with
+/// `cleanupOnDelete` warns once that its key is not held, and its deletion still cleans up
+/// from the bucket and never hangs.
+#[tokio::test]
+async fn with_get_alone_on_secrets_a_cleanup_still_runs_and_the_key_hold_is_told_refused() {
+    let (api, w, s3) = (
+        FakeApiServer::start().await,
+        World::start().await,
+        S3Server::start().await,
+    );
+    w.looker.add_look("42", Look::users(80, Generator::Clean));
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove",
+        "cleanupOnDelete: true",
+    );
+    let client = api.client_with_rules(chart_rules_for(ChartStore::BucketWithoutKeyHold));
+    let op = Operator::start_with(client, bucket_config(&s3));
+    let (kind, _, note) = wait_event(&api, "mirror", "BrazeKeyNotHeld", 20).await;
+    assert_eq!(kind, "Warning");
+    assert!(note.contains("grant patch on Secrets"), "{note}");
+    let s = run(&api, "mirror", "r1").await;
+    assert_eq!(s["lastRun"]["outcome"], "Succeeded", "{s}");
+    assert_eq!(segment(&w), 80);
+
+    api.delete(EXPORTS, NS, "mirror");
+    wait_for("the export to go", 30, || {
+        api.get(EXPORTS, NS, "mirror").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(segment(&w), 0, "the flag removed from everyone");
+    assert!(s3.objects().is_empty(), "{:?}", s3.objects());
+    op.stop().await;
+}
+
+/// A discard request deletes the export's objects; that run starts a new audience.
+#[tokio::test]
+async fn a_discard_request_deletes_the_export_s_objects() {
+    let (api, w, s3) = (
+        FakeApiServer::start().await,
+        World::start().await,
+        S3Server::start().await,
+    );
+    w.looker.add_look("42", Look::users(100, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "mirror", "42", "removal: Remove", "");
+    let client = api.client_with_rules(chart_rules_for(ChartStore::Bucket));
+    let op = Operator::start_with(client, bucket_config(&s3));
+    let uid = uid(&api, "mirror");
+    run(&api, "mirror", "r1").await;
+    assert_eq!(s3.objects(), generation(&uid, 1));
+
+    w.looker.add_look("42", Look::users(60, Generator::Clean));
+    api.patch(
+        EXPORTS,
+        NS,
+        "mirror",
+        serde_json::json!({"metadata": {"annotations": {"looker-braze.dev/discard-audience": "r2"}}}),
+    );
+    let s = run(&api, "mirror", "r2").await;
+    let last = &s["lastRun"];
+    assert_eq!(last["outcome"], "Succeeded", "{s}");
+    assert_eq!(
+        last["removed"],
+        serde_json::Value::Null,
+        "a first run removes nobody: {last}"
+    );
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("the stored audience was discarded on request"),
+        "{last}"
+    );
+    // Everything went with the discard: the new audience is a generation 1 again.
+    assert_eq!(s3.objects(), generation(&uid, 1));
+    op.stop().await;
+}

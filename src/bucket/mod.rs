@@ -125,9 +125,10 @@ pub fn parse_url(url: &str, what: &str) -> Result<(String, String), BucketError>
         )));
     }
     if bucket.contains(['@', ':', '?', '#']) || prefix.contains(['?', '#']) {
-        return Err(invalid(format!(
-            "{SCHEME}{bucket}/...: a bucket URL holds no credentials, port, query or fragment (credentials come from the environment or the pod's identity; the endpoint from its own setting)"
-        )));
+        // Not echoed: it may hold a credential.
+        return Err(invalid(
+            "an s3://BUCKET/PREFIX URL holds no credentials, port, query or fragment (credentials come from the environment or the pod's identity; the endpoint from its own setting)".into(),
+        ));
     }
     let prefix = prefix.trim_matches('/');
     Path::parse(prefix).map_err(|_| invalid(format!("{prefix:?} is not a valid object key")))?;
@@ -173,7 +174,7 @@ impl Bucket {
         b = b.with_bucket_name(&name);
         let env_endpoint = settings.from_env.then(env_endpoint).flatten();
         let (endpoint, endpoint_what) = match (&settings.endpoint, env_endpoint) {
-            (Some(e), _) => (Some(e.clone()), "the audience store's endpoint".to_owned()),
+            (Some(e), _) => (Some(e.clone()), "--audience-store-endpoint".to_owned()),
             (None, Some((var, e))) => (Some(e), var),
             (None, None) => (None, String::new()),
         };
@@ -262,7 +263,7 @@ fn with_encryption(
     if let Some(sse) = &settings.encryption {
         if !ENCRYPTIONS.contains(&sse.as_str()) {
             return Err(BucketError::Invalid {
-                what: "the audience store's server-side encryption".into(),
+                what: "--audience-store-sse".into(),
                 why: format!("{sse:?} is not one of {}", ENCRYPTIONS.join(", ")),
             });
         }
@@ -397,7 +398,7 @@ mod tests {
         let e = Bucket::open("s3://b/p", "x", &settings).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "the audience store's server-side encryption: \"rot13\" is not one of AES256, aws:kms, aws:kms:dsse"
+            "--audience-store-sse: \"rot13\" is not one of AES256, aws:kms, aws:kms:dsse"
         );
     }
 }

@@ -126,7 +126,19 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         }
     };
     let audience_store = match args.audience_store() {
-        Ok(store) => store,
+        Ok(store) => {
+            match &store {
+                AudienceStore::Secrets { budget } => tracing::info!(
+                    budget_mib = budget >> 20,
+                    "stored audiences are kept in Secrets beside their export"
+                ),
+                AudienceStore::Bucket(b) => tracing::info!(
+                    bucket = %b.name(),
+                    "stored audiences are kept in an S3-compatible bucket"
+                ),
+            }
+            store
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return 2;
@@ -239,6 +251,61 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    fn store(args: &[&str]) -> Result<AudienceStore, String> {
+        let mut all = vec!["controller"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().args.audience_store()
+    }
+
+    #[test]
+    fn the_audience_store_is_secrets_by_default_or_a_bucket_url() {
+        assert!(matches!(
+            store(&[]),
+            Ok(AudienceStore::Secrets { budget }) if budget == 8 << 20
+        ));
+        assert!(matches!(
+            store(&["--audience-secrets-budget-mib", "2"]),
+            Ok(AudienceStore::Secrets { budget }) if budget == 2 << 20
+        ));
+        let Ok(AudienceStore::Bucket(b)) = store(&[
+            "--audience-store=s3://acme-audiences/prod",
+            "--audience-store-endpoint=https://minio.storage:9000",
+            "--audience-store-sse=AES256",
+        ]) else {
+            panic!("a bucket");
+        };
+        assert_eq!(b.name(), "acme-audiences");
+        for (args, message) in [
+            (
+                vec!["--audience-store=/var/audiences"],
+                "--audience-store: \"/var/audiences\" is neither `secrets` nor an s3://BUCKET/PREFIX URL",
+            ),
+            (
+                vec![
+                    "--audience-store=s3://a/p",
+                    "--audience-store-endpoint=http://minio:9000",
+                ],
+                "--audience-store-endpoint: \"http://minio:9000\" must use https (plain http only on loopback): stored audiences hold personal data",
+            ),
+            (
+                vec!["--audience-store=s3://a/p", "--audience-store-sse=aes"],
+                "--audience-store-sse: \"aes\" is not one of AES256, aws:kms, aws:kms:dsse",
+            ),
+        ] {
+            assert_eq!(store(&args).unwrap_err(), message);
+        }
+    }
+
     #[test]
     fn namespaces_are_trimmed_and_unique() {
         let args: Vec<String> = ["crm", " marketing", "", "crm", "sales "]
