@@ -10,10 +10,12 @@ use braze_export_operator::sandbox::{Generator, Look};
 use bucket::*;
 use support::*;
 
+/// `run --state STATE` with the bucket's environment, logging at debug.
 async fn run_with_state(w: &World, s3: &S3Server, state: &str) -> Cli {
     let yaml = w.yaml("42", "removal: Remove", "");
     let spec = write_spec(&yaml);
-    let env = s3.env();
+    let mut env = s3.env();
+    env.push(("RUST_LOG", "debug".into()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     cli_spec(&spec, &["--output", "json", "--state", state], &[], &env).await
 }
