@@ -347,3 +347,95 @@ async fn a_discard_request_deletes_the_export_s_objects() {
     assert_eq!(s3.objects(), generation(&uid, 1));
     op.stop().await;
 }
+
+/// No garbage collector deletes objects with their export: an export keeping its audience in
+/// a bucket holds the finalizer, and its deletion (without `cleanupOnDelete`) deletes its
+/// objects, and only its own, then lets it go; its users keep the flag.
+#[tokio::test]
+async fn deleting_an_export_deletes_its_objects_even_without_a_cleanup() {
+    let (api, w, s3) = (
+        FakeApiServer::start().await,
+        World::start().await,
+        S3Server::start().await,
+    );
+    w.looker.add_look("42", Look::users(50, Generator::Clean));
+    secrets(&api);
+    put_export(&api, &w, "mirror", "42", "removal: Remove", "");
+    put_export(&api, &w, "other", "42", "delta: true", "");
+    put_export(&api, &w, "plain", "42", "", "");
+    let client = api.client_with_rules(chart_rules_for(ChartStore::BucketWithoutKeyHold));
+    let op = Operator::start_with(client, bucket_config(&s3));
+    let (mirror, other) = (uid(&api, "mirror"), uid(&api, "other"));
+    for name in ["mirror", "other"] {
+        let s = run(&api, name, "r1").await;
+        assert_eq!(s["lastRun"]["outcome"], "Succeeded", "{s}");
+    }
+    let finalizers =
+        |name: &str| api.get(EXPORTS, NS, name).unwrap()["metadata"]["finalizers"].clone();
+    assert_eq!(
+        finalizers("mirror"),
+        serde_json::json!(["looker-braze.dev/cleanup"])
+    );
+    assert_eq!(
+        finalizers("other"),
+        serde_json::json!(["looker-braze.dev/cleanup"])
+    );
+    assert_eq!(
+        finalizers("plain"),
+        serde_json::Value::Null,
+        "no stored audience, no finalizer"
+    );
+    let mut both = generation(&mirror, 1);
+    both.extend(generation(&other, 1));
+    both.sort();
+    assert_eq!(s3.objects(), both);
+
+    api.delete(EXPORTS, NS, "mirror");
+    wait_for("the export to go", 30, || {
+        api.get(EXPORTS, NS, "mirror").is_none().then_some(())
+    })
+    .await;
+    assert_eq!(s3.objects(), generation(&other, 1), "only its own objects");
+    assert_eq!(segment(&w), 50, "no cleanup: the users keep the flag");
+    op.stop().await;
+}
+
+/// `cleanupOnDelete` turned off: the Braze key is let go, while the export keeps the
+/// finalizer for its objects.
+#[tokio::test]
+async fn turning_the_cleanup_off_lets_the_key_go_and_keeps_the_export_s_finalizer() {
+    let (api, w, s3) = (
+        FakeApiServer::start().await,
+        World::start().await,
+        S3Server::start().await,
+    );
+    w.looker.add_look("42", Look::users(20, Generator::Clean));
+    secrets(&api);
+    put_export(
+        &api,
+        &w,
+        "mirror",
+        "42",
+        "removal: Remove",
+        "cleanupOnDelete: true",
+    );
+    let client = api.client_with_rules(chart_rules_for(ChartStore::Bucket));
+    let op = Operator::start_with(client, bucket_config(&s3));
+    let key_held = || {
+        api.get(SECRETS, NS, "braze-api").unwrap()["metadata"]["finalizers"]
+            == serde_json::json!(["looker-braze.dev/cleanup"])
+    };
+    wait_for("the key held", 20, || key_held().then_some(())).await;
+    api.patch(
+        EXPORTS,
+        NS,
+        "mirror",
+        serde_json::json!({"spec": {"cleanupOnDelete": false}}),
+    );
+    wait_for("the key let go", 20, || (!key_held()).then_some(())).await;
+    assert_eq!(
+        api.get(EXPORTS, NS, "mirror").unwrap()["metadata"]["finalizers"],
+        serde_json::json!(["looker-braze.dev/cleanup"])
+    );
+    op.stop().await;
+}
