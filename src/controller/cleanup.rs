@@ -282,6 +282,12 @@ impl Cleanup {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         let place = ctx.audience_store.place(secrets, &self.export);
         let deleted = tokio::time::timeout(AUDIENCE_TIMEOUT, place.delete()).await;
+        if !ctx.audience_store.in_secrets() && !matches!(deleted, Ok(Ok(()))) {
+            // Never a hung deletion: the objects stay behind, said once.
+            tracing::warn!(
+                "cannot delete the deleted export's audience objects; they stay in the bucket"
+            );
+        }
         // Secrets still held must not outlive the export: they would be stuck once it is
         // gone. Let go, the garbage collector deletes them with it; else looked at again
         // after RUN_POLL.
