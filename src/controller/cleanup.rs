@@ -282,11 +282,16 @@ impl Cleanup {
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         let place = ctx.audience_store.place(secrets, &self.export);
         let deleted = tokio::time::timeout(AUDIENCE_TIMEOUT, place.delete()).await;
-        if !ctx.audience_store.in_secrets() && !matches!(deleted, Ok(Ok(()))) {
-            // Never a hung deletion: the objects stay behind, said once.
-            tracing::warn!(
-                "cannot delete the deleted export's audience objects; they stay in the bucket"
-            );
+        if !ctx.audience_store.in_secrets() {
+            // Never a hung deletion: objects that cannot be deleted stay behind, said once.
+            let why = match &deleted {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("not deleted in time".to_owned()),
+            };
+            if let Some(why) = why {
+                tracing::warn!(error = %why, "the deleted export's audience objects stay in the bucket");
+            }
         }
         // Secrets still held must not outlive the export: they would be stuck once it is
         // gone. Let go, the garbage collector deletes them with it; else looked at again
