@@ -76,6 +76,9 @@ fn builder() -> reqwest::ClientBuilder {
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(30))
         .tcp_nodelay(true)
+        // HTTP/1.1 as before object_store turned reqwest's `http2` feature on: the in-flight
+        // budget and the connection pools are sized for one request per connection.
+        .http1_only()
 }
 
 /// Installs rustls' ring provider once per process (the one kube uses too).

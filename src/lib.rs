@@ -8,6 +8,7 @@
 
 pub mod audience;
 pub mod braze;
+pub mod bucket;
 pub mod commands;
 pub mod controller;
 pub mod crd;

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the operator: watch BrazeExports and run them on their schedules.
-    Controller(controller::ControllerArgs),
+    Controller(Box<controller::ControllerArgs>),
     /// Run one export described by a BrazeExport YAML file, here and now, without Kubernetes.
     ///
     /// Credentials come from LOOKERSDK_CLIENT_ID, LOOKERSDK_CLIENT_SECRET and BRAZE_API_KEY.
@@ -47,7 +47,7 @@ async fn main() {
     let cli = parse();
     telemetry::init(cli.log_format, default_log_filter(&cli.command));
     let code = match cli.command {
-        Command::Controller(args) => controller::controller(args).await,
+        Command::Controller(args) => controller::controller(*args).await,
         Command::Run(args) => run::run(args).await,
         Command::Trigger(args) => trigger::trigger(args).await,
         Command::Demo { rows } => demo::demo(rows).await,

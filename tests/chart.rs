@@ -745,3 +745,165 @@ fn the_rendered_args_parse_with_the_binary() {
         );
     }
 }
+
+/// The export rules with these verbs on Secrets instead of the Secrets store's.
+fn grants_with_secrets(verbs: &[&str]) -> Grants {
+    let mut g = export_grants();
+    g.insert(
+        (String::new(), "secrets".into()),
+        verbs.iter().map(|v| (*v).into()).collect(),
+    );
+    g
+}
+
+const BUCKET: &str = r#"
+audienceStore:
+  type: Bucket
+  bucket:
+    url: s3://acme-audiences/prod
+    endpoint: https://minio.storage.svc:9000
+    region: eu-central-1
+    serverSideEncryption: aws:kms
+    kmsKeyId: arn:aws:kms:eu-central-1:111122223333:key/abcd
+    credentialsSecret: {name: audience-bucket}
+"#;
+
+/// The chart grants the Secret write verbs only where Secrets hold audiences: with a bucket,
+/// `get` (the credentials) and, to hold the Braze key of exports with cleanupOnDelete,
+/// `list` and `patch`; `get` alone without the hold. Cluster-wide or per namespace alike.
+#[test]
+fn the_secret_verbs_follow_the_audience_store() {
+    for (values, secrets) in [
+        (
+            "",
+            vec!["get", "list", "create", "update", "patch", "delete"],
+        ),
+        (
+            "audienceStore: {type: Secrets, secrets: {budgetMiB: 4}}",
+            vec!["get", "list", "create", "update", "patch", "delete"],
+        ),
+        (BUCKET, vec!["get", "list", "patch"]),
+        (
+            &format!("{BUCKET}rbac: {{holdBrazeKeySecrets: false}}"),
+            vec!["get"],
+        ),
+    ] {
+        let r = render(values);
+        assert_eq!(
+            grants(r.one("ClusterRole")),
+            grants_with_secrets(&secrets),
+            "{values}"
+        );
+        let r = render(&format!("{values}\nwatchNamespaces: [crm, sales]"));
+        for ns in ["crm", "sales"] {
+            assert_eq!(
+                grants(r.named("Role", ns, FULLNAME)),
+                grants_with_secrets(&secrets),
+                "{values}"
+            );
+        }
+    }
+}
+
+/// A bucket store's settings become the controller's flags, its keys come from a Secret
+/// through the environment (the operator never reads that Secret), and the binary parses
+/// the result.
+#[test]
+fn a_bucket_store_becomes_flags_and_its_keys_come_from_a_secret() {
+    let r = render(BUCKET);
+    let args = r.args();
+    for flag in [
+        "--audience-store=s3://acme-audiences/prod",
+        "--audience-store-endpoint=https://minio.storage.svc:9000",
+        "--audience-store-region=eu-central-1",
+        "--audience-store-sse=aws:kms",
+        "--audience-store-sse-kms-key-id=arn:aws:kms:eu-central-1:111122223333:key/abcd",
+    ] {
+        assert!(args.contains(&flag), "{flag}: {args:?}");
+    }
+    let env = r.container()["env"].as_array().unwrap();
+    let from_secret = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {env:?}"))["valueFrom"]["secretKeyRef"]
+            .clone()
+    };
+    assert_eq!(
+        from_secret("AWS_ACCESS_KEY_ID"),
+        json!({"name": "audience-bucket", "key": "AWS_ACCESS_KEY_ID"})
+    );
+    assert_eq!(
+        from_secret("AWS_SECRET_ACCESS_KEY"),
+        json!({"name": "audience-bucket", "key": "AWS_SECRET_ACCESS_KEY"})
+    );
+
+    // Workload identity: no keys in the environment.
+    let r = render("audienceStore: {type: Bucket, bucket: {url: s3://acme-audiences}}");
+    assert!(
+        !r.container()["env"].to_string().contains("AWS_"),
+        "{}",
+        r.container()["env"]
+    );
+    assert!(r.args().contains(&"--audience-store=s3://acme-audiences"));
+
+    // By default: Secrets, no flag; a budget other than 8 MiB is one.
+    assert!(
+        !render("{}")
+            .args()
+            .iter()
+            .any(|a| a.starts_with("--audience"))
+    );
+    assert!(
+        render("audienceStore: {secrets: {budgetMiB: 2}}")
+            .args()
+            .contains(&"--audience-secrets-budget-mib=2")
+    );
+
+    let mut args = render(BUCKET)
+        .args()
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    args.push("--help".into());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braze-export-operator"))
+        .args(&args)
+        .output()
+        .expect("the binary runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn helm_refuses_a_bucket_store_without_a_bucket_or_with_a_wrong_one() {
+    for (values, names) in [
+        ("audienceStore: {type: Bucket}", "bucket"),
+        ("audienceStore: {type: Bucket, bucket: {url: \"\"}}", "url"),
+        ("audienceStore: {type: S3}", "type"),
+        (
+            "audienceStore: {type: Bucket, bucket: {url: \"https://s3.amazonaws.com/a\"}}",
+            "url",
+        ),
+        (
+            "audienceStore: {type: Bucket, bucket: {url: s3://acme-audiences, serverSideEncryption: aes}}",
+            "serverSideEncryption",
+        ),
+        ("audienceStore: {secrets: {budgetMiB: 0}}", "budgetMiB"),
+    ] {
+        let file = values_file(values);
+        let (_, stderr, success) = run(
+            "helm",
+            &[
+                "template",
+                RELEASE,
+                "charts/braze-export-operator",
+                "-f",
+                file.path().to_str().unwrap(),
+            ],
+        );
+        assert!(!success, "helm accepted {values}");
+        assert!(stderr.contains(names), "{values}: {stderr}");
+    }
+}

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::bucket::{Bucket, BucketSettings};
+use crate::controller::audiences::AudienceStore;
 use crate::controller::{self, CONTROLLER_NAME, Config, LeaderElection, StoreSlot};
 use crate::looker::hosts::AllowedHosts;
 use crate::ops::metrics::Metrics;
@@ -52,6 +54,65 @@ pub struct ControllerArgs {
     /// this name and a per-process suffix.
     #[arg(long = "identity", env = "POD_NAME", value_name = "IDENTITY")]
     pub pod_name: Option<String>,
+    /// Where exports keep their stored audience (`removal: Remove`, `delta: true`): `secrets`
+    /// (Secrets beside each export, for small audiences) or `s3://BUCKET/PREFIX` (an
+    /// S3-compatible bucket, objects under PREFIX/<export uid>/). The bucket's credentials
+    /// come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or the pod's
+    /// workload identity (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN, EKS Pod Identity,
+    /// instance metadata).
+    #[arg(
+        long,
+        default_value = "secrets",
+        value_name = "secrets|s3://BUCKET/PREFIX"
+    )]
+    pub audience_store: String,
+    /// With `--audience-store secrets`: the most an export's encoded audience may take in
+    /// Secrets, in MiB; a larger one is not saved (the run ends PartiallySucceeded with
+    /// AudienceNotSaved, the previous audience kept).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub audience_secrets_budget_mib: u32,
+    /// The bucket's S3 endpoint, for MinIO, Ceph or GCS (`https://storage.googleapis.com`);
+    /// default: AWS_ENDPOINT_URL, else AWS S3. `https` (plain `http` only on loopback).
+    #[arg(long, value_name = "URL")]
+    pub audience_store_endpoint: Option<String>,
+    /// The bucket's region (default: AWS_REGION, else us-east-1).
+    #[arg(long, value_name = "REGION")]
+    pub audience_store_region: Option<String>,
+    /// Server-side encryption asked of every object written: AES256, aws:kms or
+    /// aws:kms:dsse (default: the bucket's own).
+    #[arg(long, value_name = "MODE")]
+    pub audience_store_sse: Option<String>,
+    /// The KMS key of `--audience-store-sse aws:kms` (default: the bucket's default key).
+    #[arg(long, value_name = "KEY_ID")]
+    pub audience_store_sse_kms_key_id: Option<String>,
+}
+
+impl ControllerArgs {
+    /// Where audiences are kept, as the flags say.
+    pub fn audience_store(&self) -> Result<AudienceStore, String> {
+        let store = self.audience_store.trim();
+        if store.eq_ignore_ascii_case("secrets") {
+            return Ok(AudienceStore::Secrets {
+                budget: (self.audience_secrets_budget_mib as usize) << 20,
+            });
+        }
+        if !store.starts_with(crate::bucket::SCHEME) {
+            return Err(format!(
+                "--audience-store: {store:?} is neither `secrets` nor an s3://BUCKET/PREFIX URL"
+            ));
+        }
+        let settings = BucketSettings {
+            endpoint: self.audience_store_endpoint.clone(),
+            region: self.audience_store_region.clone(),
+            encryption: self.audience_store_sse.clone(),
+            kms_key_id: self.audience_store_sse_kms_key_id.clone(),
+            keys: None,
+            from_env: true,
+        };
+        Bucket::open(store, "--audience-store", &settings)
+            .map(AudienceStore::Bucket)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C; returns the exit code.
@@ -61,6 +122,25 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: cannot connect to Kubernetes (in-cluster config or kubeconfig): {e}");
+            return 2;
+        }
+    };
+    let audience_store = match args.audience_store() {
+        Ok(store) => {
+            match &store {
+                AudienceStore::Secrets { budget } => tracing::info!(
+                    budget_mib = budget >> 20,
+                    "stored audiences are kept in Secrets beside their export"
+                ),
+                AudienceStore::Bucket(b) => tracing::info!(
+                    bucket = %b.name(),
+                    "stored audiences are kept in an S3-compatible bucket"
+                ),
+            }
+            store
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             return 2;
         }
     };
@@ -95,6 +175,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         leader_election,
         instance,
         allowed_hosts,
+        audience_store,
         ..Config::default()
     };
     let shutdown = CancellationToken::new();
@@ -170,6 +251,61 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    fn store(args: &[&str]) -> Result<AudienceStore, String> {
+        let mut all = vec!["controller"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().args.audience_store()
+    }
+
+    #[test]
+    fn the_audience_store_is_secrets_by_default_or_a_bucket_url() {
+        assert!(matches!(
+            store(&[]),
+            Ok(AudienceStore::Secrets { budget }) if budget == 8 << 20
+        ));
+        assert!(matches!(
+            store(&["--audience-secrets-budget-mib", "2"]),
+            Ok(AudienceStore::Secrets { budget }) if budget == 2 << 20
+        ));
+        let Ok(AudienceStore::Bucket(b)) = store(&[
+            "--audience-store=s3://acme-audiences/prod",
+            "--audience-store-endpoint=https://minio.storage:9000",
+            "--audience-store-sse=AES256",
+        ]) else {
+            panic!("a bucket");
+        };
+        assert_eq!(b.name(), "acme-audiences");
+        for (args, message) in [
+            (
+                vec!["--audience-store=/var/audiences"],
+                "--audience-store: \"/var/audiences\" is neither `secrets` nor an s3://BUCKET/PREFIX URL",
+            ),
+            (
+                vec![
+                    "--audience-store=s3://a/p",
+                    "--audience-store-endpoint=http://minio:9000",
+                ],
+                "--audience-store-endpoint: \"http://minio:9000\" must use https (plain http only on loopback): stored audiences hold personal data",
+            ),
+            (
+                vec!["--audience-store=s3://a/p", "--audience-store-sse=aes"],
+                "--audience-store-sse: \"aes\" is not one of AES256, aws:kms, aws:kms:dsse",
+            ),
+        ] {
+            assert_eq!(store(&args).unwrap_err(), message);
+        }
+    }
+
     #[test]
     fn namespaces_are_trimmed_and_unique() {
         let args: Vec<String> = ["crm", " marketing", "", "crm", "sales "]

@@ -12,11 +12,15 @@ use super::load::load_export;
 use super::pending_files::PendingFiles;
 use crate::audience::{self, Encoded, Owner};
 use crate::braze::PayloadDump;
+use crate::bucket::{AudienceObjects, Bucket, BucketSettings, PendingObjects};
 use crate::export::{
     AudienceInput, AudienceUpdate, Credentials, ExportPlan, Progress, RunOptions, RunReport,
     Services, Trigger, run_export_synced,
 };
 use crate::redacted::Redacted;
+
+/// Longest write of one pending record to a bucket.
+const BUCKET_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Exit code for bad input: unreadable file, invalid spec, missing credential.
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -56,7 +60,11 @@ pub struct RunArgs {
     /// Keep the export's audience (the users it flagged) in this file between runs:
     /// created by the first run, replaced atomically after each. Needed by
     /// `removal: Remove` and `delta: true`. It holds user identifiers: keep it private.
-    #[arg(long, value_name = "FILE")]
+    /// `s3://BUCKET/KEY`: in an S3-compatible bucket instead, objects under KEY/ (the
+    /// endpoint, region, credentials and server-side encryption from the AWS_* environment:
+    /// AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_SERVER_SIDE_ENCRYPTION, AWS_SSE_KMS_KEY_ID).
+    #[arg(long, value_name = "FILE|s3://BUCKET/KEY")]
     pub state: Option<PathBuf>,
     /// With `delta: true`: send everyone this run (a full resync), whatever
     /// `fullResyncInterval` says.
@@ -83,11 +91,72 @@ struct Prepared {
 }
 
 /// The pending records a run read, and the log it writes its own with.
-type Records = (Vec<PathBuf>, Arc<PendingFiles>);
+#[derive(Clone)]
+enum Records {
+    /// Beside a state file.
+    Files(Vec<PathBuf>, Arc<PendingFiles>),
+    /// Beside the audience's objects in a bucket.
+    Bucket(AudienceObjects, Vec<String>, Arc<PendingObjects>),
+}
+
+/// The bucket `--state` names, when it names one.
+fn state_bucket(state: &std::path::Path) -> Option<Result<AudienceObjects, BadInput>> {
+    let url = state.to_str()?;
+    url.starts_with(crate::bucket::SCHEME).then(|| {
+        let settings = BucketSettings {
+            from_env: true,
+            ..BucketSettings::default()
+        };
+        let bucket = Bucket::open(url, "--state", &settings).map_err(|e| BadInput(e.to_string()))?;
+        let objects = bucket.audience("");
+        if objects.shown().ends_with('/') {
+            return Err(BadInput(format!(
+                "--state {url}: name a key in the bucket (s3://BUCKET/KEY): the audience's objects go under it"
+            )));
+        }
+        Ok(objects)
+    })
+}
+
+/// Saves the run's audience where `--state` says, then deletes the pending records it took
+/// in; a failure to save is an error (exit 1).
+async fn save_state(
+    path: &std::path::Path,
+    encoded: &Encoded,
+    records: Option<Records>,
+) -> Result<(), String> {
+    match records {
+        Some(Records::Bucket(objects, mut gone, log)) => {
+            objects
+                .save(encoded)
+                .await
+                .map_err(|e| format!("cannot save the audience to {}: {e}", objects.shown()))?;
+            gone.extend(log.written());
+            objects.delete_records(&gone).await;
+        }
+        other => {
+            audience::write_file(path, encoded)
+                .map_err(|e| format!("cannot write the state file {}: {e}", path.display()))?;
+            // Only once the new state is on disk: it holds the records' users.
+            let mut gone = Vec::new();
+            if let Some(Records::Files(read, log)) = other {
+                gone = read;
+                gone.extend(log.written());
+            }
+            if let Err(e) = audience::remove_pending(&gone) {
+                eprintln!(
+                    "warning: cannot delete the pending records beside {}: {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Runs the command; returns the process exit code (0, 3, 1 or 2).
 pub async fn run(args: RunArgs) -> i32 {
-    match prepare(&args) {
+    match prepare(&args).await {
         Err(BadInput(message)) => {
             eprintln!("error: {message}");
             EXIT_BAD_INPUT
@@ -97,23 +166,11 @@ pub async fn run(args: RunArgs) -> i32 {
             let records = p.records.clone();
             let (report, update) = execute(p, &args).await;
             print_report(&report, &title, args.output);
-            if let (Some(path), AudienceUpdate::Replace(encoded)) = (&args.state, &update) {
-                if let Err(e) = audience::write_file(path, encoded) {
-                    eprintln!("error: cannot write the state file {}: {e}", path.display());
-                    return 1;
-                }
-                // Only once the new state is on disk: it holds the records' users.
-                let mut gone = Vec::new();
-                if let Some((read, log)) = records {
-                    gone = read;
-                    gone.extend(log.written());
-                }
-                if let Err(e) = audience::remove_pending(&gone) {
-                    eprintln!(
-                        "warning: cannot delete the pending records beside {}: {e}",
-                        path.display()
-                    );
-                }
+            if let (Some(path), AudienceUpdate::Replace(encoded)) = (&args.state, &update)
+                && let Err(e) = save_state(path, encoded, records).await
+            {
+                eprintln!("error: {e}");
+                return 1;
             }
             report.outcome.exit_code()
         }
@@ -136,7 +193,7 @@ pub fn print_report(report: &RunReport, title: &str, output: Output) {
     }
 }
 
-fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
+async fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
     let file = args.file.display();
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| BadInput(format!("cannot read {file}: {e}")))?;
@@ -154,7 +211,7 @@ fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
         namespace: doc.metadata.namespace.clone(),
         name,
     };
-    let (audience, records) = match load_state(args, &plan, owner)? {
+    let (audience, records) = match load_state(args, &plan, owner).await? {
         Some((input, records)) => (Some(input), Some(records)),
         None => (None, None),
     };
@@ -176,7 +233,7 @@ fn prepare(args: &RunArgs) -> Result<Prepared, BadInput> {
 
 /// Reads and checks `--state`: a file of another export or identifier type, or a damaged
 /// one, is refused (never used, never overwritten).
-fn load_state(
+async fn load_state(
     args: &RunArgs,
     plan: &ExportPlan,
     owner: Owner,
@@ -190,19 +247,39 @@ fn load_state(
         }
         return Ok(None);
     };
-    let refuse = |why: String| {
-        BadInput(format!(
+    let bucket = state_bucket(path).transpose()?;
+    let refuse = |why: String| match &bucket {
+        Some(objects) => BadInput(format!(
+            "the stored audience {} cannot be used: {why}",
+            objects.shown()
+        )),
+        None => BadInput(format!(
             "the state file {} cannot be used: {why}",
             path.display()
-        ))
+        )),
     };
-    let main: Option<Encoded> = audience::read_file(path).map_err(|e| refuse(e.to_string()))?;
-    let (read, pending): (Vec<PathBuf>, Vec<Encoded>) = audience::read_pending(path)
-        .map_err(|e| refuse(e.to_string()))?
-        .into_iter()
-        .unzip();
-    // The records of runs that stopped before they saved: their users are members too.
-    let previous = Encoded::with_pending(main, pending).map_err(refuse)?;
+    let (previous, records) = match &bucket {
+        Some(objects) => {
+            let (previous, read) = objects
+                .load_with_pending()
+                .await
+                .map_err(|e| refuse(e.to_string()))?;
+            let log = Arc::new(objects.pending_log(jiff::Timestamp::now(), BUCKET_RECORD_TIMEOUT));
+            (previous, Records::Bucket(objects.clone(), read, log))
+        }
+        None => {
+            let main: Option<Encoded> =
+                audience::read_file(path).map_err(|e| refuse(e.to_string()))?;
+            let (read, pending): (Vec<PathBuf>, Vec<Encoded>) = audience::read_pending(path)
+                .map_err(|e| refuse(e.to_string()))?
+                .into_iter()
+                .unzip();
+            // The records of runs that stopped before they saved: their users are members too.
+            let previous = Encoded::with_pending(main, pending).map_err(refuse)?;
+            let log = Arc::new(PendingFiles::new(path.clone()));
+            (previous, Records::Files(read, log))
+        }
+    };
     if let Some(p) = &previous {
         let alias = (plan.shape.identifier == crate::spec::IdentifierKind::UserAlias)
             .then_some(plan.shape.alias_label.as_str());
@@ -211,13 +288,16 @@ fn load_state(
             .map_err(refuse)?;
         p.verify().map_err(|e| refuse(e.to_string()))?;
     }
-    let log = Arc::new(PendingFiles::new(path.clone()));
+    let log: Arc<dyn crate::export::PendingLog> = match &records {
+        Records::Files(_, log) => Arc::clone(log) as _,
+        Records::Bucket(_, _, log) => Arc::clone(log) as _,
+    };
     let input = AudienceInput {
         owner,
         previous,
-        pending_log: Some(Arc::clone(&log) as Arc<dyn crate::export::PendingLog>),
+        pending_log: Some(log),
     };
-    Ok(Some((input, (read, log))))
+    Ok(Some((input, records)))
 }
 
 /// Reads the credentials from the environment; a dry run needs no Braze key.

@@ -82,6 +82,56 @@ pub enum StoreError {
     /// The parts do not form an audience.
     #[error("the stored audience cannot be read: {0}")]
     Audience(#[from] AudienceError),
+    /// The audience is larger than the Secrets store's budget: not written.
+    #[error(
+        "the audience takes {} (encoded), over the {} an export may keep in Secrets (--audience-secrets-budget-mib); the previous audience is kept. Keep audiences in an S3-compatible bucket instead: the operator's --audience-store s3://BUCKET/PREFIX (the chart's audienceStore.type: Bucket)",
+        mib(*.bytes), mib(*.budget)
+    )]
+    OverBudget {
+        /// The encoded audience's size.
+        bytes: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// The bucket refused or failed.
+    #[error(transparent)]
+    Bucket(#[from] crate::bucket::BucketError),
+}
+
+impl StoreError {
+    /// Condition-style reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "AudienceStoreUnavailable",
+            Self::NoOwner | Self::NotOwned(_) => "AudienceNotOwned",
+            Self::Fenced(_) => "AudienceFenced",
+            Self::Damaged(_) | Self::Audience(_) => "AudienceDamaged",
+            Self::OverBudget { .. } => "AudienceOverBudget",
+            Self::Bucket(b) => b.reason(),
+        }
+    }
+
+    /// Not to be mended by waiting: the way back is to discard the stored audience.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            Self::NotOwned(_)
+                | Self::Damaged(_)
+                | Self::Audience(_)
+                | Self::Bucket(
+                    crate::bucket::BucketError::Damaged(_)
+                        | crate::bucket::BucketError::Audience(_)
+                )
+        )
+    }
+}
+
+/// Bytes in MiB with one decimal (KiB under 1 MiB).
+fn mib(bytes: usize) -> String {
+    if bytes < 1 << 20 {
+        return format!("{} KiB", bytes.div_ceil(1 << 10));
+    }
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 /// What the API server said, in its own words (a refusal's message, not the whole status).
@@ -129,7 +179,7 @@ impl Fence {
     }
 
     /// `Ok` while `o` may still write: its term goes on and its export is the live one.
-    async fn check(&self, o: &SecretOwner) -> Result<(), StoreError> {
+    pub(super) async fn check(&self, o: &SecretOwner) -> Result<(), StoreError> {
         if self.term.is_cancelled() {
             return Err(StoreError::Fenced("this instance's leadership term ended"));
         }

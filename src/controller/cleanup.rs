@@ -23,6 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::audiences::AudienceStore;
 use super::context::{ActiveGuard, Context, TaskKind, key};
 use super::error::Error;
 use super::finalizer::{self, held, wanted};
@@ -30,18 +31,24 @@ use super::status::{self, reason};
 use super::step::Note;
 use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, RUN_POLL};
 use super::watched::Watched;
-use super::{audience_store, credentials, events, key_hold, pending_store, writer};
+use super::{audience_store, credentials, events, key_hold, writer};
 use crate::audience::{Encoded, Owner};
 use crate::export::report::{Outcome, RunReport, Trigger};
 use crate::export::{AudienceInput, Credentials, ExportPlan, RunOptions, remove_audience};
 use crate::spec::BrazeExport;
 
-/// Adds the finalizer, or removes it, as [`wanted`] says.
+/// Whether `export` wants the finalizer with this operator's audience store: for a cleanup
+/// on delete, or for an audience kept in a bucket ([`finalizer::wanted_in`]).
+pub fn finalizer_wanted(ctx: &Context, export: &BrazeExport) -> bool {
+    finalizer::wanted_in(export, !ctx.audience_store.in_secrets())
+}
+
+/// Adds the finalizer, or removes it, as [`finalizer_wanted`] says.
 pub async fn set_finalizer(ctx: &Context, export: &BrazeExport, on: bool) -> Result<(), Error> {
     let ns = namespace(export);
     // What the cleanup reads first, the Braze key and the audience Secrets: held before a
     // deletion could take them, or let go so that none is left holding on.
-    if on {
+    if on && wanted(export) {
         key_hold::hold(ctx, export).await;
     }
     set_audience_held(ctx, &ns, &uid(export), on).await?;
@@ -60,10 +67,20 @@ async fn set_audience_held(
     uid: &str,
     hold: bool,
 ) -> Result<(), Error> {
+    // In a bucket, nothing to hold; Secrets an earlier store left held are still let go, at
+    // best (the operator may then have no right to list them).
+    let in_secrets = ctx.audience_store.in_secrets();
+    if hold && !in_secrets {
+        return Ok(());
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let held = audience_store::hold_audience(&api, uid, hold);
     match tokio::time::timeout(API_TIMEOUT, held).await {
         Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if !in_secrets => {
+            tracing::debug!(error = %e, "cannot release audience Secrets left by the Secrets store");
+            Ok(())
+        }
         Ok(Err(audience_store::StoreError::Kube(e))) => Err(Error::from_kube(e)),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot hold or release the audience Secrets");
@@ -73,27 +90,53 @@ async fn set_audience_held(
     }
 }
 
-/// Lets the export's audience Secrets go, then removes its finalizer: deleted without a
-/// cleanup.
+/// Lets the export's audience Secrets go (or deletes its objects in a bucket), then removes
+/// its finalizer: deleted without a cleanup.
 async fn let_go(ctx: &Context, namespace: &str, name: &str, uid: &str) -> Result<(), Error> {
+    delete_bucket_audience(ctx, uid).await;
     set_audience_held(ctx, namespace, uid, false).await?;
     finalizer::release(&exports(ctx, namespace), name, uid).await?;
     key_hold::release_unneeded(ctx, namespace, Some(uid)).await;
     Ok(())
 }
 
+/// With the audiences in a bucket: deletes the objects of the export `uid` (a deleted
+/// export's audience must not outlive it). A failure is a Warning in the log, never a hung
+/// deletion.
+async fn delete_bucket_audience(ctx: &Context, uid: &str) {
+    let AudienceStore::Bucket(bucket) = &ctx.audience_store else {
+        return;
+    };
+    let objects = bucket.audience(uid);
+    match tokio::time::timeout(AUDIENCE_TIMEOUT, objects.delete_all()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot delete the deleted export's audience objects");
+        }
+        Err(_) => tracing::warn!(
+            objects = %objects.shown(),
+            "the deleted export's audience objects were not deleted in time"
+        ),
+    }
+}
+
 /// An export being deleted. With the finalizer: stops its run (which records its end and
-/// saves its audience first), then starts the cleanup.
+/// saves its audience first), then starts the cleanup, or (no cleanup wanted) lets it go.
 pub async fn on_delete(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Error> {
     if !held(export) {
         return Ok(Action::await_change());
+    }
+    let key = key(export);
+    if !wanted(export) && !ctx.audience_store.in_secrets() && ctx.is_active(&key) {
+        // Its run saves the audience first: the objects are deleted after that.
+        ctx.stop_run(&key);
+        return Ok(Action::requeue(RUN_POLL));
     }
     if !wanted(export) {
         // `cleanupOnDelete` was turned off before the deletion.
         let_go(ctx, &namespace(export), &export.name_any(), &uid(export)).await?;
         return Ok(Action::await_change());
     }
-    let key = key(export);
     let Some(guard) = ctx.claim(&key, TaskKind::Cleanup) else {
         ctx.stop_run(&key);
         return Ok(Action::requeue(RUN_POLL));
@@ -237,11 +280,19 @@ impl Cleanup {
     async fn finish(&self, ns: &str, name: &str, uid: &str) {
         let ctx = &self.ctx;
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        let deleted = tokio::time::timeout(
-            AUDIENCE_TIMEOUT,
-            audience_store::delete_audience(&secrets, &self.export),
-        )
-        .await;
+        let place = ctx.audience_store.place(secrets, &self.export);
+        let deleted = tokio::time::timeout(AUDIENCE_TIMEOUT, place.delete()).await;
+        if !ctx.audience_store.in_secrets() {
+            // Never a hung deletion: objects that cannot be deleted stay behind, said once.
+            let why = match &deleted {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("not deleted in time".to_owned()),
+            };
+            if let Some(why) = why {
+                tracing::warn!(error = %why, "the deleted export's audience objects stay in the bucket");
+            }
+        }
         // Secrets still held must not outlive the export: they would be stuck once it is
         // gone. Let go, the garbage collector deletes them with it; else looked at again
         // after RUN_POLL.
@@ -332,7 +383,8 @@ impl Cleanup {
         let read_key = credentials::braze_key(&ctx.client, &ns, &export.spec);
         let creds = within(API_TIMEOUT, "the Braze Secret", read_key).await?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let loaded = pending_store::load_with_pending(&api, export);
+        let place = ctx.audience_store.place(api, export);
+        let loaded = place.load_with_pending();
         let (previous, _) = within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await?;
         Ok(previous.map(|p| (plan, creds, p)))
     }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use jiff::SignedDuration;
 
+use super::audiences::AudienceStore;
 use super::lease::LeaderElection;
 use super::timeouts::CLEANUP_TIMEOUT;
 use crate::looker::hosts::AllowedHosts;
@@ -39,6 +40,8 @@ pub struct Config {
     /// Longest cleanup of a deleted export (`cleanupOnDelete`): past it the finalizer is
     /// removed whatever is left, so a deletion never hangs.
     pub cleanup_timeout: Duration,
+    /// Where the exports' audiences are kept (`--audience-store`).
+    pub audience_store: AudienceStore,
 }
 
 impl Default for Config {
@@ -55,6 +58,7 @@ impl Default for Config {
             retry_base: crate::schedule::RETRY_BASE,
             clock_offset: SignedDuration::ZERO,
             cleanup_timeout: CLEANUP_TIMEOUT,
+            audience_store: AudienceStore::default(),
         }
     }
 }

@@ -23,6 +23,15 @@ pub fn wanted(export: &BrazeExport) -> bool {
     export.spec.cleanup_on_delete && export.spec.braze.removal == RemovalMode::Remove
 }
 
+/// Whether the export wants the finalizer where its audience lives: for a cleanup on delete
+/// ([`wanted`]), or (`bucket`) because it keeps an audience in a bucket, where no garbage
+/// collector deletes it with the export (Secrets go with their owner): the operator deletes
+/// its objects before it lets the export go.
+pub fn wanted_in(export: &BrazeExport, bucket: bool) -> bool {
+    let braze = &export.spec.braze;
+    wanted(export) || (bucket && (braze.removal == RemovalMode::Remove || braze.delta))
+}
+
 /// Whether the export holds the finalizer.
 pub fn held(export: &BrazeExport) -> bool {
     export.finalizers().iter().any(|f| f == FINALIZER)

@@ -59,6 +59,18 @@ pub async fn hold(ctx: &Context, export: &BrazeExport) {
     }
 }
 
+/// Lets go the key Secret `export` was seen holding this term, unless another export needs
+/// it: the export no longer wants a cleanup, yet keeps its finalizer (an audience in a
+/// bucket), so the usual release with the finalizer does not come.
+pub async fn let_go_if_held(ctx: &Context, export: &BrazeExport) {
+    let (Some(uid), Some(ns)) = (export.uid(), export.namespace()) else {
+        return;
+    };
+    if remember(ctx, &uid, None).is_some() {
+        release_unneeded(ctx, &ns, None).await;
+    }
+}
+
 /// Puts the finalizer on the Secret `name`; `false` when there is no such Secret.
 async fn set(api: &Api<Secret>, name: &str) -> Result<bool, Error> {
     let Some(meta) = api.get_metadata_opt(name).await? else {

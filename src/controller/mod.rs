@@ -14,6 +14,7 @@
 //! - the pure parts: [`step`], [`flags`], [`status`], [`watched`], [`freshness`], [`gauges`].
 
 pub mod audience_store;
+pub mod audiences;
 pub mod cleanup;
 pub mod config;
 pub mod context;

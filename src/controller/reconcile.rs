@@ -49,18 +49,22 @@ async fn handle(export: &BrazeExport, ctx: &Arc<Context>) -> Result<Action, Erro
     // The finalizer first, so that an export deleted right after its first run is cleaned
     // up; its change brings the export back here.
     let key = key(export);
-    if wanted(export) != held(export) {
+    let finalizer = cleanup::finalizer_wanted(ctx, export);
+    if finalizer != held(export) {
         if ctx.is_active(&key) {
             // Its run saves its audience as the spec was when it started: held or let go
             // once it has ended.
             return Ok(Action::requeue(RUN_POLL));
         }
-        cleanup::set_finalizer(ctx, export, wanted(export)).await?;
+        cleanup::set_finalizer(ctx, export, finalizer).await?;
         return Ok(Action::await_change());
     }
     if wanted(export) {
         // Once a term per key name (the export may name another one now).
         key_hold::hold(ctx, export).await;
+    } else if finalizer {
+        // Held for its audience in a bucket alone: a key it held for a cleanup goes.
+        key_hold::let_go_if_held(ctx, export).await;
     }
     let others = ctx.others(export);
     match step::step(export, &ctx.facts(ctx.is_active(&key), &others)) {

@@ -13,12 +13,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::audience_store;
+use super::audiences::Place;
 use super::context::{ActiveGuard, Context};
 use super::credentials::read_credentials;
 use super::effect::{Target, effect};
 use super::error::Error;
 use super::events;
-use super::pending_store::{self, PendingSecrets};
 use super::status::{self, reason};
 use super::step::{self, Note, Start, Then};
 use super::timeouts::{API_TIMEOUT, AUDIENCE_TIMEOUT, QUEUE_GRACE, audience_save_timeout};
@@ -28,8 +28,7 @@ use crate::audience::{Encoded, Owner};
 use crate::export::error::AUDIENCE_MISMATCH;
 use crate::export::report::{RunContext, RunFailure, RunReport, Tally, audience_not_saved};
 use crate::export::{
-    AudienceInput, AudienceUpdate, Credentials, PendingLog, RunOptions, run_export,
-    run_export_synced,
+    AudienceInput, AudienceUpdate, Credentials, RunOptions, run_export, run_export_synced,
 };
 use crate::schedule::{DISCARD_AUDIENCE_ANNOTATION, FULL_RESYNC_ANNOTATION};
 use crate::spec::{BrazeExport, BrazeExportStatus};
@@ -239,6 +238,7 @@ impl RunTask {
             ctx.client.clone(),
             &self.export.namespace().unwrap_or_default(),
         );
+        let place = ctx.audience_store.place(secrets, &self.export);
         // Checked before the manifest switch: a run whose term ended, or whose export was
         // deleted and recreated meanwhile, never writes the audience.
         // Fenced by the Lease, not by shutdown: a run stopped by a rollout still saves whom it
@@ -246,11 +246,11 @@ impl RunTask {
         let fence = audience_store::Fence::new(ctx.leadership.clone(), self.api());
         let discard = self.discard_requested();
         let loaded = if discard {
-            self.discard(&secrets, &fence)
+            self.discard(&place, &fence)
                 .await
                 .map(|()| (None, Vec::new()))
         } else {
-            self.load(&secrets).await
+            self.load(&place).await
         };
         let (previous, mut records) = match loaded {
             Ok(loaded) => loaded,
@@ -262,23 +262,23 @@ impl RunTask {
         };
         // Users new to the audience are recorded before they are flagged: a run that stops
         // before its save (a crash, a lost Lease) is not forgotten by the next one.
-        let log = match PendingSecrets::new(secrets.clone(), &self.export, ctx.now()) {
-            Ok(log) => Arc::new(log),
+        let log = match place.pending(ctx.now()) {
+            Ok(log) => log,
             Err(e) => return self.failed(&opts, e.to_string()),
         };
         let input = AudienceInput {
             owner,
             previous,
-            pending_log: Some(Arc::clone(&log) as Arc<dyn PendingLog>),
+            pending_log: Some(log.log()),
         };
         let result = run_export_synced(&ctx.services, plan, &self.creds, opts, Some(input)).await;
         let mut report = result.report;
         if let AudienceUpdate::Replace(audience) = &result.audience {
-            match self.save(&secrets, audience, &fence).await {
+            match self.save(&place, audience, &fence).await {
                 // The saved audience holds their users: the records read and written go.
                 Ok(()) => {
                     records.extend(log.written());
-                    pending_store::delete_records(&secrets, &records).await;
+                    place.delete_records(&records).await;
                 }
                 Err(why) => report = audience_not_saved(report, &why),
             }
@@ -317,20 +317,12 @@ impl RunTask {
     }
 
     /// The stored audience, or why it cannot be read.
-    async fn load(&self, secrets: &Api<Secret>) -> Result<(Option<Encoded>, Vec<String>), String> {
-        let loaded = tokio::time::timeout(
-            AUDIENCE_TIMEOUT,
-            pending_store::load_with_pending(secrets, &self.export),
-        )
-        .await;
+    async fn load(&self, place: &Place<'_>) -> Result<(Option<Encoded>, Vec<String>), String> {
+        let loaded = tokio::time::timeout(AUDIENCE_TIMEOUT, place.load_with_pending()).await;
         match loaded {
             Ok(Ok(previous)) => Ok(previous),
             // Not to be mended by waiting: tell the way back.
-            Ok(Err(
-                e @ (audience_store::StoreError::NotOwned(_)
-                | audience_store::StoreError::Damaged(_)
-                | audience_store::StoreError::Audience(_)),
-            )) => Err(format!("{e}; {}", discard_hint(&self.export))),
+            Ok(Err(e)) if e.is_damage() => Err(format!("{e}; {}", discard_hint(&self.export))),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the stored audience could not be read in time".into()),
         }
@@ -340,14 +332,10 @@ impl RunTask {
     /// the run: a slow Events API must not delay it); or why it could not be deleted.
     async fn discard(
         &self,
-        secrets: &Api<Secret>,
+        place: &Place<'_>,
         fence: &audience_store::Fence,
     ) -> Result<(), String> {
-        let discarded = tokio::time::timeout(
-            AUDIENCE_TIMEOUT,
-            audience_store::discard_audience(secrets, &self.export, fence),
-        )
-        .await;
+        let discarded = tokio::time::timeout(AUDIENCE_TIMEOUT, place.discard(fence)).await;
         match discarded {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(format!("the stored audience could not be discarded: {e}")),
@@ -371,17 +359,13 @@ impl RunTask {
     /// the next run adds the users this one flagged again, and removes nobody it should not.
     async fn save(
         &self,
-        secrets: &Api<Secret>,
+        place: &Place<'_>,
         audience: &Encoded,
         fence: &audience_store::Fence,
     ) -> Result<(), String> {
         // Within the Lease term: the fence refuses the manifest switch once it has ended.
         let timeout = audience_save_timeout(audience.parts().len());
-        let saved = tokio::time::timeout(
-            timeout,
-            audience_store::save_audience(secrets, &self.export, audience, fence),
-        )
-        .await;
+        let saved = tokio::time::timeout(timeout, place.save(audience, fence)).await;
         let why = match saved {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) => e.to_string(),

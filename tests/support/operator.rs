@@ -75,22 +75,47 @@ impl Operator {
     }
 }
 
-/// The rules the chart grants the operator: its `bzx.exportRules` as written in the
-/// template, and the leader-election Role's (templated names; `tests/chart.rs` checks the
-/// rendered Role).
+/// The rules the chart grants the operator with the default values (audiences in Secrets):
+/// its `bzx.exportRules` and `bzx.audienceSecretRules` as written in the template, and the
+/// leader-election Role's (templated names; `tests/chart.rs` checks the rendered Role).
 pub fn chart_rules() -> Vec<Rule> {
+    chart_rules_for(ChartStore::Secrets)
+}
+
+/// Which of the chart's Secret rules apply (`audienceStore.type`, `rbac.holdBrazeKeySecrets`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChartStore {
+    /// `type: Secrets`.
+    Secrets,
+    /// `type: Bucket`, `holdBrazeKeySecrets: true`.
+    Bucket,
+    /// `type: Bucket`, `holdBrazeKeySecrets: false`.
+    BucketWithoutKeyHold,
+}
+
+/// The rules the chart grants for `store` (see [`chart_rules`]).
+pub fn chart_rules_for(store: ChartStore) -> Vec<Rule> {
     #[derive(serde::Deserialize)]
     struct Rules {
         rules: Vec<Rule>,
     }
     let text = include_str!("../../charts/braze-export-operator/templates/rbac.yaml");
-    let block = text
-        .split_once("{{- define \"bzx.exportRules\" -}}")
-        .and_then(|(_, rest)| rest.split_once("{{- end -}}"))
-        .expect("the chart defines bzx.exportRules")
-        .0;
-    let mut rules = serde_saphyr::from_str::<Rules>(block)
-        .expect("bzx.exportRules is plain YAML")
+    let block = |define: &str| {
+        text.split_once(&format!("{{{{- define \"{define}\""))
+            .and_then(|(_, rest)| rest.split_once("{{- end -}}"))
+            .and_then(|(block, _)| block.split_once("}}"))
+            .unwrap_or_else(|| panic!("the chart defines {define}"))
+            .1
+            .to_owned()
+    };
+    let mut yaml = block("bzx.exportRules");
+    match store {
+        ChartStore::Secrets => yaml.push_str(&block("bzx.audienceSecretRules")),
+        ChartStore::Bucket => yaml.push_str(&block("bzx.keyHoldRules")),
+        ChartStore::BucketWithoutKeyHold => {}
+    }
+    let mut rules = serde_saphyr::from_str::<Rules>(&yaml)
+        .expect("the chart's rules are plain YAML")
         .rules;
     rules.push(Rule {
         api_groups: vec!["coordination.k8s.io".into()],
