@@ -52,6 +52,10 @@ pub struct ControllerArgs {
     /// this name and a per-process suffix.
     #[arg(long = "identity", env = "POD_NAME", value_name = "IDENTITY")]
     pub pod_name: Option<String>,
+    /// Where runs sort what does not fit in memory (the users of large Looks and audiences;
+    /// default: the system's temporary directory). The chart mounts an `emptyDir` here.
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C; returns the exit code.
@@ -95,6 +99,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         leader_election,
         instance,
         allowed_hosts,
+        scratch: crate::spill::Scratch::new(args.scratch_dir.clone()),
         ..Config::default()
     };
     let shutdown = CancellationToken::new();

@@ -39,6 +39,8 @@ pub struct Config {
     /// Longest cleanup of a deleted export (`cleanupOnDelete`): past it the finalizer is
     /// removed whatever is left, so a deletion never hangs.
     pub cleanup_timeout: Duration,
+    /// Where runs sort what does not fit in memory (`--scratch-dir`; the chart's `emptyDir`).
+    pub scratch: crate::spill::Scratch,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             retry_base: crate::schedule::RETRY_BASE,
             clock_offset: SignedDuration::ZERO,
             cleanup_timeout: CLEANUP_TIMEOUT,
+            scratch: crate::spill::Scratch::default(),
         }
     }
 }

@@ -56,6 +56,8 @@ pub struct Context {
     pub clock_offset: SignedDuration,
     /// See [`Config::cleanup_timeout`](super::Config::cleanup_timeout).
     pub cleanup_timeout: Duration,
+    /// See [`Config::scratch`](super::Config::scratch).
+    pub scratch: crate::spill::Scratch,
     /// The caches of the term's Controllers, one per watched namespace.
     pub stores: StoreSlot,
     /// The Braze key Secret each export (by uid) was seen to hold this term (see

@@ -222,6 +222,7 @@ fn term_context(shared: &Shared, term: CancellationToken, lost: CancellationToke
         retry_base: config.retry_base,
         clock_offset: config.clock_offset,
         cleanup_timeout: config.cleanup_timeout,
+        scratch: config.scratch.clone(),
         stores: Arc::clone(&shared.store_slot),
         held_keys: std::sync::Mutex::default(),
     }
