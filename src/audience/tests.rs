@@ -541,3 +541,24 @@ fn an_audience_built_beside_and_never_saved_leaves_nothing() {
     let err = Encoded::build(header(), w, &Output::Beside(gone)).unwrap_err();
     assert!(err.to_string().contains("No such file"), "{err}");
 }
+
+/// The sizes at 5,000,000 users, for the notes (`cargo test --lib five_million -- --ignored
+/// --nocapture`): too slow for every run.
+#[test]
+#[ignore]
+fn five_million_users_measured() {
+    let n = 5_000_000;
+    let uuids = || {
+        let mut rng = fastrand::Rng::with_seed(5);
+        (0..n).map(move |_| random_uuid(&mut rng))
+    };
+    let plain = bytes_a_user(uuids(), false);
+    let with = bytes_a_user(uuids(), true);
+    let mut order: Vec<u64> = (1..=n as u64).collect();
+    fastrand::Rng::with_seed(9).shuffle(&mut order);
+    let seq = bytes_a_user(order.iter().map(|i| format!("user-{i:08}")), false);
+    let seq_fp = bytes_a_user(order.iter().map(|i| format!("user-{i:08}")), true);
+    eprintln!(
+        "5M: UUIDs {plain:.2}, with fingerprints {with:.2}; sequential {seq:.2}, with fingerprints {seq_fp:.2}"
+    );
+}

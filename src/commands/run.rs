@@ -257,8 +257,13 @@ async fn execute(p: Prepared, args: &RunArgs) -> (RunReport, AudienceUpdate) {
     opts.full_resync = args.full_resync;
     opts.allow_removal_over_limit = args.allow_removal;
     opts.spill.scratch = crate::spill::Scratch::new(args.scratch_dir.clone());
-    // The new audience is built beside the state file, then renamed over it.
-    if let Some(state) = &args.state {
+    // The new audience is built beside the state file, then renamed over it (a state in a
+    // bucket, `s3://`, is built in memory).
+    if let Some(state) = args
+        .state
+        .as_ref()
+        .filter(|s| !s.to_string_lossy().contains("://"))
+    {
         opts.audience_output = audience::Output::Beside(state.clone());
     }
     let cancel = opts.cancel.clone();
