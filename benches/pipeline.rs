@@ -154,6 +154,22 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
+    let skip_scale = std::env::args().any(|a| a == "--skip-scale");
+    let only_scale = std::env::args().any(|a| a == "--only-scale");
+    if only_scale || !skip_scale {
+        let users = arg("--scale-users")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000_000);
+        let plain = arg("--plain-users")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000_000);
+        ok &= scale(&looker, &braze, dir.path(), users, plain);
+        if only_scale {
+            drop((looker, braze));
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+    }
+
     if only_audience {
         ok &= audience(&looker, &braze, rows, dir.path(), skip_limited);
         drop((looker, braze));
@@ -444,6 +460,82 @@ fn audience(
         );
         ok &= m.peak_rss_mib <= 64.0;
     }
+    braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
+    ok
+}
+
+/// The scale scenarios, Braze's limit out of the way: `users` random UUIDs (no attribute)
+/// with `removal: Remove` and `delta: true`, a first run then a run of the Look moved on by
+/// 10%; and a plain run (no stored audience) of `plain` users `user-<i>`. The bar: peak RSS
+/// at most 64 MiB + 4 bytes a user; the stored audience at most 16 bytes a UUID user.
+fn scale(
+    looker: &LookerSandbox,
+    braze: &BrazeSandbox,
+    dir: &std::path::Path,
+    users: u64,
+    plain: u64,
+) -> bool {
+    let pass = |b: bool| if b { "ok" } else { "MISSED" };
+    let budget = |n: u64| 64.0 + 4.0 * n as f64 / f64::from(1u32 << 20);
+    let mut ok = true;
+    braze.set_rate_limit(None);
+    looker.add_look("uuids", Look::uuids(users, 0));
+    looker.add_look("uuids-churn", Look::uuids(users, users / 10));
+    looker.add_look("plain-scale", Look::users(plain, Generator::Clean));
+    let write = |name: &str, look: &str, lines: &str| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            spec(&looker.url, &braze.url, lines)
+                .replace("lookId: \"bench\"", &format!("lookId: \"{look}\"")),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let off = "    rateLimit: {requests: 1000000, periodSeconds: 1}\n    concurrency: 16\n";
+
+    let path = write("plain-scale.yaml", "plain-scale", off);
+    let m = run_binary(&path);
+    assert_eq!(m.report["sent"], plain, "every row delivered: {}", m.report);
+    let bar = budget(plain);
+    println!(
+        "plain run of {plain} users: {:.1} s, {:.0} rows/s, peak RSS {:.1} MiB (bar ≤ {bar:.0}: {})",
+        m.seconds,
+        plain as f64 / m.seconds,
+        m.peak_rss_mib,
+        pass(m.peak_rss_mib <= bar)
+    );
+    ok &= m.peak_rss_mib <= bar;
+
+    let lines = format!("{off}    removal: Remove\n    delta: true\n");
+    let state = dir.join("state-scale");
+    let state = state.to_str().unwrap().to_owned();
+    let _ = std::fs::remove_file(&state);
+    let bar = budget(users);
+    for (label, look, sent) in [
+        ("first run", "uuids", users),
+        ("10% churn", "uuids-churn", users / 10),
+    ] {
+        let path = write("scale.yaml", look, &lines);
+        let m = run_binary_with(&path, &["--state", &state]);
+        let r = &m.report;
+        assert_eq!(r["sent"], sent, "{r}");
+        let stored = std::fs::metadata(&state).map_or(0, |m| m.len());
+        let per_user = stored as f64 / users as f64;
+        println!(
+            "{users} UUID users, Remove + delta, {label}: {:.1} s, {} sent, {} removed, {} unchanged; peak RSS {:.1} MiB (bar ≤ {bar:.0}: {}); stored audience {:.1} MiB, {per_user:.2} bytes a user (bar ≤ 16: {})",
+            m.seconds,
+            r["sent"],
+            r.get("removed").unwrap_or(&serde_json::Value::from(0)),
+            r.get("unchanged").unwrap_or(&serde_json::Value::from(0)),
+            m.peak_rss_mib,
+            pass(m.peak_rss_mib <= bar),
+            stored as f64 / f64::from(1u32 << 20),
+            pass(per_user <= 16.0)
+        );
+        ok &= m.peak_rss_mib <= bar && per_user <= 16.0;
+    }
+    let _ = std::fs::remove_file(&state);
     braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
     ok
 }

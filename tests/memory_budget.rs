@@ -20,14 +20,16 @@ fn opts() -> RunOptions {
     RunOptions::new(Trigger::Cli)
 }
 
-/// Options holding five users new to the audience in memory, and writing a run file every
-/// few hundred bytes of waiting rows, into `dir`.
+/// Options holding five users new to the audience in memory and no previous member (every
+/// row then waits, merged with the previous audience in identifier order), writing a run
+/// file every few hundred bytes of waiting rows, into `dir`.
 fn tight(dir: PathBuf) -> RunOptions {
     let mut o = opts();
     o.spill = SpillOptions {
         scratch: Scratch::new(Some(dir)),
         new_in_memory: 5,
         run_bytes: 400,
+        previous_in_memory: 0,
     };
     o
 }
@@ -215,4 +217,176 @@ async fn a_scratch_directory_that_fails_fails_the_run_and_every_row_is_counted()
     for e in &r.errors {
         assert!(!e.message.contains("user-"), "no identifier: {}", e.message);
     }
+}
+
+/// One run of a scenario: the Look, the lines under `spec.braze` and `spec`, and what the
+/// sandbox Braze does.
+struct Step {
+    look: Look,
+    braze: &'static str,
+    spec: &'static str,
+    failing: &'static [&'static str],
+}
+
+/// What a user checks after each run: the report, the stored audience, and who holds
+/// which value in Braze.
+type Outcomes = Vec<(
+    (Outcome, String, String, Vec<(String, u64)>),
+    std::collections::BTreeMap<String, braze_export_operator::audience::MemberState>,
+    Vec<(String, BTreeSet<String>)>,
+)>;
+
+/// Runs the steps in a new world, each with the audience the last one left.
+async fn drive(steps: Vec<Step>, opts_of: impl Fn() -> RunOptions) -> Outcomes {
+    let w = World::start().await;
+    let mut previous = None;
+    let mut out = Vec::new();
+    for step in steps {
+        w.looker.add_look("1", step.look);
+        w.braze.set_failing_ids(step.failing);
+        let yaml = w.yaml("1", step.braze, step.spec);
+        let result = w.sync(&yaml, previous.clone(), opts_of()).await;
+        if let braze_export_operator::export::AudienceUpdate::Replace(e) = &result.audience {
+            previous = Some(e.clone());
+        }
+        let held = ["A", "B"]
+            .iter()
+            .map(|v| ((*v).to_owned(), w.braze.segment("looker_export", v)))
+            .collect();
+        let stored = previous.as_ref().map(members).unwrap_or_default();
+        out.push((seen(&result.report), stored, held));
+    }
+    out
+}
+
+/// The same steps, holding everything in memory and holding almost nothing: the same
+/// reports, audiences and Braze.
+async fn same_both_ways(steps: impl Fn() -> Vec<Step>) -> Outcomes {
+    let scratch = tempfile::tempdir().unwrap();
+    let roomy = drive(steps(), opts).await;
+    let tight_ = drive(steps(), || tight(scratch.path().into())).await;
+    for (i, (a, b)) in roomy.iter().zip(&tight_).enumerate() {
+        assert_eq!(a, b, "run {}", i + 1);
+    }
+    roomy
+}
+
+fn ids(range: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    let mut rng = fastrand::Rng::with_seed(*range.start());
+    let mut v: Vec<u64> = range.collect();
+    rng.shuffle(&mut v);
+    v
+}
+
+fn free(_: u64) -> String {
+    "free".into()
+}
+
+#[tokio::test]
+async fn a_change_of_flag_moves_everyone_to_the_new_one_as_in_memory() {
+    let out = same_both_ways(|| {
+        vec![
+            Step {
+                look: look(&ids(1..=120), free),
+                braze: "removal: Remove\ndelta: true\nexportName: A",
+                spec: "",
+                failing: &[],
+            },
+            Step {
+                look: look(&ids(11..=130), free),
+                braze: "removal: Remove\ndelta: true\nexportName: B",
+                spec: "",
+                failing: &[],
+            },
+        ]
+    })
+    .await;
+    let (_, _, held) = &out[1];
+    assert!(held[0].1.is_empty(), "nobody keeps A");
+    assert_eq!(held[1].1, users(11..=130));
+}
+
+#[tokio::test]
+async fn rows_past_max_rows_keep_their_users_as_in_memory() {
+    let out = same_both_ways(|| {
+        vec![
+            Step {
+                look: look(&ids(1..=100), free),
+                braze: "removal: Remove\nexportName: A",
+                spec: "",
+                failing: &[],
+            },
+            Step {
+                look: look(&ids(1..=100), free),
+                braze: "removal: Remove\nexportName: A",
+                spec: "maxRows: 60",
+                failing: &[],
+            },
+        ]
+    })
+    .await;
+    let ((outcome, counts, ..), stored, held) = &out[1];
+    assert_eq!(*outcome, Outcome::PartiallySucceeded, "{counts}");
+    assert!(counts.contains("removed: Some(0)"), "{counts}");
+    assert_eq!(stored.len(), 100);
+    assert_eq!(held[0].1, users(1..=100));
+}
+
+#[tokio::test]
+async fn the_removal_limit_holds_as_in_memory() {
+    let out = same_both_ways(|| {
+        vec![
+            Step {
+                look: look(&ids(1..=100), free),
+                braze: "removal: Remove\nexportName: A",
+                spec: "",
+                failing: &[],
+            },
+            Step {
+                look: look(&ids(1..=40), free),
+                braze: "removal: Remove\nexportName: A",
+                spec: "",
+                failing: &[],
+            },
+        ]
+    })
+    .await;
+    let ((_, counts, _, errors), stored, _) = &out[1];
+    assert!(counts.contains("removal_withheld: Some(60)"), "{counts}");
+    assert!(
+        errors
+            .iter()
+            .any(|(r, n)| r == "RemovalLimitExceeded" && *n == 60)
+    );
+    assert_eq!(stored.len(), 100);
+}
+
+#[tokio::test]
+async fn failed_adds_stay_pending_and_go_again_as_in_memory() {
+    let out = same_both_ways(|| {
+        let step = |failing| Step {
+            look: look(&ids(1..=80), |i| if i < 40 { "free" } else { "pro" }.into()),
+            braze: "delta: true\nbatchSize: 1\nexportName: A",
+            spec: "",
+            failing,
+        };
+        vec![
+            step(&["user-0000003", "user-0000050"]),
+            step(&[]),
+            step(&[]),
+        ]
+    })
+    .await;
+    use braze_export_operator::audience::MemberState::Pending;
+    let (_, first, _) = &out[0];
+    assert_eq!(first.values().filter(|s| **s == Pending).count(), 2);
+    let ((_, counts, ..), second, held) = &out[1];
+    assert!(counts.contains("sent: 2,"), "{counts}");
+    assert!(second.values().all(|s| *s != Pending));
+    assert_eq!(held[0].1, users(1..=80));
+    let ((_, counts, ..), ..) = &out[2];
+    assert!(
+        counts.contains("sent: 0,") && counts.contains("unchanged: Some(80)"),
+        "{counts}"
+    );
 }

@@ -595,20 +595,15 @@ pub enum AudienceError {
     /// It could not be read or written.
     #[error("{0}")]
     Io(#[from] io::Error),
-    /// Its members could not be sorted through the scratch directory (a full disk, an
-    /// unwritable directory).
-    #[error(transparent)]
-    Scratch(#[from] crate::spill::SpillError),
+    /// It could not be sorted through the scratch directory ([`crate::spill`]: a full disk,
+    /// an unwritable directory).
+    #[error("{0}")]
+    Scratch(String),
 }
 
-impl AudienceError {
-    /// The reason, for conditions and metrics: `ScratchFailed` when the scratch directory
-    /// failed, else `AudienceUnreadable`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Scratch(e) => e.reason(),
-            _ => "AudienceUnreadable",
-        }
+impl From<crate::spill::SpillError> for AudienceError {
+    fn from(e: crate::spill::SpillError) -> Self {
+        Self::Scratch(e.to_string())
     }
 }
 

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod encoded;
 pub mod file;
 pub mod header;
+pub mod merged;
 pub mod removal;
 pub mod seen;
 pub mod writer;

@@ -4,16 +4,20 @@
 //! sent or counted unchanged), and the users new to it in a hash set. It is also the run's
 //! deduplication: a million returning users cost 12 MiB and no hash set at all.
 //!
-//! The hashes are keyed per run (like [`crate::export::mapping::Dedup`]): two identifiers
-//! collide with probability n²/2⁶⁴, and a collision never repeats. The low bit of each stored
-//! key holds the member's state (set: pending), so keys compare with it cleared.
+//! The hashes are keyed per run: two identifiers collide with probability n²/2⁶⁴, and a
+//! collision never repeats. The low bit of each stored key holds the member's state (set:
+//! pending), so keys compare with it cleared. Past [`NEW_IN_MEMORY`] new users, or a previous
+//! audience past the run's limit ([`Seen::sorted`]), rows wait in the scratch directory
+//! instead ([`crate::export::deferred`]).
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 use super::codec::AudienceError;
-use super::encoded::Members;
+use super::encoded::{Encoded, Members};
 use super::header::MemberState;
+use super::merged::Merged;
+use crate::spill::Scratch;
 
 /// What a user's row is, the first time or again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +61,9 @@ pub struct Seen {
     new_cap: usize,
     /// Users new to the audience deduplicated later ([`Offer::Deferred`]), once each.
     deferred_new: u64,
+    /// The previous audience is too large to hold: its members are not in `previous` but
+    /// merged, in identifier order, with the run's rows (see [`Seen::sorted`]).
+    sorted: Option<u64>,
 }
 
 /// Users new to the audience held in memory by default: as many as a table of 2²⁰ slots
@@ -74,6 +81,7 @@ impl Default for Seen {
             new: HashSet::default(),
             new_cap: NEW_IN_MEMORY,
             deferred_new: 0,
+            sorted: None,
         }
     }
 }
@@ -115,6 +123,37 @@ impl Seen {
         Ok(seen)
     }
 
+    /// A previous audience of at most `members` members, too large to hold: every row is
+    /// [`Offer::Deferred`], and the members are told apart by their place in identifier
+    /// order ([`Previous`]), once the rows were merged with them.
+    pub fn sorted(members: u64) -> Self {
+        Self {
+            present: Bits::new(members as usize),
+            taken: Bits::new(members as usize),
+            sorted: Some(0),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the previous members are merged in identifier order ([`Seen::sorted`]).
+    pub fn is_sorted(&self) -> bool {
+        self.sorted.is_some()
+    }
+
+    /// After the merge: previous member `i` (in identifier order) was in the Look; `taken`
+    /// when its row was sent or counted unchanged.
+    pub fn merged_present(&mut self, i: usize, taken: bool) {
+        self.present.set(i);
+        if taken {
+            self.taken.set(i);
+        }
+    }
+
+    /// After the merge: how many members the previous audience has.
+    pub fn merged_len(&mut self, members: u64) {
+        self.sorted = Some(members);
+    }
+
     /// Holds at most `cap` users new to the audience in memory (see [`NEW_IN_MEMORY`]).
     pub fn with_new_cap(mut self, cap: usize) -> Self {
         self.new_cap = cap;
@@ -139,6 +178,9 @@ impl Seen {
 
     /// A user's row that will be sent (or counted unchanged): duplicates are told apart.
     pub fn offer(&mut self, key: u64) -> Offer {
+        if self.is_sorted() {
+            return Offer::Deferred;
+        }
         match self.index(key) {
             Some(index) => {
                 if self.taken.get(index) {
@@ -172,7 +214,7 @@ impl Seen {
 
     /// Members of the previous audience.
     pub fn previous_len(&self) -> u64 {
-        self.previous.len() as u64
+        self.sorted.unwrap_or(self.previous.len() as u64)
     }
 
     /// Previous members seen in this run's Look.
@@ -216,6 +258,70 @@ impl Seen {
             MemberState::Flagged
         } else {
             MemberState::Pending
+        }
+    }
+}
+
+/// The previous members, each once, with their index in a [`Seen`]: in memory, by their
+/// key; merged, by their place in identifier order.
+pub enum Previous<'a> {
+    /// The body and pending records as stored; a member that comes again is skipped.
+    Memory {
+        /// The members.
+        members: Members<'a>,
+        /// Members already given.
+        visited: Bits,
+    },
+    /// In identifier order, each once.
+    Merged {
+        /// The members.
+        members: Merged,
+        /// The index of the next one.
+        next: usize,
+    },
+}
+
+impl<'a> Previous<'a> {
+    /// The members of `encoded` as `seen` tells them apart.
+    pub fn of(encoded: &'a Encoded, seen: &Seen, scratch: &Scratch) -> Result<Self, AudienceError> {
+        Ok(if seen.is_sorted() {
+            Previous::Merged {
+                members: Merged::of(encoded, scratch)?,
+                next: 0,
+            }
+        } else {
+            Previous::Memory {
+                members: encoded.members()?,
+                visited: Bits::new(seen.previous.len()),
+            }
+        })
+    }
+
+    /// The next member: its index, identifier, state and fingerprint (pending if any of its
+    /// entries is; the first known fingerprint).
+    pub fn next_member(
+        &mut self,
+        seen: &Seen,
+    ) -> Result<Option<(usize, String, MemberState, u32)>, AudienceError> {
+        match self {
+            Previous::Memory { members, visited } => {
+                while let Some((id, _, _)) = members.next_member()? {
+                    let Some(i) = seen.index(seen.key(id)).filter(|i| !visited.get(*i)) else {
+                        continue;
+                    };
+                    visited.set(i);
+                    let state = seen.previous_state(i);
+                    return Ok(Some((i, id.to_owned(), state, seen.fingerprint(i))));
+                }
+                Ok(None)
+            }
+            Previous::Merged { members, next } => {
+                let Some((id, state, fp)) = members.next_member()? else {
+                    return Ok(None);
+                };
+                *next += 1;
+                Ok(Some((*next - 1, id, state, fp)))
+            }
         }
     }
 }

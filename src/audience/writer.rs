@@ -295,7 +295,7 @@ mod tests {
         assert!(w.failure().is_some());
         assert!(w.count() < 100);
         let e = w.finish_into(Vec::new(), |_, s, _, _| Some(s)).unwrap_err();
-        assert_eq!(e.reason(), "ScratchFailed");
+        assert!(matches!(e, AudienceError::Scratch(_)), "{e}");
         let msg = e.to_string();
         assert!(
             msg.starts_with(&format!("the scratch directory {}", not_a_dir.display())),

@@ -26,10 +26,11 @@ use super::report::{RowReason, RunReport, SyncMode, Tally};
 use super::send::{Side, braze_client, send_all, stop_reason};
 use super::sink::{ReadSide, SinkSync};
 use crate::audience::codec::BodyWriter;
-use crate::audience::seen::{Bits, KeySet, Seen};
+use crate::audience::seen::{KeySet, Previous, Seen};
 use crate::audience::{AudienceError, Encoded, Flag, Header, MemberState, Output, Owner};
 use crate::braze::{Batch, BrazeClient, BrazeError};
 use crate::spec::{IdentifierKind, RemovalMode};
+use crate::spill::Scratch;
 
 /// The stored audience handed to a run.
 #[derive(Clone, Debug)]
@@ -116,9 +117,13 @@ pub(super) async fn plan_audience(
     } else {
         SyncMode::Delta
     });
+    // Too many to hold: every row waits, and is merged with them after the Look.
+    let sorted = previous
+        .clone()
+        .filter(|p| members_of(p) > opts.spill.previous_in_memory);
     let seen = match &previous {
         None => Seen::new(),
-        Some(p) => load_members(p).await?,
+        Some(p) => previous_seen(p, opts).await?,
     };
     tracing::debug!(
         members = seen.previous_len(),
@@ -146,6 +151,7 @@ pub(super) async fn plan_audience(
         current: (!opts.dry_run)
             .then(|| BodyWriter::spilling(&opts.spill.scratch, opts.spill.run_bytes)),
         journal,
+        merge_with: sorted,
         ..SinkSync::default()
     };
     Ok(Some((audience, seen, sink)))
@@ -201,11 +207,26 @@ fn run_kind(
     (rename, full)
 }
 
+/// At most how many members an audience has (its pending records' users may be members too).
+fn members_of(e: &Encoded) -> u64 {
+    e.header().members + e.pending_members()
+}
+
+/// The previous members as a run tells them apart, nobody marked present yet: as keys in
+/// memory, or, when too many, by their place in identifier order ([`Seen::sorted`]).
+async fn previous_seen(previous: &Arc<Encoded>, opts: &RunOptions) -> Result<Seen, RunError> {
+    let members = members_of(previous);
+    if members > opts.spill.previous_in_memory {
+        return Ok(Seen::sorted(members));
+    }
+    load_members(previous).await
+}
+
 /// The previous members as keys, nobody marked present yet (a blocking pass over the
 /// compressed body).
 async fn load_members(previous: &Arc<Encoded>) -> Result<Seen, RunError> {
     let p = Arc::clone(previous);
-    let expected = p.header().members + p.pending_members();
+    let expected = members_of(&p);
     tokio::task::spawn_blocking(move || Seen::with_previous(p.members()?, expected))
         .await
         .map_err(|e| RunError::Internal(format!("loading the stored audience failed: {e}")))?
@@ -268,10 +289,11 @@ async fn clear(
     let previous = Arc::new(previous);
     // Nobody is marked present: every member is picked.
     let picker = Picker {
-        seen: Arc::new(load_members(&previous).await?),
+        seen: Arc::new(previous_seen(&previous, opts).await?),
         add_failed: Arc::default(),
         add_rejected: Arc::default(),
         clearing: false,
+        scratch: opts.spill.scratch.clone(),
     };
     let names = Names::of(&previous, Vec::new());
     send_removals(&previous, picker, names, &mut ended, braze, plan, opts).await;
@@ -315,6 +337,7 @@ pub(super) async fn settle(
         add_failed: Arc::new(KeySet::new(read.failed_keys)),
         add_rejected: Arc::new(KeySet::new(read.rejected_keys)),
         clearing: !clear_flags(&audience, plan).is_empty(),
+        scratch: opts.spill.scratch.clone(),
     };
     ended.tally.counts.added = Some(count_added(&picker, audience.rename, read.sync.pushed_new));
     if let Some((was, members)) = &audience.moved_from {
@@ -354,6 +377,7 @@ pub(super) async fn settle(
         rename: audience.rename,
         keep_leavers: plan.removal == RemovalMode::Keep,
         moved: audience.moved_from.is_some(),
+        scratch: picker.scratch,
     };
     tracing::debug!("removals settled");
     let output = opts.audience_output.clone();
@@ -364,7 +388,8 @@ pub(super) async fn settle(
 /// Users newly flagged: the objects handed over for users new to the audience, less those
 /// Braze did not take (a key both failed and rejected is lost once).
 fn count_added(picker: &Picker, rename: bool, pushed_new: u64) -> u64 {
-    let is_new = |k: u64| rename || picker.seen.index(k).is_none();
+    // The key of a user new to the audience has its low bit set (see `ExportSink::hand`).
+    let is_new = |k: u64| rename || k & 1 == 1;
     let (add_failed, add_rejected) = (&picker.add_failed, &picker.add_rejected);
     let lost_new = add_failed.iter().filter(|k| is_new(*k)).count()
         + add_rejected
@@ -539,6 +564,8 @@ struct Picker {
     /// Users in the Look lose other flags ([`clear_flags`]): the old one after a change of
     /// the flag, or those a stopped run left.
     clearing: bool,
+    /// Where the members are merged in identifier order, when too many to hold.
+    scratch: Scratch,
 }
 
 impl Picker {
@@ -706,9 +733,8 @@ fn produce(
     tx: Option<mpsc::Sender<Batch>>,
 ) -> Result<Produced, AudienceError> {
     let mut out = Produced::default();
-    let mut members = previous.members()?;
-    // A user may come twice (in the body and in a pending record): picked once.
-    let mut visited = Bits::new(picker.seen.previous_len() as usize);
+    // Each member once, though it may come twice (in the body and in a pending record).
+    let mut members = Previous::of(previous, &picker.seen, &picker.scratch)?;
     let mut batch = Batch::with_capacity(batch_size.min(75));
     let mut tx = tx;
     let hand = |batch: Batch, out: &mut Produced, tx: &mut Option<mpsc::Sender<Batch>>| {
@@ -725,15 +751,11 @@ fn produce(
             out.unsent_keys.extend_from_slice(b.keys());
         }
     };
-    while let Some((id, _, _)) = members.next_member()? {
-        let key = picker.seen.key(id);
-        let Some(i) = picker.seen.index(key) else {
-            continue;
-        };
-        if visited.get(i) || !picker.picks(i, key) {
+    while let Some((i, id, _, _)) = members.next_member(&picker.seen)? {
+        let key = picker.seen.key(&id);
+        if !picker.picks(i, key) {
             continue;
         }
-        visited.set(i);
         out.candidates += 1;
         if tx.is_none() && batch_size == usize::MAX {
             continue;
@@ -747,7 +769,7 @@ fn produce(
             identifier: names.identifier,
             alias_label: &names.alias_label,
             flags,
-            id,
+            id: &id,
         };
         if batch.push_keyed(out.candidates, key, &object).is_err() {
             continue;
@@ -827,6 +849,7 @@ struct NewState {
     keep_leavers: bool,
     /// The audience was written to another workspace: its members stay, as pending.
     moved: bool,
+    scratch: Scratch,
 }
 
 impl NewState {
@@ -846,18 +869,12 @@ impl NewState {
         const PREVIOUS: u8 = 1;
         let mut out = current.unwrap_or_else(|| BodyWriter::new(crate::audience::codec::LEVEL));
         if let Some(previous) = previous {
-            let mut r = previous.members()?;
-            // A user may come twice (in the body and in a pending record): written once,
-            // with the body's fingerprint (it comes first).
-            let mut visited = Bits::new(self.seen.previous_len() as usize);
-            while let Some((id, _, fingerprint)) = r.next_member()? {
-                let key = self.seen.key(id);
-                let Some(i) = self.seen.index(key).filter(|i| !visited.get(*i)) else {
-                    continue;
-                };
-                visited.set(i);
-                if let Some(state) = self.written_previous(i, key) {
-                    out.push_tagged(id, state, fingerprint, PREVIOUS);
+            // Each member once, though it may come twice (in the body and in a pending
+            // record): pending if either is, with the first known fingerprint.
+            let mut r = Previous::of(previous, &self.seen, &self.scratch)?;
+            while let Some((i, id, was, fingerprint)) = r.next_member(&self.seen)? {
+                if let Some(state) = self.written_previous(i, self.seen.key(&id), was) {
+                    out.push_tagged(&id, state, fingerprint, PREVIOUS);
                 }
             }
         }
@@ -868,19 +885,23 @@ impl NewState {
     }
 
     /// What this run's user (written down as `recorded`) is written as (`None`: left out).
+    /// The sets hold the keys of the objects sent: a user new to the audience by its key
+    /// with the low bit set (see `ExportSink::hand`).
     fn written_current(&self, key: u64, recorded: MemberState) -> Option<MemberState> {
-        if self.add_rejected.contains(key) {
-            let known = !self.rename && self.seen.index(key).is_some();
+        let returning = |set: &KeySet| set.contains(key);
+        let new = |set: &KeySet| set.contains(key | 1);
+        if returning(&self.add_rejected) || new(&self.add_rejected) {
+            let known = !self.rename && returning(&self.add_rejected);
             return known.then_some(MemberState::Pending);
         }
-        if self.add_failed.contains(key) {
+        if returning(&self.add_failed) || new(&self.add_failed) {
             return Some(MemberState::Pending);
         }
         Some(recorded)
     }
 
     /// What a previous member this run did not take is written as (`None`: left out).
-    fn written_previous(&self, i: usize, key: u64) -> Option<MemberState> {
+    fn written_previous(&self, i: usize, key: u64, was: MemberState) -> Option<MemberState> {
         let seen = &self.seen;
         if seen.is_taken(i) {
             // Written with this run's users.
@@ -895,15 +916,15 @@ impl NewState {
             return Some(if self.rename {
                 MemberState::Pending
             } else {
-                seen.previous_state(i)
+                was
             });
         }
         if self.keep_leavers {
             // `Keep`: the flag stays on users who left, so they stay in the audience.
-            return (!self.rename).then(|| seen.previous_state(i));
+            return (!self.rename).then_some(was);
         }
         match &self.removal {
-            Removal::NotRun | Removal::Withheld => Some(seen.previous_state(i)),
+            Removal::NotRun | Removal::Withheld => Some(was),
             // Removed, or refused for good by Braze: out; never acknowledged: a later run
             // removes it.
             Removal::Done { failed } => failed.contains(key).then_some(MemberState::Pending),

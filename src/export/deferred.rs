@@ -19,8 +19,26 @@ pub struct WaitingRow {
     pub fingerprint: u32,
     /// Attributes cut to Braze's limit (noted when the row is sent).
     pub too_long: Vec<String>,
-    /// The object, serialized as it is sent.
+    /// The object, serialized as it is sent; empty for a row only telling that its user is
+    /// in the Look (`present`).
     pub object: Vec<u8>,
+    /// The row is not sent (invalid for another reason than its identifier, or past
+    /// `maxRows`), and only tells that a previous member is still in the Look.
+    pub present: bool,
+}
+
+impl WaitingRow {
+    /// A row telling only that user `id` is in the Look.
+    pub fn present(id: String, number: u64) -> Self {
+        Self {
+            id,
+            number,
+            fingerprint: 0,
+            too_long: Vec::new(),
+            object: Vec::new(),
+            present: true,
+        }
+    }
 }
 
 impl Record for WaitingRow {
@@ -29,6 +47,7 @@ impl Record for WaitingRow {
     }
 
     fn write(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(self.present));
         put_varint(out, self.number);
         out.extend_from_slice(&self.fingerprint.to_le_bytes());
         put_bytes(out, self.id.as_bytes());
@@ -41,6 +60,8 @@ impl Record for WaitingRow {
 
     fn read(mut bytes: &[u8]) -> Option<Self> {
         let b = &mut bytes;
+        let (&present, rest) = b.split_first()?;
+        *b = rest;
         let number = take_varint(b)?;
         let (fp, rest) = b.split_at_checked(4)?;
         *b = rest;
@@ -57,6 +78,11 @@ impl Record for WaitingRow {
             fingerprint,
             too_long,
             object: b.to_vec(),
+            present: match present {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
         })
     }
 
@@ -115,13 +141,26 @@ pub struct Users {
     last: Option<String>,
 }
 
-/// A row taken back: the first of its user, or a duplicate.
+/// A row taken back: the first of its user, a duplicate, or one that only tells its user
+/// is in the Look.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Taken {
     /// The first row of a user: to send.
     First(WaitingRow),
     /// A later row of the same user, by its number.
     Duplicate(u64),
+    /// A row not sent ([`WaitingRow::present`]).
+    Present(WaitingRow),
+}
+
+impl Taken {
+    /// The identifier of a first or present row.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            Taken::First(r) | Taken::Present(r) => Some(&r.id),
+            Taken::Duplicate(_) => None,
+        }
+    }
 }
 
 impl Iterator for Users {
@@ -132,6 +171,9 @@ impl Iterator for Users {
             Ok(row) => row,
             Err(e) => return Some(Err(e)),
         };
+        if row.present {
+            return Some(Ok(Taken::Present(row)));
+        }
         if self.last.as_deref() == Some(row.id.as_str()) {
             return Some(Ok(Taken::Duplicate(row.number)));
         }
@@ -192,12 +234,18 @@ mod tests {
                 Vec::new()
             },
             object: format!("{{\"external_id\":\"{id}\",\"n\":{number}}}").into_bytes(),
+            present: false,
         }
     }
 
     #[test]
     fn rows_round_trip_through_their_bytes() {
-        for r in [row("u1", 1), row("é", 2), row("", 300)] {
+        for r in [
+            row("u1", 1),
+            row("é", 2),
+            row("", 300),
+            WaitingRow::present("p".into(), 4),
+        ] {
             let mut bytes = Vec::new();
             r.write(&mut bytes);
             assert_eq!(WaitingRow::read(&bytes), Some(r.clone()));
@@ -213,18 +261,22 @@ mod tests {
         let scratch = Scratch::default();
         // 64 bytes a run: every row or two is written to a file.
         let mut w = Waiting::new(&scratch, 64);
+        w.push(WaitingRow::present("c".into(), 0)).unwrap();
         let ids = ["c", "a", "b", "a", "c", "c", "d"];
         for (i, id) in ids.iter().enumerate() {
             w.push(row(id, i as u64 + 1)).unwrap();
         }
-        assert_eq!(w.len(), 7);
+        w.push(WaitingRow::present("a".into(), 8)).unwrap();
+        assert_eq!(w.len(), 9);
         let got: Vec<Taken> = w.finish().unwrap().map(Result::unwrap).collect();
         assert_eq!(
             got,
             [
                 Taken::First(row("a", 2)),
                 Taken::Duplicate(4),
+                Taken::Present(WaitingRow::present("a".into(), 8)),
                 Taken::First(row("b", 3)),
+                Taken::Present(WaitingRow::present("c".into(), 0)),
                 Taken::First(row("c", 1)),
                 Taken::Duplicate(5),
                 Taken::Duplicate(6),

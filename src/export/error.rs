@@ -82,6 +82,7 @@ impl RunError {
             Self::Internal(_) => "InternalError",
             Self::AudienceRequired => "AudienceRequired",
             Self::AudienceMismatch(_) => AUDIENCE_MISMATCH,
+            Self::AudienceUnreadable(AudienceError::Scratch(_)) => SCRATCH_FAILED,
             Self::AudienceUnreadable(_) => "AudienceUnreadable",
             Self::PendingNotRecorded(_) => PENDING_NOT_RECORDED,
             Self::ScratchFailed(_) => SCRATCH_FAILED,

@@ -4,8 +4,6 @@
 //! [`super::report`], re-exported here.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::hash::{BuildHasher, BuildHasherDefault, RandomState};
 
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -13,7 +11,6 @@ use serde_json::Value;
 
 pub use super::report::{Invalid, MAX_ATTRIBUTE_CHARS};
 use crate::audience::Flag;
-use crate::audience::seen::Prehashed;
 use crate::looker::json_detail::{Cell, Fields};
 use crate::spec::{IdentifierKind, RESERVED_ATTRIBUTES};
 use crate::text::{clean, name_list};
@@ -408,22 +405,6 @@ fn add<S: Serializer>(values: &[&str; 1], s: S) -> Result<S::Ok, S::Error> {
     map.end()
 }
 
-/// Remembers the identifiers sent in a run, as 64-bit keyed hashes so a million users fit in
-/// about 16 MiB. Two different identifiers collide with probability n²/2⁶⁵ (3·10⁻⁸ for a
-/// million); the keys are random per run, so a collision never repeats.
-#[derive(Debug, Default)]
-pub struct Dedup {
-    keys: RandomState,
-    seen: HashSet<u64, BuildHasherDefault<Prehashed>>,
-}
-
-impl Dedup {
-    /// True the first time `id` is offered.
-    pub fn first(&mut self, id: &str) -> bool {
-        self.seen.insert(self.keys.hash_one(id))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -753,17 +734,5 @@ mod tests {
             serde_json::to_string(&o).unwrap(),
             r#"{"external_id":"u1","_update_existing_only":true,"crm":{"remove":["VIP"]},"looker_export":{"remove":["CHURN","CHURN_V2"]}}"#
         );
-    }
-
-    #[test]
-    fn dedup_sees_each_identifier_once() {
-        let mut d = Dedup::default();
-        assert!(d.first("u1"));
-        assert!(d.first("u2"));
-        assert!(!d.first("u1"));
-        assert!(d.first("U1"));
-        let mut many = Dedup::default();
-        assert!((0..100_000).all(|i| many.first(&format!("user-{i}"))));
-        assert!((0..100_000).all(|i| !many.first(&format!("user-{i}"))));
     }
 }

@@ -76,7 +76,13 @@ pub struct SpillOptions {
     /// Bytes of waiting rows held before a sorted run is written (and of the new stored
     /// audience's members).
     pub run_bytes: usize,
+    /// Members of a previous audience held in memory (12 bytes each); past them, every row
+    /// waits, and is merged with the members in identifier order after the Look.
+    pub previous_in_memory: u64,
 }
+
+/// Members of a previous audience held in memory by default (24 MiB).
+pub const PREVIOUS_IN_MEMORY: u64 = 2_000_000;
 
 /// Bytes of waiting rows held in memory before they are written to the scratch directory.
 pub const SPILL_RUN_BYTES: usize = 8 << 20;
@@ -87,6 +93,7 @@ impl Default for SpillOptions {
             scratch: Scratch::default(),
             new_in_memory: NEW_IN_MEMORY,
             run_bytes: SPILL_RUN_BYTES,
+            previous_in_memory: PREVIOUS_IN_MEMORY,
         }
     }
 }

@@ -14,9 +14,9 @@ use super::options::{Failpoint, Progress, RunOptions, SpillOptions};
 use super::pending::Journal;
 use super::plan::ExportPlan;
 use super::report::{RowReason, Tally};
-use crate::audience::MemberState;
 use crate::audience::codec::{self, BodyWriter};
-use crate::audience::seen::{Offer, Seen};
+use crate::audience::seen::{Offer, Previous, Seen};
+use crate::audience::{AudienceError, Encoded, MemberState};
 use crate::braze::Batch;
 use crate::braze::batch::MAX_REQUEST_BYTES;
 use crate::looker::json_detail::{BadRow, Cell, Fields, RowSink, Stop};
@@ -42,6 +42,9 @@ pub(super) struct SinkSync {
     pub unsent_keys: Vec<u64>,
     /// Records users new to the audience before their batches go (not in a dry run).
     pub journal: Option<Journal>,
+    /// The previous audience, too large to hold ([`Seen::sorted`]): merged with the rows
+    /// that waited.
+    pub merge_with: Option<Arc<Encoded>>,
 }
 
 /// What the read and send sides leave for the audience: who was in the Look, and the keys
@@ -255,7 +258,7 @@ impl ExportSink {
             if let Some(w) = &mut self.sync.current {
                 w.push(&object.id, MemberState::Pending, 0);
             }
-            return Ok(());
+            return self.wait(WaitingRow::present(object.id.to_string(), number));
         }
         let fingerprint = if fingerprinted && self.sync.track {
             codec::fingerprint(&self.scratch)
@@ -268,7 +271,13 @@ impl ExportSink {
             fingerprint,
             too_long: object.too_long_attributes().map(str::to_owned).collect(),
             object: self.scratch.clone(),
+            present: false,
         };
+        self.wait(row)
+    }
+
+    /// Sets a row aside; a failure of the scratch directory stops the read.
+    fn wait(&mut self, row: WaitingRow) -> Result<(), Stop> {
         let spill = &self.spill;
         let waiting = self
             .waiting
@@ -281,59 +290,139 @@ impl ExportSink {
         Ok(())
     }
 
-    /// The rows set aside, back in identifier order: the first of each user is batched as a
-    /// user new to the audience, the others are duplicates. When the senders are gone, the
-    /// first rows are counted unsent (and the others still duplicates); when the scratch
-    /// directory fails, every row not yet taken back is counted unsent.
+    /// The rows set aside, back in identifier order, merged with the previous members when
+    /// they are too many to hold ([`Seen::sorted`]): the first row of each user is taken as
+    /// [`ExportSink::offer_and_push`] takes one, the others are duplicates. When the senders
+    /// are gone, the rows to send are counted unsent (and the others still duplicates); when
+    /// the scratch directory fails, every row not yet taken back is counted unsent.
     fn take_back(&mut self) {
-        let Some(waiting) = self.waiting.take() else {
+        let waiting = self.waiting.take();
+        let mut left = waiting.as_ref().map_or(0, Waiting::len);
+        let merged = self.sync.merge_with.take();
+        if waiting.is_none() && merged.is_none() {
             return;
-        };
-        let mut left = waiting.len();
-        let users = match self.spill_failed {
-            Some(_) => None,
-            None => waiting
-                .finish()
-                .map_err(|e| self.spill_failed = Some(e.to_string()))
-                .ok(),
-        };
+        }
         tracing::debug!(rows = left, "taking back the rows that waited");
-        for taken in users.into_iter().flatten() {
-            match taken {
-                Ok(Taken::Duplicate(_)) => self.tally.counts.duplicates += 1,
-                Ok(Taken::First(row)) => {
-                    self.seen.note_deferred_new();
-                    // Past a stop, the batch is counted unsent by `send`.
-                    let _ = self.push_waiting(row);
+        let users = match (waiting, &self.spill_failed) {
+            (Some(w), None) => match w.finish() {
+                Ok(users) => Some(users),
+                Err(e) => {
+                    self.spill_failed = Some(e.to_string());
+                    None
                 }
+            },
+            _ => None,
+        };
+        let mut previous = match merged
+            .as_deref()
+            .map(|p| Previous::of(p, &self.seen, &self.spill.scratch))
+        {
+            Some(Ok(p)) => Some(p),
+            Some(Err(e)) => {
+                self.spill_failed = Some(e.to_string());
+                None
+            }
+            None => None,
+        };
+        let mut head = None;
+        for taken in users.into_iter().flatten() {
+            let taken = match taken {
+                Ok(t) => t,
                 Err(e) => {
                     self.spill_failed = Some(e.to_string());
                     break;
                 }
-            }
+            };
             left -= 1;
+            let member = match (taken.id(), &mut previous) {
+                (Some(id), Some(p)) => match self.member(p, &mut head, id) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.spill_failed = Some(e.to_string());
+                        left += 1;
+                        break;
+                    }
+                },
+                _ => None,
+            };
+            match taken {
+                Taken::Duplicate(_) => self.tally.counts.duplicates += 1,
+                Taken::Present(_) => {
+                    if let Some((i, _, _)) = member {
+                        self.seen.merged_present(i, false);
+                    }
+                }
+                Taken::First(row) => {
+                    let offer = match member {
+                        Some((index, state, fingerprint)) => {
+                            self.seen.merged_present(index, true);
+                            Offer::Returning {
+                                index,
+                                flagged: state == MemberState::Flagged,
+                                fingerprint,
+                            }
+                        }
+                        None => {
+                            self.seen.note_deferred_new();
+                            Offer::New
+                        }
+                    };
+                    // Past a stop, the batch is counted unsent by `send`.
+                    let _ = self.take_waiting(offer, row);
+                }
+            }
         }
         self.unsent.count += left;
+        // The members past the last row: their number is the audience's size.
+        while let (Some(p), None) = (&mut previous, &self.spill_failed) {
+            match p.next_member(&self.seen) {
+                Ok(Some((i, ..))) => self.seen.merged_len(i as u64 + 1),
+                Ok(None) => break,
+                Err(e) => self.spill_failed = Some(e.to_string()),
+            }
+        }
     }
 
-    /// Batches a row that waited, as [`ExportSink::offer_and_push`] does a new user's.
-    fn push_waiting(&mut self, row: WaitingRow) -> Result<(), Stop> {
-        let key = self.seen.key(&row.id);
+    /// The previous member `id` is, if any: moves through the members (in identifier
+    /// order) up to `id`, counting them; `head` holds the first member past it.
+    fn member(
+        &mut self,
+        previous: &mut Previous<'_>,
+        head: &mut Option<(usize, String, MemberState, u32)>,
+        id: &str,
+    ) -> Result<Option<(usize, MemberState, u32)>, AudienceError> {
+        loop {
+            if head.is_none() {
+                *head = previous.next_member(&self.seen)?;
+                if let Some((i, ..)) = head {
+                    self.seen.merged_len(*i as u64 + 1);
+                }
+            }
+            let Some((i, member, state, fp)) = head.as_ref() else {
+                return Ok(None);
+            };
+            match member.as_str().cmp(id) {
+                std::cmp::Ordering::Less => *head = None,
+                std::cmp::Ordering::Equal => return Ok(Some((*i, *state, *fp))),
+                std::cmp::Ordering::Greater => return Ok(None),
+            }
+        }
+    }
+
+    /// Takes the first row of a user that waited, as [`ExportSink::offer_and_push`] takes one
+    /// in memory.
+    fn take_waiting(&mut self, offer: Offer, row: WaitingRow) -> Result<(), Stop> {
+        if self.is_unchanged(offer, row.fingerprint) {
+            self.count_unchanged(&row.id, row.fingerprint);
+            return Ok(());
+        }
         for name in &row.too_long {
             self.tally
                 .note(RowReason::AttributeTooLong, name, &[row.number]);
         }
-        if self.sync.track {
-            self.sync.pushed_new += 1;
-        }
-        if let Some(j) = &mut self.sync.journal {
-            j.note(&row.id);
-        }
-        if let Some(w) = &mut self.sync.current {
-            w.push(&row.id, MemberState::Flagged, row.fingerprint);
-        }
+        let key = self.seen.key(&row.id);
         self.scratch = row.object;
-        self.push(row.number, key)
+        self.hand(offer, row.number, key, &row.id, row.fingerprint)
     }
 
     /// Serializes a mapped object into the scratch buffer; false when it cannot be
@@ -375,13 +464,19 @@ impl ExportSink {
     }
 
     /// A user in the Look whose row is not sent: with a previous audience, not one to remove.
-    fn mark_present(&mut self, cell: &Cell) {
+    fn mark_present(&mut self, cell: &Cell, number: u64) -> Result<(), Stop> {
+        if self.seen.is_sorted()
+            && let Ok(id) = mapping::identifier(cell)
+        {
+            return self.wait(WaitingRow::present(id.into_owned(), number));
+        }
         if self.seen.previous_len() > 0
             && let Ok(id) = mapping::identifier(cell)
         {
             let key = self.seen.key(&id);
             self.seen.mark_present(key);
         }
+        Ok(())
     }
 }
 
@@ -433,10 +528,10 @@ impl RowSink for ExportSink {
             self.tally.counts.skipped += 1;
             self.tally
                 .note(RowReason::MaxRowsExceeded, &max.to_string(), &[number]);
-            if let Some(cell) = cells.first() {
-                self.mark_present(cell);
-            }
-            return Ok(());
+            return match cells.first() {
+                Some(cell) => self.mark_present(cell, number),
+                None => Ok(()),
+            };
         }
         let Some(columns) = self.columns.take() else {
             return Err(Stop);
@@ -478,10 +573,10 @@ impl ExportSink {
                 self.tally.counts.invalid += 1;
                 self.tally
                     .note(RowReason::Invalid(invalid), field, &[number]);
-                if let Some(cell) = cells.first() {
-                    self.mark_present(cell);
+                match cells.first() {
+                    Some(cell) => self.mark_present(cell, number),
+                    None => Ok(()),
                 }
-                Ok(())
             }
             Ok(object) => {
                 let fingerprinted = !columns.attributes.is_empty();
@@ -518,20 +613,8 @@ impl ExportSink {
         } else {
             0
         };
-        // Delta: flagged by the last run with exactly this object, not sent again.
-        if let Offer::Returning {
-            flagged: true,
-            fingerprint: last,
-            ..
-        } = offer
-            && self.sync.delta_skip
-            && last == fingerprint
-            && (serialized || !fingerprinted)
-        {
-            self.sync.unchanged += 1;
-            if let Some(w) = &mut self.sync.current {
-                w.push(&object.id, MemberState::Flagged, fingerprint);
-            }
+        if self.is_unchanged(offer, fingerprint) && (serialized || !fingerprinted) {
+            self.count_unchanged(&object.id, fingerprint);
             return Ok(());
         }
         if !serialized && !self.serialize(number, object) {
@@ -545,16 +628,44 @@ impl ExportSink {
             self.tally
                 .note(RowReason::AttributeTooLong, name, &[number]);
         }
-        if self.sync.track && (matches!(offer, Offer::New) || self.sync.rename) {
+        self.hand(offer, number, key, &object.id, fingerprint)
+    }
+
+    /// Delta: flagged by the last run with exactly this object, not sent again.
+    fn is_unchanged(&self, offer: Offer, fingerprint: u32) -> bool {
+        matches!(offer, Offer::Returning { flagged: true, fingerprint: last, .. }
+            if self.sync.delta_skip && last == fingerprint)
+    }
+
+    fn count_unchanged(&mut self, id: &str, fingerprint: u32) {
+        self.sync.unchanged += 1;
+        if let Some(w) = &mut self.sync.current {
+            w.push(id, MemberState::Flagged, fingerprint);
+        }
+    }
+
+    /// Batches the object in the scratch buffer (a user new to the audience is noted in the
+    /// journal first) and writes its user down for the new audience. The key of a user new
+    /// to the audience has its low bit set: what Braze did not take is told apart by it.
+    fn hand(
+        &mut self,
+        offer: Offer,
+        number: u64,
+        key: u64,
+        id: &str,
+        fingerprint: u32,
+    ) -> Result<(), Stop> {
+        let new = offer == Offer::New;
+        if self.sync.track && (new || self.sync.rename) {
             self.sync.pushed_new += 1;
         }
         // Only users new to the audience need a record: the others are in it already.
-        if let (Offer::New, Some(j)) = (offer, &mut self.sync.journal) {
-            j.note(&object.id);
+        if let (true, Some(j)) = (new, &mut self.sync.journal) {
+            j.note(id);
         }
         if let Some(w) = &mut self.sync.current {
-            w.push(&object.id, MemberState::Flagged, fingerprint);
+            w.push(id, MemberState::Flagged, fingerprint);
         }
-        self.push(number, key)
+        self.push(number, key | u64::from(new))
     }
 }

@@ -44,6 +44,9 @@ pub enum Generator {
     /// Like `Clean`, with ids shifted: row i has id `user-<i + n>` (an audience that moved on
     /// by n users).
     Shifted(u64),
+    /// Row i has a random-looking UUID (version 4, lower case) made from `i + n`, and an
+    /// order count: no attribute (see [`Look::uuids`]).
+    Uuid(u64),
 }
 
 /// A Look the sandbox can run.
@@ -112,6 +115,23 @@ impl Look {
         Self::new(users_fields(), Rows::Generated { count, generator })
     }
 
+    /// The UUID users Look: `users.external_id` tagged `braze_id`, holding random-looking
+    /// UUIDs (row i: the UUID of `i + shift`), and the untagged measure `orders.count`; no
+    /// attribute.
+    pub fn uuids(count: u64, shift: u64) -> Self {
+        let mut fields = users_fields();
+        if let Some(d) = fields["dimensions"].as_array_mut() {
+            d.truncate(1);
+        }
+        Self::new(
+            fields,
+            Rows::Generated {
+                count,
+                generator: Generator::Uuid(shift),
+            },
+        )
+    }
+
     fn total(&self) -> u64 {
         match &self.rows {
             Rows::Fixed(r) => r.len() as u64,
@@ -144,6 +164,10 @@ pub fn users_fields() -> Value {
 fn generated_row(i: u64, generator: Generator, out: &mut String) {
     use std::fmt::Write;
     generated_id(i, generator, out);
+    if let Generator::Uuid(_) = generator {
+        let _ = write!(out, r#""orders.count":{{"value":{}}}}}"#, i % 7);
+        return;
+    }
     let name = NAMES[(i % NAMES.len() as u64) as usize];
     let _ = write!(
         out,
@@ -155,6 +179,14 @@ fn generated_row(i: u64, generator: Generator, out: &mut String) {
 /// The start of generated row `i`, up to its identifier cell and the comma after it.
 fn generated_id(i: u64, generator: Generator, out: &mut String) {
     use std::fmt::Write;
+    if let Generator::Uuid(n) = generator {
+        let _ = write!(
+            out,
+            r#"{{"users.external_id":{{"value":"{}"}},"#,
+            uuid(i + n)
+        );
+        return;
+    }
     let id = match generator {
         Generator::Dirty if i.is_multiple_of(125) => None,
         Generator::Dirty if i.is_multiple_of(50) => Some(i - 1),
@@ -165,6 +197,28 @@ fn generated_id(i: u64, generator: Generator, out: &mut String) {
         Some(id) => write!(out, r#"{{"users.external_id":{{"value":"user-{id:07}"}},"#),
         None => write!(out, r#"{{"users.external_id":{{"value":null}},"#),
     };
+}
+
+/// A version 4 UUID made from `n` (the same `n`, the same UUID; neighbours far apart).
+pub fn uuid(n: u64) -> String {
+    let mix = |mut z: u64| {
+        // SplitMix64.
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let (a, b) = (mix(n), mix(n ^ 0x5DEE_CE66_D1CE_4E5B));
+    let a = (a & !0xF000) | 0x4000;
+    let b = (b & !(0xC << 60)) | (0x8 << 60);
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xFFFF,
+        a & 0xFFFF,
+        b >> 48,
+        b & 0xFFFF_FFFF_FFFF
+    )
 }
 
 /// One entry of a streamed `pivots` section, shaped like Looker's.
