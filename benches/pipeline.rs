@@ -157,8 +157,12 @@ fn main() {
     let skip_scale = std::env::args().any(|a| a == "--skip-scale");
     let only_scale = std::env::args().any(|a| a == "--only-scale");
     if only_scale || !skip_scale {
-        let users = arg("--scale-users").and_then(|v| v.parse().ok()).unwrap_or(20_000_000);
-        let plain = arg("--plain-users").and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+        let users = arg("--scale-users")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000_000);
+        let plain = arg("--plain-users")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000_000);
         ok &= scale(&looker, &braze, dir.path(), users, plain);
         if only_scale {
             drop((looker, braze));

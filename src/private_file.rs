@@ -39,7 +39,7 @@ pub fn create_beside(path: &Path) -> io::Result<(File, PathBuf)> {
 /// there), mode 0600.
 pub fn create_new(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
+    options.read(true).write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

@@ -35,6 +35,7 @@ metrics:
   port: 9090
   serviceMonitor: {enabled: true, labels: {release: prom}}
 podDisruptionBudget: {enabled: true, minAvailable: 1}
+scratch: {sizeLimit: 10Gi}
 dashboard: {enabled: true}
 prometheusRule: {enabled: true}
 networkPolicy:
@@ -318,6 +319,7 @@ fn by_default_one_leader_elected_replica_runs_locked_down() {
             "--log-format=json",
             "--leader-election",
             &format!("--lease-name={FULLNAME}"),
+            "--scratch-dir=/scratch",
         ]
     );
     assert_eq!(
@@ -342,6 +344,15 @@ fn by_default_one_leader_elected_replica_runs_locked_down() {
     assert_eq!(
         c["ports"],
         json!([{"name": "metrics", "containerPort": 8080, "protocol": "TCP"}])
+    );
+    // The root filesystem is read-only: the scratch directory is an emptyDir of bounded size.
+    assert_eq!(
+        c["volumeMounts"],
+        json!([{"name": "scratch", "mountPath": "/scratch"}])
+    );
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "scratch", "emptyDir": {"sizeLimit": "2Gi"}}])
     );
     assert_eq!(
         c["readinessProbe"]["httpGet"],
@@ -473,9 +484,14 @@ fn every_optional_object_renders_as_configured() {
             "--looker-allowed-hosts=*.looker.com,*.cloud.looker.com,looker.acme.internal",
             "--leader-election",
             &format!("--lease-name={FULLNAME}"),
+            "--scratch-dir=/scratch",
         ]
     );
     let pod_labels = &d["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        d["spec"]["template"]["spec"]["volumes"][0]["emptyDir"],
+        json!({"sizeLimit": "10Gi"})
+    );
 
     // The PDB keeps one of the three replicas through a drain, and selects the pods.
     let pdb = &r.one("PodDisruptionBudget")["spec"];

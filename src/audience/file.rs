@@ -1,8 +1,9 @@
-//! The `run` command's state file: the encoded audience in one file, replaced atomically;
+//! The `run` command's state file: the encoded audience in one file, read lazily (never
+//! held whole) and replaced atomically;
 //! and beside it the pending records of runs that stopped before they saved
 //! (`STATE.pending-N`, each written whole like the state file), deleted once a run saved.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::codec::AudienceError;
@@ -10,8 +11,8 @@ use super::encoded::Encoded;
 
 /// Reads a state file: `None` when there is none yet (the first run creates it).
 pub fn read_file(path: &Path) -> Result<Option<Encoded>, AudienceError> {
-    match std::fs::read(path) {
-        Ok(bytes) => Encoded::from_bytes(bytes).map(Some),
+    match std::fs::File::open(path) {
+        Ok(file) => Encoded::from_file(file, path).map(Some),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -75,18 +76,9 @@ pub fn remove_pending(paths: &[PathBuf]) -> io::Result<()> {
 /// Writes a state file atomically: a new temporary file beside it (see
 /// [`crate::private_file`]: readable by its owner only, since it holds personal data; never
 /// through a symbolic link, never a file someone made beforehand), flushed to disk, then
-/// renamed over it. A crash leaves the old file or the new one, never a mix.
+/// renamed over it. A crash leaves the old file or the new one, never a mix. An audience
+/// built beside it ([`super::Output::Beside`]) is that temporary already: it is flushed and
+/// renamed, never copied.
 pub fn write_file(path: &Path, encoded: &Encoded) -> io::Result<()> {
-    let (mut f, tmp) = crate::private_file::create_beside(path)?;
-    let result = (|| {
-        for part in encoded.parts() {
-            f.write_all(part)?;
-        }
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    encoded.save_as(path)
 }

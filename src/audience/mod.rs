@@ -14,12 +14,14 @@ pub mod header;
 pub mod merged;
 pub mod removal;
 pub mod seen;
+pub mod writer;
 
 #[cfg(test)]
 mod tests;
 
 pub use codec::AudienceError;
-pub use encoded::{Chain, Encoded, MAX_PART_BYTES, decode, encode};
+pub use encoded::{Chain, Encoded, MAX_PART_BYTES, Output, decode, encode};
 pub use file::{pending_path, read_file, read_pending, remove_pending, write_file};
 pub use header::{Audience, Flag, Header, Member, MemberState, Owner, workspace_fingerprint};
 pub use removal::{ALLOW_REMOVAL_ANNOTATION, removal_allowed_once};
+pub use writer::BodyWriter;

@@ -85,6 +85,10 @@ pub struct ControllerArgs {
     /// The KMS key of `--audience-store-sse aws:kms` (default: the bucket's default key).
     #[arg(long, value_name = "KEY_ID")]
     pub audience_store_sse_kms_key_id: Option<String>,
+    /// Where runs sort what does not fit in memory (the users of large Looks and audiences;
+    /// default: the system's temporary directory). The chart mounts an `emptyDir` here.
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 impl ControllerArgs {
@@ -176,6 +180,7 @@ pub async fn controller(args: ControllerArgs) -> i32 {
         instance,
         allowed_hosts,
         audience_store,
+        scratch: crate::spill::Scratch::new(args.scratch_dir.clone()),
         ..Config::default()
     };
     let shutdown = CancellationToken::new();

@@ -74,6 +74,11 @@ pub struct RunArgs {
     /// everyone, when the Look returned nothing), for this run only.
     #[arg(long)]
     pub allow_removal: bool,
+    /// Where the run sorts what does not fit in memory: the users of a large Look or
+    /// audience (default: the system's temporary directory). Files there are anonymous and
+    /// gone when the run ends.
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 /// Bad input, reported before anything runs.
@@ -331,6 +336,16 @@ async fn execute(p: Prepared, args: &RunArgs) -> (RunReport, AudienceUpdate) {
     opts.dump = p.dump;
     opts.full_resync = args.full_resync;
     opts.allow_removal_over_limit = args.allow_removal;
+    opts.spill.scratch = crate::spill::Scratch::new(args.scratch_dir.clone());
+    // The new audience is built beside the state file, then renamed over it (a state in a
+    // bucket, `s3://`, is built in memory).
+    if let Some(state) = args
+        .state
+        .as_ref()
+        .filter(|s| !s.to_string_lossy().contains("://"))
+    {
+        opts.audience_output = audience::Output::Beside(state.clone());
+    }
     let cancel = opts.cancel.clone();
     tokio::spawn(async move {
         if tokio::signal::ctrl_c().await.is_ok() {

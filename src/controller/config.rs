@@ -42,6 +42,8 @@ pub struct Config {
     pub cleanup_timeout: Duration,
     /// Where the exports' audiences are kept (`--audience-store`).
     pub audience_store: AudienceStore,
+    /// Where runs sort what does not fit in memory (`--scratch-dir`; the chart's `emptyDir`).
+    pub scratch: crate::spill::Scratch,
 }
 
 impl Default for Config {
@@ -59,6 +61,7 @@ impl Default for Config {
             clock_offset: SignedDuration::ZERO,
             cleanup_timeout: CLEANUP_TIMEOUT,
             audience_store: AudienceStore::default(),
+            scratch: crate::spill::Scratch::default(),
         }
     }
 }

@@ -58,6 +58,8 @@ pub struct Context {
     pub cleanup_timeout: Duration,
     /// See [`Config::audience_store`](super::Config::audience_store).
     pub audience_store: super::audiences::AudienceStore,
+    /// See [`Config::scratch`](super::Config::scratch).
+    pub scratch: crate::spill::Scratch,
     /// The caches of the term's Controllers, one per watched namespace.
     pub stores: StoreSlot,
     /// The Braze key Secret each export (by uid) was seen to hold this term (see

@@ -222,6 +222,10 @@ impl RunTask {
             ),
             full_resync: manual_request.is_some()
                 && annotations.get(FULL_RESYNC_ANNOTATION).map(|v| v.trim()) == manual_request,
+            spill: crate::export::SpillOptions {
+                scratch: self.ctx.scratch.clone(),
+                ..crate::export::SpillOptions::default()
+            },
             ..RunOptions::new(due.trigger)
         }
     }

@@ -223,6 +223,7 @@ fn term_context(shared: &Shared, term: CancellationToken, lost: CancellationToke
         clock_offset: config.clock_offset,
         cleanup_timeout: config.cleanup_timeout,
         audience_store: config.audience_store.clone(),
+        scratch: config.scratch.clone(),
         stores: Arc::clone(&shared.store_slot),
         held_keys: std::sync::Mutex::default(),
     }

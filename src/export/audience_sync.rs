@@ -25,9 +25,9 @@ use super::plan::{Credentials, ExportPlan};
 use super::report::{RowReason, RunReport, SyncMode, Tally};
 use super::send::{Side, braze_client, send_all, stop_reason};
 use super::sink::{ReadSide, SinkSync};
-use crate::audience::codec::{self, BodyReader, BodyWriter};
+use crate::audience::codec::BodyWriter;
 use crate::audience::seen::{KeySet, Previous, Seen};
-use crate::audience::{AudienceError, Encoded, Flag, Header, MemberState, Owner};
+use crate::audience::{AudienceError, Encoded, Flag, Header, MemberState, Output, Owner};
 use crate::braze::{Batch, BrazeClient, BrazeError};
 use crate::spec::{IdentifierKind, RemovalMode};
 use crate::spill::Scratch;
@@ -148,7 +148,8 @@ pub(super) async fn plan_audience(
         track: true,
         delta_skip: plan.delta && !full,
         rename,
-        current: (!opts.dry_run).then(|| BodyWriter::new(1)),
+        current: (!opts.dry_run)
+            .then(|| BodyWriter::spilling(&opts.spill.scratch, opts.spill.run_bytes)),
         journal,
         merge_with: sorted,
         ..SinkSync::default()
@@ -379,7 +380,9 @@ pub(super) async fn settle(
         scratch: picker.scratch,
     };
     tracing::debug!("removals settled");
-    build_audience(state, header, read.sync.current, audience.previous, ended).await
+    let output = opts.audience_output.clone();
+    let built = (read.sync.current, audience.previous, output);
+    build_audience(state, header, built, ended).await
 }
 
 /// Users newly flagged: the objects handed over for users new to the audience, less those
@@ -509,13 +512,13 @@ fn new_header(
 async fn build_audience(
     state: NewState,
     header: Header,
-    current: Option<BodyWriter>,
-    previous: Option<Arc<Encoded>>,
+    (current, previous, output): (Option<BodyWriter>, Option<Arc<Encoded>>, Output),
     ended: &mut Ended,
 ) -> AudienceUpdate {
-    let built =
-        tokio::task::spawn_blocking(move || state.build(header, current, previous.as_deref()))
-            .await;
+    let built = tokio::task::spawn_blocking(move || {
+        state.build(header, current, previous.as_deref(), &output)
+    })
+    .await;
     match built {
         Ok(Ok(encoded)) => {
             tracing::debug!(
@@ -526,7 +529,7 @@ async fn build_audience(
             AudienceUpdate::Replace(encoded)
         }
         Ok(Err(e)) => {
-            ended.fail_unless_failed(RunError::AudienceUnreadable(e));
+            ended.fail_unless_failed(RunError::AudienceNotWritten(e));
             AudienceUpdate::Keep
         }
         Err(e) => {
@@ -850,36 +853,35 @@ struct NewState {
 }
 
 impl NewState {
-    /// This run's users first (flagged, or pending when their add failed; dropped when
-    /// Braze rejected a user new to the audience), then the previous members this run did
-    /// not take: kept in the Look, kept by `Keep`, or as the removals left them.
+    /// This run's users (flagged, or pending when their add failed; dropped when Braze
+    /// rejected a user new to the audience), and the previous members this run did not
+    /// take: kept in the Look, kept by `Keep`, or as the removals left them. Both go through
+    /// one sorted writer (this run's users were pushed into it as they were taken), which
+    /// writes each user once, where `output` says.
     fn build(
         &self,
         header: Header,
         current: Option<BodyWriter>,
         previous: Option<&Encoded>,
+        output: &Output,
     ) -> Result<Encoded, AudienceError> {
-        let mut out = BodyWriter::new(6);
-        if let Some(current) = current {
-            let (body, _) = current.finish();
-            let mut r = BodyReader::new(&body[..], codec::VERSION);
-            while let Some((id, recorded, fingerprint)) = r.next_member()? {
-                if let Some(state) = self.written_current(self.seen.key(id), recorded) {
-                    out.push(id, state, fingerprint);
-                }
-            }
-        }
+        const CURRENT: u8 = 0;
+        const PREVIOUS: u8 = 1;
+        let mut out = current.unwrap_or_else(|| BodyWriter::new(crate::audience::codec::LEVEL));
         if let Some(previous) = previous {
             // Each member once, though it may come twice (in the body and in a pending
             // record): pending if either is, with the first known fingerprint.
             let mut r = Previous::of(previous, &self.seen, &self.scratch)?;
             while let Some((i, id, was, fingerprint)) = r.next_member(&self.seen)? {
                 if let Some(state) = self.written_previous(i, self.seen.key(&id), was) {
-                    out.push(&id, state, fingerprint);
+                    out.push_tagged(&id, state, fingerprint, PREVIOUS);
                 }
             }
         }
-        Ok(Encoded::new(header, out))
+        Encoded::build_with(header, out, output, |id, state, _, tag| match tag {
+            CURRENT => self.written_current(self.seen.key(id), state),
+            _ => Some(state),
+        })
     }
 
     /// What this run's user (written down as `recorded`) is written as (`None`: left out).

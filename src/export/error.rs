@@ -58,6 +58,13 @@ pub enum RunError {
         "{0}: the rows that were to wait there for the end of the Look were not sent (give it more room, or another place: run --scratch-dir, the chart's scratch.sizeLimit)"
     )]
     ScratchFailed(String),
+    /// The new stored audience could not be written (its members could not be sorted
+    /// through the scratch directory, or its file could not be written): the stored
+    /// audience is kept.
+    #[error(
+        "the new stored audience could not be written, so the stored audience is kept: {0} (give the scratch directory more room, or another place: run --scratch-dir, the chart's scratch.sizeLimit)"
+    )]
+    AudienceNotWritten(AudienceError),
     /// The run took longer than `spec.activeDeadlineSeconds` and was stopped.
     #[error(
         "the run took longer than spec.activeDeadlineSeconds ({seconds} s) and was stopped; raise it if the Look needs longer"
@@ -79,6 +86,8 @@ impl RunError {
             Self::AudienceUnreadable(_) => "AudienceUnreadable",
             Self::PendingNotRecorded(_) => PENDING_NOT_RECORDED,
             Self::ScratchFailed(_) => SCRATCH_FAILED,
+            Self::AudienceNotWritten(AudienceError::Scratch(_)) => SCRATCH_FAILED,
+            Self::AudienceNotWritten(_) => super::report::AUDIENCE_NOT_SAVED,
             Self::DeadlineExceeded { .. } => DEADLINE_EXCEEDED,
         }
     }

@@ -24,7 +24,7 @@ mod sink;
 
 pub use audience_sync::{AudienceInput, AudienceUpdate, RunResult, remove_audience};
 pub use error::RunError;
-pub use options::{Progress, RunOptions, Services};
+pub use options::{Progress, RunOptions, Services, SpillOptions};
 pub use pending::PendingLog;
 pub use plan::{Credentials, ExportPlan};
 pub use report::{Outcome, RunReport, SyncMode, Trigger};

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 
 use super::report::Trigger;
+use crate::audience::Output;
 use crate::audience::seen::NEW_IN_MEMORY;
 use crate::braze::{LimiterRegistry, PayloadDump, RetryPolicy};
 use crate::http::HttpClients;
@@ -55,6 +56,9 @@ pub struct RunOptions {
     pub full_resync: bool,
     /// Where and past what a run's users go through the scratch directory.
     pub spill: SpillOptions,
+    /// Where the new stored audience is built: in memory (Secrets), or beside the state
+    /// file (`run --state FILE`), never held whole.
+    pub audience_output: Output,
     /// Test hook: makes a part of the pipeline panic, to prove the counts survive it.
     #[doc(hidden)]
     pub failpoint: Failpoint,
@@ -69,7 +73,8 @@ pub struct SpillOptions {
     /// Users new to the audience held in memory; past them, rows wait for the end of the
     /// Look in the scratch directory ([`crate::audience::seen::NEW_IN_MEMORY`]).
     pub new_in_memory: usize,
-    /// Bytes of waiting rows held before a sorted run is written.
+    /// Bytes of waiting rows held before a sorted run is written (and of the new stored
+    /// audience's members).
     pub run_bytes: usize,
     /// Members of a previous audience held in memory (12 bytes each); past them, every row
     /// waits, and is merged with the members in identifier order after the Look.
@@ -118,6 +123,7 @@ impl RunOptions {
             allow_removal_over_limit: false,
             full_resync: false,
             spill: SpillOptions::default(),
+            audience_output: Output::Memory,
             failpoint: Failpoint::None,
         }
     }

@@ -180,7 +180,11 @@ fn generated_row(i: u64, generator: Generator, out: &mut String) {
 fn generated_id(i: u64, generator: Generator, out: &mut String) {
     use std::fmt::Write;
     if let Generator::Uuid(n) = generator {
-        let _ = write!(out, r#"{{"users.external_id":{{"value":"{}"}},"#, uuid(i + n));
+        let _ = write!(
+            out,
+            r#"{{"users.external_id":{{"value":"{}"}},"#,
+            uuid(i + n)
+        );
         return;
     }
     let id = match generator {
