@@ -173,15 +173,23 @@ impl<R: Record> Sorter<R> {
         if self.runs.is_empty() {
             return Ok(Sorted(Inner::Memory(held)));
         }
-        // Merge the oldest runs first, into one run in their place: the runs stay in push
-        // order, so ties keep it.
-        while self.runs.len() >= FAN_IN {
-            let first: Vec<File> = self.runs.drain(..FAN_IN).collect();
-            let merged = Merge::<R>::new(&self.scratch, first, None)?;
-            let file = write_run(&self.scratch, self.scratch.file()?, merged)?;
-            self.runs.insert(0, file);
+        // Too many to merge at once: whole passes, each merging neighbouring groups of runs
+        // into one, so a record is written again only once a pass (log₆₄ of the runs in
+        // all). The runs stay in push order, so ties keep it.
+        let mut runs = std::mem::take(&mut self.runs);
+        while runs.len() >= FAN_IN {
+            let mut merged = Vec::with_capacity(runs.len().div_ceil(FAN_IN));
+            let mut rest = runs.into_iter();
+            loop {
+                let group: Vec<File> = rest.by_ref().take(FAN_IN).collect();
+                if group.is_empty() {
+                    break;
+                }
+                let records = Merge::<R>::new(&self.scratch, group, None)?;
+                merged.push(write_run(&self.scratch, self.scratch.file()?, records)?);
+            }
+            runs = merged;
         }
-        let runs = std::mem::take(&mut self.runs);
         Ok(Sorted(Inner::Merge(Merge::new(
             &self.scratch,
             runs,

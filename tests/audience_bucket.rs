@@ -63,6 +63,13 @@ fn id(seed: u64, i: usize) -> String {
 }
 
 /// An audience of `n` users (in parts when large).
+/// Where loaded audiences are kept while they are read.
+fn scratch() -> &'static braze_export_operator::spill::Scratch {
+    static SCRATCH: std::sync::OnceLock<braze_export_operator::spill::Scratch> =
+        std::sync::OnceLock::new();
+    SCRATCH.get_or_init(braze_export_operator::spill::Scratch::default)
+}
+
 fn audience(n: usize, seed: u64) -> Encoded {
     let a = Audience {
         header: header(),
@@ -98,7 +105,7 @@ async fn a_save_is_one_generation_and_a_manifest_under_the_export_s_uid() {
     let store = AudienceStore::Bucket(s3.bucket("prod"));
     let (_api, secrets) = no_secrets().await;
     let e = export(UID);
-    let place = store.place(secrets, &e);
+    let place = store.place(secrets, &e, scratch());
     assert!(
         place.load_with_pending().await.unwrap().0.is_none(),
         "none yet"
@@ -127,6 +134,8 @@ async fn a_save_is_one_generation_and_a_manifest_under_the_export_s_uid() {
     );
     let (loaded, records) = place.load_with_pending().await.unwrap();
     assert_eq!(loaded.as_ref(), Some(&first));
+    // Read from a file in the scratch directory, not held in memory.
+    assert!(loaded.unwrap().in_file());
     assert!(records.is_empty());
 
     // The next save: generation 2 in force, generation 1 deleted.
@@ -145,7 +154,7 @@ async fn a_save_is_one_generation_and_a_manifest_under_the_export_s_uid() {
     let other = export("another-uid");
     let (_api2, secrets2) = no_secrets().await;
     store
-        .place(secrets2, &other)
+        .place(secrets2, &other, scratch())
         .save(&audience(5, 3), &open())
         .await
         .unwrap();
@@ -229,7 +238,7 @@ async fn a_save_whose_term_ended_never_switches_the_manifest() {
     let store = AudienceStore::Bucket(s3.bucket("prod"));
     let (_api, secrets) = no_secrets().await;
     let e = export(UID);
-    let place = store.place(secrets, &e);
+    let place = store.place(secrets, &e, scratch());
     place.save(&audience(10, 1), &open()).await.unwrap();
     let before = keys(&s3);
     let term = CancellationToken::new();
@@ -436,7 +445,7 @@ async fn the_secrets_store_refuses_an_audience_over_its_budget() {
     let secrets: Api<Secret> = Api::namespaced(api.client(), NS);
     let store = AudienceStore::Secrets { budget: 1 << 20 };
     let e = export(UID);
-    let place = store.place(secrets, &e);
+    let place = store.place(secrets, &e, scratch());
     place.save(&audience(100, 1), &open()).await.unwrap();
     let before = api.list(SECRETS).len();
     let big = audience(60_000, 2);

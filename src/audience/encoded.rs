@@ -349,6 +349,12 @@ impl Encoded {
         }
     }
 
+    /// Whether its members come in identifier order, each once (a body of version 3, and
+    /// no pending record attached).
+    pub fn is_sorted(&self) -> bool {
+        self.version >= 3 && self.pending.is_empty()
+    }
+
     /// Whether it is in a file (not held in memory).
     pub fn in_file(&self) -> bool {
         matches!(self.bytes, Bytes::File(_))

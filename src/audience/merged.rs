@@ -4,7 +4,7 @@
 //! more than once is pending if any of its entries is, with the first known fingerprint.
 
 use super::codec::AudienceError;
-use super::encoded::Encoded;
+use super::encoded::{Encoded, Members};
 use super::header::MemberState;
 use crate::spill::{Record, Scratch, Sorted, Sorter, SpillError};
 
@@ -48,14 +48,25 @@ const RUN_BYTES: usize = 8 << 20;
 
 /// The members of `encoded`, in identifier order, each once (an iterator of identifier,
 /// state and fingerprint).
-pub struct Merged {
-    entries: Sorted<Entry>,
+pub struct Merged<'a> {
+    /// Already in order (a body of version 3 alone): read as it is.
+    sorted: Option<Members<'a>>,
+    entries: Option<Sorted<Entry>>,
     next: Option<Entry>,
 }
 
-impl Merged {
-    /// Reads every member of `encoded` (body and pending records) into the scratch directory.
-    pub fn of(encoded: &Encoded, scratch: &Scratch) -> Result<Self, AudienceError> {
+impl<'a> Merged<'a> {
+    /// The members of `encoded`: read as they are when already in order
+    /// ([`Encoded::is_sorted`]), else sorted through the scratch directory (body and pending
+    /// records).
+    pub fn of(encoded: &'a Encoded, scratch: &Scratch) -> Result<Self, AudienceError> {
+        if encoded.is_sorted() {
+            return Ok(Self {
+                sorted: Some(encoded.members()?),
+                entries: None,
+                next: None,
+            });
+        }
         let mut sorter = Sorter::new(scratch, RUN_BYTES);
         let mut members = encoded.members()?;
         while let Some((id, state, fingerprint)) = members.next_member()? {
@@ -69,16 +80,25 @@ impl Merged {
         }
         let mut entries = sorter.finish().map_err(scratch_error)?;
         let next = entries.next().transpose().map_err(scratch_error)?;
-        Ok(Self { entries, next })
+        Ok(Self {
+            sorted: None,
+            entries: Some(entries),
+            next,
+        })
     }
 
     /// The next member: identifier, state (pending if any entry is) and fingerprint (the
     /// first known).
     pub fn next_member(&mut self) -> Result<Option<(String, MemberState, u32)>, AudienceError> {
-        let Some(mut member) = self.next.take() else {
+        if let Some(members) = &mut self.sorted {
+            return Ok(members
+                .next_member()?
+                .map(|(id, state, fp)| (id.to_owned(), state, fp)));
+        }
+        let (Some(mut member), Some(entries)) = (self.next.take(), &mut self.entries) else {
             return Ok(None);
         };
-        while let Some(entry) = self.entries.next().transpose().map_err(scratch_error)? {
+        while let Some(entry) = entries.next().transpose().map_err(scratch_error)? {
             if entry.id != member.id {
                 self.next = Some(entry);
                 break;
@@ -156,5 +176,20 @@ mod tests {
             .map(|(id, s, fp)| ((*id).to_owned(), *s, *fp))
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_body_already_in_order_is_read_as_it_is() {
+        use MemberState::{Flagged, Pending};
+        let body = encoded(&[("b", Pending, 2), ("a", Flagged, 1)], "F");
+        assert!(body.is_sorted());
+        let mut m = Merged::of(&body, &Scratch::new(Some("/nonexistent".into()))).unwrap();
+        assert!(
+            m.sorted.is_some(),
+            "no sort: the scratch directory is not used"
+        );
+        assert_eq!(m.next_member().unwrap(), Some(("a".into(), Flagged, 1)));
+        assert_eq!(m.next_member().unwrap(), Some(("b".into(), Pending, 2)));
+        assert_eq!(m.next_member().unwrap(), None);
     }
 }

@@ -275,7 +275,7 @@ pub enum Previous<'a> {
     /// In identifier order, each once.
     Merged {
         /// The members.
-        members: Merged,
+        members: Merged<'a>,
         /// The index of the next one.
         next: usize,
     },

@@ -22,8 +22,12 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+
 use super::{Bucket, BucketError, describe};
-use crate::audience::Encoded;
+use crate::audience::{AudienceError, Encoded, MAX_PART_BYTES};
+use crate::spill::Scratch;
 
 const MANIFEST: &str = "manifest.json";
 const GENERATION_PREFIX: &str = "audience-";
@@ -55,6 +59,8 @@ struct PartRef {
 pub struct AudienceObjects {
     pub(super) bucket: Bucket,
     pub(super) dir: Path,
+    /// Where a loaded audience is kept while a run reads it (never in memory).
+    scratch: Scratch,
 }
 
 /// A generation written but not yet in force: [`AudienceObjects::commit`] puts it in force,
@@ -67,7 +73,17 @@ pub struct Staged {
 
 impl AudienceObjects {
     pub(super) fn new(bucket: Bucket, dir: Path) -> Self {
-        Self { bucket, dir }
+        Self {
+            bucket,
+            dir,
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// Loads audiences into a file in `scratch` (default: the system's temporary directory).
+    pub fn with_scratch(mut self, scratch: Scratch) -> Self {
+        self.scratch = scratch;
+        self
     }
 
     /// `s3://bucket/dir`, for messages.
@@ -139,7 +155,8 @@ impl AudienceObjects {
     }
 
     /// Loads the stored audience: `None` when there is none yet. The generation's object is
-    /// read as a stream, each part built chunk by chunk and checked against the manifest.
+    /// read as a stream into an anonymous file in the scratch directory, each part checked
+    /// against the manifest as it passes: an audience of any size costs no memory.
     pub async fn load(&self) -> Result<Option<Encoded>, BucketError> {
         let Some(m) = self.read_manifest().await? else {
             return Ok(None);
@@ -155,8 +172,20 @@ impl AudienceObjects {
             }
             Err(e) => return Err(self.failed("read", &path)(e)),
         };
-        let parts = read_parts(stream, &m.parts, &shown, self.failed("read", &path)).await?;
-        let encoded = Encoded::from_parts(parts)?;
+        let mut file = tempfile::tempfile_in(self.scratch.dir())
+            .map_err(|e| self.scratch_failed("creating a file for the audience", e))?;
+        read_into(
+            stream,
+            &m.parts,
+            &shown,
+            self.failed("read", &path),
+            &mut file,
+        )
+        .await?
+        .map_err(|e| self.scratch_failed("writing the audience", e))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| self.scratch_failed("reading the audience", e))?;
+        let encoded = Encoded::from_file(file, self.scratch.dir())?;
         if encoded.header().members != m.members {
             return Err(BucketError::Damaged(format!(
                 "the manifest and {shown} disagree on the audience's size"
@@ -198,7 +227,8 @@ impl AudienceObjects {
         })
     }
 
-    /// Streams the parts into one object by a multipart upload (aborted on failure).
+    /// Streams the encoded audience (from memory or its file, [`Encoded::reader`]) into one
+    /// object by a multipart upload (aborted on failure), part by part.
     async fn upload(&self, path: &Path, audience: &Encoded) -> Result<Vec<PartRef>, BucketError> {
         let failed = self.failed("write", path);
         let upload = self
@@ -208,20 +238,37 @@ impl AudienceObjects {
             .await
             .map_err(&failed)?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, UPLOAD_CHUNK);
-        let mut refs = Vec::with_capacity(audience.parts().len());
-        for part in audience.parts() {
+        let mut refs = Vec::new();
+        let mut reader = audience.reader();
+        let mut part = vec![0u8; MAX_PART_BYTES];
+        loop {
+            let n = match read_full(&mut reader, &mut part) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(self.scratch_failed("reading the audience", e));
+                }
+            };
             if let Err(e) = w.wait_for_capacity(UPLOAD_CONCURRENCY).await {
                 let _ = w.abort().await;
                 return Err(failed(e));
             }
-            w.write(part);
+            w.write(&part[..n]);
             refs.push(PartRef {
-                bytes: part.len(),
-                crc32: crc32fast::hash(part),
+                bytes: n,
+                crc32: crc32fast::hash(&part[..n]),
             });
         }
         w.finish().await.map_err(&failed)?;
         Ok(refs)
+    }
+
+    fn scratch_failed(&self, doing: &str, e: std::io::Error) -> BucketError {
+        BucketError::Audience(AudienceError::Scratch(format!(
+            "the scratch directory {}: {doing} failed: {e}",
+            self.scratch.dir().display()
+        )))
     }
 
     /// Puts a staged generation in force (the manifest, one write), then deletes the one it
@@ -289,48 +336,67 @@ fn generation_of(name: &str) -> Option<u64> {
     name.strip_prefix(GENERATION_PREFIX)?.parse().ok()
 }
 
-/// Splits a stream of chunks into the parts the manifest lists, checking each.
-async fn read_parts<S, E>(
+/// Reads as much of `r` as fills `buf` (less only at its end).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Writes a stream of chunks into `file`, checking it against the parts the manifest lists
+/// as it passes (each part's size and checksum). The outer error is the bucket's or the
+/// object's; the inner one, the file's.
+async fn read_into<S, E>(
     mut stream: S,
     expected: &[PartRef],
     shown: &str,
     failed: E,
-) -> Result<Vec<Vec<u8>>, BucketError>
+    file: &mut File,
+) -> Result<std::io::Result<()>, BucketError>
 where
     S: futures_util::Stream<Item = object_store::Result<bytes::Bytes>> + Unpin,
     E: Fn(object_store::Error) -> BucketError,
 {
     let damaged = |what: String| BucketError::Damaged(format!("{shown} {what}"));
-    let mut parts = Vec::with_capacity(expected.len());
-    let mut wanted = expected.iter();
-    fn next_part<'a>(wanted: &mut std::slice::Iter<'a, PartRef>) -> Option<(&'a PartRef, Vec<u8>)> {
-        wanted.next().map(|p| (p, Vec::with_capacity(p.bytes)))
-    }
-    let mut current = next_part(&mut wanted);
+    let mut w = BufWriter::with_capacity(256 * 1024, file);
+    let mut wanted = expected.iter().enumerate();
+    // The part being read: its index and size, the bytes so far and their checksum.
+    let mut current = wanted
+        .next()
+        .map(|(i, p)| (i, p, 0usize, crc32fast::Hasher::new()));
     while let Some(chunk) = stream.next().await {
         let mut chunk: &[u8] = &chunk.map_err(&failed)?;
         while !chunk.is_empty() {
-            let Some((part, buf)) = current.as_mut() else {
+            let Some((_, part, got, crc)) = current.as_mut() else {
                 return Err(damaged("is longer than its manifest says".into()));
             };
-            let n = (part.bytes - buf.len()).min(chunk.len());
-            buf.extend_from_slice(&chunk[..n]);
+            let n = (part.bytes - *got).min(chunk.len());
+            crc.update(&chunk[..n]);
+            if let Err(e) = w.write_all(&chunk[..n]) {
+                return Ok(Err(e));
+            }
+            *got += n;
             chunk = &chunk[n..];
-            if buf.len() == part.bytes {
-                let (part, buf) = current.take().expect("a part in the making");
-                if crc32fast::hash(&buf) != part.crc32 {
-                    return Err(damaged(format!(
-                        "does not match its checksum (part {})",
-                        parts.len()
-                    )));
+            if *got == part.bytes {
+                let (i, part, _, crc) = current.take().expect("a part in the making");
+                if crc.finalize() != part.crc32 {
+                    return Err(damaged(format!("does not match its checksum (part {i})")));
                 }
-                parts.push(buf);
-                current = next_part(&mut wanted);
+                current = wanted
+                    .next()
+                    .map(|(i, p)| (i, p, 0, crc32fast::Hasher::new()));
             }
         }
     }
-    if current.is_some() || parts.len() != expected.len() {
+    if current.is_some() {
         return Err(damaged("is shorter than its manifest says".into()));
     }
-    Ok(parts)
+    Ok(w.flush())
 }

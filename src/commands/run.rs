@@ -1,7 +1,7 @@
 //! `braze-export-operator run`: one export, here and now, without Kubernetes.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -18,6 +18,7 @@ use crate::export::{
     Services, Trigger, run_export_synced,
 };
 use crate::redacted::Redacted;
+use crate::spill::Scratch;
 
 /// Longest write of one pending record to a bucket.
 const BUCKET_RECORD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,7 +106,7 @@ enum Records {
 }
 
 /// The bucket `--state` names, when it names one.
-fn state_bucket(state: &std::path::Path) -> Option<Result<AudienceObjects, BadInput>> {
+fn state_bucket(state: &Path, scratch: Option<&Path>) -> Option<Result<AudienceObjects, BadInput>> {
     let url = state.to_str()?;
     url.starts_with(crate::bucket::SCHEME).then(|| {
         let settings = BucketSettings {
@@ -114,6 +115,7 @@ fn state_bucket(state: &std::path::Path) -> Option<Result<AudienceObjects, BadIn
         };
         let bucket = Bucket::open(url, "--state", &settings).map_err(|e| BadInput(e.to_string()))?;
         let objects = bucket.audience("");
+        let objects = objects.with_scratch(Scratch::new(scratch.map(Path::to_path_buf)));
         if objects.shown().ends_with('/') {
             return Err(BadInput(format!(
                 "--state {url}: name a key in the bucket (s3://BUCKET/KEY): the audience's objects go under it"
@@ -252,7 +254,7 @@ async fn load_state(
         }
         return Ok(None);
     };
-    let bucket = state_bucket(path).transpose()?;
+    let bucket = state_bucket(path, args.scratch_dir.as_deref()).transpose()?;
     let refuse = |why: String| match &bucket {
         Some(objects) => BadInput(format!(
             "the stored audience {} cannot be used: {why}",
@@ -337,14 +339,17 @@ async fn execute(p: Prepared, args: &RunArgs) -> (RunReport, AudienceUpdate) {
     opts.full_resync = args.full_resync;
     opts.allow_removal_over_limit = args.allow_removal;
     opts.spill.scratch = crate::spill::Scratch::new(args.scratch_dir.clone());
-    // The new audience is built beside the state file, then renamed over it (a state in a
-    // bucket, `s3://`, is built in memory).
-    if let Some(state) = args
-        .state
-        .as_ref()
-        .filter(|s| !s.to_string_lossy().contains("://"))
-    {
-        opts.audience_output = audience::Output::Beside(state.clone());
+    // The new audience is built beside the state file, then renamed over it; for a state in
+    // a bucket (`s3://`), in the scratch directory, then uploaded from there.
+    if let Some(state) = &args.state {
+        let in_bucket = state
+            .to_str()
+            .is_some_and(|s| s.starts_with(crate::bucket::SCHEME));
+        opts.audience_output = audience::Output::Beside(if in_bucket {
+            opts.spill.scratch.dir().join("audience")
+        } else {
+            state.clone()
+        });
     }
     let cancel = opts.cancel.clone();
     tokio::spawn(async move {

@@ -23,6 +23,7 @@ use crate::audience::Encoded;
 use crate::bucket::{AudienceObjects, Bucket, PendingObjects};
 use crate::export::PendingLog;
 use crate::spec::BrazeExport;
+use crate::spill::Scratch;
 
 /// Default budget of an audience kept in Secrets: 8 MiB of encoded audience (a dozen
 /// Secrets; about 500,000 random UUIDs, several million sequential identifiers).
@@ -54,12 +55,19 @@ impl AudienceStore {
         matches!(self, Self::Secrets { .. })
     }
 
-    /// Where the audience of `export` is, with `secrets` the Secrets of its namespace.
-    pub fn place<'a>(&'a self, secrets: Api<Secret>, export: &'a BrazeExport) -> Place<'a> {
+    /// Where the audience of `export` is, with `secrets` the Secrets of its namespace; one
+    /// loaded from a bucket is kept in a file in `scratch` while a run reads it.
+    pub fn place<'a>(
+        &'a self,
+        secrets: Api<Secret>,
+        export: &'a BrazeExport,
+        scratch: &'a Scratch,
+    ) -> Place<'a> {
         Place {
             store: self,
             secrets,
             export,
+            scratch,
         }
     }
 }
@@ -95,12 +103,13 @@ pub struct Place<'a> {
     store: &'a AudienceStore,
     secrets: Api<Secret>,
     export: &'a BrazeExport,
+    scratch: &'a Scratch,
 }
 
 impl Place<'_> {
     fn objects(&self, bucket: &Bucket) -> Result<AudienceObjects, StoreError> {
         let uid = self.export.uid().ok_or(StoreError::NoOwner)?;
-        Ok(bucket.audience(&uid))
+        Ok(bucket.audience(&uid).with_scratch(self.scratch.clone()))
     }
 
     /// The stored audience with the pending records of runs that stopped before they saved,

@@ -280,7 +280,9 @@ impl Cleanup {
     async fn finish(&self, ns: &str, name: &str, uid: &str) {
         let ctx = &self.ctx;
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-        let place = ctx.audience_store.place(secrets, &self.export);
+        let place = ctx
+            .audience_store
+            .place(secrets, &self.export, &ctx.scratch);
         let deleted = tokio::time::timeout(AUDIENCE_TIMEOUT, place.delete()).await;
         if !ctx.audience_store.in_secrets() {
             // Never a hung deletion: objects that cannot be deleted stay behind, said once.
@@ -383,7 +385,7 @@ impl Cleanup {
         let read_key = credentials::braze_key(&ctx.client, &ns, &export.spec);
         let creds = within(API_TIMEOUT, "the Braze Secret", read_key).await?;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-        let place = ctx.audience_store.place(api, export);
+        let place = ctx.audience_store.place(api, export, &ctx.scratch);
         let loaded = place.load_with_pending();
         let (previous, _) = within(AUDIENCE_TIMEOUT, "the stored audience", loaded).await?;
         Ok(previous.map(|p| (plan, creds, p)))

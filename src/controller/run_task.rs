@@ -226,6 +226,11 @@ impl RunTask {
                 scratch: self.ctx.scratch.clone(),
                 ..crate::export::SpillOptions::default()
             },
+            // Built in the scratch directory, not in memory: a Secrets store reads it back
+            // only within its budget, a bucket streams it.
+            audience_output: crate::audience::Output::Beside(
+                self.ctx.scratch.dir().join("audience"),
+            ),
             ..RunOptions::new(due.trigger)
         }
     }
@@ -242,7 +247,9 @@ impl RunTask {
             ctx.client.clone(),
             &self.export.namespace().unwrap_or_default(),
         );
-        let place = ctx.audience_store.place(secrets, &self.export);
+        let place = ctx
+            .audience_store
+            .place(secrets, &self.export, &ctx.scratch);
         // Checked before the manifest switch: a run whose term ended, or whose export was
         // deleted and recreated meanwhile, never writes the audience.
         // Fenced by the Lease, not by shutdown: a run stopped by a rollout still saves whom it
