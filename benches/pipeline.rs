@@ -16,8 +16,15 @@
 //! the default limit, and as a delta run. Bars: peak RSS ≤ 64 MiB; with the limit on, time
 //! within 10% of what Braze's rate limit allows for the objects sent (adds and removals).
 //!
+//! At scale (Braze's limit out of the way): 20,000,000 random UUID users (no attribute) with
+//! `Remove` and `delta`, a first run then 10% churn; a plain run of 10,000,000 users; and the
+//! object-storage round trip, 5,000,000 UUID users kept in a real S3 server on loopback
+//! (s3s-fs) through `run --state s3://`. Bars: peak RSS ≤ 64 MiB + 4 bytes a user; the stored
+//! audience ≤ 16 bytes a UUID user.
+//!
 //! `cargo bench --bench pipeline [-- --rows N --runs K --skip-limited --skip-raised
-//! --only-audience]`; set
+//! --only-audience --skip-scale --only-scale --scale-users N --plain-users N
+//! --bucket-users N]`; set
 //! `BENCH_BINARY` to measure another build of the binary (for a before/after comparison on
 //! one machine); `BENCH_RUST_LOG` sets the runs' `RUST_LOG` and shows their logs.
 
@@ -27,6 +34,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use braze_export_operator::sandbox::{BrazeSandbox, Generator, Look, LookerSandbox};
+
+#[path = "../tests/support/bucket.rs"]
+mod bucket;
 
 const CLIENT_ID: &str = "bench-client";
 const CLIENT_SECRET: &str = "bench-secret";
@@ -57,11 +67,16 @@ fn run_binary(spec_path: &str) -> Measured {
 }
 
 /// Like [`run_binary`], with `extra` arguments (`--state FILE`).
+fn run_binary_with(spec_path: &str, extra: &[&str]) -> Measured {
+    run_binary_env(spec_path, extra, &[])
+}
+
+/// Like [`run_binary_with`], with `env` variables set (the bucket's `AWS_*`).
 #[expect(
     clippy::zombie_processes,
     reason = "the child is reaped by wait4, which also gives its peak RSS"
 )]
-fn run_binary_with(spec_path: &str, extra: &[&str]) -> Measured {
+fn run_binary_env(spec_path: &str, extra: &[&str], env: &[(&str, String)]) -> Measured {
     let start = Instant::now();
     // BENCH_BINARY runs another build (say, the last release) against the same sandboxes,
     // for a comparison on the same machine at the same time.
@@ -73,6 +88,7 @@ fn run_binary_with(spec_path: &str, extra: &[&str]) -> Measured {
         .env("LOOKERSDK_CLIENT_ID", CLIENT_ID)
         .env("LOOKERSDK_CLIENT_SECRET", CLIENT_SECRET)
         .env("BRAZE_API_KEY", API_KEY)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env(
             "RUST_LOG",
             std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -164,6 +180,11 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(10_000_000);
         ok &= scale(&looker, &braze, dir.path(), users, plain);
+        let in_bucket = arg("--bucket-users")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5_000_000);
+        let s3 = rt.block_on(bucket::S3Server::start());
+        ok &= bucket_round_trip(&looker, &braze, &s3, dir.path(), in_bucket);
         if only_scale {
             drop((looker, braze));
             std::process::exit(if ok { 0 } else { 1 });
@@ -536,6 +557,63 @@ fn scale(
         ok &= m.peak_rss_mib <= bar && per_user <= 16.0;
     }
     let _ = std::fs::remove_file(&state);
+    braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
+    ok
+}
+
+/// The object-storage round trip: `users` random UUIDs with `removal: Remove` and
+/// `delta: true`, their audience kept in a real S3 server on loopback (s3s-fs, in this
+/// process) through `run --state s3://`, a first run then a 10% churn run. The bar: peak RSS
+/// at most 64 MiB + 4 bytes a user (the audience is read into and built in the scratch
+/// directory, never held).
+fn bucket_round_trip(
+    looker: &LookerSandbox,
+    braze: &BrazeSandbox,
+    s3: &bucket::S3Server,
+    dir: &std::path::Path,
+    users: u64,
+) -> bool {
+    let pass = |b: bool| if b { "ok" } else { "MISSED" };
+    let bar = 64.0 + 4.0 * users as f64 / f64::from(1u32 << 20);
+    let mut ok = true;
+    braze.set_rate_limit(None);
+    looker.add_look("bucket", Look::uuids(users, 0));
+    looker.add_look("bucket-churn", Look::uuids(users, users / 10));
+    let state = format!("s3://{}/bench", bucket::BUCKET);
+    for (label, look, sent) in [
+        ("first run", "bucket", users),
+        ("10% churn", "bucket-churn", users / 10),
+    ] {
+        let path = dir.join("bucket.yaml");
+        let lines = "    rateLimit: {requests: 1000000, periodSeconds: 1}\n    concurrency: 16\n    removal: Remove\n    delta: true\n";
+        std::fs::write(
+            &path,
+            spec(&looker.url, &braze.url, lines)
+                .replace("lookId: \"bench\"", &format!("lookId: \"{look}\"")),
+        )
+        .unwrap();
+        let m = run_binary_env(path.to_str().unwrap(), &["--state", &state], &s3.env());
+        assert_eq!(m.report["sent"], sent, "{}", m.report);
+        let stored: u64 = s3
+            .objects()
+            .iter()
+            .filter(|k| k.contains("audience-"))
+            .map(|k| s3.size(k))
+            .sum();
+        println!(
+            "{users} UUID users in an S3 bucket (run --state s3://), Remove + delta, {label}: {:.1} s, {} sent, {} removed; peak RSS {:.1} MiB (bar ≤ {bar:.0}: {}); audience object {:.1} MiB, {:.2} bytes a user",
+            m.seconds,
+            m.report["sent"],
+            m.report
+                .get("removed")
+                .unwrap_or(&serde_json::Value::from(0)),
+            m.peak_rss_mib,
+            pass(m.peak_rss_mib <= bar),
+            stored as f64 / f64::from(1u32 << 20),
+            stored as f64 / users as f64
+        );
+        ok &= m.peak_rss_mib <= bar;
+    }
     braze.set_rate_limit(Some((3000, Duration::from_secs(3))));
     ok
 }

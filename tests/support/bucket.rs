@@ -174,6 +174,11 @@ impl S3Server {
         ]
     }
 
+    /// The size of object `key`, in bytes (0 when there is none).
+    pub fn size(&self, key: &str) -> u64 {
+        std::fs::metadata(self.root.path().join(BUCKET).join(key)).map_or(0, |m| m.len())
+    }
+
     /// Every object key in the bucket, sorted.
     pub fn objects(&self) -> Vec<String> {
         fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
