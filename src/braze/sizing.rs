@@ -15,6 +15,14 @@ pub const GROW: f64 = 1.25;
 /// A doubling that raised throughput by less than this is undone; between the two it is
 /// kept and the climb ends.
 pub const KEEP: f64 = 1.10;
+/// Saturated rounds after which a climb that ended on a drop tries one doubling again: one
+/// slow round (a pause of the machine, of the network) must not hold a run at a fraction
+/// of what the network allows for the rest of it. A climb that ended on a plateau (the
+/// knee: doubling gave about the same) is not tried again.
+pub const REPROBE_ROUNDS: u32 = 16;
+/// A doubling whose round gave less than this share of the round before ended the climb on
+/// a drop, not a plateau ([`REPROBE_ROUNDS`]).
+pub const DROP: f64 = 0.9;
 
 /// Requests in flight that keep `rate` requests a second flowing when each takes `latency`:
 /// rate × latency, half as much again for jitter, and 4 for the pipeline. At least 1;
@@ -54,8 +62,12 @@ pub struct Sizer {
     pub climb: usize,
     /// Before the latest doubling: the budget, and the throughput it gave (requests/s).
     pub previous: Option<(usize, f64)>,
-    /// The climb is over: the budget no longer grows.
+    /// The climb is over: the budget no longer grows (but see [`REPROBE_ROUNDS`]).
     pub settled: bool,
+    /// Saturated rounds since the climb ended.
+    pub settled_rounds: u32,
+    /// The climb ended on a drop: it is tried again after [`REPROBE_ROUNDS`].
+    pub retry: bool,
     /// The lowest latency seen: the one measured at low in flight, so a Braze that slows
     /// under load never raises the rate ceiling.
     pub low_latency: Option<Duration>,
@@ -70,6 +82,8 @@ impl Sizer {
             climb: if in_reach { MAX_BUDGET } else { START },
             previous: None,
             settled: in_reach,
+            settled_rounds: 0,
+            retry: false,
             low_latency: None,
         }
     }
@@ -98,28 +112,49 @@ impl Sizer {
     /// [`GROW`], then kept (a gain of [`KEEP`] or more) or undone (less), and settled. A
     /// round the budget did not hold back says nothing and changes nothing.
     pub fn round(self, round: Round, rate: f64, cap: usize) -> Self {
-        if self.settled || !round.saturated || round.answered == 0 || round.seconds <= 0.0 {
+        if !round.saturated || round.answered == 0 || round.seconds <= 0.0 {
             return self;
         }
         let throughput = round.answered as f64 / round.seconds;
-        let settle = |climb| Self {
+        let latency = self.low_latency.unwrap_or(ASSUMED_LATENCY);
+        let limit = rate_ceiling(rate, latency).min(cap).min(MAX_BUDGET);
+        if self.settled {
+            // Ended on a drop, short of the limit, and held back by it for long: one more
+            // doubling, judged against this round as any other.
+            let rounds = self.settled_rounds + 1;
+            if !self.retry || self.climb >= limit || rounds < REPROBE_ROUNDS {
+                return Self {
+                    settled_rounds: rounds,
+                    ..self
+                };
+            }
+            return Self {
+                climb: (self.climb * 2).min(limit),
+                previous: Some((self.climb, throughput)),
+                settled: false,
+                settled_rounds: 0,
+                retry: false,
+                ..self
+            };
+        }
+        let settle = |climb, retry| Self {
             climb,
             settled: true,
+            settled_rounds: 0,
+            retry,
             ..self
         };
         if let Some((budget, before)) = self.previous {
             if throughput < before * KEEP {
-                return settle(budget);
+                return settle(budget, throughput < before * DROP);
             }
             if throughput < before * GROW {
-                return settle(self.climb);
+                return settle(self.climb, false);
             }
         }
         // Doubling past the rate ceiling or the caps buys nothing: stop there.
-        let latency = self.low_latency.unwrap_or(ASSUMED_LATENCY);
-        let limit = rate_ceiling(rate, latency).min(cap).min(MAX_BUDGET);
         if self.climb >= limit {
-            return settle(self.climb);
+            return settle(self.climb, false);
         }
         let climb = (self.climb * 2).min(limit);
         Self {
@@ -248,6 +283,43 @@ mod tests {
         let s = s.round(round(4000, 1.0), RAISED, 512);
         let s = s.round(round(4600, 1.0), RAISED, 512);
         assert_eq!((s.budget(RAISED, 512), s.settled), (16, true));
+    }
+
+    #[test]
+    fn a_climb_ended_by_one_slow_round_tries_again() {
+        // 250 ms away: 8, then 16, then a round of a paused machine at 32 (slower than at
+        // 16) undoes that doubling and ends the climb at 16.
+        let s = Sizer::new(RAISED).latency(ms(250));
+        let s = s.round(round(32, 1.0), RAISED, 512);
+        let s = s.round(round(64, 1.0), RAISED, 512);
+        let mut s = s.round(round(20, 1.0), RAISED, 512);
+        assert_eq!((s.budget(RAISED, 512), s.settled), (16, true));
+        let mut seen = Vec::new();
+        for _ in 0..REPROBE_ROUNDS * 8 {
+            let b = s.budget(RAISED, 512);
+            seen.push(b);
+            s = s.round(round(b as u64 * 4, 1.0), RAISED, 512);
+        }
+        // Then it climbs on, as far as throughput follows: to the cap.
+        assert_eq!(s.budget(RAISED, 512), 512, "{seen:?}");
+        // Where doubling does not pay (a plateau, the knee), it is not tried again.
+        let mut s = Sizer::new(RAISED).latency(ms(1));
+        s = s.round(round(4000, 1.0), RAISED, 512);
+        s = s.round(round(4000, 1.0), RAISED, 512);
+        assert_eq!((s.budget(RAISED, 512), s.settled), (8, true));
+        let mut seen = Vec::new();
+        for _ in 0..REPROBE_ROUNDS * 3 {
+            seen.push(s.budget(RAISED, 512));
+            s = s.round(round(4000, 1.0), RAISED, 512);
+        }
+        assert!(seen.iter().all(|b| *b == 8), "{seen:?}");
+        assert_eq!(s.budget(RAISED, 512), 8);
+        // At its limit, never.
+        let mut s = Sizer::new(DEFAULT_RATE).latency(ms(250));
+        for _ in 0..REPROBE_ROUNDS * 2 {
+            s = s.round(round(980, 1.0), DEFAULT_RATE, 512);
+        }
+        assert_eq!(s.budget(DEFAULT_RATE, 512), 372);
     }
 
     #[test]
