@@ -390,3 +390,32 @@ async fn failed_adds_stay_pending_and_go_again_as_in_memory() {
         "{counts}"
     );
 }
+
+#[tokio::test]
+async fn rows_that_only_keep_their_users_are_counted_once_when_the_scratch_fails() {
+    let w = World::start().await;
+    let yaml = w.yaml("1", "removal: Remove", "");
+    w.looker.add_look("1", look(&ids(1..=40), free));
+    let first = w.sync(&yaml, None, opts()).await;
+    // Every row lacks its attribute: invalid, but its user is still in the Look. Merged
+    // with a previous audience, each waits as such; the scratch directory then fails.
+    let fields = json!({"dimensions": [
+        field("users.external_id", &["braze_id"]),
+        field("users.plan", &["braze[plan]"]),
+    ]});
+    let rows = (1..=40)
+        .map(|i| row(&[("users.external_id", json!(format!("user-{i:07}")))]))
+        .collect();
+    w.looker.add_look("1", Look::new(fields, Rows::Fixed(rows)));
+    let gone = tempfile::tempdir().unwrap().path().join("scratch");
+    let second = w.sync(&yaml, Some(stored(&first)), tight(gone)).await;
+    let r = &second.report;
+    // `sync` asserts the counts add up; these rows were counted invalid, never failed too.
+    assert_eq!(r.outcome, Outcome::Failed, "{r:#?}");
+    assert_eq!(r.counts.failed, 0, "{r:#?}");
+    assert!(
+        r.counts.invalid >= 1 && r.counts.rows_read == r.counts.invalid,
+        "{r:#?}"
+    );
+    assert_eq!(r.counts.removed, Some(0));
+}

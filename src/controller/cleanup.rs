@@ -358,6 +358,12 @@ impl Cleanup {
         };
         let opts = RunOptions {
             cancel: bound.clone(),
+            // A large audience is merged through the scratch directory (the root filesystem
+            // is read-only in the chart's pod).
+            spill: crate::export::SpillOptions {
+                scratch: ctx.scratch.clone(),
+                ..crate::export::SpillOptions::default()
+            },
             ..RunOptions::new(Trigger::Deletion)
         };
         let started = ctx.now();

@@ -101,6 +101,8 @@ impl Record for WaitingRow {
 #[derive(Debug)]
 pub struct Waiting {
     sorter: Sorter<WaitingRow>,
+    /// Of them, rows that only tell their user is in the Look (counted when read).
+    present: u64,
 }
 
 impl Waiting {
@@ -108,12 +110,20 @@ impl Waiting {
     pub fn new(scratch: &Scratch, run_bytes: usize) -> Self {
         Self {
             sorter: Sorter::new(scratch, run_bytes),
+            present: 0,
         }
     }
 
     /// Sets a row aside.
     pub fn push(&mut self, row: WaitingRow) -> Result<(), SpillError> {
+        self.present += u64::from(row.present);
         self.sorter.push(row)
+    }
+
+    /// Rows set aside that are still to be counted: all but the [`WaitingRow::present`]
+    /// ones, which were counted (invalid or skipped) when they were read.
+    pub fn to_count(&self) -> u64 {
+        self.sorter.len() - self.present
     }
 
     /// Rows set aside.

@@ -297,12 +297,16 @@ impl ExportSink {
     /// the scratch directory fails, every row not yet taken back is counted unsent.
     fn take_back(&mut self) {
         let waiting = self.waiting.take();
-        let mut left = waiting.as_ref().map_or(0, Waiting::len);
+        // The rows still to count (present rows were counted when read).
+        let mut left = waiting.as_ref().map_or(0, Waiting::to_count);
         let merged = self.sync.merge_with.take();
         if waiting.is_none() && merged.is_none() {
             return;
         }
-        tracing::debug!(rows = left, "taking back the rows that waited");
+        tracing::debug!(
+            rows = waiting.as_ref().map_or(0, Waiting::len),
+            "taking back the rows that waited"
+        );
         let users = match (waiting, &self.spill_failed) {
             (Some(w), None) => match w.finish() {
                 Ok(users) => Some(users),
@@ -313,10 +317,9 @@ impl ExportSink {
             },
             _ => None,
         };
-        let mut previous = match merged
-            .as_deref()
-            .map(|p| Previous::of(p, &self.seen, &self.spill.scratch))
-        {
+        // Nothing to merge with after a failure: every row still to count is unsent.
+        let merge = merged.as_deref().filter(|_| self.spill_failed.is_none());
+        let mut previous = match merge.map(|p| Previous::of(p, &self.seen, &self.spill.scratch)) {
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => {
                 self.spill_failed = Some(e.to_string());
@@ -324,6 +327,8 @@ impl ExportSink {
             }
             None => None,
         };
+        // Without the previous members, the rows cannot be told new or returning.
+        let users = users.filter(|_| merged.is_none() || previous.is_some());
         let mut head = None;
         for taken in users.into_iter().flatten() {
             let taken = match taken {
@@ -333,21 +338,33 @@ impl ExportSink {
                     break;
                 }
             };
-            left -= 1;
             let member = match (taken.id(), &mut previous) {
                 (Some(id), Some(p)) => match self.member(p, &mut head, id) {
                     Ok(m) => m,
                     Err(e) => {
                         self.spill_failed = Some(e.to_string());
-                        left += 1;
                         break;
                     }
                 },
                 _ => None,
             };
+            if !matches!(taken, Taken::Present(_)) {
+                left -= 1;
+            }
             match taken {
                 Taken::Duplicate(_) => self.tally.counts.duplicates += 1,
                 Taken::Present(_) => {
+                    if let Some((i, _, _)) = member {
+                        self.seen.merged_present(i, false);
+                    }
+                }
+                Taken::First(row) if self.tx.is_none() => {
+                    // The senders are gone: not sent, so not recorded either; a returning
+                    // user stays as it was.
+                    self.unsent.count += 1;
+                    if self.unsent.rows.len() < 5 {
+                        self.unsent.rows.push(row.number);
+                    }
                     if let Some((i, _, _)) = member {
                         self.seen.merged_present(i, false);
                     }
