@@ -44,8 +44,6 @@ use flate2::write::ZlibEncoder;
 
 use super::header::{Header, MemberState};
 
-pub use super::writer::BodyWriter;
-
 /// First bytes of every stored audience.
 pub const MAGIC: &[u8; 4] = b"BZXA";
 /// The version this build writes.

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use super::codec::{self, AudienceError, BodyReader, BodyWriter};
+use super::codec::{self, AudienceError, BodyReader};
 use super::header::{Audience, Header, Member, MemberState};
+use super::writer::BodyWriter;
 
 /// Largest part of an encoded audience. A Secret holds at most 1 MiB, and its data is
 /// base64 in the API: 720 KiB of bytes is 960 KiB of base64, leaving room for metadata.

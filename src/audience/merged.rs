@@ -121,7 +121,7 @@ fn scratch_error(e: SpillError) -> AudienceError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audience::codec::BodyWriter;
+    use crate::audience::writer::BodyWriter;
     use crate::audience::{Header, Owner};
     use crate::spec::IdentifierKind;
 

@@ -404,7 +404,7 @@ impl Hasher for Prehashed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audience::codec::BodyWriter;
+    use crate::audience::writer::BodyWriter;
     use crate::audience::{Encoded, Header, Owner};
     use crate::spec::IdentifierKind;
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::codec::BodyWriter;
+use super::writer::BodyWriter;
 use super::*;
 use crate::schedule::RUN_NOW_ANNOTATION;
 use crate::spec::{BrazeExportSpec, BrazeExportStatus, IdentifierKind, RemovalMode};

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use tokio::task::JoinHandle;
 
-use crate::audience::codec::BodyWriter;
+use crate::audience::writer::BodyWriter;
 use crate::audience::{Encoded, Header, MemberState};
 use crate::braze::Batch;
 
