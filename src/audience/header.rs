@@ -176,3 +176,25 @@ pub struct Audience {
     /// Its users.
     pub members: Vec<Member>,
 }
+
+#[cfg(test)]
+impl Header {
+    /// The header of the unit tests' audiences: export `e`, `external_id`, flag
+    /// `looker_export` = `export_name`.
+    pub(crate) fn example(export_name: &str) -> Self {
+        Self {
+            export: Owner {
+                namespace: None,
+                name: "e".into(),
+            },
+            identifier: IdentifierKind::ExternalId,
+            alias_label: None,
+            attribute: "looker_export".into(),
+            export_name: export_name.into(),
+            last_full_resync: None,
+            members: 0,
+            workspace: None,
+            stray_flags: Vec::new(),
+        }
+    }
+}

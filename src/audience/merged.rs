@@ -121,30 +121,15 @@ fn scratch_error(e: SpillError) -> AudienceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audience::Header;
     use crate::audience::writer::BodyWriter;
-    use crate::audience::{Header, Owner};
-    use crate::spec::IdentifierKind;
 
     fn encoded(members: &[(&str, MemberState, u32)], flag: &str) -> Encoded {
         let mut w = BodyWriter::new(1);
         for (id, s, fp) in members {
             w.push(id, *s, *fp);
         }
-        let header = Header {
-            export: Owner {
-                namespace: None,
-                name: "e".into(),
-            },
-            identifier: IdentifierKind::ExternalId,
-            alias_label: None,
-            attribute: "looker_export".into(),
-            export_name: flag.into(),
-            last_full_resync: None,
-            members: 0,
-            workspace: None,
-            stray_flags: Vec::new(),
-        };
-        Encoded::new(header, w)
+        Encoded::new(Header::example(flag), w)
     }
 
     #[test]

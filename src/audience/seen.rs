@@ -405,29 +405,14 @@ impl Hasher for Prehashed {
 mod tests {
     use super::*;
     use crate::audience::writer::BodyWriter;
-    use crate::audience::{Encoded, Header, Owner};
-    use crate::spec::IdentifierKind;
+    use crate::audience::{Encoded, Header};
 
     fn encoded(members: &[(&str, MemberState)], flag: &str) -> Encoded {
         let mut w = BodyWriter::new(1);
         for (i, (id, s)) in members.iter().enumerate() {
             w.push(id, *s, 100 + i as u32);
         }
-        let header = Header {
-            export: Owner {
-                namespace: None,
-                name: "e".into(),
-            },
-            identifier: IdentifierKind::ExternalId,
-            alias_label: None,
-            attribute: "looker_export".into(),
-            export_name: flag.into(),
-            last_full_resync: None,
-            members: 0,
-            workspace: None,
-            stray_flags: Vec::new(),
-        };
-        Encoded::new(header, w)
+        Encoded::new(Header::example(flag), w)
     }
 
     fn previous(members: &[(&str, MemberState)]) -> Seen {

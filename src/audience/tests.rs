@@ -345,19 +345,9 @@ fn workspace_fingerprints_are_stable_and_keyed() {
     assert!(!a.contains("key"));
 }
 
-/// A random UUID (version 4) in lower case.
+/// A random UUID (version 4) in lower case (the sandbox's, of a random number).
 fn random_uuid(rng: &mut fastrand::Rng) -> String {
-    let (a, b) = (rng.u64(..), rng.u64(..));
-    let a = (a & !0xF000) | 0x4000;
-    let b = (b & !(0b11 << 62)) | (0b10 << 62);
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xFFFF,
-        a & 0xFFFF,
-        b >> 48,
-        b & 0xFFFF_FFFF_FFFF
-    )
+    crate::sandbox::looker::uuid(rng.u64(..))
 }
 
 /// The bytes a user of an audience of `ids` (in the order given), with fingerprints when
